@@ -1,0 +1,38 @@
+"""Source-dataset converters, one module per dataset (torchvision's convention).
+
+Each module exposes ``NAME``, ``detect(root) -> bool`` and ``read(root, progress=None) ->
+DatasetRecords``. :func:`read` picks the module by name or by detecting the layout.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from spairstore.errors import SourceError
+from spairstore.records import DatasetRecords
+
+from . import spair71k
+
+CONVERTERS: dict[str, ModuleType] = {m.NAME: m for m in (spair71k,)}
+
+
+def detect(root: Path) -> str:
+    """Name of the converter whose layout ``root`` has."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(root, "dataset root is not a directory")
+    found = [name for name, mod in CONVERTERS.items() if mod.detect(root)]
+    if not found:
+        raise SourceError(root, f"no known dataset layout found (known: {', '.join(CONVERTERS)})")
+    return found[0]
+
+
+def read(root: Path, dataset: str | None = None,
+         progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None) -> DatasetRecords:
+    """Read a dataset root into canonical records, with the named converter or the detected one."""
+    name = dataset or detect(root)
+    if name not in CONVERTERS:
+        raise SourceError(root, f"unknown dataset {name!r} (known: {', '.join(CONVERTERS)})")
+    return CONVERTERS[name].read(Path(root), progress=progress)

@@ -1,0 +1,29 @@
+"""Exceptions raised by spairstore.
+
+Every error a user can cause (a bad source file, a bad store, a bad argument) is a
+:class:`SpairstoreError`; the CLI prints it as one line and exits non-zero, without a traceback.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SpairstoreError(Exception):
+    """Base class of every error spairstore raises on purpose."""
+
+
+class SourceError(SpairstoreError):
+    """A file of the source dataset is missing, unreadable or inconsistent.
+
+    ``path`` names the offending file (relative to the dataset root where known), ``reason`` says what
+    is wrong with it.
+    """
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class StoreError(SpairstoreError):
+    """A store cannot be opened or read: missing, corrupted, wrong format or version."""

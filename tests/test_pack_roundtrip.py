@@ -1,0 +1,159 @@
+"""Pack a synthetic SPair-71k root and compare every stored value with the source files."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import spairstore
+
+
+def independent_letterbox(img: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
+    """Letterbox written out independently of spairstore.geometry: longest side to size, centred."""
+    w, h = img.size
+    nw, nh = max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))
+    canvas = Image.new(img.mode, (size, size))
+    canvas.paste(img.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
+    return np.asarray(canvas)
+
+
+def test_image_fields_equal_source(synth_root: Path, synth_store: Path) -> None:
+    s = spairstore.open(synth_store)
+    anns = sorted((synth_root / "ImageAnnotation").glob("*/*.json"))
+    assert len(s) == len(anns)
+    seen = set()
+    for p in anns:
+        a = json.loads(p.read_text())
+        i = s.image_row(p.parent.name, p.stem)
+        seen.add(i)
+        assert s.categories[s.images.category[i]] == a["category"]
+        assert s.images.name[i] == p.stem
+        assert s.images.size[i].tolist() == [a["image_width"], a["image_height"]]
+        assert int(s.images.depth[i]) == a["image_depth"]
+        assert s.images.bbox[i].tolist() == a["bndbox"]
+        assert int(s.images.azimuth[i]) == a["azimuth_id"]
+        assert s.pose_names[s.images.pose[i]] == a["pose"]
+        for k in ("truncated", "occluded", "difficult"):
+            assert int(s.images[k][i]) == a[k]
+        kps = s.images.keypoints[i]
+        for k, v in a["kps"].items():
+            if v is None:
+                assert np.isnan(kps[int(k)]).all()
+            else:
+                assert kps[int(k)].tolist() == v
+        jpg = synth_root / "JPEGImages" / a["category"] / a["filename"]
+        png = synth_root / "Segmentation" / a["category"] / f"{p.stem}.png"
+        assert s.jpeg_bytes(i) == s.image_bytes(i) == jpg.read_bytes()
+        assert s.mask_bytes(i) == png.read_bytes()
+        with Image.open(jpg) as im:
+            np.testing.assert_array_equal(
+                s.pixels(i), independent_letterbox(im.convert("RGB"), s.image_size, Image.Resampling.BILINEAR))
+        with Image.open(png) as m:
+            np.testing.assert_array_equal(s.mask(i), independent_letterbox(m, s.image_size, Image.Resampling.NEAREST))
+    assert seen == set(range(len(s)))
+
+
+def test_pair_fields_equal_source(synth_root: Path, synth_store: Path) -> None:
+    s = spairstore.open(synth_store)
+    for split in ("trn", "val", "test"):
+        stems = (synth_root / "Layout" / "large" / f"{split}.txt").read_text().split()
+        small = set((synth_root / "Layout" / "small" / f"{split}.txt").read_text().split())
+        t = s.pairs(split)
+        assert t.rows == len(stems)
+        for j, stem in enumerate(stems):
+            a = json.loads((synth_root / "PairAnnotation" / split / f"{stem}.json").read_text())
+            assert t.stem[j] == stem and int(t.pair_id[j]) == a["pair_id"]
+            assert s.categories[t.category[j]] == a["category"]
+            for side in ("src", "trg"):
+                row = int(t[side][j])
+                assert (s.categories[s.images.category[row]], s.images.name[row] + ".jpg") == (
+                    a["category"], a[f"{side}_imname"])
+            ids, src_kps, trg_kps = s.pair_keypoints(split, j)
+            assert [str(i) for i in ids] == a["kps_ids"]
+            assert src_kps.tolist() == a["src_kps"] and trg_kps.tolist() == a["trg_kps"]
+            n = int(t.n_kps[j])
+            assert (t.kps_ids[j, n:] == -1).all() and np.isnan(t.src_kps[j, n:]).all()
+            assert [int(t[k][j]) for k in ("viewpoint", "scale", "truncation", "occlusion", "mirror")] == [
+                a["viewpoint_variation"], a["scale_variation"], a["truncation"], a["occlusion"], a["mirror"]]
+            assert bool(t.small[j]) == (stem in small)
+
+
+def test_manifest_covers_every_source_file(synth_root: Path, synth_store: Path) -> None:
+    s = spairstore.open(synth_store)
+    files = {p.relative_to(synth_root).as_posix(): p for p in synth_root.rglob("*") if p.is_file()}
+    assert sorted(s.manifest.path) == sorted(files)
+    for rel, size, digest in zip(s.manifest.path, s.manifest.size, s.manifest.sha256):
+        data = files[rel].read_bytes()
+        assert size == len(data) and digest == hashlib.sha256(data).hexdigest()
+
+
+def test_geometry_round_trip_and_batch_read(synth_store: Path) -> None:
+    s = spairstore.open(synth_store)
+    i = 3
+    pts = np.array([[0.0, 0.0], s.images.size[i].astype(float)])
+    store_pts = s.to_store(pts, i)
+    np.testing.assert_allclose(s.to_original(store_pts, i), pts, atol=1e-9)
+    # the image's corners land on the edges of its letterboxed content
+    assert np.isclose(store_pts[1] - store_pts[0], store_pts[1] - store_pts[0]).all()
+    assert np.isclose(max(store_pts[1] - store_pts[0]), s.image_size)
+    rows = [5, 1, 5, 0]
+    batch = s.read("pixels", rows)
+    for b, r in zip(batch, rows):
+        np.testing.assert_array_equal(b, s.pixels(r))
+
+
+def test_store_pickles_and_reopens(synth_store: Path) -> None:
+    import pickle
+
+    s = spairstore.open(synth_store)
+    s2 = pickle.loads(pickle.dumps(s))
+    np.testing.assert_array_equal(s2.pixels(2), s.pixels(2))
+    assert len(pickle.dumps(s)) < 1000  # only the path travels
+
+
+def test_cli_synth_pack_info(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spairstore.cli import app
+
+    r = CliRunner()
+    res = r.invoke(app, ["synth", str(tmp_path / "d"), "--images-per-category", "6", "--categories", "cat,dog"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["pack", str(tmp_path / "d"), str(tmp_path / "d.h5"), "--size", "64"])
+    assert res.exit_code == 0, res.output
+    assert "packed spair71k" in res.output
+    res = r.invoke(app, ["info", str(tmp_path / "d.h5"), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["dataset"] == "spair71k" and info["images"] == 12 and info["image_size"] == 64
+    res = r.invoke(app, ["info", str(tmp_path / "d.h5")])
+    assert res.exit_code == 0 and "spairstore 1.0" in res.output
+
+
+def test_pack_refuses_to_replace_without_overwrite(synth_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.h5"
+    out.write_bytes(b"old")
+    with pytest.raises(spairstore.SpairstoreError, match="--overwrite"):
+        spairstore.pack(synth_root, out, size=32)
+    assert out.read_bytes() == b"old"
+    spairstore.pack(synth_root, out, size=32, overwrite=True)
+    assert spairstore.open(out).image_size == 32
+    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]
+
+
+def test_partial_splits_pack_and_say_so(synth_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "SPair"
+    shutil.copytree(synth_root, root)
+    shutil.rmtree(root / "PairAnnotation" / "trn")
+    (root / "Layout" / "large" / "trn.txt").unlink()
+    summary = spairstore.pack(root, tmp_path / "s.h5", size=32)
+    assert "trn" not in summary.pairs and any("'trn' absent" in n for n in summary.notes)
+    s = spairstore.open(tmp_path / "s.h5")
+    assert s.splits == ["val", "test"] and any("trn" in n for n in s.attrs["notes"])
