@@ -101,7 +101,8 @@ class Store:
         self.splits: list[str] = list(attrs["splits"])
         self.pose_names: list[str] = list(attrs["pose_names"])
         self.shapes = backend.shapes()
-        hot = {f"images/{f}" for f in PAYLOAD_FIELDS} | {k for k in self.shapes if k.startswith("features/")}
+        hot = {f"images/{f}" for f in PAYLOAD_FIELDS} | {k for k in self.shapes
+                                                          if k.startswith("features/") and k.endswith("/data")}
         tables = {k: backend.read(k) for k in self.shapes if k not in hot}
         self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in hot if k in self.shapes}
         self.images = Table(_group(tables, "images/"))
@@ -110,6 +111,9 @@ class Store:
         self.manifest = Table(_group(tables, "manifest/"))
         self.feature_sets: dict[str, dict[str, Any]] = {
             k: v for k, v in attrs.get("feature_sets", {}).items() if f"features/{k}/data" in self.shapes}
+        #: CRC-32 of each image's feature map per feature set (uint32 (N,)), where the writer stored them
+        self.feature_crc32: dict[str, np.ndarray] = {
+            k: tables[f"features/{k}/crc32"] for k in self.feature_sets if f"features/{k}/crc32" in tables}
         n = len(self)
         for name in ("pixels", "mask"):
             shape = self.shapes[f"images/{name}"][0]

@@ -57,11 +57,12 @@ def is_hdf5(path: Path) -> bool:
     return Path(path).suffix.lower() in (".h5", ".hdf5", ".hdf")
 
 
-def writer_for(path: Path) -> ArrayWriter:
-    """A writer for a new store at ``path`` (the format follows the suffix)."""
+def writer_for(path: Path, base: Path | None = None, exclude: tuple[str, ...] = ()) -> ArrayWriter:
+    """A writer for a new store at ``path`` (the format follows the suffix). With ``base``, the new store
+    starts as a copy of that store's arrays and attributes, less the arrays or groups named in ``exclude``."""
     from . import hdf5
 
-    return hdf5.HDF5Writer(path)
+    return hdf5.HDF5Writer(path, base=base, exclude=exclude)
 
 
 def reader_for(path: Path) -> ArrayReader:

@@ -13,9 +13,18 @@ from . import RawExtent
 
 
 class HDF5Writer:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, base: Path | None = None, exclude: tuple[str, ...] = ()):
         self.path = Path(path)
         self._f = h5py.File(self.path, "w")
+        if base is not None:
+            try:
+                with h5py.File(base, "r") as src:
+                    _copy_group(src, self._f, set(exclude))
+                    for k, v in src.attrs.items():
+                        self._f.attrs[k] = v
+            except BaseException:
+                self._f.close()
+                raise
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         # Early allocation gives the array its final offset now, even if some rows stay unwritten.
@@ -39,6 +48,18 @@ class HDF5Writer:
     def close(self) -> None:
         self._f.flush()
         self._f.close()
+
+
+def _copy_group(src: h5py.Group, dst: h5py.Group, exclude: set[str]) -> None:
+    """Copy every member of ``src`` into ``dst`` (layout and filters kept), skipping ``exclude`` paths."""
+    for key, obj in src.items():
+        path = obj.name.lstrip("/")
+        if path in exclude:
+            continue
+        if isinstance(obj, h5py.Group) and any(e.startswith(path + "/") for e in exclude):
+            _copy_group(obj, dst.require_group(key), exclude)
+        else:
+            src.copy(obj, dst, key)
 
 
 class HDF5Reader:
