@@ -26,7 +26,7 @@ import numpy as np
 from spairstore.errors import SourceError
 from spairstore.records import DatasetRecords, ImageRecord, PairRecord
 
-from ._common import image_header, load_mat
+from ._common import Digests, image_header, load_mat, source_text
 from .spair71k import VOC_CLASS_INDEX, pair_stem
 
 NAME = "pfpascal"
@@ -82,10 +82,10 @@ def _floats(cell: str, column: str, where: str, rel: Path) -> np.ndarray:
         raise SourceError(rel, f"{where}: {column} must be ';'-separated numbers, got {cell[:40]!r}") from None
 
 
-def _read_csv(root: Path, path: Path) -> list[_Row]:
+def _read_csv(root: Path, path: Path, digests: Digests) -> list[_Row]:
     rel = path.relative_to(root)
     rows: list[_Row] = []
-    with open(path, newline="") as f:
+    with source_text(path, root, digests) as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         missing = [c for c in ("source_image", "target_image", "class") if c not in columns]
@@ -117,13 +117,13 @@ def _read_csv(root: Path, path: Path) -> list[_Row]:
     return rows
 
 
-def _read_image(root: Path, data: Path, category: str, filename: str, where: str) -> ImageRecord:
+def _read_image(root: Path, data: Path, category: str, filename: str, where: str, digests: Digests) -> ImageRecord:
     name = PurePosixPath(filename).stem
     mat = data / "Annotations" / category / f"{name}.mat"
     rel = mat.relative_to(root)
     if not mat.is_file():
         raise SourceError(rel, f"annotation file not found (named by {where})")
-    m = load_mat(mat, root, ("kps", "bbox"))
+    m = load_mat(mat, root, ("kps", "bbox"), digests)
     kps, bbox = np.asarray(m["kps"]), np.asarray(m["bbox"])
     if kps.dtype.kind not in "fiu" or kps.ndim != 2 or (kps.size and kps.shape[1] != 2):
         raise SourceError(rel, f"kps must be a numeric (K, 2) array of x, y rows, got {kps.dtype} {kps.shape}")
@@ -168,7 +168,8 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     if not files:
         raise SourceError(root, "no pair list found: test_pairs.csv, trn_pairs.csv (or train_pairs.csv), "
                                 f"val_pairs.csv in the root, image_pairs/ or {DATA_DIR}/")
-    rows = {split: _read_csv(root, path) for split, path in files.items()}
+    digests: Digests = {}
+    rows = {split: _read_csv(root, path, digests) for split, path in files.items()}
     notes = [f"split {s!r} absent (no {' or '.join(n)}): not packed" for s, n in SPLIT_FILES.items() if s not in files]
 
     named: dict[tuple[str, str], tuple[str, str]] = {}  # (class, name) -> (file name, first line naming it)
@@ -179,7 +180,7 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     if not named:
         raise SourceError(next(iter(files.values())).relative_to(root), "the pair lists hold no pairs")
     keys = sorted(named, key=lambda k: (CATEGORIES.index(k[0]), k[1]))
-    images = [_read_image(root, data, k[0], *named[k]) for k in wrap(keys, "annotations", len(keys))]
+    images = [_read_image(root, data, k[0], *named[k], digests) for k in wrap(keys, "annotations", len(keys))]
     num_keypoints = max(len(im.keypoints) for im in images)
     pad = np.full((num_keypoints, 2), np.nan, dtype=np.float32)
     images = [replace(im, keypoints=np.concatenate([im.keypoints, pad[len(im.keypoints):]])) for im in images]
@@ -218,5 +219,5 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
                *dict.fromkeys(im.image_path for im in images)]
     return DatasetRecords(
         dataset=NAME, root=root, categories=list(CATEGORIES), num_keypoints=num_keypoints,
-        images=images, pairs=pairs, sources=sources, notes=notes,
+        images=images, pairs=pairs, sources=sources, notes=notes, digests=digests,
     )

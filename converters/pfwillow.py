@@ -27,7 +27,7 @@ from spairstore.errors import SourceError
 from spairstore.manifest import sha256_file
 from spairstore.records import DatasetRecords, ImageRecord, PairRecord
 
-from ._common import image_header, load_mat
+from ._common import Digests, image_header, load_mat, source_text
 from .spair71k import pair_stem
 
 NAME = "pfwillow"
@@ -55,9 +55,9 @@ def detect(root: Path) -> bool:
     return _data_dir(root) is not None
 
 
-def _read_image(root: Path, mat: Path) -> ImageRecord:
+def _read_image(root: Path, mat: Path, digests: Digests) -> ImageRecord:
     rel = mat.relative_to(root)
-    pts = np.asarray(load_mat(mat, root, ("pts_coord",))["pts_coord"])
+    pts = np.asarray(load_mat(mat, root, ("pts_coord",), digests)["pts_coord"])
     if pts.shape != (2, NUM_KEYPOINTS) or pts.dtype.kind != "f":
         raise SourceError(rel, f"pts_coord must be float (2, {NUM_KEYPOINTS}) (x row, y row), "
                                f"got {pts.dtype} {pts.shape}")
@@ -79,12 +79,13 @@ def _pair(pair_id: int, src: ImageRecord, trg: ImageRecord, src_kps: np.ndarray,
     )
 
 
-def _csv_pairs(root: Path, path: Path, index: dict[tuple[str, str], ImageRecord]) -> list[PairRecord]:
+def _csv_pairs(root: Path, path: Path, index: dict[tuple[str, str], ImageRecord], digests: Digests
+               ) -> list[PairRecord]:
     """The pairs ``test_pairs_pf.csv`` lists, in its order; keypoints from the CSV."""
     rel = path.relative_to(root)
     columns = 2 + 4 * NUM_KEYPOINTS
     pairs: list[PairRecord] = []
-    with open(path, newline="") as f:
+    with source_text(path, root, digests) as f:
         rows = csv.reader(f)
         header = next(rows, None)
         if header is None or len(header) != columns or header[:2] != ["imageA", "imageB"]:
@@ -151,13 +152,14 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
         raise SourceError(root, f"not a PF-WILLOW root (needs {DATA_DIR}/<class>(<subset>)/<name>.png + .mat)")
     classes = _class_dirs(data)
     mats = [m for c in classes for m in sorted(c.glob("*.mat"))]
-    images = [_read_image(root, m) for m in wrap(mats, "annotations", len(mats))]
+    digests: Digests = {}
+    images = [_read_image(root, m, digests) for m in wrap(mats, "annotations", len(mats))]
     index = {im.key: im for im in images}
     notes = [n for n in (_duplicates_note(images),) if n]
     sources = list(mats)
     csv_path = next((p for p in (root / PAIR_CSV, data / PAIR_CSV) if p.is_file()), None)
     if csv_path is not None:
-        pairs = _csv_pairs(root, csv_path, index)
+        pairs = _csv_pairs(root, csv_path, index, digests)
         sources.append(csv_path)
     else:
         pairs = published_pairs(images)
@@ -169,5 +171,5 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     sources += [im.image_path for im in images]
     return DatasetRecords(
         dataset=NAME, root=root, categories=[c.name for c in classes], num_keypoints=NUM_KEYPOINTS,
-        images=images, pairs={SPLIT: pairs}, sources=sources, notes=notes,
+        images=images, pairs={SPLIT: pairs}, sources=sources, notes=notes, digests=digests,
     )
