@@ -40,7 +40,8 @@ def pack(
     src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (SPair-71k/, PF-PASCAL, PF-WILLOW).")],
     out: Annotated[Path, typer.Argument(help="Store to write (.h5).")],
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
-    dataset: Annotated[Optional[str], typer.Option(help="Source layout: spair71k, pfpascal or pfwillow; detected when omitted.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Source layout: spair71k, pfpascal or pfwillow; detected when omitted.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
 ) -> None:
     """Pack a dataset folder into one store: decoded, letterboxed pixels and masks, original bytes,
