@@ -37,7 +37,7 @@ def synth(
 
 @app.command()
 def pack(
-    src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (SPair-71k/, PF-PASCAL, PF-WILLOW).")],
+    src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (SPair-71k/, PF-PASCAL/, PF-WILLOW/).")],
     out: Annotated[Path, typer.Argument(help="Store to write (.h5).")],
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
     dataset: Annotated[Optional[str], typer.Option(
