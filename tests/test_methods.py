@@ -116,3 +116,13 @@ def test_nn_cli_and_show(feature_store: Path, tmp_path: Path) -> None:
                                  "--features", "onehot", "--device", "cpu", "-o", str(tmp_path / "nn.png")])
     assert r.exit_code == 0, r.output
     assert "PCK@0.1: 100.0%" in r.stdout
+
+
+def test_nn_on_cuda_equals_cpu(feature_store: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    s = spairstore.open(feature_store)
+    rows = np.arange(s.pairs("trn").rows)
+    np.testing.assert_array_equal(NearestNeighbour("onehot", device="cuda")(s, "trn", rows),
+                                  NearestNeighbour("onehot", device="cpu")(s, "trn", rows))
