@@ -151,3 +151,18 @@ def make_pfwillow(root: Path, with_csv: bool = True, seed: int = 0) -> Expected:
         p["src_kps"], p["trg_kps"] = p["src_kps_all"][p["ids"]], p["trg_kps_all"][p["ids"]]
     exp.pairs = {"test": pairs}
     return exp
+
+
+def identity_pck(store, split: str, alpha: float) -> float:
+    """Per-image PCK (%) of the identity baseline, written out pair by pair: each source keypoint predicted
+    at the same relative position of the target image; threshold ``alpha`` times max(W, H) of the target
+    image (``pfpascal``) or the max side of the target keypoints' extent (``pfwillow``)."""
+    t = store.pairs(split)
+    fractions = []
+    for j in range(t.rows):
+        _, src_kps, trg_kps = store.pair_keypoints(split, j)
+        (ws, hs), (wt, ht) = store.images.size[t.src[j]], store.images.size[t.trg[j]]
+        pred = src_kps.astype(np.float64) * [wt / ws, ht / hs]
+        base = max(wt, ht) if store.dataset == "pfpascal" else (trg_kps.max(0) - trg_kps.min(0)).max()
+        fractions.append(np.mean(np.linalg.norm(pred - trg_kps, axis=1) <= alpha * base))
+    return 100 * float(np.mean(fractions))

@@ -2,6 +2,7 @@
 bad input names the file at fault."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,13 @@ import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
-from pfdata import Expected, make_pfpascal, make_pfwillow
+from pfdata import Expected, identity_pck, make_pfpascal, make_pfwillow
 from test_pack_roundtrip import independent_letterbox
+from typer.testing import CliRunner
 
 import converters
 import spairstore
+from spairstore.cli import app
 from spairstore.manifest import sha256_file
 
 
@@ -220,3 +223,26 @@ def test_cli_names_the_bad_csv_line(tmp_path: Path) -> None:
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and f"{bad}: {reason}" in errors[0]
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("dataset", ["pfpascal", "pfwillow"])
+def test_identity_baseline_and_stats_on_pf_stores(tmp_path: Path, dataset: str) -> None:
+    """``eval --method identity`` picks the dataset's protocol from the store and agrees with a pair-by-pair
+    computation; ``stats`` counts the pairs (PF stores have no difficulty labels)."""
+    root = tmp_path / "src"
+    exp = (make_pfpascal if dataset == "pfpascal" else make_pfwillow)(root)
+    out = tmp_path / "s.h5"
+    spairstore.pack(root, out, size=32)
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(out), "--method", "identity", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["protocol"]["name"] == dataset and report["pairs"] == len(exp.pairs["test"])
+    s = spairstore.open(out)
+    for alpha in (0.05, 0.1, 0.15):
+        assert report["pck"][str(alpha)]["per_image"] == pytest.approx(identity_pck(s, "test", alpha), abs=1e-6)
+    res = runner.invoke(app, ["stats", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.output)["splits"]
+    assert {k: v["pairs"] for k, v in stats.items()} == {k: len(v) for k, v in exp.pairs.items()}
+    assert stats["test"]["viewpoint"]["unknown"] == len(exp.pairs["test"])

@@ -10,12 +10,13 @@ import pytest
 import scipy.io
 from conftest import SHARED_DATA
 from PIL import Image
-from pfdata import VOC, flat_image, write_willow_csv
+from pfdata import VOC, flat_image, identity_pck, write_willow_csv
 from test_pack_roundtrip import independent_letterbox
 
 import converters
 import spairstore
 from spairstore.manifest import sha256_file
+from spairstore.stats import dataset_stats
 
 WILLOW = SHARED_DATA / "pf-willow-real"
 PASCAL_PAIRS = SHARED_DATA / "pf-pascal-real" / "ncnet_image_pairs"
@@ -165,10 +166,16 @@ def test_real_pfpascal_pair_lists_parse_completely(pascal_root: Path) -> None:
     assert not any("not all rows" in n for n in recs.notes)
 
 
-def test_real_pfpascal_packs(pascal_root: Path, tmp_path: Path) -> None:
-    summary = spairstore.pack(pascal_root, tmp_path / "pfpascal.h5", size=32)
+@pytest.fixture(scope="module")
+def pascal_store(pascal_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, spairstore.PackSummary]:
+    out = tmp_path_factory.mktemp("pfpascal-store") / "pfpascal.h5"
+    return out, spairstore.pack(pascal_root, out, size=32)
+
+
+def test_real_pfpascal_packs(pascal_store: tuple[Path, spairstore.PackSummary]) -> None:
+    out, summary = pascal_store
     assert summary.images == 1349 and summary.pairs == {"trn": 2940, "val": 308, "test": 299}
-    s = spairstore.open(tmp_path / "pfpascal.h5")
+    s = spairstore.open(out)
     assert s.dataset == "pfpascal"
     # 2011_002811 is annotated under bicycle and person in the real test list: two images
     a, b = s.image_row("bicycle", "2011_002811"), s.image_row("person", "2011_002811")
@@ -176,3 +183,22 @@ def test_real_pfpascal_packs(pascal_root: Path, tmp_path: Path) -> None:
     t = s.pairs("test")
     assert int(t.n_kps.sum()) == 2414 and int(t.n_kps.max()) == 17
     assert s.manifest.rows == 3 + 1349 + 1343
+
+
+@pytest.mark.parametrize("which", ["willow", "pascal"])
+def test_real_identity_baseline_and_stats(which: str, request: pytest.FixtureRequest) -> None:
+    """The identity baseline under each store's default protocol, checked pair by pair, and the stats."""
+    out, _ = request.getfixturevalue(f"{which}_store")
+    s = spairstore.open(out)
+    report = spairstore.evaluate(s, "test", spairstore.Identity())
+    assert report.protocol.name == s.dataset == f"pf{which}"
+    assert report.pairs == s.pairs("test").rows
+    for alpha in report.protocol.alphas:
+        assert report.pck(alpha, "per_image") == pytest.approx(identity_pck(s, "test", alpha), abs=1e-6)
+    if which == "willow":  # padding inside min/max only widens the extent: legacy numbers are higher
+        legacy = spairstore.evaluate(s, "test", spairstore.Identity(), protocol="pfwillow-legacy")
+        assert all(legacy.pck(a) >= report.pck(a) for a in report.protocol.alphas)
+        assert legacy.pck(0.1) > report.pck(0.1)
+    stats = dataset_stats(s)["splits"]
+    assert {k: v["pairs"] for k, v in stats.items()} == {k: s.pairs(k).rows for k in s.splits}
+    assert sum(stats["test"]["category"].values()) == s.pairs("test").rows
