@@ -7,8 +7,8 @@
 The store is copied into ``--workdir`` (the original is never written). The feature set is extracted into
 the copy with ``spairstore features``' own code; with ``--extract-images N`` below the store's image
 count, only N images are timed and the set is filled with random float16 maps of the same shape (the read
-benchmark depends on the shape only). Reads are then timed side by side in this run, with a warm page
-cache (every source is read once first), on the same random image rows:
+benchmark depends on the shape only). Reads are then timed side by side in this run, interleaved, with a
+warm page cache (every source is read once first), on the same random image rows:
 
 * store:    ``Store.read("features/<name>", rows)``, batches of ``--batch`` rows (the reader's hot path);
 * .pt:      one ``torch.save`` file per image, loaded with ``torch.load`` and stacked (the practice of
@@ -48,13 +48,15 @@ def fill_random(store_path: Path, name: str, fe: FeatureExtractor) -> None:
     st.close()
 
 
-def timed(fn, repeat: int = 3) -> float:
-    """Best of ``repeat`` runs, seconds."""
-    best = float("inf")
+def timed(fns: list, repeat: int = 7) -> list[float]:
+    """Best of ``repeat`` runs of each function, seconds; runs interleaved so that load from other
+    processes on a shared machine falls on every method alike."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
     return best
 
 
@@ -109,7 +111,7 @@ def main() -> None:
         for i in range(n):
             torch.save(torch.from_numpy(s.features(name, i)), pt_dir / f"{i}.pt")
     ext = s.extents[f"features/{name}/data"]
-    mm = np.memmap(ext.file, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape)
+    mm = np.asarray(np.memmap(ext.file, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, n, args.batch) for _ in range(max(1, args.reads // args.batch))]
     out = np.empty((args.batch, *shape), dtype=np.float16)
@@ -129,9 +131,9 @@ def main() -> None:
 
     for fn in (store_read, pt_read, memmap_read):  # warm the page cache for every source
         fn()
-    t_store, t_pt, t_mm = timed(store_read), timed(pt_read), timed(memmap_read)
+    t_store, t_pt, t_mm = timed([store_read, pt_read, memmap_read])
     reads = len(batches) * args.batch
-    print(f"random fetch of {reads:,} feature maps in batches of {args.batch} (warm cache, best of 3):")
+    print(f"random fetch of {reads:,} feature maps in batches of {args.batch} (warm cache, best of 7, interleaved):")
     for label, t in (("store (Store.read)", t_store), ("torch.load per-image .pt", t_pt), ("np.memmap copy", t_mm)):
         print(f"  {label:<26} {t / reads * 1e6:8.1f} us/map  {reads * rec / t / 2**30:6.2f} GiB/s")
     print(f"  store vs .pt:     {t_pt / t_store:5.1f}x faster (target >= 20x)")

@@ -140,7 +140,8 @@ class Store:
             shape = self.shapes[name][0]
             if ext is None and int(np.prod(shape)) != 0:
                 return None
-            a = (np.memmap(ext.file, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape)
+            # A plain ndarray view of the mapping: indexing an np.memmap costs a Python-level subclass hook.
+            a = (np.asarray(np.memmap(ext.file, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape))
                  if ext is not None else np.empty(shape, dtype=self.shapes[name][1]))
             self._maps[name] = a
         return a
@@ -170,12 +171,19 @@ class Store:
         shape = self.shapes[name][0]
         if out is None:
             out = np.empty((len(rows), *shape[1:]), dtype=self.shapes[name][1])
-        uniq, inverse = np.unique(rows, return_inverse=True)
         a = self._array(name)
         if a is not None:
-            for j, r in enumerate(uniq):
-                out[inverse == j] = a[r]
+            # Plain row copies in storage order; a repeated row is copied from its first copy in ``out``.
+            prev = first = -1
+            for k in np.argsort(rows, kind="stable").tolist():
+                r = int(rows[k])
+                if r == prev:
+                    out[k] = out[first]
+                else:
+                    out[k] = a[r]
+                    prev, first = r, k
         else:
+            uniq, inverse = np.unique(rows, return_inverse=True)
             out[:] = self._read(name, uniq)[inverse]
         return out
 

@@ -19,7 +19,6 @@ has its cell ``j`` centred at ``(j + cell_offset) * s``, the centre of the cell'
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FeatureError
+from ..manifest import sha256_file
 
 #: ``--weights`` value that builds the architecture with seeded random weights (tests, smoke runs).
 RANDOM_WEIGHTS = "random"
@@ -90,7 +90,7 @@ class Backbone:
         raise NotImplementedError
 
     def tap(self, model: nn.Module, module: str) -> Tap:
-        """Geometry of a tapped module (any module on the trunk, named by its dotted path)."""
+        """Geometry of a tappable module (a unit, or a stage that ends in one), named by its dotted path."""
         raise NotImplementedError
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> None:
@@ -301,14 +301,6 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[name]
     except KeyError:
         raise FeatureError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Stop(Exception):

@@ -19,6 +19,7 @@ Three steps, each reusable on its own:
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -219,7 +220,7 @@ def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
     """Unfinished feature sets staged beside the store: name -> ``{"path", "done", "images", "backbone"}``."""
     store_path = Path(store_path).resolve()
     out = {}
-    for d in sorted(store_path.parent.glob(f"{glob_escape(store_path.name)}.features-*.partial")):
+    for d in sorted(store_path.parent.glob(f"{glob.escape(store_path.name)}.features-*.partial")):
         try:
             meta = json.loads((d / "meta.json").read_text())
             done = int(np.count_nonzero(np.fromfile(d / "done.u8", dtype=np.uint8)))
@@ -229,10 +230,6 @@ def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
         out[name] = {"path": str(d), "done": done, "images": meta.get("rows"),
                      "backbone": meta.get("attrs", {}).get("backbone")}
     return out
-
-
-def glob_escape(s: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", s)
 
 
 @contextmanager
@@ -254,7 +251,7 @@ def commit(store_path: Path, name: str, attrs: dict[str, Any], staging: Staging,
     if not staging.done.all():
         raise FeatureError(f"{staging.path}: {int((~staging.done).sum())} images not extracted yet")
     with _store_lock(store_path):
-        for stale in store_path.parent.glob(f".{glob_escape(store_path.name)}.features-*.commit-*"):
+        for stale in store_path.parent.glob(f".{glob.escape(store_path.name)}.features-*.commit-*"):
             stale.unlink()  # left by a killed commit; we hold the lock, so no live one is writing it
         tmp = store_path.with_name(f".{store_path.name}.features-{name}.commit-{os.getpid()}")
         base = reader_for(store_path)
