@@ -30,6 +30,7 @@ Layout (identical for every backend; ``N`` images, ``P`` pairs of a split, ``S``
     manifest/path S (F,)  manifest/size int64 (F,)  manifest/sha256 S64 (F,)
     categories S (C,)
     features/<name>/data float16 (N, C, h, w) hot    one feature set per name (see geometry.py)
+    features/<name>/crc32 uint32 (N,)                CRC-32 of each image's map, at commit time
 
 Root attributes (JSON values): ``format``, ``format_version``, ``dataset``, ``image_size``,
 ``num_keypoints``, ``splits``, ``pose_names``, ``build_config``, ``notes``, ``created_by``, and
