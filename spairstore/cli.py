@@ -38,24 +38,49 @@ def synth(
 @app.command()
 def pack(
     src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (e.g. SPair-71k/).")],
-    out: Annotated[Path, typer.Argument(help="Store to write (.h5).")],
+    out: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
     dataset: Annotated[Optional[str], typer.Option(help="Source layout; detected when omitted.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
+    format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of OUT decides.")] = None,
+    shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
 ) -> None:
     """Pack a dataset folder into one store: decoded, letterboxed pixels and masks, original bytes,
     annotations, pair tables and a SHA-256 manifest of every source file."""
     from .writer import pack as pack_
 
-    typer.echo(str(pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True)))
+    typer.echo(str(pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
+                         shard_bytes=_shard_bytes(shard_mb))))
+
+
+def _shard_bytes(shard_mb: float) -> int:
+    if shard_mb <= 0:
+        raise SpairstoreError(f"--shard-mb must be positive, got {shard_mb}")
+    return max(1, int(shard_mb * 2**20))
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Store to read: .h5 file, .zarr directory or Zarr URL.")],
+    dst: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
+    format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of DST decides.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing DST once the copy is complete.")] = False,
+    shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
+) -> None:
+    """Copy a store into another format (HDF5 <-> Zarr), losslessly: every array and attribute equal."""
+    from .convert import convert as convert_
+
+    typer.echo(str(convert_(src, dst, format=format, overwrite=overwrite, shard_bytes=_shard_bytes(shard_mb),
+                            progress=True)))
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def store_info(path: Path) -> dict:
-    """Everything ``spairstore info`` shows, as JSON-able data."""
+def store_info(path: Path | str) -> dict:
+    """Everything ``spairstore info`` shows, as JSON-able data (``file_bytes`` is None for a URL)."""
+    from .backends import disk_bytes, format_of, is_url
     from .reader import open as open_store
 
     with open_store(path) as s:
@@ -67,12 +92,13 @@ def store_info(path: Path) -> dict:
         return {
             "path": str(s.path),
             "format": s.attrs["format"],
+            "backend": format_of(s.path),
             "format_version": s.attrs["format_version"],
             "dataset": s.dataset,
             "created_by": s.attrs.get("created_by"),
             "image_size": s.image_size,
             "images": len(s),
-            "file_bytes": s.path.stat().st_size,
+            "file_bytes": None if is_url(s.path) else disk_bytes(s.path),
             "field_bytes": s.field_bytes(),
             "splits": counts,
             "categories": per_cat,
@@ -84,7 +110,7 @@ def store_info(path: Path) -> dict:
 
 @app.command()
 def info(
-    store: Annotated[Path, typer.Argument(help="Store to describe.")],
+    store: Annotated[str, typer.Argument(help="Store to describe: .h5 file, .zarr directory or Zarr URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Describe a store: format, dataset, sizes per field, counts per split and category, build config."""
@@ -94,9 +120,9 @@ def info(
         return
     out = [
         f"{d['path']}",
-        f"  format       {d['format']} {d['format_version']} ({d['created_by']})",
-        f"  dataset      {d['dataset']}, {d['images']:,} images at {d['image_size']}x{d['image_size']}, "
-        f"{_mib(d['file_bytes'])} on disk",
+        f"  format       {d['format']} {d['format_version']} in {d['backend']} ({d['created_by']})",
+        f"  dataset      {d['dataset']}, {d['images']:,} images at {d['image_size']}x{d['image_size']}"
+        + ("" if d["file_bytes"] is None else f", {_mib(d['file_bytes'])} on disk"),
         f"  source files {d['manifest_files']:,} in the manifest",
         "  splits       " + "; ".join(f"{k}: {v['pairs']:,} pairs, {v['images']:,} images"
                                       for k, v in d["splits"].items()),

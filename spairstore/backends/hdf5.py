@@ -78,7 +78,7 @@ class HDF5Reader:
         offset = d.id.get_offset()
         if offset is None:
             return None
-        return RawExtent(self.path, int(offset), tuple(d.shape), d.dtype)
+        return RawExtent.contiguous(self.path, int(offset), tuple(d.shape), d.dtype)
 
     def close(self) -> None:
         self._f.close()
