@@ -91,10 +91,14 @@ def _open_image(data: bytes, rel: Path) -> Image.Image:
 
 @dataclass
 class _Decoded:
+    """One image's payloads, CRC-32s and source digests, computed on a worker thread."""
+
     image_bytes: bytes
     pixels: np.ndarray
     mask_bytes: bytes
     mask: np.ndarray | None
+    crc: dict[str, int]
+    digests: dict[str, tuple[int, str]]
 
 
 def _decode(rec: ImageRecord, root: Path, size: int) -> _Decoded:
@@ -104,8 +108,10 @@ def _decode(rec: ImageRecord, root: Path, size: int) -> _Decoded:
     if img.size != (rec.width, rec.height):
         raise SourceError(rel, f"image is {img.width}x{img.height} but annotated as {rec.width}x{rec.height}")
     pixels = letterbox(img.convert("RGB"), size, Image.Resampling.BILINEAR)
+    crc = {"pixels": zlib.crc32(pixels), "image_blob": zlib.crc32(data), "mask": 0, "mask_blob": 0}
+    digests = {rel.as_posix(): (len(data), sha256_bytes(data))}
     if rec.mask_path is None:
-        return _Decoded(data, pixels, b"", None)
+        return _Decoded(data, pixels, b"", None, crc, digests)
     mrel = rec.mask_path.relative_to(root)
     mdata = rec.mask_path.read_bytes()
     m = _open_image(mdata, mrel)
@@ -113,7 +119,10 @@ def _decode(rec: ImageRecord, root: Path, size: int) -> _Decoded:
         raise SourceError(mrel, f"mask must be a class-index PNG (mode L or P), got mode {m.mode}")
     if m.size != img.size:
         raise SourceError(mrel, f"mask is {m.width}x{m.height} but its image is {img.width}x{img.height}")
-    return _Decoded(data, pixels, mdata, letterbox(m, size, Image.Resampling.NEAREST))
+    mask = letterbox(m, size, Image.Resampling.NEAREST)
+    crc.update(mask=zlib.crc32(mask), mask_blob=zlib.crc32(mdata))
+    digests[mrel.as_posix()] = (len(mdata), sha256_bytes(mdata))
+    return _Decoded(data, pixels, mdata, mask, crc, digests)
 
 
 def _image_tables(records: DatasetRecords, size: int, splits: list[str], pose_names: list[str]) -> dict[str, np.ndarray]:
@@ -205,7 +214,7 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
             w.create(f"images/{k}_blob", (int(offsets[k][-1]),), np.dtype(np.uint8))
             w.put(f"images/{k}_offsets", offsets[k])
         crc = {k: np.zeros(n, dtype=np.uint32) for k in PAYLOAD_FIELDS}
-        digests: dict[Path, str] = {}
+        digests = dict(records.digests)
         decode = lambda rec: _decode(rec, root, size)  # noqa: E731
         bar = tqdm(total=n, desc="images", unit="img", disable=not progress, dynamic_ncols=True)
         for i, (rec, d) in enumerate(zip(records.images, _ordered_map(decode, records.images, workers=2))):
@@ -213,14 +222,12 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
                 if len(data) != blob_sizes[k][i]:
                     raise SourceError(path.relative_to(root), "file changed size while packing")
                 w.write(f"images/{k}_blob", int(offsets[k][i]), np.frombuffer(data, dtype=np.uint8))
-                crc[f"{k}_blob"][i] = zlib.crc32(data)
-                if path is not None:
-                    digests[path] = sha256_bytes(data)
             w.write("images/pixels", i, d.pixels[None])
-            crc["pixels"][i] = zlib.crc32(d.pixels)
             if d.mask is not None:
                 w.write("images/mask", i, d.mask[None])
-                crc["mask"][i] = zlib.crc32(d.mask)
+            for k, v in d.crc.items():
+                crc[k][i] = v
+            digests.update(d.digests)
             bar.update()
         bar.close()
         for k, v in crc.items():

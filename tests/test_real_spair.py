@@ -80,11 +80,10 @@ def test_duplicate_names_across_categories_are_distinct(real_store: Path) -> Non
             assert s.image_row(s.categories[s.images.category[r]], name) == r
 
 
-def test_rule_rebuilds_real_pair_files_byte_identical() -> None:
-    from tests.conftest import spair_real
+def test_rule_rebuilds_real_pair_files_byte_identical(real_spair_root: tuple[Path, Path]) -> None:
     from converters.spair71k import pair_annotation
 
-    real = spair_real()
+    _, real = real_spair_root
     for f in sorted((real / "PairAnnotation").glob("*/*.json")):
         ann = json.loads(f.read_text())
         load = lambda n: json.loads((real / "ImageAnnotation" / ann["category"] / f"{Path(n).stem}.json").read_text())  # noqa: E731
