@@ -175,8 +175,7 @@ class Store:
     def _raw(self, name: str) -> _RawArray | None:
         """The payload array read straight from its files in this process, or None if it must go
         through the backend library (compressed or remote)."""
-        if self._pid != os.getpid():  # forked: mappings and handles belong to the parent
-            self._maps, self._backend, self._pid = {}, None, os.getpid()
+        self._after_fork()
         a = self._maps.get(name)
         if a is None:
             ext = self.extents.get(name)
@@ -185,9 +184,12 @@ class Store:
             a = self._maps[name] = _RawArray(ext)
         return a
 
-    def _library(self) -> ArrayReader:
-        if self._pid != os.getpid():
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():  # forked: mappings and handles belong to the parent
             self._maps, self._backend, self._pid = {}, None, os.getpid()
+
+    def _library(self) -> ArrayReader:
+        self._after_fork()
         if self._backend is None:
             self._backend = reader_for(self.path)
         return self._backend
@@ -218,6 +220,8 @@ class Store:
         if out is None:
             out = np.empty((len(rows), *shape[1:]), dtype=self.shapes[name][1])
         uniq, inverse = np.unique(rows, return_inverse=True)
+        if len(uniq) and (uniq[0] < 0 or uniq[-1] >= shape[0]):
+            raise IndexError(f"image rows {uniq[0]}..{uniq[-1]} out of range for {shape[0]} rows of {field}")
         a = self._raw(name)
         if a is not None:
             for j, r in enumerate(uniq):

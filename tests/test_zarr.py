@@ -254,3 +254,27 @@ def test_remote_read_over_http_equals_local(zarr_store: Path, http_root: str, tm
 def test_remote_missing_store_is_a_store_error(http_root: str) -> None:
     with pytest.raises(spairstore.StoreError, match="nothing.zarr"):
         spairstore.open(f"{http_root}/nothing.zarr")
+
+
+def _pixels_in_child(store: spairstore.Store, rows: list[int]) -> np.ndarray:
+    return store.read("pixels", rows)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_store_reads_the_same_in_child_processes(zarr_store: Path, http_root: str, method: str) -> None:
+    import multiprocessing as mp
+
+    rows = [3, 0, 3, 8]
+    for path in (zarr_store, f"{http_root}/{zarr_store.name}"):
+        s = spairstore.open(path)
+        want = s.read("pixels", rows)  # parent has mapped files / opened zarr before the fork
+        with mp.get_context(method).Pool(1) as pool:
+            np.testing.assert_array_equal(pool.apply(_pixels_in_child, (s, rows)), want)
+
+
+def test_batch_rows_out_of_range(zarr_store: Path, synth_store: Path) -> None:
+    for path in (zarr_store, synth_store):
+        s = spairstore.open(path)
+        for bad in ([0, len(s)], [-1, 2]):
+            with pytest.raises(IndexError, match="out of range"):
+                s.read("pixels", bad)

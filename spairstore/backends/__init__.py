@@ -79,7 +79,7 @@ class ArrayReader(Protocol):
 
 def is_url(path: str | Path) -> bool:
     """A remote location (``http://``, ``s3://``, any fsspec protocol) rather than a local path."""
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+    return isinstance(path, str) and "://" in path
 
 
 def format_of(path: str | Path, format: str | None = None) -> str:
@@ -93,7 +93,7 @@ def format_of(path: str | Path, format: str | None = None) -> str:
         if _SUFFIXES.get(Path(str(path).rstrip("/")).suffix.lower()) == "hdf5":
             raise StoreError(f"{path}: remote stores must be Zarr; convert it with `spairstore convert`")
         return "zarr"
-    p = Path(str(path).removeprefix("file://"))
+    p = Path(path)
     if (p / "zarr.json").is_file():
         return "zarr"
     if p.is_file():

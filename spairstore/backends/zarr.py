@@ -71,7 +71,7 @@ class _ShardBuffer:
         self.rows = array.shards[0]
         self.shard = -1
         self.buf = np.empty(0)
-        self.written = np.zeros(0, dtype=bool)
+        self.spans: list[tuple[int, int]] = []  # row ranges of the buffer written so far
 
     def write(self, start: int, data: np.ndarray) -> None:
         i = 0
@@ -82,21 +82,23 @@ class _ShardBuffer:
                 self.flush()
                 n = min(self.rows, self.array.shape[0] - shard * self.rows)
                 self.shard, self.buf = shard, np.empty((n, *self.array.shape[1:]), dtype=self.array.dtype)
-                self.written = np.zeros(n, dtype=bool)
             first = row - shard * self.rows
             n = min(len(data) - i, len(self.buf) - first)
             self.buf[first:first + n] = data[i:i + n]
-            self.written[first:first + n] = True
+            self.spans.append((first, first + n))
             i += n
 
     def flush(self) -> None:
-        if self.shard < 0:
-            return
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], self.written.view(np.int8), [0]])))
         base = self.shard * self.rows
-        for a, b in zip(edges[::2], edges[1::2]):
+        runs: list[list[int]] = []
+        for a, b in sorted(self.spans):
+            if runs and a <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], b)
+            else:
+                runs.append([a, b])
+        for a, b in runs:
             self.array[base + a:base + b] = self.buf[a:b]
-        self.shard, self.buf, self.written = -1, np.empty(0), np.zeros(0, dtype=bool)
+        self.shard, self.buf, self.spans = -1, np.empty(0), []
 
 
 class ZarrWriter:
@@ -149,7 +151,7 @@ class ZarrReader:
 
     def __init__(self, path: str | Path):
         self.remote = is_url(path)
-        self.path = str(path) if self.remote else Path(str(path).removeprefix("file://"))
+        self.path = str(path) if self.remote else Path(path)
         try:
             with _quiet():
                 self._g = zarr.open_group(str(self.path), mode="r")
