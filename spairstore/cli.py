@@ -139,6 +139,123 @@ def info(
     typer.echo("\n".join(out))
 
 
+_METHOD_HELP = "Predictions from a method: identity (the dataset paper's baseline) or nn (needs --features)."
+_PROTOCOL_HELP = "Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy (default: the store's dataset's)."
+
+
+def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed):  # noqa: ANN001, ANN202
+    from .protocols import resolve_protocol
+
+    return resolve_protocol(protocol, store.dataset, alphas=alpha, direction=direction, threshold=threshold,
+                            comparison=comparison, frame=frame, subsample=subsample, seed=seed)
+
+
+@app.command("eval")
+def eval_(
+    store: Annotated[Path, typer.Argument(help="Store to evaluate on.")],
+    split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
+    method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
+    features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(
+        help="Predictions file (.npz keyed by pair id, .pt, .npy): keypoints in original pixels of the "
+             "image predicted in (the target for src->trg).")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
+    direction: Annotated[Optional[str], typer.Option(help="Override: src->trg or trg->src.")] = None,
+    threshold: Annotated[Optional[str], typer.Option(
+        help="Override the threshold base: bbox, image, kp-extent, kp-extent-padded.")] = None,
+    comparison: Annotated[Optional[str], typer.Option(help="Override: <= or <.")] = None,
+    frame: Annotated[Optional[str], typer.Option(help="Override: original or square.")] = None,
+    subsample: Annotated[Optional[int], typer.Option(help="Evaluate this many random pairs per category.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of --subsample.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text, markdown, csv or json.")] = "text",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the report here, not stdout.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also save a PCK-vs-alpha and per-category plot (PNG).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device for --method nn (default: cuda if available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch for --method nn.")] = 32,
+) -> None:
+    """PCK of a method or a predictions file, with the protocol line and the dataset paper's tables: per
+    category, by viewpoint/scale/truncation/occlusion, and the controlled analysis."""
+    from .evaluation import evaluate
+    from .methods import get_method
+    from .reader import open as open_store
+
+    if (method is None) == (predictions is None):
+        raise SpairstoreError("give exactly one of --method and --predictions")
+    fmt = "json" if as_json else fmt
+    if fmt not in ("text", "markdown", "csv", "json"):
+        raise SpairstoreError(f"--format must be text, markdown, csv or json, not {fmt!r}")
+    with open_store(store) as s:
+        proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed)
+        source = get_method(method, features, device, batch_size, progress=True) if method else predictions
+        report = evaluate(s, split, source, proto)
+    text = report.render(fmt)
+    if output:
+        output.write_text(text + "\n")
+    else:
+        typer.echo(text)
+    if plot:
+        from .viz import plot_reports
+
+        plot_reports(report, plot)
+
+
+@app.command()
+def stats(
+    store: Annotated[Path, typer.Argument(help="Store to describe.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
+) -> None:
+    """Dataset statistics in the dataset paper's layout: pairs per split and difficulty level, pairs per
+    category and split, images per split."""
+    from .reader import open as open_store
+    from .stats import dataset_stats, render_stats
+
+    with open_store(store) as s:
+        d = dataset_stats(s)
+    typer.echo(json.dumps(d, indent=2) if as_json else render_stats(d, "markdown" if markdown else "text"))
+
+
+@app.command()
+def show(
+    store: Annotated[Path, typer.Argument(help="Store holding the pair.")],
+    pair: Annotated[int, typer.Option(help="Pair id (the key within the split).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
+    split: Annotated[str, typer.Option(help="Split of the pair.")] = "test",
+    method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
+    features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="Predictions file for the whole split.")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Alpha of the green/red colouring (default: the "
+                                                         "protocol's first).")] = None,
+    direction: Annotated[Optional[str], typer.Option(help="src->trg or trg->src.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device for --method nn.")] = None,
+) -> None:
+    """Draw a pair side by side with its keypoints; with a method or predictions, match lines are green
+    when correct at alpha and red when not. Without either, the ground-truth matches."""
+    import numpy as np
+
+    from .methods import get_method, load_predictions
+    from .reader import open as open_store
+    from .viz import show_pair
+
+    if method is not None and predictions is not None:
+        raise SpairstoreError("give at most one of --method and --predictions")
+    with open_store(store) as s:
+        proto = _protocol(s, protocol, None, direction, None, None, None, None, None)
+        row = s.pair_row(split, pair)
+        pred, name = None, None
+        if method:
+            m = get_method(method, features, device)
+            pred, name = m(s, split, np.array([row]), proto.direction)[0], m.name
+        elif predictions:
+            pred, name = load_predictions(predictions, s, split)[row], predictions.name
+        alpha = proto.alphas[0] if alpha is None else alpha
+        report = show_pair(s, split, row, output, proto, pred, alpha=alpha, method=name)
+    typer.echo(f"wrote {output}" + (f" (PCK@{alpha:g}: {report.pck(alpha):.1f}%)" if report else ""))
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 1, without a traceback."""
     try:

@@ -5,18 +5,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import converters
 import spairstore
-
-
-@pytest.fixture(scope="module")
-def real_store(real_spair_root: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root, _ = real_spair_root
-    out = tmp_path_factory.mktemp("realstore") / "spair-real.h5"
-    spairstore.pack(root, out, size=64)
-    return out
 
 
 def test_real_test_split_counts(real_store: Path) -> None:
