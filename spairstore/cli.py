@@ -152,7 +152,7 @@ def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, s
 
 @app.command("eval")
 def eval_(
-    store: Annotated[Path, typer.Argument(help="Store to evaluate on.")],
+    store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
     features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
@@ -203,7 +203,7 @@ def eval_(
 
 @app.command()
 def stats(
-    store: Annotated[Path, typer.Argument(help="Store to describe.")],
+    store: Annotated[str, typer.Argument(help="Store to describe (path, or URL of a Zarr store).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
 ) -> None:
@@ -219,7 +219,7 @@ def stats(
 
 @app.command()
 def show(
-    store: Annotated[Path, typer.Argument(help="Store holding the pair.")],
+    store: Annotated[str, typer.Argument(help="Store holding the pair (path, or URL of a Zarr store).")],
     pair: Annotated[int, typer.Option(help="Pair id (the key within the split).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
     split: Annotated[str, typer.Option(help="Split of the pair.")] = "test",

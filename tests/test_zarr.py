@@ -278,3 +278,21 @@ def test_batch_rows_out_of_range(zarr_store: Path, synth_store: Path) -> None:
         for bad in ([0, len(s)], [-1, 2]):
             with pytest.raises(IndexError, match="out of range"):
                 s.read("pixels", bad)
+
+
+def test_eval_and_stats_over_zarr_and_remote_equal_hdf5(synth_store: Path, zarr_store: Path, http_root: str) -> None:
+    from typer.testing import CliRunner
+
+    from spairstore.cli import app
+
+    def run(*args: str) -> dict:
+        res = CliRunner().invoke(app, list(args))
+        assert res.exit_code == 0, res.output
+        d = json.loads(res.stdout)
+        d.pop("store")
+        return d
+
+    for cmd in (["stats", "--json"], ["eval", "--method", "identity", "--split", "test", "--json"]):
+        want = run(cmd[0], str(synth_store), *cmd[1:])
+        assert run(cmd[0], str(zarr_store), *cmd[1:]) == want
+        assert run(cmd[0], f"{http_root}/{zarr_store.name}", *cmd[1:]) == want
