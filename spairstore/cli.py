@@ -37,10 +37,11 @@ def synth(
 
 @app.command()
 def pack(
-    src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (e.g. SPair-71k/).")],
+    src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (SPair-71k/, PF-PASCAL/, PF-WILLOW/).")],
     out: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
-    dataset: Annotated[Optional[str], typer.Option(help="Source layout; detected when omitted.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Source layout: spair71k, pfpascal or pfwillow; detected when omitted.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
     format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of OUT decides.")] = None,
     shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
@@ -131,9 +132,10 @@ def info(
     big = sorted(d["field_bytes"].items(), key=lambda kv: -kv[1])
     out += [f"    {k:<28} {_mib(v):>12}" for k, v in big if v >= 2**20 or k.startswith("images/")][:12]
     splits = list(d["splits"])
-    out.append("  per category " + " ".join(f"{h:>8}" for h in ["images", *splits]))
+    w = max([11, *map(len, d["categories"])])  # PF-WILLOW folders like winebottle(woC) are longer
+    out.append(f"  {'per category':<{w + 1}} " + " ".join(f"{h:>8}" for h in ["images", *splits]))
     for c, v in d["categories"].items():
-        out.append(f"    {c:<11}" + " ".join(f"{v[h]:>8,}" for h in ["images", *splits]))
+        out.append(f"    {c:<{w}}" + " ".join(f"{v[h]:>8,}" for h in ["images", *splits]))
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]
     typer.echo("\n".join(out))
