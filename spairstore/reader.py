@@ -97,8 +97,10 @@ class _RawArray:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop``: a read-only view of the mapping where they lie in one chunk, else a copy."""
+        if stop <= start:
+            return np.empty((0, *self.row_shape), self.ext.dtype)
         cr = self.ext.chunk_rows
-        first, last = start // cr, max(start, stop - 1) // cr
+        first, last = start // cr, (stop - 1) // cr
         if first == last:
             return self._piece(first, start, stop)
         return np.concatenate([self._piece(c, max(start, c * cr), min(stop, (c + 1) * cr))

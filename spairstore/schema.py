@@ -56,6 +56,7 @@ def is_hot(path: str) -> bool:
     uncompressed and read from their raw bytes; every other array is a table loaded whole at open."""
     return path.startswith("features/") or path in {f"images/{f}" for f in PAYLOAD_FIELDS}
 
+
 #: Difficulty level names, indexed by the stored label.
 LEVELS = {
     "viewpoint": ("easy", "medium", "hard"),

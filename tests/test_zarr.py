@@ -297,3 +297,11 @@ def test_eval_and_stats_over_zarr_and_remote_equal_hdf5(synth_store: Path, zarr_
         want = run(cmd[0], str(synth_store), *cmd[1:])
         assert run(cmd[0], str(zarr_store), *cmd[1:]) == want
         assert run(cmd[0], f"{http_root}/{zarr_store.name}", *cmd[1:]) == want
+
+
+def test_empty_byte_range_at_the_end_of_a_blob(zarr_store: Path, synth_store: Path) -> None:
+    """An image without a mask file has an empty range, which may start exactly where the blob ends."""
+    for path in (zarr_store, synth_store):
+        s = spairstore.open(path)
+        end = int(s.images.mask_offsets[-1])
+        assert s._rows("images/mask_blob", end, end).size == 0
