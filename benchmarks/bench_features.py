@@ -111,7 +111,10 @@ def main() -> None:
         for i in range(n):
             torch.save(torch.from_numpy(s.features(name, i)), pt_dir / f"{i}.pt")
     ext = s.extents[f"features/{name}/data"]
-    mm = np.asarray(np.memmap(ext.file, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape))
+    if ext is None or len(ext.files) != 1:
+        raise SystemExit(f"{store_path}: the memmap ceiling needs a contiguous feature array (an HDF5 store)")
+    mm = np.asarray(np.memmap(ext.files[0], dtype=ext.dtype, mode="r", offset=int(ext.offsets[0]),
+                              shape=ext.shape))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, n, args.batch) for _ in range(max(1, args.reads // args.batch))]
     out = np.empty((args.batch, *shape), dtype=np.float16)

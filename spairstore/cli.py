@@ -38,22 +38,46 @@ def synth(
 @app.command()
 def pack(
     src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (SPair-71k/, PF-PASCAL/, PF-WILLOW/).")],
-    out: Annotated[Path, typer.Argument(help="Store to write (.h5).")],
+    out: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
     dataset: Annotated[Optional[str], typer.Option(
         help="Source layout: spair71k, pfpascal or pfwillow; detected when omitted.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
+    format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of OUT decides.")] = None,
+    shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
 ) -> None:
     """Pack a dataset folder into one store: decoded, letterboxed pixels and masks, original bytes,
     annotations, pair tables and a SHA-256 manifest of every source file."""
     from .writer import pack as pack_
 
-    typer.echo(str(pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True)))
+    typer.echo(str(pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
+                         shard_bytes=_shard_bytes(shard_mb))))
+
+
+def _shard_bytes(shard_mb: float) -> int:
+    if shard_mb <= 0:
+        raise SpairstoreError(f"--shard-mb must be positive, got {shard_mb}")
+    return max(1, int(shard_mb * 2**20))
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Store to read: .h5 file, .zarr directory or Zarr URL.")],
+    dst: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
+    format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of DST decides.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing DST once the copy is complete.")] = False,
+    shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
+) -> None:
+    """Copy a store into another format (HDF5 <-> Zarr), losslessly: every array and attribute equal."""
+    from .convert import convert as convert_
+
+    typer.echo(str(convert_(src, dst, format=format, overwrite=overwrite, shard_bytes=_shard_bytes(shard_mb),
+                            progress=True)))
 
 
 @app.command()
 def features(
-    store: Annotated[Path, typer.Argument(help="Store to add the feature set to (.h5).")],
+    store: Annotated[Path, typer.Argument(help="Store to add the feature set to (.h5 file or .zarr directory).")],
     backbone: Annotated[str, typer.Option(help="efficientnet-lite0 (weights ship with spairstore: works offline), "
                                                "resnet50, resnet101, dinov2-vits14 or dinov2-vitb14.")]
     = "efficientnet-lite0",
@@ -88,8 +112,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def store_info(path: Path) -> dict:
-    """Everything ``spairstore info`` shows, as JSON-able data."""
+def store_info(path: Path | str) -> dict:
+    """Everything ``spairstore info`` shows, as JSON-able data (``file_bytes`` is None for a URL)."""
+    from .backends import disk_bytes, format_of, is_url
     from .features import partial_feature_sets
     from .reader import open as open_store
 
@@ -103,12 +128,13 @@ def store_info(path: Path) -> dict:
         return {
             "path": str(s.path),
             "format": s.attrs["format"],
+            "backend": format_of(s.path),
             "format_version": s.attrs["format_version"],
             "dataset": s.dataset,
             "created_by": s.attrs.get("created_by"),
             "image_size": s.image_size,
             "images": len(s),
-            "file_bytes": s.path.stat().st_size,
+            "file_bytes": None if is_url(s.path) else disk_bytes(s.path),
             "field_bytes": sizes,
             "splits": counts,
             "categories": per_cat,
@@ -116,13 +142,13 @@ def store_info(path: Path) -> dict:
             "notes": s.attrs.get("notes", []),
             "manifest_files": s.manifest.rows,
             "feature_sets": {k: {**v, "bytes": sizes[f"features/{k}/data"]} for k, v in s.feature_sets.items()},
-            "incomplete_feature_sets": partial_feature_sets(s.path),
+            "incomplete_feature_sets": {} if is_url(s.path) else partial_feature_sets(s.path),
         }
 
 
 @app.command()
 def info(
-    store: Annotated[Path, typer.Argument(help="Store to describe.")],
+    store: Annotated[str, typer.Argument(help="Store to describe: .h5 file, .zarr directory or Zarr URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Describe a store: format, dataset, sizes per field, counts per split and category, build config."""
@@ -132,9 +158,9 @@ def info(
         return
     out = [
         f"{d['path']}",
-        f"  format       {d['format']} {d['format_version']} ({d['created_by']})",
-        f"  dataset      {d['dataset']}, {d['images']:,} images at {d['image_size']}x{d['image_size']}, "
-        f"{_mib(d['file_bytes'])} on disk",
+        f"  format       {d['format']} {d['format_version']} in {d['backend']} ({d['created_by']})",
+        f"  dataset      {d['dataset']}, {d['images']:,} images at {d['image_size']}x{d['image_size']}"
+        + ("" if d["file_bytes"] is None else f", {_mib(d['file_bytes'])} on disk"),
         f"  source files {d['manifest_files']:,} in the manifest",
         "  splits       " + "; ".join(f"{k}: {v['pairs']:,} pairs, {v['images']:,} images"
                                       for k, v in d["splits"].items()),
@@ -172,7 +198,7 @@ def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, s
 
 @app.command("eval")
 def eval_(
-    store: Annotated[Path, typer.Argument(help="Store to evaluate on.")],
+    store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
     features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
@@ -223,7 +249,7 @@ def eval_(
 
 @app.command()
 def stats(
-    store: Annotated[Path, typer.Argument(help="Store to describe.")],
+    store: Annotated[str, typer.Argument(help="Store to describe (path, or URL of a Zarr store).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
 ) -> None:
@@ -239,7 +265,7 @@ def stats(
 
 @app.command()
 def show(
-    store: Annotated[Path, typer.Argument(help="Store holding the pair.")],
+    store: Annotated[str, typer.Argument(help="Store holding the pair (path, or URL of a Zarr store).")],
     pair: Annotated[int, typer.Option(help="Pair id (the key within the split).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
     split: Annotated[str, typer.Option(help="Split of the pair.")] = "test",

@@ -7,7 +7,6 @@ Images stream through one at a time: peak memory does not grow with the dataset.
 from __future__ import annotations
 
 import io
-import os
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +22,7 @@ from tqdm import tqdm
 import converters
 
 from . import __version__
-from .backends import writer_for
+from .backends import disk_bytes, format_of, staged, writer_for
 from .errors import SourceError, SpairstoreError
 from .geometry import letterbox, letterbox_params
 from .manifest import build_manifest, sha256_bytes
@@ -184,10 +183,13 @@ def _pair_table(pairs: list[PairRecord], records: DatasetRecords, width: int) ->
     return table
 
 
-def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: bool = False) -> dict[str, int]:
+def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: bool = False,
+                format: str | None = None, shard_bytes: int | None = None) -> dict[str, int]:
     """Write ``records`` as a new store at ``out`` (which must not exist). Returns payload bytes per field.
 
-    Callers wanting atomic replacement use :func:`pack`, which writes to a temporary path first.
+    ``format`` is ``hdf5`` or ``zarr`` (default: from the suffix of ``out``); ``shard_bytes`` sets the
+    Zarr shard size of hot arrays. Callers wanting atomic replacement use :func:`pack`, which writes to
+    a temporary path first.
     """
     if size < 8:
         raise SpairstoreError(f"store size must be at least 8 pixels, got {size}")
@@ -201,7 +203,7 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
         "mask": np.array([im.mask_path.stat().st_size if im.mask_path else 0 for im in records.images], dtype=np.int64),
     }
     offsets = {k: np.concatenate([[0], np.cumsum(v)]).astype(np.int64) for k, v in blob_sizes.items()}
-    w = writer_for(out)
+    w = writer_for(out, format, shard_bytes)
     try:
         fields = {f.path: f for f in image_fields(size, records.num_keypoints)}
         for name in ("images/pixels", "images/mask"):
@@ -269,29 +271,24 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
 
 
 def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None = None,
-         overwrite: bool = False, progress: bool = False) -> PackSummary:
+         overwrite: bool = False, progress: bool = False, format: str | None = None,
+         shard_bytes: int | None = None) -> PackSummary:
     """Read the dataset at ``src`` (layout detected unless ``dataset`` names it) and pack it into a store at
     ``out``, letterboxing pixels and masks to ``size x size``.
 
+    ``format`` is ``hdf5`` (one file) or ``zarr`` (a Zarr v3 directory); by default the suffix of ``out``
+    decides (``.h5``, ``.zarr``). ``shard_bytes`` is the Zarr shard size of hot arrays (default 64 MiB).
     An existing ``out`` is replaced only with ``overwrite=True``, and only once the new store is complete.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
-    if not out.parent.is_dir():
-        raise SpairstoreError(f"{out.parent}: output directory does not exist")
-    records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress))
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        field_bytes = write_store(records, tmp, size=size, progress=progress)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged(out, overwrite) as tmp:
+        format = format_of(out, format)
+        records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress))
+        field_bytes = write_store(records, tmp, size=size, progress=progress, format=format,
+                                  shard_bytes=shard_bytes)
     return PackSummary(
         path=out, dataset=records.dataset, images=len(records.images),
         pairs={s: len(p) for s, p in records.pairs.items()}, field_bytes=field_bytes,
-        file_bytes=out.stat().st_size, seconds=time.perf_counter() - t0, notes=records.notes,
+        file_bytes=disk_bytes(out), seconds=time.perf_counter() - t0, notes=records.notes,
     )

@@ -135,6 +135,17 @@ def test_other_sets_and_pixels_survive_adding_and_replacing(lite_store: Path, tm
         extract_features(p, backbone=LITE, name="b10")
 
 
+def test_readers_opened_before_a_commit(store_copy: Path) -> None:
+    """A reader that mapped the old file keeps reading it; one that had not yet is told to reopen."""
+    mapped, unmapped = spairstore.open(store_copy), spairstore.open(store_copy)
+    before = mapped.read("pixels", [0, 5])
+    extract_features(store_copy, layers=["_blocks.4"], name="n", batch_size=8)
+    np.testing.assert_array_equal(mapped.read("pixels", [0, 5]), before)
+    with pytest.raises(spairstore.StoreError, match="replaced after it was opened"):
+        unmapped.pixels(0)
+    np.testing.assert_array_equal(spairstore.open(store_copy).read("pixels", [0, 5]), before)
+
+
 # -- geometry ---------------------------------------------------------------------------------------
 def receptive_field_centre(fe: FeatureExtractor, tap_index: int, cell: int, trials: int = 4) -> float:
     """Centre (x, input pixels) of the input columns that influence column ``cell`` of a tap's map row 0..."""
@@ -309,10 +320,16 @@ def test_crash_during_commit_keeps_store_and_staging(store_copy: Path, monkeypat
         extract_features(store_copy, layers=["_blocks.4"], name="c", batch_size=8)
     monkeypatch.undo()
     assert sha256(store_copy) == digest
-    assert not list(store_copy.parent.glob(".*.commit-*"))  # the half-built copy is gone
+    assert not list(store_copy.parent.glob(".*.partial-*"))  # the half-built copy is gone
     assert partial_feature_sets(store_copy)["c"]["done"] == len(spairstore.open(store_copy))
+    # a copy left by a commit that was killed (its process is gone) is cleared by the next commit
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    left = store_copy.with_name(f".{store_copy.name}.partial-{dead.pid}")
+    left.write_bytes(b"half a store")
     summary = extract_features(store_copy, layers=["_blocks.4"], name="c", batch_size=8)
     assert summary.extracted == 0 and "c" in spairstore.open(store_copy).feature_sets
+    assert not left.exists()
 
 
 def test_resume_refuses_other_settings_unless_overwrite(store_copy: Path) -> None:
@@ -336,6 +353,24 @@ def test_resume_refuses_other_settings_unless_overwrite(store_copy: Path) -> Non
     st.close()
     assert extract_features(store_copy, name="r2").extracted == n - 3
     assert (spairstore.open(store_copy).features("r2", 1) == 1).all()
+
+
+def test_zarr_store_gets_the_same_features(lite_store: Path, tmp_path: Path) -> None:
+    from spairstore.convert import convert
+
+    z = tmp_path / "s.zarr"
+    convert(lite_store, z)  # carries both sets over; replace one and add another in the Zarr store
+    extract_features(z, backbone=LITE, layers=["_blocks.10"], name="b10", overwrite=True, batch_size=6)
+    extract_features(z, backbone=LITE, name="again", batch_size=6)
+    h, s = spairstore.open(lite_store), spairstore.open(z)
+    assert sorted(s.feature_sets) == ["again", "b10", LITE] and s.feature_sets["b10"] == h.feature_sets["b10"]
+    rows = np.arange(len(s))
+    np.testing.assert_array_equal(s.read(f"features/{LITE}", rows), h.read(f"features/{LITE}", rows))
+    np.testing.assert_allclose(s.read("features/again", rows).astype(np.float32),
+                               h.read(f"features/{LITE}", rows).astype(np.float32), rtol=2e-3, atol=2e-2)
+    np.testing.assert_allclose(s.read("features/b10", rows).astype(np.float32),
+                               h.read("features/b10", rows).astype(np.float32), rtol=2e-3, atol=2e-2)
+    np.testing.assert_array_equal(s.feature_crc32["b10"], [zlib.crc32(m) for m in s.read("features/b10", rows)])
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -16,23 +16,11 @@ from . import RawExtent
 class HDF5Writer:
     """Arrays made by :meth:`create` are allocated at once and never filled by HDF5, so their rows are
     written with ``os.pwrite`` at the allocated offset: no HDF5 call (nor the GIL h5py holds through
-    one) on the per-image path, and decoding threads keep running while a row is written.
+    one) on the per-image path, and decoding threads keep running while a row is written."""
 
-    With ``base``, the new file starts as a copy of that store's arrays (layout and filters kept) and
-    root attributes, less the arrays or groups named in ``exclude``."""
-
-    def __init__(self, path: Path, base: Path | None = None, exclude: tuple[str, ...] = ()):
+    def __init__(self, path: Path):
         self.path = Path(path)
         self._f = h5py.File(self.path, "w")
-        if base is not None:
-            try:
-                with h5py.File(base, "r") as src:
-                    _copy_group(src, self._f, set(exclude))
-                    for k, v in src.attrs.items():
-                        self._f.attrs[k] = v
-            except BaseException:
-                self._f.close()
-                raise
         self._fd = os.open(self.path, os.O_WRONLY)
         self._rows: dict[str, tuple[int, int]] = {}  # name -> (byte offset, bytes per row)
 
@@ -63,18 +51,6 @@ class HDF5Writer:
         os.close(self._fd)
         self._f.flush()
         self._f.close()
-
-
-def _copy_group(src: h5py.Group, dst: h5py.Group, exclude: set[str]) -> None:
-    """Copy every member of ``src`` into ``dst`` (layout and filters kept), skipping ``exclude`` paths."""
-    for key, obj in src.items():
-        path = obj.name.lstrip("/")
-        if path in exclude:
-            continue
-        if isinstance(obj, h5py.Group) and any(e.startswith(path + "/") for e in exclude):
-            _copy_group(obj, dst.require_group(key), exclude)
-        else:
-            src.copy(obj, dst, key)
 
 
 class HDF5Reader:
@@ -114,7 +90,7 @@ class HDF5Reader:
         offset = d.id.get_offset()
         if offset is None:
             return None
-        return RawExtent(self.path, int(offset), tuple(d.shape), d.dtype)
+        return RawExtent.contiguous(self.path, int(offset), tuple(d.shape), d.dtype)
 
     def close(self) -> None:
         self._f.close()

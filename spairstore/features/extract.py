@@ -12,9 +12,9 @@ Three steps, each reusable on its own:
    flagged (and the flags synced), so after a kill, even of the machine, every flagged row is complete
    and a re-run with the same settings extracts only the unflagged rows.
 3. :func:`commit` writes the finished set into a copy of the store (every other array and attribute
-   copied as they are) and renames the copy over the store. The store file itself is never written in
-   place: until the rename it is the old store, after it the new one; readers that opened the old one
-   keep reading it.
+   copied as they are) and moves the copy over the store (:func:`spairstore.backends.staged`). The store
+   itself is never written in place: until the rename it is the old store, after it the new one;
+   readers that opened the old one keep reading it.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..backends import reader_for, writer_for
+from ..backends import format_of, is_url, reader_for, remove, staged, writer_for
+from ..convert import BLOCK_BYTES, copy_arrays
 from ..errors import FeatureError
 from ..reader import Store
 from .backbones import FeatureExtractor
@@ -234,7 +235,7 @@ def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
 
 @contextmanager
 def _store_lock(store_path: Path) -> Iterator[None]:
-    """Serialise commits to one store (each rewrites the whole file, so two at once would lose one)."""
+    """Serialise commits to one store (each rewrites the whole store, so two at once would lose one)."""
     fd = os.open(store_path.with_name(f".{store_path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -243,50 +244,51 @@ def _store_lock(store_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def commit(store_path: Path, name: str, attrs: dict[str, Any], staging: Staging,
-           block_bytes: int = 64 << 20) -> None:
-    """Write the fully staged set into a copy of the store as ``features/<name>/data`` (plus per-row
-    CRC-32s in ``features/<name>/crc32``) with ``attrs`` under ``feature_sets[name]``, then rename the
-    copy over the store. An existing set of that name is replaced; everything else is copied as is."""
+def _remove_dead_partials(store_path: Path) -> None:
+    """Delete copies of the store left half-built by killed processes (``.<store>.partial-<pid>``)."""
+    for p in store_path.parent.glob(f".{glob.escape(store_path.name)}.partial-*"):
+        pid = p.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            remove(p)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def commit(store_path: Path, name: str, attrs: dict[str, Any], staging: Staging) -> None:
+    """Write a copy of the store with the fully staged set added as ``features/<name>/data`` (plus
+    per-row CRC-32s in ``features/<name>/crc32``) and ``attrs`` under ``feature_sets[name]``, and move
+    it over the store. An existing set of that name is replaced; every other array and attribute is
+    copied as it is."""
     if not staging.done.all():
         raise FeatureError(f"{staging.path}: {int((~staging.done).sum())} images not extracted yet")
+    data = staging.data()
+    crc = np.zeros(len(data), dtype=np.uint32)
     with _store_lock(store_path):
-        for stale in store_path.parent.glob(f".{glob.escape(store_path.name)}.features-*.commit-*"):
-            stale.unlink()  # left by a killed commit; we hold the lock, so no live one is writing it
-        tmp = store_path.with_name(f".{store_path.name}.features-{name}.commit-{os.getpid()}")
-        base = reader_for(store_path)
+        _remove_dead_partials(store_path)
+        r = reader_for(store_path)
         try:
-            sets = dict(base.attrs.get("feature_sets", {}))
+            sets = {**r.attrs.get("feature_sets", {}), name: attrs}
+            with staged(store_path, overwrite=True) as tmp:
+                w = writer_for(tmp, format_of(store_path))
+                try:
+                    copy_arrays(r, w, skip=lambda a: a.startswith(f"features/{name}/"))
+                    w.create(f"features/{name}/data", data.shape, np.dtype(np.float16))
+                    step = max(1, BLOCK_BYTES // staging.row_bytes)
+                    for start in range(0, len(data), step):
+                        block = np.ascontiguousarray(data[start:start + step])
+                        w.write(f"features/{name}/data", start, block)
+                        crc[start:start + len(block)] = [zlib.crc32(row) for row in block]
+                    w.put(f"features/{name}/crc32", crc)
+                    w.set_attrs({**r.attrs, "feature_sets": sets})
+                finally:
+                    w.close()
         finally:
-            base.close()
-        sets[name] = attrs
-        data = staging.data()
-        n = len(data)
-        crc = np.zeros(n, dtype=np.uint32)
-        try:
-            w = writer_for(tmp, base=store_path, exclude=(f"features/{name}",))
-            try:
-                w.create(f"features/{name}/data", data.shape, np.dtype(np.float16))
-                step = max(1, block_bytes // staging.row_bytes)
-                for start in range(0, n, step):
-                    block = np.ascontiguousarray(data[start:start + step])
-                    w.write(f"features/{name}/data", start, block)
-                    crc[start:start + len(block)] = [zlib.crc32(r) for r in block]
-                w.put(f"features/{name}/crc32", crc)
-                w.set_attrs({"feature_sets": sets})
-            finally:
-                w.close()
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, store_path)
-            dir_fd = os.open(store_path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        finally:
+            r.close()
             del data
-            tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -329,6 +331,9 @@ def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0
     An existing set ``name`` is replaced, and an unfinished run with other settings discarded, only with
     ``overwrite``. See :class:`~spairstore.features.backbones.FeatureExtractor` for the other arguments.
     """
+    if is_url(store_path):
+        raise FeatureError(f"{store_path}: remote stores are read-only; extract into a local copy "
+                           f"(spairstore convert) instead")
     store_path = Path(store_path).resolve()
     name = name or backbone
     if not _NAME.match(name):
