@@ -1,7 +1,7 @@
 """Reading a store: :func:`open` returns a :class:`Store`.
 
-Small tables (image metadata, pair tables, categories, manifest) are loaded into RAM as numpy arrays
-when the store is opened. Payloads (pixels, masks, original bytes) are read through ``np.memmap`` at
+Small tables are loaded into RAM as numpy arrays: image metadata and categories when the store is
+opened, a split's pair table and the manifest on first use (a DataLoader worker needs neither). Payloads (pixels, masks, original bytes) are read through ``np.memmap`` at
 the byte offsets the backend reports, created lazily in each process, so a Store is safe to use after
 ``fork`` and pickles (as its path) for ``spawn``. Arrays a backend cannot locate as plain bytes
 (chunked or compressed) are read through the backend library instead.
@@ -67,6 +67,9 @@ class Store:
             ``scale``/``offset`` (original -> store pixels), ``bbox`` and ``keypoints`` in original
             pixels (x, y; NaN = absent), labels, ``splits`` bitmask, CRCs).
         categories: category names; ``images.category`` and pair ``category`` index into it.
+        keypoint_flip: int64 (C, K), per category index the keypoint slot permutation under a horizontal
+            flip (slot k of the mirrored image shows the part of slot ``keypoint_flip[c, k]``), or None
+            where the dataset has no left/right table.
         splits: names of the packed splits.
         image_size: side ``S`` of the square store frame, in store pixels.
     """
@@ -102,14 +105,15 @@ class Store:
         self.pose_names: list[str] = list(attrs["pose_names"])
         self.shapes = backend.shapes()
         hot = {f"images/{f}" for f in PAYLOAD_FIELDS} | {k for k in self.shapes if k.startswith("features/")}
-        tables = {k: backend.read(k) for k in self.shapes if k not in hot}
+        lazy = ("pairs/", "manifest/")
+        tables = {k: backend.read(k) for k in self.shapes if k not in hot and not k.startswith(lazy)}
         self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in hot if k in self.shapes}
         self.images = Table(_group(tables, "images/"))
         self.categories: list[str] = [str(c) for c in _decode_strings(tables["categories"])]
-        self._pairs = {s: Table(_group(tables, f"pairs/{s}/")) for s in self.splits}
-        self.manifest = Table(_group(tables, "manifest/"))
+        self._tables: dict[str, Table] = {}
         self.feature_sets: dict[str, dict[str, Any]] = {
             k: v for k, v in attrs.get("feature_sets", {}).items() if f"features/{k}/data" in self.shapes}
+        self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
         n = len(self)
         for name in ("pixels", "mask"):
             shape = self.shapes[f"images/{name}"][0]
@@ -118,6 +122,18 @@ class Store:
                                  f"{self.image_size}, {self.image_size}, ...)")
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
+
+    def _flip_table(self, table: dict[str, list[int]] | None) -> np.ndarray | None:
+        if table is None:
+            return None
+        k = self.images["keypoints"].shape[1]
+        try:
+            perm = np.array([table[c] for c in self.categories], dtype=np.int64).reshape(len(self.categories), k)
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"{self.path}: keypoint_flip attribute must map every category to {k} slots") from None
+        if not (np.sort(perm, axis=1) == np.arange(k)).all():
+            raise StoreError(f"{self.path}: keypoint_flip attribute holds a row that is not a permutation")
+        return perm
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}
@@ -141,13 +157,21 @@ class Store:
             self._maps[name] = a
         return a
 
-    def _read(self, name: str, index: Any) -> np.ndarray:
+    def _read(self, name: str, index: Any = ()) -> np.ndarray:
         a = self._array(name)
         if a is not None:
             return np.array(a[index])
         if self._backend is None:
             self._backend = reader_for(self.path)
         return self._backend.read(name, index)
+
+    def _table(self, prefix: str) -> Table:
+        """The arrays directly under ``prefix`` (e.g. ``pairs/trn/``), read on first use."""
+        t = self._tables.get(prefix)
+        if t is None:
+            names = [k for k in self.shapes if k.startswith(prefix) and "/" not in k[len(prefix):]]
+            t = self._tables[prefix] = Table({k[len(prefix):]: _decode_strings(self._read(k)) for k in names})
+        return t
 
     @staticmethod
     def _row_array(field: str) -> str:
@@ -157,22 +181,31 @@ class Store:
         """Image rows of a per-image array for a batch, in the given order, into ``out`` if given.
 
         ``field`` is ``pixels`` (uint8 (B, S, S, 3)), ``mask`` (uint8 (B, S, S)) or ``features/<name>``
-        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, then scattered.
+        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, straight into ``out``;
+        repeated rows are copied from there.
         """
         rows = np.asarray(rows, dtype=np.int64)
         name = self._row_array(field)
         if name not in self.shapes:
             raise StoreError(f"{self.path}: no field {field!r}")
         shape = self.shapes[name][0]
+        if len(rows) and not (0 <= rows.min() and rows.max() < shape[0]):
+            raise IndexError(f"image rows {rows.min()}..{rows.max()} out of range for {shape[0]} rows of {field}")
         if out is None:
             out = np.empty((len(rows), *shape[1:]), dtype=self.shapes[name][1])
-        uniq, inverse = np.unique(rows, return_inverse=True)
         a = self._array(name)
-        if a is not None:
-            for j, r in enumerate(uniq):
-                out[inverse == j] = a[r]
-        else:
+        if a is None:
+            uniq, inverse = np.unique(rows, return_inverse=True)
             out[:] = self._read(name, uniq)[inverse]
+            return out
+        prev, first = -1, 0
+        for k in np.argsort(rows, kind="stable").tolist():
+            r = int(rows[k])
+            if r == prev:
+                out[k] = out[first]
+            else:
+                out[k] = a[r]
+                prev, first = r, k
         return out
 
     def _check_row(self, i: int) -> int:
@@ -220,10 +253,14 @@ class Store:
         """The pair table of ``split``: ``pair_id``, ``stem``, ``category``, ``src``/``trg`` image rows,
         ``n_kps``, ``kps_ids`` (-1 padded), ``src_kps``/``trg_kps`` (original pixels, NaN padded),
         ``viewpoint``, ``scale``, ``truncation``, ``occlusion``, ``mirror``, ``flip``, ``small``."""
-        try:
-            return self._pairs[split]
-        except KeyError:
-            raise StoreError(f"{self.path}: no split {split!r} (store has {', '.join(self.splits)})") from None
+        if split not in self.splits:
+            raise StoreError(f"{self.path}: no split {split!r} (store has {', '.join(self.splits)})")
+        return self._table(f"pairs/{split}/")
+
+    @property
+    def manifest(self) -> Table:
+        """Every source file packed: ``path`` (relative to the source root), ``size``, ``sha256``."""
+        return self._table("manifest/")
 
     def image_row(self, category: str, name: str) -> int:
         """Row of the image keyed ``(category, name)``."""

@@ -70,6 +70,9 @@ class DatasetRecords:
     pairs: dict[str, list[PairRecord]]  #: split name -> pairs in source order
     sources: list[Path]  #: every source file read (absolute), for the manifest
     notes: list[str] = field(default_factory=list)  #: things the user should hear (missing splits, ...)
+    #: category -> slot permutation under a horizontal flip (slot k of the mirrored image shows the part
+    #: of slot ``perm[k]``); None where the dataset has no left/right keypoint semantics.
+    keypoint_flip: dict[str, list[int]] | None = None
 
     def image_index(self) -> dict[tuple[str, str], int]:
         return {im.key: i for i, im in enumerate(self.images)}

@@ -32,8 +32,10 @@ Layout (identical for every backend; ``N`` images, ``P`` pairs of a split, ``S``
     features/<name>/data float16 (N, C, h, w) hot    one feature set per name (see geometry.py)
 
 Root attributes (JSON values): ``format``, ``format_version``, ``dataset``, ``image_size``,
-``num_keypoints``, ``splits``, ``pose_names``, ``build_config``, ``notes``, ``created_by``, and
-``feature_sets`` (name -> geometry and provenance of ``features/<name>/data``).
+``num_keypoints``, ``splits``, ``pose_names``, ``build_config``, ``notes``, ``created_by``,
+``feature_sets`` (name -> geometry and provenance of ``features/<name>/data``), and, where the dataset
+defines left/right keypoints, ``keypoint_flip`` (category -> permutation of the K slots under a
+horizontal flip: slot k of the mirrored image shows the part of slot ``perm[k]``).
 """
 from __future__ import annotations
 
