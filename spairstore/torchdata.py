@@ -184,7 +184,7 @@ class _StoreDataset(Dataset):
         for f in self.fields:
             if f in _PAYLOAD or f.startswith("features:"):
                 name = f"features/{f[len('features:'):]}" if f.startswith("features:") else f
-                shape, dtype = s.shapes[s._row_array(name)]
+                shape, dtype = s.shapes[f"{name}/data" if f.startswith("features:") else f"images/{f}"]
                 t = alloc((len(rows), *shape[1:]), torch.from_numpy(np.empty(0, dtype)).dtype)
                 s.read(name, rows, out=t.numpy())
                 out[f] = t

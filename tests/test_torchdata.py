@@ -289,3 +289,14 @@ def test_dataset_pickles_without_its_store(synth_store: Path) -> None:
 def test_import_spairstore_does_not_import_torch() -> None:
     code = "import sys, spairstore; assert 'torch' not in sys.modules; spairstore.PairDataset; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_loader_read_ahead_surfaces_errors(synth_store: Path) -> None:
+    ds = PairDataset(synth_store, "trn", fields=("pixels",))
+
+    def broken(indices, alloc=None):
+        raise StoreError("disk on fire")
+
+    ds.fetch = broken  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match="disk on fire"):
+        next(iter(Loader(ds, 4)))
