@@ -13,9 +13,9 @@ from typing import Any
 from spairstore.errors import SourceError
 from spairstore.records import DatasetRecords
 
-from . import spair71k
+from . import pfpascal, pfwillow, spair71k
 
-CONVERTERS: dict[str, ModuleType] = {m.NAME: m for m in (spair71k,)}
+CONVERTERS: dict[str, ModuleType] = {m.NAME: m for m in (spair71k, pfpascal, pfwillow)}
 
 
 def detect(root: Path) -> str:

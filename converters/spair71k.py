@@ -13,6 +13,7 @@ at fault. Nothing else in spairstore parses SPair files.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from spairstore.errors import SourceError
+from spairstore.manifest import sha256_bytes
 from spairstore.records import DatasetRecords, ImageRecord, PairRecord
 
 NAME = "spair71k"
@@ -156,11 +158,13 @@ def detect(root: Path) -> bool:
     return (root / "ImageAnnotation").is_dir() and (root / "PairAnnotation").is_dir()
 
 
-def _load_json(path: Path, root: Path) -> dict[str, Any]:
-    rel = path.relative_to(root)
+def _load_json(path: Path | str, rel: Path | str, digests: dict[str, tuple[int, str]]) -> dict[str, Any]:
+    """Parse a JSON object, recording the size and SHA-256 of the very bytes parsed for the manifest."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read())
+            raw = f.read()
+        digests[str(rel)] = (len(raw), sha256_bytes(raw))
+        data = json.loads(raw)
     except FileNotFoundError:
         raise SourceError(rel, "file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -170,19 +174,19 @@ def _load_json(path: Path, root: Path) -> dict[str, Any]:
     return data
 
 
-def _require(data: Mapping[str, Any], keys: Iterable[str], rel: Path) -> None:
+def _require(data: Mapping[str, Any], keys: Iterable[str], rel: Path | str) -> None:
     missing = [k for k in keys if k not in data]
     if missing:
         raise SourceError(rel, f"missing key(s) {', '.join(missing)}")
 
 
-def _int(value: Any, what: str, rel: Path) -> int:
+def _int(value: Any, what: str, rel: Path | str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SourceError(rel, f"{what} must be an integer, got {value!r}")
     return value
 
 
-def _points(value: Any, what: str, rel: Path) -> np.ndarray:
+def _points(value: Any, what: str, rel: Path | str) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float32).reshape(-1, 2)
     except (TypeError, ValueError):
@@ -190,19 +194,20 @@ def _points(value: Any, what: str, rel: Path) -> np.ndarray:
     return arr
 
 
-def _bbox(value: Any, what: str, rel: Path) -> tuple[float, float, float, float]:
+def _bbox(value: Any, what: str, rel: Path | str) -> tuple[float, float, float, float]:
     if not isinstance(value, list) or len(value) != 4 or not all(isinstance(v, (int, float)) for v in value):
         raise SourceError(rel, f"{what} must be [x1, y1, x2, y2], got {value!r}")
     return tuple(float(v) for v in value)  # type: ignore[return-value]
 
 
-def _read_image(root: Path, category: str, ann_path: Path, has_masks: bool) -> ImageRecord:
-    rel = ann_path.relative_to(root)
-    ann = _load_json(ann_path, root)
+def _read_image(root: Path, category: str, ann_path: Path, has_masks: bool,
+                digests: dict[str, tuple[int, str]]) -> ImageRecord:
+    rel = ann_path.relative_to(root).as_posix()
+    ann = _load_json(ann_path, rel, digests)
     _require(ann, IMAGE_KEYS, rel)
     if ann["category"] != category:
         raise SourceError(rel, f"category {ann['category']!r} does not match its folder {category!r}")
-    name = Path(str(ann["filename"])).stem
+    name = _stem(ann["filename"])
     if name != ann_path.stem:
         raise SourceError(rel, f"filename {ann['filename']!r} does not match the annotation file name")
     kps = ann["kps"]
@@ -242,18 +247,24 @@ def _read_layout(path: Path) -> list[str] | None:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def _stem(filename: Any) -> str:
+    return str(filename).rsplit(".", 1)[0]
+
+
 def _read_pair(
-    root: Path, split: str, path: Path, index: Mapping[tuple[str, str], ImageRecord], small: set[str]
+    root: Path, split: str, stem: str, index: Mapping[tuple[str, str], ImageRecord], small: set[str],
+    digests: dict[str, tuple[int, str]],
 ) -> PairRecord:
-    rel = path.relative_to(root)
-    ann = _load_json(path, root)
+    # 71k of these per pack: plain strings here, pathlib's overhead would dominate the parse.
+    rel = f"PairAnnotation/{split}/{stem}.json"
+    ann = _load_json(f"{root}/{rel}", rel, digests)
     _require(ann, PAIR_KEYS, rel)
     category = ann["category"]
     if category not in CATEGORIES:
         raise SourceError(rel, f"unknown category {category!r}")
     keys = []
     for side in ("src", "trg"):
-        key = (category, Path(str(ann[f"{side}_imname"])).stem)
+        key = (category, _stem(ann[f"{side}_imname"]))
         image = index.get(key)
         if image is None:
             raise SourceError(rel, f"{side}_imname {ann[f'{side}_imname']!r} names no image annotation "
@@ -266,7 +277,7 @@ def _read_pair(
     ids = ann["kps_ids"]
     if not isinstance(ids, list) or not all(isinstance(i, str) and i.isdigit() for i in ids):
         raise SourceError(rel, "kps_ids must be a list of keypoint id strings")
-    kps_ids = np.asarray([int(i) for i in ids], dtype=np.int16)
+    kps_ids = np.array([int(i) for i in ids], dtype=np.int16)
     if kps_ids.size and kps_ids.max() >= NUM_KEYPOINTS:
         raise SourceError(rel, f"kps_ids {ids} name a keypoint id >= {NUM_KEYPOINTS}")
     src_kps = _points(ann["src_kps"], "src_kps", rel)
@@ -276,7 +287,7 @@ def _read_pair(
     return PairRecord(
         split=split,
         pair_id=_int(ann["pair_id"], "pair_id", rel),
-        stem=path.stem,
+        stem=stem,
         category=category,
         src=keys[0],
         trg=keys[1],
@@ -288,7 +299,7 @@ def _read_pair(
         truncation=_int(ann["truncation"], "truncation", rel),
         occlusion=_int(ann["occlusion"], "occlusion", rel),
         mirror=_int(ann["mirror"], "mirror", rel),
-        small=path.stem in small,
+        small=stem in small,
     )
 
 
@@ -307,6 +318,7 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
         raise SourceError(root, "not a SPair-71k root (needs ImageAnnotation/ and PairAnnotation/)")
     notes: list[str] = []
     sources: list[Path] = []
+    digests: dict[str, tuple[int, str]] = {}
     has_masks = (root / "Segmentation").is_dir()
     if not has_masks:
         notes.append("no Segmentation/ folder: the store has no masks")
@@ -318,7 +330,7 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     categories = [c for c in CATEGORIES if (ann_dir / c).is_dir()]
     ann_files = [p for c in categories for p in sorted((ann_dir / c).glob("*.json"))]
     images = [
-        _read_image(root, p.parent.name, p, has_masks)
+        _read_image(root, p.parent.name, p, has_masks, digests)
         for p in wrap(ann_files, "image annotations", len(ann_files))
     ]
     sources += ann_files
@@ -331,21 +343,21 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
             notes.append(f"split {split!r} absent (no PairAnnotation/{split}/): not packed")
             continue
         layout_path = root / "Layout" / "large" / f"{split}.txt"
+        present = {f[:-5] for f in os.listdir(split_dir) if f.endswith(".json")}
         stems = _read_layout(layout_path)
         if stems is None:
-            files = sorted(split_dir.glob("*.json"), key=lambda p: (int(p.stem.split("-", 1)[0]), p.name))
+            stems = sorted(present, key=lambda s: (int(s.split("-", 1)[0]), s))
         else:
             sources.append(layout_path)
-            files = [split_dir / f"{s}.json" for s in stems]
-            for s, f in zip(stems, files):
-                if not f.is_file():
+            for s in stems:
+                if s not in present:
                     raise SourceError(layout_path.relative_to(root), f"line {s!r} names no file in PairAnnotation/{split}/")
         small_path = root / "Layout" / "small" / f"{split}.txt"
         small_stems = _read_layout(small_path)
         if small_stems is not None:
             sources.append(small_path)
         small = set(small_stems or ())
-        recs = [_read_pair(root, split, f, index, small) for f in wrap(files, f"{split} pairs", len(files))]
+        recs = [_read_pair(root, split, st, index, small, digests) for st in wrap(stems, f"{split} pairs", len(stems))]
         seen: dict[int, str] = {}
         for r in recs:
             if r.pair_id in seen:
@@ -353,13 +365,13 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
                                   f"duplicate pair_id {r.pair_id} (also in {seen[r.pair_id]}.json)")
             seen[r.pair_id] = r.stem
         pairs[split] = recs
-        sources += files
+        sources += [split_dir / f"{st}.json" for st in stems]
     if not pairs:
         raise SourceError(root / "PairAnnotation", "no split folder (trn, val, test) found")
     sources += [im.image_path for im in images]
     sources += [im.mask_path for im in images if im.mask_path is not None]
     return DatasetRecords(
         dataset=NAME, root=root, categories=categories, num_keypoints=NUM_KEYPOINTS,
-        images=images, pairs=pairs, sources=sources, notes=notes,
+        images=images, pairs=pairs, sources=sources, notes=notes, digests=digests,
         keypoint_flip={c: flip_permutation(c) for c in categories},
     )

@@ -3,6 +3,7 @@
 >>> import spairstore
 >>> store = spairstore.open("spair.h5")
 >>> store.pixels(0).shape, store.pairs("test").pair_id[:3]
+>>> print(spairstore.evaluate(store, "test", spairstore.Identity()))   # PCK tables, protocol "spair"
 
 The PyTorch side (:class:`PairDataset`, :class:`ImageDataset`, :class:`Loader`) is imported on first
 use, so ``import spairstore`` does not import torch.
@@ -14,6 +15,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .errors import SourceError, SpairstoreError, StoreError
+from .evaluation import Report, evaluate
+from .methods import Identity, NearestNeighbour, load_predictions
+from .protocols import PROTOCOLS, Protocol, get_protocol
 from .reader import Store, Table, open
 from .writer import PackSummary, pack
 
@@ -21,7 +25,8 @@ _LAZY = {"PairDataset": "torchdata", "ImageDataset": "torchdata", "collate": "to
          "ShardSampler": "torchdata", "Loader": "loader"}
 
 __all__ = ["open", "pack", "Store", "Table", "PackSummary", "SpairstoreError", "SourceError", "StoreError",
-           *_LAZY, "__version__"]
+           "evaluate", "Report", "Protocol", "PROTOCOLS", "get_protocol", "Identity", "NearestNeighbour",
+           "load_predictions", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -49,18 +49,20 @@ def smaps_memory(store_file: Path | None = None) -> dict[str, float]:
       torch) and modified pages of private file mappings;
     - ``batch``: shared-memory pages it has written (a DataLoader worker's batch on its way to the
       main process);
-    - ``store_mapped``: resident pages of ``store_file`` it maps -- the page cache, shared with every
-      reader and never a copy;
+    - ``store_mapped``: resident pages of ``store_file`` (or the files of a Zarr directory) it maps --
+      the page cache, shared with every reader and never a copy;
     - ``uss``: every page mapped by this process only (what ``psutil``'s USS counts), whatever its kind.
     """
     kib = dict.fromkeys(("private", "batch", "store_mapped", "uss"), 0)
+    store = str(store_file) if store_file else None
     kind = "anon"
     with open("/proc/self/smaps") as f:
         for line in f:
             parts = line.split()
             if not parts[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
                 path = " ".join(parts[5:])
-                kind = ("anon" if not path.startswith("/") else "store" if store_file and path == str(store_file)
+                kind = ("anon" if not path.startswith("/")
+                        else "store" if store and (path == store or path.startswith(store + "/"))  # Zarr: its files
                         else "shm" if path.startswith(("/dev/shm/", "/memfd:")) else "file")
                 continue
             key, n = parts[0][:-1], int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
@@ -76,15 +78,16 @@ def smaps_memory(store_file: Path | None = None) -> dict[str, float]:
 
 
 class _Memmap(Dataset):
-    """The ceiling: the same pixel and mask bytes copied out of a plain ``np.memmap`` of the file."""
+    """The ceiling: the same pixel and mask bytes copied out of plain ``np.memmap`` s of the store's files,
+    at the byte offsets its backend reports (one file for HDF5, shard files for Zarr)."""
 
     def __init__(self, store: Store, split: str):
         t = store.pairs(split)
         self.src, self.trg = t.src.astype(np.int64), t.trg.astype(np.int64)
-        self.extents = {f: store.extents[f"images/{f}"] for f in ("pixels", "mask")}
+        self.extents = {f: store.extents.get(f"images/{f}") for f in ("pixels", "mask")}
         if any(e is None for e in self.extents.values()):
             raise SpairstoreError(f"{store.path}: pixels and mask are not plain byte ranges; no memmap ceiling")
-        self._maps: dict[str, np.ndarray] = {}
+        self._maps: dict[Path, np.memmap] = {}
         self.alloc = BatchMemory()  # the store's allocation: shared in workers, recycled here
 
     def __len__(self) -> int:
@@ -97,13 +100,17 @@ class _Memmap(Dataset):
         rows = np.concatenate([self.src[idx], self.trg[idx]])
         out: Batch = {}
         for f, e in self.extents.items():
-            a = self._maps.get(f)
-            if a is None:
-                a = self._maps[f] = np.memmap(e.file, dtype=e.dtype, mode="r", offset=e.offset, shape=e.shape)
             t = self.alloc((len(rows), *e.shape[1:]), torch.uint8)
-            buf = t.numpy()
-            for k, r in enumerate(rows):
-                buf[k] = a[r]
+            size = t[0].numel()
+            dst = t.view(len(rows), size).numpy()
+            chunk = rows // e.chunk_rows
+            starts = e.offsets[chunk] + (rows - chunk * e.chunk_rows) * size
+            for k, (c, start) in enumerate(zip(chunk.tolist(), starts.tolist())):
+                path = e.files[e.file_ids[c]]
+                m = self._maps.get(path)
+                if m is None:
+                    m = self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+                dst[k] = m[start:start + size]
             out["src_" + f], out["trg_" + f] = t[:len(idx)], t[len(idx):]
         return out
 

@@ -1,13 +1,18 @@
 """Reading a store: :func:`open` returns a :class:`Store`.
 
 Small tables are loaded into RAM as numpy arrays: image metadata and categories when the store is
-opened, a split's pair table and the manifest on first use (a DataLoader worker needs neither). Payloads (pixels, masks, original bytes) are read through ``np.memmap`` at
-the byte offsets the backend reports, created lazily in each process, so a Store is safe to use after
-``fork`` and pickles (as its path) for ``spawn``. Arrays a backend cannot locate as plain bytes
-(chunked or compressed) are read through the backend library instead.
+opened, a split's pair table and the manifest on first use (a DataLoader worker needs neither).
+Payloads (pixels, masks, original bytes, features) are read from memory maps of the files at the
+byte offsets the backend reports (:class:`~spairstore.backends.RawExtent`:
+one contiguous extent in HDF5, one location per record in a sharded Zarr store), mapped lazily in
+each process, so a Store is safe to use after ``fork`` and pickles (as its path) for ``spawn``.
+Arrays a backend cannot locate as plain bytes (compressed, or remote) are read through the backend
+library instead, one call per batch.
 """
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from . import geometry
-from .backends import ArrayReader, RawExtent, reader_for
+from .backends import ArrayReader, RawExtent, is_url, reader_for
 from .errors import StoreError
-from .schema import FORMAT_NAME, FORMAT_VERSION, PAYLOAD_FIELDS
+from .schema import FORMAT_NAME, FORMAT_VERSION, is_hot
 
 
 class Table(Mapping[str, np.ndarray]):
@@ -59,6 +64,50 @@ def _group(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
             if k.startswith(prefix) and "/" not in k[len(prefix):]}
 
 
+class _RawArray:
+    """An array read from the plain files of its :class:`RawExtent` through one read-only memory map
+    per file, made on first use in the reading process."""
+
+    def __init__(self, ext: RawExtent):
+        self.ext = ext
+        self.row_shape = ext.shape[1:]
+        self.row_bytes = math.prod(self.row_shape) * ext.dtype.itemsize
+        self._files: dict[int, np.ndarray] = {}
+
+    def _file(self, k: int) -> np.ndarray:
+        m = self._files.get(k)
+        if m is None:
+            fd = os.open(self.ext.files[k], os.O_RDONLY)
+            try:
+                m = self._files[k] = np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), np.uint8)
+            finally:
+                os.close(fd)
+        return m
+
+    def _piece(self, c: int, start: int, stop: int) -> np.ndarray:
+        n = stop - start
+        off = int(self.ext.offsets[c])
+        if off < 0:  # chunk never written
+            return np.zeros((n, *self.row_shape), self.ext.dtype)
+        off += (start - c * self.ext.chunk_rows) * self.row_bytes
+        k = int(self.ext.file_ids[c])
+        b = self._file(k)[off:off + n * self.row_bytes]
+        if len(b) != n * self.row_bytes:
+            raise StoreError(f"{self.ext.files[k]}: truncated (rows {start}:{stop} lie past its end)")
+        return b.view(self.ext.dtype).reshape(n, *self.row_shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``: a read-only view of the mapping where they lie in one chunk, else a copy."""
+        if stop <= start:
+            return np.empty((0, *self.row_shape), self.ext.dtype)
+        cr = self.ext.chunk_rows
+        first, last = start // cr, (stop - 1) // cr
+        if first == last:
+            return self._piece(first, start, stop)
+        return np.concatenate([self._piece(c, max(start, c * cr), min(stop, (c + 1) * cr))
+                               for c in range(first, last + 1)])
+
+
 class Store:
     """An opened store. Image rows ``i`` index every ``images/*`` array; pair rows index a split's table.
 
@@ -75,14 +124,15 @@ class Store:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).resolve()
+        #: a local ``Path``, or the URL string of a remote (read-only) Zarr store
+        self.path: Path | str = path if is_url(path) else Path(path).resolve()
         backend = reader_for(self.path)
         try:
             self._load(backend)
         finally:
             backend.close()
         self._pid = os.getpid()
-        self._maps: dict[str, np.ndarray] = {}
+        self._maps: dict[str, _RawArray] = {}
         self._backend: ArrayReader | None = None
 
     # -- opening --------------------------------------------------------------------------------
@@ -104,10 +154,9 @@ class Store:
         self.splits: list[str] = list(attrs["splits"])
         self.pose_names: list[str] = list(attrs["pose_names"])
         self.shapes = backend.shapes()
-        hot = {f"images/{f}" for f in PAYLOAD_FIELDS} | {k for k in self.shapes if k.startswith("features/")}
         lazy = ("pairs/", "manifest/")
-        tables = {k: backend.read(k) for k in self.shapes if k not in hot and not k.startswith(lazy)}
-        self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in hot if k in self.shapes}
+        tables = {k: backend.read(k) for k in self.shapes if not is_hot(k) and not k.startswith(lazy)}
+        self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in self.shapes if is_hot(k)}
         self.images = Table(_group(tables, "images/"))
         self.categories: list[str] = [str(c) for c in _decode_strings(tables["categories"])]
         self._tables: dict[str, Table] = {}
@@ -142,36 +191,34 @@ class Store:
         self.__init__(state["path"])  # type: ignore[misc]
 
     # -- payload access -----------------------------------------------------------------------------
-    def _array(self, name: str) -> np.ndarray | None:
-        """The payload array memory-mapped in this process, or None if it must go through the backend."""
-        if self._pid != os.getpid():  # forked: mappings and handles belong to the parent
-            self._maps, self._backend, self._pid = {}, None, os.getpid()
+    def _raw(self, name: str) -> _RawArray | None:
+        """The payload array read straight from its files in this process, or None if it must go
+        through the backend library (compressed or remote)."""
+        self._after_fork()
         a = self._maps.get(name)
         if a is None:
             ext = self.extents.get(name)
-            shape = self.shapes[name][0]
-            if ext is None and int(np.prod(shape)) != 0:
+            if ext is None:
                 return None
-            a = (np.memmap(ext.file, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape)
-                 if ext is not None else np.empty(shape, dtype=self.shapes[name][1]))
-            self._maps[name] = a
+            a = self._maps[name] = _RawArray(ext)
         return a
 
-    def _read(self, name: str, index: Any = ()) -> np.ndarray:
-        a = self._array(name)
-        if a is not None:
-            return np.array(a[index])
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():  # forked: mappings and handles belong to the parent
+            self._maps, self._backend, self._pid = {}, None, os.getpid()
+
+    def _library(self) -> ArrayReader:
+        self._after_fork()
         if self._backend is None:
             self._backend = reader_for(self.path)
-        return self._backend.read(name, index)
+        return self._backend
 
-    def _table(self, prefix: str) -> Table:
-        """The arrays directly under ``prefix`` (e.g. ``pairs/trn/``), read on first use."""
-        t = self._tables.get(prefix)
-        if t is None:
-            names = [k for k in self.shapes if k.startswith(prefix) and "/" not in k[len(prefix):]]
-            t = self._tables[prefix] = Table({k[len(prefix):]: _decode_strings(self._read(k)) for k in names})
-        return t
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a payload array (read-only; may be a view of a file mapping)."""
+        a = self._raw(name)
+        if a is not None:
+            return a.rows(start, stop)
+        return self._library().read(name, slice(start, stop))
 
     @staticmethod
     def _row_array(field: str) -> str:
@@ -181,22 +228,24 @@ class Store:
         """Image rows of a per-image array for a batch, in the given order, into ``out`` if given.
 
         ``field`` is ``pixels`` (uint8 (B, S, S, 3)), ``mask`` (uint8 (B, S, S)) or ``features/<name>``
-        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, straight into ``out``;
-        repeated rows are copied from there.
+        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, straight into ``out``
+        (repeats are copied from there); a store read through its library (compressed or remote) gets
+        one library call per batch.
         """
         rows = np.asarray(rows, dtype=np.int64)
         name = self._row_array(field)
         if name not in self.shapes:
             raise StoreError(f"{self.path}: no field {field!r}")
         shape = self.shapes[name][0]
-        if len(rows) and not (0 <= rows.min() and rows.max() < shape[0]):
-            raise IndexError(f"image rows {rows.min()}..{rows.max()} out of range for {shape[0]} rows of {field}")
         if out is None:
             out = np.empty((len(rows), *shape[1:]), dtype=self.shapes[name][1])
-        a = self._array(name)
+        if len(rows) and (rows.min() < 0 or rows.max() >= shape[0]):
+            raise IndexError(f"image rows {rows.min()}..{rows.max()} out of range for {shape[0]} rows of {field}")
+        a = self._raw(name)
         if a is None:
-            uniq, inverse = np.unique(rows, return_inverse=True)
-            out[:] = self._read(name, uniq)[inverse]
+            if len(rows):
+                uniq, inverse = np.unique(rows, return_inverse=True)
+                out[:] = self._library().read(name, uniq)[inverse]
             return out
         prev, first = -1, 0
         for k in np.argsort(rows, kind="stable").tolist():
@@ -204,7 +253,7 @@ class Store:
             if r == prev:
                 out[k] = out[first]
             else:
-                out[k] = a[r]
+                out[k] = a.rows(r, r + 1)[0]
                 prev, first = r, k
         return out
 
@@ -215,18 +264,20 @@ class Store:
 
     def pixels(self, i: int) -> np.ndarray:
         """Letterboxed RGB pixels of image row ``i``: uint8 (S, S, 3), store pixels."""
-        return self._read("images/pixels", self._check_row(i))
+        i = self._check_row(i)
+        return self._rows("images/pixels", i, i + 1)[0].copy()
 
     def mask(self, i: int) -> np.ndarray:
         """Letterboxed class-index mask of image row ``i``: uint8 (S, S); 0 is background/padding."""
         if self.shapes["images/mask"][0][0] == 0:
             raise StoreError(f"{self.path}: this store has no masks")
-        return self._read("images/mask", self._check_row(i))
+        i = self._check_row(i)
+        return self._rows("images/mask", i, i + 1)[0].copy()
 
     def _blob(self, kind: str, i: int) -> bytes:
         i = self._check_row(i)
         off = self.images[f"{kind}_offsets"]
-        return self._read(f"images/{kind}_blob", slice(int(off[i]), int(off[i + 1]))).tobytes()
+        return self._rows(f"images/{kind}_blob", int(off[i]), int(off[i + 1])).tobytes()
 
     def image_bytes(self, i: int) -> bytes:
         """The original image file of row ``i`` (JPEG for SPair-71k), byte for byte."""
@@ -243,9 +294,18 @@ class Store:
         (cell -> pixels) is ``feature_sets[name]``; see :func:`spairstore.geometry.cell_to_store`."""
         if name not in self.feature_sets:
             raise StoreError(f"{self.path}: no feature set {name!r} (store has {', '.join(self.feature_sets) or 'none'})")
-        return self._read(f"features/{name}/data", self._check_row(i))
+        i = self._check_row(i)
+        return self._rows(f"features/{name}/data", i, i + 1)[0].copy()
 
     # -- tables and lookups -------------------------------------------------------------------------
+    def _table(self, prefix: str) -> Table:
+        """The arrays directly under ``prefix`` (e.g. ``pairs/trn/``), read on first use."""
+        t = self._tables.get(prefix)
+        if t is None:
+            names = [k for k in self.shapes if k.startswith(prefix) and "/" not in k[len(prefix):]]
+            t = self._tables[prefix] = Table({k[len(prefix):]: _decode_strings(self._library().read(k)) for k in names})
+        return t
+
     def __len__(self) -> int:
         return len(self.images["name"])
 
@@ -308,9 +368,11 @@ class Store:
 
     def __repr__(self) -> str:
         pairs = ", ".join(f"{s}: {self.pairs(s).rows}" for s in self.splits)
-        return f"<spairstore.Store {self.path.name}: {self.dataset}, {len(self)} images, pairs {{{pairs}}}>"
+        name = self.path.name if isinstance(self.path, Path) else self.path
+        return f"<spairstore.Store {name}: {self.dataset}, {len(self)} images, pairs {{{pairs}}}>"
 
 
 def open(path: str | Path) -> Store:  # noqa: A001 - mirrors h5py.File / zarr.open
-    """Open the store at ``path`` for reading."""
+    """Open the store at ``path`` for reading: an HDF5 file, a Zarr directory, or a Zarr store at a URL
+    (``http(s)://``, ``s3://``, ``gs://``, any fsspec protocol whose driver is installed; read-only)."""
     return Store(path)

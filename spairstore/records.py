@@ -70,6 +70,9 @@ class DatasetRecords:
     pairs: dict[str, list[PairRecord]]  #: split name -> pairs in source order
     sources: list[Path]  #: every source file read (absolute), for the manifest
     notes: list[str] = field(default_factory=list)  #: things the user should hear (missing splits, ...)
+    #: (size, SHA-256) of source files the converter hashed as it parsed them, by POSIX path relative to
+    #: ``root``; the writer hashes the rest.
+    digests: dict[str, tuple[int, str]] = field(default_factory=dict)
     #: category -> slot permutation under a horizontal flip (slot k of the mirrored image shows the part
     #: of slot ``perm[k]``); None where the dataset has no left/right keypoint semantics.
     keypoint_flip: dict[str, list[int]] | None = None

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from . import geometry
 from .augment import Augment, View, needs_keypoint_flip
+from .backends import is_url
 from .errors import SpairstoreError
 from .reader import Store
 from .schema import PAIR_LABELS
@@ -123,8 +124,10 @@ class BatchMemory:
         self.__init__()  # type: ignore[misc]
 
 
-def _store_path(store: str | Path | Store) -> Path:
-    return store.path if isinstance(store, Store) else Path(store)
+def _store_path(store: str | Path | Store) -> Path | str:
+    if isinstance(store, Store):
+        return store.path
+    return store if is_url(store) else Path(store)
 
 
 class _StoreDataset(Dataset):
@@ -263,7 +266,7 @@ class PairDataset(_StoreDataset):
     """The pairs of one split of a store, for ``torch.utils.data``.
 
     Args:
-        store: path of the store (or an open :class:`~spairstore.Store`; only its path is kept).
+        store: path or URL of the store (or an open :class:`~spairstore.Store`; only its path is kept).
         split: ``trn``, ``val``, ``test`` (the store's splits).
         fields: what to read, by name: ``pixels``, ``mask``, ``keypoints``, ``labels``, ``image_bytes``,
             ``mask_bytes``, ``features:<name>``. Indices, categories, boxes and the per-image geometry

@@ -7,7 +7,6 @@ Images stream through one at a time: peak memory does not grow with the dataset.
 from __future__ import annotations
 
 import io
-import os
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +22,7 @@ from tqdm import tqdm
 import converters
 
 from . import __version__
-from .backends import writer_for
+from .backends import disk_bytes, format_of, staged, writer_for
 from .errors import SourceError, SpairstoreError
 from .geometry import letterbox, letterbox_params
 from .manifest import build_manifest, sha256_bytes
@@ -92,10 +91,14 @@ def _open_image(data: bytes, rel: Path) -> Image.Image:
 
 @dataclass
 class _Decoded:
+    """One image's payloads, CRC-32s and source digests, computed on a worker thread."""
+
     image_bytes: bytes
     pixels: np.ndarray
     mask_bytes: bytes
     mask: np.ndarray | None
+    crc: dict[str, int]
+    digests: dict[str, tuple[int, str]]
 
 
 def _decode(rec: ImageRecord, root: Path, size: int) -> _Decoded:
@@ -105,8 +108,10 @@ def _decode(rec: ImageRecord, root: Path, size: int) -> _Decoded:
     if img.size != (rec.width, rec.height):
         raise SourceError(rel, f"image is {img.width}x{img.height} but annotated as {rec.width}x{rec.height}")
     pixels = letterbox(img.convert("RGB"), size, Image.Resampling.BILINEAR)
+    crc = {"pixels": zlib.crc32(pixels), "image_blob": zlib.crc32(data), "mask": 0, "mask_blob": 0}
+    digests = {rel.as_posix(): (len(data), sha256_bytes(data))}
     if rec.mask_path is None:
-        return _Decoded(data, pixels, b"", None)
+        return _Decoded(data, pixels, b"", None, crc, digests)
     mrel = rec.mask_path.relative_to(root)
     mdata = rec.mask_path.read_bytes()
     m = _open_image(mdata, mrel)
@@ -114,7 +119,10 @@ def _decode(rec: ImageRecord, root: Path, size: int) -> _Decoded:
         raise SourceError(mrel, f"mask must be a class-index PNG (mode L or P), got mode {m.mode}")
     if m.size != img.size:
         raise SourceError(mrel, f"mask is {m.width}x{m.height} but its image is {img.width}x{img.height}")
-    return _Decoded(data, pixels, mdata, letterbox(m, size, Image.Resampling.NEAREST))
+    mask = letterbox(m, size, Image.Resampling.NEAREST)
+    crc.update(mask=zlib.crc32(mask), mask_blob=zlib.crc32(mdata))
+    digests[mrel.as_posix()] = (len(mdata), sha256_bytes(mdata))
+    return _Decoded(data, pixels, mdata, mask, crc, digests)
 
 
 def _image_tables(records: DatasetRecords, size: int, splits: list[str], pose_names: list[str]) -> dict[str, np.ndarray]:
@@ -175,10 +183,13 @@ def _pair_table(pairs: list[PairRecord], records: DatasetRecords, width: int) ->
     return table
 
 
-def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: bool = False) -> dict[str, int]:
+def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: bool = False,
+                format: str | None = None, shard_bytes: int | None = None) -> dict[str, int]:
     """Write ``records`` as a new store at ``out`` (which must not exist). Returns payload bytes per field.
 
-    Callers wanting atomic replacement use :func:`pack`, which writes to a temporary path first.
+    ``format`` is ``hdf5`` or ``zarr`` (default: from the suffix of ``out``); ``shard_bytes`` sets the
+    Zarr shard size of hot arrays. Callers wanting atomic replacement use :func:`pack`, which writes to
+    a temporary path first.
     """
     if size < 8:
         raise SpairstoreError(f"store size must be at least 8 pixels, got {size}")
@@ -192,7 +203,7 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
         "mask": np.array([im.mask_path.stat().st_size if im.mask_path else 0 for im in records.images], dtype=np.int64),
     }
     offsets = {k: np.concatenate([[0], np.cumsum(v)]).astype(np.int64) for k, v in blob_sizes.items()}
-    w = writer_for(out)
+    w = writer_for(out, format, shard_bytes)
     try:
         fields = {f.path: f for f in image_fields(size, records.num_keypoints)}
         for name in ("images/pixels", "images/mask"):
@@ -203,7 +214,7 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
             w.create(f"images/{k}_blob", (int(offsets[k][-1]),), np.dtype(np.uint8))
             w.put(f"images/{k}_offsets", offsets[k])
         crc = {k: np.zeros(n, dtype=np.uint32) for k in PAYLOAD_FIELDS}
-        digests: dict[Path, str] = {}
+        digests = dict(records.digests)
         decode = lambda rec: _decode(rec, root, size)  # noqa: E731
         bar = tqdm(total=n, desc="images", unit="img", disable=not progress, dynamic_ncols=True)
         for i, (rec, d) in enumerate(zip(records.images, _ordered_map(decode, records.images, workers=2))):
@@ -211,14 +222,12 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
                 if len(data) != blob_sizes[k][i]:
                     raise SourceError(path.relative_to(root), "file changed size while packing")
                 w.write(f"images/{k}_blob", int(offsets[k][i]), np.frombuffer(data, dtype=np.uint8))
-                crc[f"{k}_blob"][i] = zlib.crc32(data)
-                if path is not None:
-                    digests[path] = sha256_bytes(data)
             w.write("images/pixels", i, d.pixels[None])
-            crc["pixels"][i] = zlib.crc32(d.pixels)
             if d.mask is not None:
                 w.write("images/mask", i, d.mask[None])
-                crc["mask"][i] = zlib.crc32(d.mask)
+            for k, v in d.crc.items():
+                crc[k][i] = v
+            digests.update(d.digests)
             bar.update()
         bar.close()
         for k, v in crc.items():
@@ -263,29 +272,24 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
 
 
 def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None = None,
-         overwrite: bool = False, progress: bool = False) -> PackSummary:
+         overwrite: bool = False, progress: bool = False, format: str | None = None,
+         shard_bytes: int | None = None) -> PackSummary:
     """Read the dataset at ``src`` (layout detected unless ``dataset`` names it) and pack it into a store at
     ``out``, letterboxing pixels and masks to ``size x size``.
 
+    ``format`` is ``hdf5`` (one file) or ``zarr`` (a Zarr v3 directory); by default the suffix of ``out``
+    decides (``.h5``, ``.zarr``). ``shard_bytes`` is the Zarr shard size of hot arrays (default 64 MiB).
     An existing ``out`` is replaced only with ``overwrite=True``, and only once the new store is complete.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
-    if not out.parent.is_dir():
-        raise SpairstoreError(f"{out.parent}: output directory does not exist")
-    records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress))
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        field_bytes = write_store(records, tmp, size=size, progress=progress)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged(out, overwrite) as tmp:
+        format = format_of(out, format)
+        records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress))
+        field_bytes = write_store(records, tmp, size=size, progress=progress, format=format,
+                                  shard_bytes=shard_bytes)
     return PackSummary(
         path=out, dataset=records.dataset, images=len(records.images),
         pairs={s: len(p) for s, p in records.pairs.items()}, field_bytes=field_bytes,
-        file_bytes=out.stat().st_size, seconds=time.perf_counter() - t0, notes=records.notes,
+        file_bytes=disk_bytes(out), seconds=time.perf_counter() - t0, notes=records.notes,
     )

@@ -300,3 +300,19 @@ def test_loader_read_ahead_surfaces_errors(synth_store: Path) -> None:
     ds.fetch = broken  # type: ignore[method-assign]
     with pytest.raises(StoreError, match="disk on fire"):
         next(iter(Loader(ds, 4)))
+
+
+def test_pair_dataset_over_zarr_equals_hdf5(synth_store: Path, tmp_path: Path) -> None:
+    from spairstore.bench import run
+    from spairstore.convert import convert
+
+    zarr = tmp_path / "synth.zarr"
+    convert(synth_store, zarr)
+    idx = [3, 0, 3, 17]
+    fields = ("pixels", "mask", "keypoints", "labels", "image_bytes")
+    h5, z = PairDataset(synth_store, "trn", fields=fields), PairDataset(zarr, "trn", fields=fields)
+    a, b = h5.__getitems__(idx), z.__getitems__(idx)
+    assert_batches_equal(a, b)
+    assert_batches_equal(_dataloader_batches(z, [idx], 2, "fork")[0], a)
+    r = run(zarr, batch_size=4, batches=2, workers=0, rounds=1, progress=False)  # memmap ceiling over shard files
+    assert set(r.seconds["single"]) == {"memmap", "store"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +14,31 @@ from . import RawExtent
 
 
 class HDF5Writer:
+    """Arrays made by :meth:`create` are allocated at once and never filled by HDF5, so their rows are
+    written with ``os.pwrite`` at the allocated offset: no HDF5 call (nor the GIL h5py holds through
+    one) on the per-image path, and decoding threads keep running while a row is written."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self._f = h5py.File(self.path, "w")
+        self._fd = os.open(self.path, os.O_WRONLY)
+        self._rows: dict[str, tuple[int, int]] = {}  # name -> (byte offset, bytes per row)
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        # Early allocation gives the array its final offset now, even if some rows stay unwritten.
         space = h5py.h5s.create_simple(tuple(shape))
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         parent = self._f.require_group(str(Path(name).parent)) if "/" in name else self._f
-        h5py.h5d.create(parent.id, Path(name).name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl)
+        dtype = np.dtype(dtype)
+        dset = h5py.h5d.create(parent.id, Path(name).name.encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._rows[name] = (dset.get_offset() or 0, row)
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        self._f[name][start:start + len(data)] = data
+        offset, row = self._rows[name]
+        buf = np.ascontiguousarray(data)
+        os.pwrite(self._fd, memoryview(buf).cast("B"), offset + start * row)
 
     def put(self, name: str, data: np.ndarray) -> None:
         self._f.create_dataset(name, data=np.asarray(data))
@@ -37,6 +48,7 @@ class HDF5Writer:
             self._f.attrs[k] = json.dumps(v)
 
     def close(self) -> None:
+        os.close(self._fd)
         self._f.flush()
         self._f.close()
 
@@ -78,7 +90,7 @@ class HDF5Reader:
         offset = d.id.get_offset()
         if offset is None:
             return None
-        return RawExtent(self.path, int(offset), tuple(d.shape), d.dtype)
+        return RawExtent.contiguous(self.path, int(offset), tuple(d.shape), d.dtype)
 
     def close(self) -> None:
         self._f.close()
