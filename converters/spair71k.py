@@ -41,7 +41,7 @@ NUM_KEYPOINTS = 30
 #: view shows the right part at the smaller x). A horizontal flip swaps the two slots of a pair; slots not
 #: listed lie on the symmetry plane (nose, tail, a bottle's axis ...) and keep their id. Slot ids are the
 #: real annotations' (bus leaves 8 and 9 unused, bicycle 11 and 12). Checked against the real image
-#: annotations: within an image every pair puts its right part on the same side (tests/test_torchdata.py).
+#: annotations: within an image every pair puts its right part on the same side (tests/test_augment.py).
 FLIP_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
     # wings, engines, tailplane, landing gear; nose, cockpit, fin and rear on the axis
     "aeroplane": ((4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19), (20, 21)),

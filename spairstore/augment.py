@@ -75,7 +75,8 @@ class HFlip:
 class RandomCrop:
     """With probability ``p``, crop a random square that contains the object's box and resize it back to
     ``S x S`` (pixels bilinear, mask nearest). The side is drawn between the box's longer side (at least
-    ``min_fraction * S``) and ``S``; the square stays inside the frame."""
+    ``min_fraction * S``) and ``S``; the square stays inside the frame. Without a box (PF-WILLOW), the
+    keypoints' extent stands in for it."""
 
     def __init__(self, p: float = 0.5, min_fraction: float = 0.5):
         if not 0 < min_fraction <= 1:
@@ -86,7 +87,11 @@ class RandomCrop:
         if rng.random() >= self.p:
             return
         s = view.size
-        x1, y1, x2, y2 = np.clip(view.bbox, 0, s)
+        box = view.bbox
+        if not np.isfinite(box).all():
+            pts = view.points[np.isfinite(view.points).all(axis=1)]
+            box = np.concatenate([pts.min(axis=0), pts.max(axis=0)]) if len(pts) else np.array([0.0, 0.0, s, s])
+        x1, y1, x2, y2 = np.clip(box, 0, s)
         side = rng.uniform(min(s, max(x2 - x1, y2 - y1, self.min_fraction * s)), s)
         # The square's corner c satisfies c <= box start, c + side >= box end, 0 <= c <= s - side.
         x0 = rng.uniform(max(0.0, x2 - side), min(x1, s - side))

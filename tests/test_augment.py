@@ -179,3 +179,17 @@ def test_random_crop_keeps_the_box_and_the_geometry(synth_store: Path) -> None:
 def test_random_crop_rejects_a_bad_fraction() -> None:
     with pytest.raises(ValueError, match="min_fraction"):
         RandomCrop(min_fraction=0)
+
+
+def test_random_crop_without_boxes_keeps_the_keypoints(synth_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "nobox.h5"  # like PF-WILLOW: no boxes, the keypoints' extent stands in
+    shutil.copy(synth_store, store)
+    with h5py.File(store, "a") as f:
+        f["images/bbox"][...] = np.nan
+    ds = PairDataset(store, "trn", fields=FIELDS, augment=RandomCrop(p=1.0, min_fraction=0.2))
+    b = ds.__getitems__(list(range(len(ds))))
+    valid = b["kps_valid"].numpy()
+    for side in ("src", "trg"):
+        pts = b[f"{side}_kps"].numpy()[valid]
+        assert (pts >= -1e-3).all() and (pts <= ds.image_size + 1e-3).all()
+        assert (b[f"{side}_scale"].numpy() > spairstore.open(store).images.scale[b[f"{side}_row"].numpy()]).any()

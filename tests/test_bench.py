@@ -31,9 +31,13 @@ def test_bench_cli_json_without_source(synth_store: Path) -> None:
     assert "store_vs_memmap" in d["ratios"]["single"]["wall"]
 
 
-def test_bench_rejects_a_source_that_does_not_match(synth_store: Path, tmp_path: Path) -> None:
+def test_bench_rejects_bad_arguments(synth_store: Path, tmp_path: Path) -> None:
     with pytest.raises(SpairstoreError, match="--source must be the SPair-71k root"):
         run(synth_store, tmp_path, workers=0, progress=False)
+    with pytest.raises(SpairstoreError, match=">= 1"):
+        run(synth_store, batches=0, progress=False)
+    with pytest.raises(SpairstoreError, match="fewer than a batch"):
+        run(synth_store, split="test", batch_size=1000, progress=False)
 
 
 def test_smaps_memory_counts_store_pages_apart(synth_store: Path) -> None:
