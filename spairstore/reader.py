@@ -239,22 +239,22 @@ class Store:
         shape = self.shapes[name][0]
         if out is None:
             out = np.empty((len(rows), *shape[1:]), dtype=self.shapes[name][1])
-        if len(rows) and (rows.min() < 0 or rows.max() >= shape[0]):
-            raise IndexError(f"image rows {rows.min()}..{rows.max()} out of range for {shape[0]} rows of {field}")
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        if len(uniq) and (uniq[0] < 0 or uniq[-1] >= shape[0]):
+            raise IndexError(f"image rows {uniq[0]}..{uniq[-1]} out of range for {shape[0]} rows of {field}")
         a = self._raw(name)
         if a is None:
-            if len(rows):
-                uniq, inverse = np.unique(rows, return_inverse=True)
+            if len(uniq):
                 out[:] = self._library().read(name, uniq)[inverse]
             return out
-        prev, first = -1, 0
-        for k in np.argsort(rows, kind="stable").tolist():
+        placed: dict[int, int] = {}  # row -> batch position it was read into
+        for k in np.argsort(rows, kind="stable").tolist():  # storage order
             r = int(rows[k])
-            if r == prev:
-                out[k] = out[first]
+            if r in placed:
+                out[k] = out[placed[r]]
             else:
                 out[k] = a.rows(r, r + 1)[0]
-                prev, first = r, k
+                placed[r] = k
         return out
 
     def _check_row(self, i: int) -> int:
