@@ -1,8 +1,9 @@
 """Reading a store: :func:`open` returns a :class:`Store`.
 
-Small tables (image metadata, pair tables, categories, manifest) are loaded into RAM as numpy arrays
-when the store is opened. Payloads (pixels, masks, original bytes, features) are read from memory
-maps of the files at the byte offsets the backend reports (:class:`~spairstore.backends.RawExtent`:
+Small tables are loaded into RAM as numpy arrays: image metadata and categories when the store is
+opened, a split's pair table and the manifest on first use (a DataLoader worker needs neither).
+Payloads (pixels, masks, original bytes, features) are read from memory maps of the files at the
+byte offsets the backend reports (:class:`~spairstore.backends.RawExtent`:
 one contiguous extent in HDF5, one location per record in a sharded Zarr store), mapped lazily in
 each process, so a Store is safe to use after ``fork`` and pickles (as its path) for ``spawn``.
 Arrays a backend cannot locate as plain bytes (compressed, or remote) are read through the backend
@@ -123,6 +124,9 @@ class Store:
             ``scale``/``offset`` (original -> store pixels), ``bbox`` and ``keypoints`` in original
             pixels (x, y; NaN = absent), labels, ``splits`` bitmask, CRCs).
         categories: category names; ``images.category`` and pair ``category`` index into it.
+        keypoint_flip: int64 (C, K), per category index the keypoint slot permutation under a horizontal
+            flip (slot k of the mirrored image shows the part of slot ``keypoint_flip[c, k]``), or None
+            where the dataset has no left/right table.
         splits: names of the packed splits.
         image_size: side ``S`` of the square store frame, in store pixels.
     """
@@ -161,17 +165,18 @@ class Store:
         self.splits: list[str] = list(attrs["splits"])
         self.pose_names: list[str] = list(attrs["pose_names"])
         self.shapes = backend.shapes()
-        tables = {k: backend.read(k) for k in self.shapes if not is_hot(k)}
+        lazy = ("pairs/", "manifest/")
+        tables = {k: backend.read(k) for k in self.shapes if not is_hot(k) and not k.startswith(lazy)}
         self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in self.shapes if is_hot(k)}
         self.images = Table(_group(tables, "images/"))
         self.categories: list[str] = [str(c) for c in _decode_strings(tables["categories"])]
-        self._pairs = {s: Table(_group(tables, f"pairs/{s}/")) for s in self.splits}
-        self.manifest = Table(_group(tables, "manifest/"))
+        self._tables: dict[str, Table] = {}
         self.feature_sets: dict[str, dict[str, Any]] = {
             k: v for k, v in attrs.get("feature_sets", {}).items() if f"features/{k}/data" in self.shapes}
         #: CRC-32 of each image's feature map per feature set (uint32 (N,)), where the writer stored them
         self.feature_crc32: dict[str, np.ndarray] = {
             k: tables[f"features/{k}/crc32"] for k in self.feature_sets if f"features/{k}/crc32" in tables}
+        self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
         n = len(self)
         for name in ("pixels", "mask"):
             shape = self.shapes[f"images/{name}"][0]
@@ -180,6 +185,18 @@ class Store:
                                  f"{self.image_size}, {self.image_size}, ...)")
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
+
+    def _flip_table(self, table: dict[str, list[int]] | None) -> np.ndarray | None:
+        if table is None:
+            return None
+        k = self.images["keypoints"].shape[1]
+        try:
+            perm = np.array([table[c] for c in self.categories], dtype=np.int64).reshape(len(self.categories), k)
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"{self.path}: keypoint_flip attribute must map every category to {k} slots") from None
+        if not (np.sort(perm, axis=1) == np.arange(k)).all():
+            raise StoreError(f"{self.path}: keypoint_flip attribute holds a row that is not a permutation")
+        return perm
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}
@@ -232,8 +249,9 @@ class Store:
         """Image rows of a per-image array for a batch, in the given order, into ``out`` if given.
 
         ``field`` is ``pixels`` (uint8 (B, S, S, 3)), ``mask`` (uint8 (B, S, S)) or ``features/<name>``
-        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, then scattered; a
-        store read through its library (compressed or remote) gets one library call per batch.
+        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, straight into ``out``
+        (repeats are copied from there); a store read through its library (compressed or remote) gets
+        one library call per batch.
         """
         rows = np.asarray(rows, dtype=np.int64)
         name = self._row_array(field)
@@ -246,19 +264,18 @@ class Store:
         if len(uniq) and (uniq[0] < 0 or uniq[-1] >= shape[0]):
             raise IndexError(f"image rows {uniq[0]}..{uniq[-1]} out of range for {shape[0]} rows of {field}")
         a = self._raw(name)
-        if a is not None:
-            # Plain row copies in storage order (a boolean-mask scatter per row cost ~15 % more on 384 KiB
-            # feature maps); a repeated row is copied from its first copy in ``out``.
-            prev = first = -1
-            for k in np.argsort(rows, kind="stable").tolist():
-                r = int(rows[k])
-                if r == prev:
-                    out[k] = out[first]
-                else:
-                    out[k] = a.rows(r, r + 1)[0]
-                    prev, first = r, k
-        elif len(uniq):
-            out[:] = self._library().read(name, uniq)[inverse]
+        if a is None:
+            if len(uniq):
+                out[:] = self._library().read(name, uniq)[inverse]
+            return out
+        placed: dict[int, int] = {}  # row -> batch position it was read into
+        for k in np.argsort(rows, kind="stable").tolist():  # storage order
+            r = int(rows[k])
+            if r in placed:
+                out[k] = out[placed[r]]
+            else:
+                out[k] = a.rows(r, r + 1)[0]
+                placed[r] = k
         return out
 
     def _check_row(self, i: int) -> int:
@@ -302,6 +319,14 @@ class Store:
         return self._rows(f"features/{name}/data", i, i + 1)[0].copy()
 
     # -- tables and lookups -------------------------------------------------------------------------
+    def _table(self, prefix: str) -> Table:
+        """The arrays directly under ``prefix`` (e.g. ``pairs/trn/``), read on first use."""
+        t = self._tables.get(prefix)
+        if t is None:
+            names = [k for k in self.shapes if k.startswith(prefix) and "/" not in k[len(prefix):]]
+            t = self._tables[prefix] = Table({k[len(prefix):]: _decode_strings(self._library().read(k)) for k in names})
+        return t
+
     def __len__(self) -> int:
         return len(self.images["name"])
 
@@ -309,10 +334,14 @@ class Store:
         """The pair table of ``split``: ``pair_id``, ``stem``, ``category``, ``src``/``trg`` image rows,
         ``n_kps``, ``kps_ids`` (-1 padded), ``src_kps``/``trg_kps`` (original pixels, NaN padded),
         ``viewpoint``, ``scale``, ``truncation``, ``occlusion``, ``mirror``, ``flip``, ``small``."""
-        try:
-            return self._pairs[split]
-        except KeyError:
-            raise StoreError(f"{self.path}: no split {split!r} (store has {', '.join(self.splits)})") from None
+        if split not in self.splits:
+            raise StoreError(f"{self.path}: no split {split!r} (store has {', '.join(self.splits)})")
+        return self._table(f"pairs/{split}/")
+
+    @property
+    def manifest(self) -> Table:
+        """Every source file packed: ``path`` (relative to the source root), ``size``, ``sha256``."""
+        return self._table("manifest/")
 
     def image_row(self, category: str, name: str) -> int:
         """Row of the image keyed ``(category, name)``."""

@@ -33,8 +33,10 @@ Layout (identical for every backend; ``N`` images, ``P`` pairs of a split, ``S``
     features/<name>/crc32 uint32 (N,)                CRC-32 of each image's map, at commit time
 
 Root attributes (JSON values): ``format``, ``format_version``, ``dataset``, ``image_size``,
-``num_keypoints``, ``splits``, ``pose_names``, ``build_config``, ``notes``, ``created_by``, and
-``feature_sets`` (name -> geometry and provenance of ``features/<name>/data``).
+``num_keypoints``, ``splits``, ``pose_names``, ``build_config``, ``notes``, ``created_by``,
+``feature_sets`` (name -> geometry and provenance of ``features/<name>/data``), and, where the dataset
+defines left/right keypoints, ``keypoint_flip`` (category -> permutation of the K slots under a
+horizontal flip: slot k of the mirrored image shows the part of slot ``perm[k]``).
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ BLOB_FIELDS = ("image", "mask")
 
 def is_hot(path: str) -> bool:
     """Whether array ``path`` is read per record (a payload or a feature set): such arrays are stored
-    uncompressed and read from their raw bytes; every other array is a table loaded whole at open."""
+    uncompressed and read from their raw bytes; every other array is a table loaded whole (at open, or
+    on first use for pair tables and the manifest)."""
     return ((path.startswith("features/") and path.endswith("/data"))
             or path in {f"images/{f}" for f in PAYLOAD_FIELDS})
 

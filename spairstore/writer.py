@@ -259,6 +259,7 @@ def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: b
                 "resample": {"pixels": "bilinear", "mask": "nearest"},
             },
             "created_by": f"spairstore {__version__}",
+            **({"keypoint_flip": records.keypoint_flip} if records.keypoint_flip else {}),
         })
     finally:
         w.close()

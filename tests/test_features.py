@@ -108,6 +108,18 @@ def test_default_set_equals_fresh_forward_pass(lite_store: Path) -> None:
     assert sorted(s.feature_sets) == ["b10", LITE]
 
 
+def test_pair_dataset_serves_an_extracted_set(lite_store: Path) -> None:
+    from spairstore.torchdata import PairDataset
+
+    ds = PairDataset(lite_store, "test", fields=(f"features:{LITE}",))
+    b = ds.__getitems__([0, 3])
+    s = spairstore.open(lite_store)
+    t = s.pairs("test")
+    for side in ("src", "trg"):
+        np.testing.assert_array_equal(b[f"{side}_features:{LITE}"].numpy(),
+                                      s.read(f"features/{LITE}", getattr(t, side)[[0, 3]]))
+
+
 def test_info_lists_feature_sets(lite_store: Path) -> None:
     d = store_info(lite_store)
     assert d["feature_sets"]["b10"]["bytes"] == len(spairstore.open(lite_store)) * 112 * 36 * 2
@@ -121,12 +133,13 @@ def test_other_sets_and_pixels_survive_adding_and_replacing(lite_store: Path, tm
     shutil.copyfile(lite_store, p)
     before = spairstore.open(p)
     b10, pixels = before.read("features/b10", [0, 1]), before.read("pixels", np.arange(len(before)))
+    test_pairs = before.pairs("test").rows
     extract_features(p, backbone=LITE, layers=["_blocks.4"], name=LITE, overwrite=True)
     after = spairstore.open(p)
     np.testing.assert_array_equal(after.read("features/b10", [0, 1]), b10)
     np.testing.assert_array_equal(after.read("pixels", np.arange(len(after))), pixels)
     assert after.feature_sets[LITE]["layers"] == ["_blocks.4"] and after.feature_sets[LITE]["stride"] == 8
-    assert after.attrs["dataset"] == before.attrs["dataset"] and after.pairs("test").rows == before.pairs("test").rows
+    assert after.attrs["dataset"] == before.attrs["dataset"] and after.pairs("test").rows == test_pairs
     # the replaced set's space is not kept: the file is the old one minus the old set plus the new one
     old_bytes = before.field_bytes()[f"features/{LITE}/data"]
     new_bytes = after.field_bytes()[f"features/{LITE}/data"]
