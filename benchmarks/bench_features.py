@@ -38,11 +38,12 @@ def fill_random(store_path: Path, name: str, fe: FeatureExtractor) -> None:
     meta = {"name": name, "store": store_fingerprint(s), "rows": len(s), "row_shape": list(shape),
             "attrs": {**fe.attrs(), "note": "random maps of the real shape (benchmark)"}}
     st = Staging.open(staging_dir(store_path.resolve(), name), meta, restart=True)
+    part = st.part(0)
     rng = np.random.default_rng(0)
     for start in range(0, len(s), 64):
         rows = np.arange(start, min(start + 64, len(s)))
-        st.write(rows, rng.standard_normal((len(rows), *shape), dtype=np.float32).astype(np.float16))
-    st.sync()
+        part.write(rows, rng.standard_normal((len(rows), *shape), dtype=np.float32).astype(np.float16))
+    part.close()
     commit(store_path.resolve(), name, meta["attrs"], st)
     shutil.rmtree(st.path)
     st.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -99,13 +100,22 @@ def features(
              "other settings.")] = False,
 ) -> None:
     """Run a backbone over every image of a store and add its float16 feature maps (N, C, h, w) as a named
-    feature set. An interrupted run leaves the store unchanged; running the same command again resumes it."""
+    feature set. An interrupted run leaves the store readable without the set; running the same command
+    again resumes it. Several processes: `torchrun --nproc-per-node N -m spairstore features STORE ...`
+    (one per GPU, or CPU processes); each extracts a share of the images."""
     from .features import extract_features
 
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
-    typer.echo(str(extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
-                                    batch_size=batch_size, device=device, weights=weights, name=name,
-                                    overwrite=overwrite, progress=True)))
+    summary = extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
+                               batch_size=batch_size, device=device, weights=weights, name=name,
+                               overwrite=overwrite, progress=True)
+    if _first_process():
+        typer.echo(str(summary))
+
+
+def _first_process() -> bool:
+    """Not one of torchrun's other processes (they stay quiet: the first reports for the run)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _mib(n: int) -> str:
@@ -330,8 +340,9 @@ def main() -> None:
     try:
         app()
     except SpairstoreError as e:
-        # Start on a fresh line: an interrupted progress bar leaves the cursor mid-line.
-        typer.secho(f"\nerror: {e}", err=True, fg=typer.colors.RED)
+        if _first_process():  # under torchrun every process raises it; the first names the failed ones
+            # Start on a fresh line: an interrupted progress bar leaves the cursor mid-line.
+            typer.secho(f"\nerror: {e}", err=True, fg=typer.colors.RED)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)

@@ -287,7 +287,7 @@ def test_kill_mid_extraction_leaves_store_unchanged_and_resumes(store_copy: Path
     deadline = time.monotonic() + 120
     done = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        flags = stage / "done.u8"
+        flags = stage / "done-0.u8"  # one process: part 0
         if (stage / "meta.json").exists() and flags.exists():
             done = int(np.fromfile(flags, dtype=np.uint8).sum())
             if done >= n // 2:
@@ -303,7 +303,7 @@ def test_kill_mid_extraction_leaves_store_unchanged_and_resumes(store_copy: Path
     assert part["images"] == n and n // 2 <= part["done"] < n
     r = subprocess.run([sys.executable, "-m", "spairstore", "info", str(store_copy)], capture_output=True, text=True)
     assert "k: INCOMPLETE" in r.stdout
-    staged = int(np.fromfile(stage / "done.u8", dtype=np.uint8).sum())
+    staged = int(np.fromfile(stage / "done-0.u8", dtype=np.uint8).sum())
     summary = extract_features(store_copy, name="k", batch_size=4, input_size=256)  # resume
     assert summary.extracted == n - staged
     s = spairstore.open(store_copy)
@@ -345,6 +345,14 @@ def test_crash_during_commit_keeps_store_and_staging(store_copy: Path, monkeypat
     assert not left.exists()
 
 
+def stage_ones(st: extract_mod.Staging, rows: list[int], part: int = 0) -> None:
+    """Stage maps of ones for ``rows`` as part ``part`` and close the staging."""
+    p = st.part(part)
+    p.write(np.array(rows), np.ones((len(rows), *st.row_shape), dtype=np.float16))
+    p.close()
+    st.close()
+
+
 def test_resume_refuses_other_settings_unless_overwrite(store_copy: Path) -> None:
     stage = staging_dir(store_copy.resolve(), "r")
     n = len(spairstore.open(store_copy))
@@ -354,16 +362,13 @@ def test_resume_refuses_other_settings_unless_overwrite(store_copy: Path) -> Non
     st = extract_mod.Staging.open(stage, meta)
     with pytest.raises(FeatureError, match="another `spairstore features` run"):
         extract_mod.Staging.open(stage, meta)  # locked while open
-    st.write(np.array([0, 1, 2]), np.ones((3, *st.row_shape), dtype=np.float16))
-    st.close()
+    stage_ones(st, [0, 1, 2])
     with pytest.raises(FeatureError, match=r"other settings \(layers .*_blocks.7.* there, .*_blocks.4.* now"):
         extract_features(store_copy, layers=["_blocks.4"], name="r")
     s = extract_features(store_copy, layers=["_blocks.4"], name="r", overwrite=True)
     assert s.extracted == n
     # a matching staging is resumed: rows 0..2 stay as staged (ones), the rest are extracted
-    st = extract_mod.Staging.open(staging_dir(store_copy.resolve(), "r2"), {**meta, "name": "r2"})
-    st.write(np.array([0, 1, 2]), np.ones((3, *st.row_shape), dtype=np.float16))
-    st.close()
+    stage_ones(extract_mod.Staging.open(staging_dir(store_copy.resolve(), "r2"), {**meta, "name": "r2"}), [0, 1, 2])
     assert extract_features(store_copy, name="r2").extracted == n - 3
     assert (spairstore.open(store_copy).features("r2", 1) == 1).all()
 

@@ -27,7 +27,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 from zarr.core.sync import sync
 
 from ..errors import StoreError
-from . import RawExtent, is_url
+from . import RawExtent, fsync, is_url, remove
 
 #: Default shard size of hot arrays. Larger shards mean fewer files; a shard is also the unit one
 #: writer process owns when several write at once, and the most the writer buffers per array.
@@ -56,6 +56,21 @@ def shard_rows(shape: tuple[int, ...], dtype: np.dtype, shard_bytes: int) -> tup
     per_shard = max(1, shard_bytes // (row_bytes * chunk))
     per_shard = min(per_shard, max(1, math.ceil(shape[0] / chunk)))  # no shard larger than the array
     return chunk, chunk * per_shard
+
+
+def _hot_spec(shape: tuple[int, ...], dtype: np.dtype, chunk: int, shard: int) -> dict[str, Any]:
+    """``create_array`` arguments of a hot array: ``chunk`` rows per chunk, ``shard`` rows per shard, raw bytes."""
+    # The shard index goes first so records do not start page-aligned: copying a page-aligned record
+    # into a page-aligned buffer hits 4K aliasing in memcpy (measured here: 1.8x slower).
+    return dict(shape=tuple(shape), dtype=np.dtype(dtype), chunks=(chunk, *shape[1:]),
+                shards={"shape": (shard, *shape[1:]), "index_location": "start"}, compressors=None,
+                filters=None, fill_value=0,
+                config={"write_empty_chunks": True})  # every record present: the raw path finds them all
+
+
+def _table_spec(data: np.ndarray) -> dict[str, Any]:
+    """``create_array`` arguments of a small table: one chunk, zarr's default (Zstandard) compression."""
+    return dict(data=data, chunks=tuple(max(1, n) for n in data.shape) or None)
 
 
 class _ShardBuffer:
@@ -114,15 +129,8 @@ class ZarrWriter:
         self._buffers: dict[str, _ShardBuffer] = {}
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        chunk, shard = shard_rows(shape, dtype, self.shard_bytes)
-        # The shard index goes first so records do not start page-aligned: copying a page-aligned record
-        # into a page-aligned buffer hits 4K aliasing in memcpy (measured here: 1.8x slower).
         with _quiet():
-            a = self._g.create_array(
-                name, shape=tuple(shape), dtype=np.dtype(dtype), chunks=(chunk, *shape[1:]),
-                shards={"shape": (shard, *shape[1:]), "index_location": "start"}, compressors=None,
-                filters=None, fill_value=0,
-                config={"write_empty_chunks": True})  # every record present: the raw path finds them all
+            a = self._g.create_array(name, **_hot_spec(shape, dtype, *shard_rows(shape, dtype, self.shard_bytes)))
         self._buffers[name] = _ShardBuffer(a)
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
@@ -132,7 +140,7 @@ class ZarrWriter:
     def put(self, name: str, data: np.ndarray) -> None:
         data = np.asarray(data)
         with _quiet():
-            self._g.create_array(name, data=data, chunks=tuple(max(1, n) for n in data.shape) or None)
+            self._g.create_array(name, **_table_spec(data))
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         with _quiet():
@@ -272,3 +280,120 @@ def _shard_index(file: Path, n: int, codec: ShardingCodec, chunk_bytes: int) -> 
     if (present[:, 1] != chunk_bytes).any() or (present[:, 0] + present[:, 1] > size).any():
         return None
     return np.where(missing, -1, index[:, 0].astype(np.int64))
+
+
+# -- a group of arrays added to an existing local store by several processes at once -----------------
+# zarr reaches a node only through the group nodes (zarr.json files) above it: an array created at
+# ``features/<name>/data`` while ``features/<name>`` has no group node is invisible to readers (which
+# list the root's consolidated metadata) and to re-consolidation, until publish() writes that node.
+
+
+def _shard_rows_of(a: zarr.Array) -> int:
+    return int((a.shards or a.chunks)[0])
+
+
+def shard_rows_of(store: Path, name: str) -> int:
+    """Rows per shard (per chunk where unsharded) of array ``name`` of a local store."""
+    with _quiet():
+        return _shard_rows_of(zarr.open_array(str(Path(store) / name), mode="r"))
+
+
+class UnlistedArray:
+    """A hot array under a group of an existing local store that has no group node yet (see above).
+
+    Several processes may fill it at once, each writing whole shards: a shard is one file, so no two
+    processes write the same file. Readers do not see it until :func:`publish`.
+    """
+
+    def __init__(self, store: Path, name: str):
+        self.path = Path(store) / name
+        with _quiet():
+            self._a = zarr.open_array(str(self.path), mode="r+")
+        self.shape: tuple[int, ...] = tuple(self._a.shape)
+        self.dtype = np.dtype(self._a.dtype)
+        self.shard_rows = _shard_rows_of(self._a)
+
+    @classmethod
+    def create(cls, store: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, shard_rows: int) -> UnlistedArray:
+        """Create it (one row per chunk, ``shard_rows`` rows per shard), replacing whatever is at its path."""
+        path = Path(store) / name
+        if (path.parent / "zarr.json").exists():
+            raise StoreError(f"{path.parent}: a listed group; unpublish it before adding unlisted arrays")
+        remove(path)
+        with _quiet():
+            zarr.create_array(str(path), **_hot_spec(shape, dtype, 1, shard_rows))
+        return cls(store, name)
+
+    @classmethod
+    def find(cls, store: Path, name: str) -> UnlistedArray | None:
+        """The array if it exists and zarr can open it, else None."""
+        if not (Path(store) / name / "zarr.json").is_file():
+            return None
+        try:
+            return cls(store, name)
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged node (zarr's errors are ValueErrors)
+            return None
+
+    def write_shard(self, shard: int, data: np.ndarray) -> None:
+        """Every row of shard ``shard`` (``data``), written as one file (zarr writes a temporary file and
+        renames it) and synced to disk with the directories leading to it."""
+        start = shard * self.shard_rows
+        if len(data) != min(self.shard_rows, self.shape[0] - start):
+            raise StoreError(f"{self.path}: shard {shard} has {min(self.shard_rows, self.shape[0] - start)} "
+                             f"rows, got {len(data)}")
+        with _quiet():
+            self._a[start:start + len(data)] = data  # a whole shard: encoded without reading the old file
+        f = self.path / self._a.metadata.encode_chunk_key((shard,) + (0,) * (len(self.shape) - 1))
+        fsync([f, *(d for d in f.parents if d.is_relative_to(self.path))])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        with _quiet():
+            return np.asarray(self._a[start:stop])
+
+
+def _set_attrs(store: Path, attrs: dict[str, Any]) -> None:
+    with _quiet():
+        zarr.open_group(str(store), mode="r+").attrs.update(attrs)  # keeps the consolidated metadata
+    fsync([store / "zarr.json", store])
+
+
+def _consolidate(store: Path) -> None:
+    with _quiet():
+        zarr.consolidate_metadata(str(store))
+    fsync([store / "zarr.json", store])
+
+
+def publish(store: Path, group: str, tables: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """Make ``group`` of the local store visible with its unlisted arrays and ``tables`` (small arrays
+    written now), then update the root attributes with ``attrs``.
+
+    Every step replaces files atomically and is synced before the next: the tables and group nodes, the
+    consolidated metadata in the root ``zarr.json`` (readers see the arrays from here on), the root
+    attributes last. After a crash the group is unseen or seen without the attributes that name it;
+    publishing again completes it.
+    """
+    store = Path(store)
+    top = store / group
+    nodes = [top, *(d for d in top.parents if d.is_relative_to(store) and d != store)]
+    with _quiet():
+        for name, data in tables.items():
+            zarr.create_array(str(top / name), overwrite=True, **_table_spec(data))
+        for node in reversed(nodes):  # top down
+            if not (node / "zarr.json").is_file():
+                zarr.create_group(str(node))
+    fsync([*top.rglob("*"), *nodes, store])
+    _consolidate(store)
+    _set_attrs(store, attrs)
+
+
+def unpublish(store: Path, group: str, attrs: dict[str, Any]) -> None:
+    """Delete ``group`` of the local store after updating the root attributes with ``attrs`` (which
+    should no longer name it): attributes, group node, consolidated metadata, files, in that order, so
+    that after a crash the attributes never name a group readers cannot see."""
+    store = Path(store)
+    _set_attrs(store, attrs)
+    (store / group / "zarr.json").unlink(missing_ok=True)
+    if (store / group).is_dir():
+        fsync([store / group])
+    _consolidate(store)
+    remove(store / group)

@@ -1,20 +1,32 @@
-"""Extract backbone features for every image of a store: ``spairstore features``.
+"""Extract backbone features for every image of a store: ``spairstore features``, in one process or in
+several at once (``torchrun --nproc-per-node N -m spairstore features ...``).
 
-Three steps, each reusable on its own:
+The pieces, each reusable on its own:
 
 1. :func:`extract_rows` runs a :class:`FeatureExtractor` over given image rows in batches and hands each
-   batch of float16 maps to a *sink* (any callable ``sink(rows, maps)``), so other writers (e.g. one
-   process per GPU, each with its own rows) reuse the same loop.
-2. :class:`Staging` is the sink for a store file: a sidecar folder beside the store,
-   ``<store>.features-<name>.partial/``, holding ``meta.json`` (the run's settings), ``data.f16`` (raw
-   ``(N, C, h, w)`` float16, row-major) and ``done.u8`` (one flag per image row). Rows are written as
-   they come; every ``sync_seconds`` (and at the end) the written rows are synced to disk and only then
-   flagged (and the flags synced), so after a kill, even of the machine, every flagged row is complete
-   and a re-run with the same settings extracts only the unflagged rows.
-3. :func:`commit` writes the finished set into a copy of the store (every other array and attribute
-   copied as they are) and moves the copy over the store (:func:`spairstore.backends.staged`). The store
-   itself is never written in place: until the rename it is the old store, after it the new one;
-   readers that opened the old one keep reading it.
+   batch of float16 maps to a *sink* (any callable ``sink(rows, maps)``). Batches never straddle a
+   *unit* (a block of rows: a Zarr shard, or ``batch_size`` rows), so the same rows always form the same
+   batches, whichever process runs them. That matters: on CPU an image's map varies in its last bits
+   with the other images of its batch, so equal batches are what makes a run of N processes bitwise
+   equal to a run of one.
+2. :class:`Staging` is the resumable sidecar folder beside the store,
+   ``<store>.features-<name>.partial/``: ``meta.json`` (the run's settings) and, per writer process
+   ``k``, ``done-<k>.u8`` (one flag per image row) and, for HDF5 stores, ``data-<k>.f16`` (raw
+   ``(N, C, h, w)`` float16, sparse: only the rows ``k`` wrote). A :class:`StagingPart` writes one
+   process's rows as they come and, every ``sync_seconds`` (and at the end), syncs them to disk and only
+   then flags (and syncs the flags), so after a kill, even of the machine, every flagged row is complete
+   and a re-run with the same settings extracts only the rest, with any number of processes.
+3. The commit. HDF5 (:func:`commit`): a copy of the store with the set added (every other array and
+   attribute copied as they are) replaces the store (:func:`spairstore.backends.staged`); the store
+   itself is never written in place. Zarr: the processes write their rows straight into the store's
+   array ``features/<name>/data``, one whole shard at a time (a shard is one file; processes take whole
+   shards, so no two write the same file), while no group node names the array and readers cannot see
+   it; the commit then adds the CRC-32s, the group nodes, the consolidated metadata and, last, the
+   attributes (:func:`spairstore.backends.zarr.publish`), so readers see the whole set or none of it.
+
+Several processes (:mod:`.world`): the first prepares (checks, the staging's lock, the Zarr array) and
+deals the units with missing rows out round robin; each process extracts its units into its own staging
+part (files) or shards (Zarr); the first commits when every part succeeded.
 """
 from __future__ import annotations
 
@@ -38,10 +50,12 @@ import torch
 from tqdm import tqdm
 
 from ..backends import format_of, is_url, reader_for, remove, staged, writer_for
+from ..backends.zarr import UnlistedArray, publish, shard_rows_of, unpublish
 from ..convert import BLOCK_BYTES, copy_arrays
 from ..errors import FeatureError
 from ..reader import Store
 from .backbones import FeatureExtractor
+from .world import World
 
 Sink = Callable[[np.ndarray, np.ndarray], None]
 """Receives ``(rows int64 (B,), maps float16 (B, C, h, w))`` for each extracted batch."""
@@ -52,17 +66,26 @@ _RESUME_KEYS = ("backbone", "layers", "weights_sha256", "weights", "input_size",
                 "cell_offset", "width", "height", "channels", "dtype")
 
 
+def _batches(rows: np.ndarray, batch_size: int, unit_rows: int | None) -> Iterator[np.ndarray]:
+    """``rows`` in order, cut at every change of unit (``row // unit_rows``), then into ``batch_size``."""
+    cuts = np.flatnonzero(np.diff(rows // unit_rows) != 0) + 1 if unit_rows and len(rows) else []
+    for run in np.split(rows, cuts):
+        for start in range(0, len(run), batch_size):
+            yield run[start:start + batch_size]
+
+
 def extract_rows(store: Store, extractor: FeatureExtractor, rows: Sequence[int] | np.ndarray, sink: Sink,
-                 batch_size: int = 16, progress: bool = False, desc: str = "features") -> int:
-    """Extract the feature maps of image ``rows`` of ``store`` in batches of ``batch_size``, in the order
-    given, handing each batch to ``sink``. Returns the number of images extracted."""
+                 batch_size: int = 16, progress: bool = False, desc: str = "features",
+                 unit_rows: int | None = None) -> int:
+    """Extract the feature maps of image ``rows`` of ``store`` in batches of up to ``batch_size``, in
+    the order given, handing each batch to ``sink``. With ``unit_rows``, no batch holds rows of two
+    units (``row // unit_rows``). Returns the number of images extracted."""
     rows = np.asarray(rows, dtype=np.int64)
     if batch_size < 1:
         raise FeatureError(f"batch size must be at least 1, got {batch_size}")
     bar = tqdm(total=len(rows), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+        for batch in _batches(rows, batch_size, unit_rows):
             maps = extractor(store.read("pixels", batch)).half()
             if not torch.isfinite(maps).all():
                 raise FeatureError(f"{store.path}: feature values of image rows {batch.min()}..{batch.max()} "
@@ -101,31 +124,28 @@ def _runs(rows: np.ndarray) -> Iterator[tuple[int, int, int]]:
         yield int(a), int(rows[a]), int(b - a)
 
 
-class Staging:
-    """The resumable sidecar of one feature set being extracted for a store file (see the module doc).
+def _crc32_rows(block: np.ndarray) -> list[int]:
+    return [zlib.crc32(row) for row in np.ascontiguousarray(block)]
 
-    Open it with :meth:`open`; it holds an exclusive lock on the folder until :meth:`close`.
+
+class Staging:
+    """The resumable sidecar of one feature set being extracted for a store (see the module doc).
+
+    The process that runs the extraction alone, or the first of several, opens it with :meth:`open`
+    and holds an exclusive lock on the folder until :meth:`close`; the others :meth:`attach` to it.
+    Each writing process writes through its own :meth:`part`.
     """
 
     #: seconds between syncs (each sync waits for the disk: once per batch cost ~0.4 s on a busy VM)
     sync_seconds = 2.0
 
-    def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int):
+    def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int | None = None):
         self.path = path
         self.meta = meta
         self._lock_fd = lock_fd
         self.rows = int(meta["rows"])
         self.row_shape = tuple(meta["row_shape"])
         self.row_bytes = int(np.prod(self.row_shape)) * 2
-        self._data_fd = os.open(path / "data.f16", os.O_RDWR)
-        self._done_fd = os.open(path / "done.u8", os.O_RDWR)
-        self.done = np.frombuffer(os.pread(self._done_fd, self.rows, 0), dtype=np.uint8).astype(bool)
-        self._pending: list[np.ndarray] = []  # rows written but not yet synced and flagged
-        self._synced = time.monotonic()
-        if len(self.done) != self.rows or os.fstat(self._data_fd).st_size != self.rows * self.row_bytes:
-            os.close(self._data_fd)
-            os.close(self._done_fd)
-            raise FeatureError(f"{path}: staged files have the wrong size; delete the folder to start over")
 
     @classmethod
     def open(cls, path: Path, meta: dict[str, Any], restart: bool = False) -> Staging:
@@ -148,61 +168,139 @@ class Staging:
                     f"{path}: an unfinished run of feature set {meta['name']!r} used other settings "
                     f"({_diff(old, meta)}); re-run with those settings to resume it, or pass --overwrite "
                     f"to discard it")
-            if old is None or not _same_run(old, meta):
-                (path / "meta.json").unlink(missing_ok=True)  # the folder is "fresh" until meta.json exists
-                size = int(meta["rows"]) * int(np.prod(meta["row_shape"])) * 2
-                for name, n in (("data.f16", size), ("done.u8", int(meta["rows"]))):
-                    with open(path / name, "wb") as f:
-                        f.truncate(n)  # sparse; zero flags
-                        os.fsync(f.fileno())
-                _write_json(path / "meta.json", meta)
-            else:
-                meta = old
-            return cls(path, meta, lock_fd)
+            if old is not None and _same_run(old, meta):
+                return cls(path, old, lock_fd)
+            (path / "meta.json").unlink(missing_ok=True)  # the folder is "fresh" until meta.json exists
+            staging = cls(path, meta, lock_fd)
+            staging.reset()
+            _write_json(path / "meta.json", meta)
+            return staging
         except BaseException:
             os.close(lock_fd)
             raise
 
+    @classmethod
+    def attach(cls, path: Path) -> Staging:
+        """The staging that the first process of this run opened (and locked) with :meth:`open`."""
+        return cls(path, json.loads((path / "meta.json").read_text()))
+
+    def reset(self) -> None:
+        """Forget every staged row: delete every part's files."""
+        for f in self.path.iterdir():
+            if f.name not in ("lock", "meta.json"):
+                f.unlink()
+
+    def _flag_files(self) -> Iterator[tuple[str, Path]]:
+        for f in sorted(self.path.glob("done-*.u8")):
+            yield f.name[len("done-"):-len(".u8")], f
+
+    def done(self) -> np.ndarray:
+        """Which image rows are staged, by any part: bool (N,), read from the flag files."""
+        done = np.zeros(self.rows, dtype=bool)
+        for _, f in self._flag_files():
+            flags = np.fromfile(f, dtype=np.uint8)
+            if len(flags) != self.rows:
+                raise FeatureError(f"{f}: has {len(flags)} flags for {self.rows} images; delete {self.path} "
+                                   f"to start over")
+            done |= flags.astype(bool)
+        return done
+
     def missing(self) -> np.ndarray:
         """Image rows not staged yet, ascending."""
-        return np.flatnonzero(~self.done)
+        return np.flatnonzero(~self.done())
+
+    def part(self, index: int, data: bool = True) -> StagingPart:
+        """Part ``index`` (one per writing process; created if new), with a data file unless ``data`` is
+        False (the rows are written elsewhere, e.g. into a Zarr store)."""
+        return StagingPart(self, index, data)
+
+    def staged(self, start: int, stop: int) -> np.ndarray:
+        """The staged maps of rows ``start:stop``, gathered from the parts' data files: float16 (n, C, h, w)."""
+        out = np.zeros((stop - start, *self.row_shape), dtype=np.float16)
+        for k, f in self._flag_files():
+            flags = np.fromfile(f, dtype=np.uint8, count=stop - start, offset=start).astype(bool)
+            if flags.any():
+                data = np.memmap(self.path / f"data-{k}.f16", dtype=np.float16, mode="r",
+                                 shape=(self.rows, *self.row_shape))
+                out[flags] = data[start:stop][flags]
+                del data
+        return out
+
+    def close(self) -> None:
+        """Release the lock (the first process)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+class StagingPart:
+    """One writing process's files in a :class:`Staging`: ``done-<k>.u8`` and maybe ``data-<k>.f16``."""
+
+    def __init__(self, staging: Staging, index: int, data: bool = True):
+        self.staging = staging
+        files = {"done": (staging.path / f"done-{index}.u8", staging.rows)}
+        if data:
+            files["data"] = (staging.path / f"data-{index}.f16", staging.rows * staging.row_bytes)
+        fds = {}
+        try:
+            for key, (path, size) in files.items():
+                if not path.exists():
+                    tmp = path.with_name(path.name + ".tmp")
+                    with open(tmp, "wb") as f:
+                        f.truncate(size)  # sparse; zero flags
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                fds[key] = os.open(path, os.O_RDWR)
+                if os.fstat(fds[key]).st_size != size:
+                    raise FeatureError(f"{path}: staged file has the wrong size; delete {staging.path} to "
+                                       f"start over")
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        self._done_fd, self._data_fd = fds["done"], fds.get("data")
+        self._pending: list[np.ndarray] = []  # rows written but not yet synced and flagged
+        self._synced = time.monotonic()
 
     def write(self, rows: np.ndarray, maps: np.ndarray) -> None:
-        """Stage ``maps`` (float16 (B, C, h, w)) for image ``rows``; a :data:`Sink`."""
-        if maps.dtype != np.float16 or maps.shape[1:] != self.row_shape:
-            raise FeatureError(f"{self.path}: got maps {maps.dtype} {maps.shape[1:]}, staging holds "
-                               f"float16 {self.row_shape}")
+        """Stage ``maps`` (float16 (B, C, h, w)) for image ``rows`` in this part's data file; a :data:`Sink`."""
+        st = self.staging
+        if maps.dtype != np.float16 or maps.shape[1:] != st.row_shape:
+            raise FeatureError(f"{st.path}: got maps {maps.dtype} {maps.shape[1:]}, staging holds "
+                               f"float16 {st.row_shape}")
         rows = np.asarray(rows, dtype=np.int64)
         maps = np.ascontiguousarray(maps)
         for pos, row, n in _runs(rows):
-            os.pwrite(self._data_fd, maps[pos:pos + n].data, row * self.row_bytes)
-        self._pending.append(rows)
-        if time.monotonic() - self._synced >= self.sync_seconds:
+            os.pwrite(self._data_fd, maps[pos:pos + n].data, row * st.row_bytes)
+        self.written(rows)
+
+    def written(self, rows: np.ndarray) -> None:
+        """Flag ``rows`` at the next sync: their maps are in this part's data file, or already durable
+        elsewhere."""
+        self._pending.append(np.asarray(rows, dtype=np.int64))
+        if time.monotonic() - self._synced >= self.staging.sync_seconds:
             self.sync()
 
     def sync(self) -> None:
         """Make the written rows durable, then flag them done."""
         if self._pending:
             rows = np.sort(np.concatenate(self._pending))
-            os.fdatasync(self._data_fd)  # rows on disk before their flags say so
+            if self._data_fd is not None:
+                os.fdatasync(self._data_fd)  # rows on disk before their flags say so
             for _, row, n in _runs(rows):
                 os.pwrite(self._done_fd, b"\x01" * n, row)
             os.fdatasync(self._done_fd)
-            self.done[rows] = True
             self._pending = []
         self._synced = time.monotonic()
 
-    def data(self) -> np.ndarray:
-        """The staged maps, memory-mapped read-only: float16 (N, C, h, w)."""
-        return np.memmap(self.path / "data.f16", dtype=np.float16, mode="r", shape=(self.rows, *self.row_shape))
-
     def close(self) -> None:
-        """Flag the rows written so far, close the files and release the lock."""
+        """Flag the rows written so far and close the files."""
         try:
             self.sync()
         finally:
-            for fd in (self._data_fd, self._done_fd, self._lock_fd):
-                os.close(fd)
+            for fd in (self._done_fd, self._data_fd):
+                if fd is not None:
+                    os.close(fd)
 
 
 def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -224,8 +322,8 @@ def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
     for d in sorted(store_path.parent.glob(f"{glob.escape(store_path.name)}.features-*.partial")):
         try:
             meta = json.loads((d / "meta.json").read_text())
-            done = int(np.count_nonzero(np.fromfile(d / "done.u8", dtype=np.uint8)))
-        except (OSError, ValueError):
+            done = int(np.count_nonzero(Staging(d, meta).done()))
+        except (OSError, ValueError, KeyError, FeatureError):
             meta, done = {}, 0
         name = d.name[len(store_path.name) + len(".features-"):-len(".partial")]
         out[name] = {"path": str(d), "done": done, "images": meta.get("rows"),
@@ -235,7 +333,8 @@ def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
 
 @contextmanager
 def _store_lock(store_path: Path) -> Iterator[None]:
-    """Serialise commits to one store (each rewrites the whole store, so two at once would lose one)."""
+    """Serialise commits to one store (each rewrites the whole store, or its root metadata, so two at
+    once would lose one)."""
     fd = os.open(store_path.with_name(f".{store_path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -263,10 +362,11 @@ def commit(store_path: Path, name: str, attrs: dict[str, Any], staging: Staging)
     per-row CRC-32s in ``features/<name>/crc32``) and ``attrs`` under ``feature_sets[name]``, and move
     it over the store. An existing set of that name is replaced; every other array and attribute is
     copied as it is."""
-    if not staging.done.all():
-        raise FeatureError(f"{staging.path}: {int((~staging.done).sum())} images not extracted yet")
-    data = staging.data()
-    crc = np.zeros(len(data), dtype=np.uint32)
+    missing = int((~staging.done()).sum())
+    if missing:
+        raise FeatureError(f"{staging.path}: {missing} images not extracted yet")
+    shape = (staging.rows, *staging.row_shape)
+    crc = np.zeros(staging.rows, dtype=np.uint32)
     with _store_lock(store_path):
         _remove_dead_partials(store_path)
         r = reader_for(store_path)
@@ -276,19 +376,126 @@ def commit(store_path: Path, name: str, attrs: dict[str, Any], staging: Staging)
                 w = writer_for(tmp, format_of(store_path))
                 try:
                     copy_arrays(r, w, skip=lambda a: a.startswith(f"features/{name}/"))
-                    w.create(f"features/{name}/data", data.shape, np.dtype(np.float16))
+                    w.create(f"features/{name}/data", shape, np.dtype(np.float16))
                     step = max(1, BLOCK_BYTES // staging.row_bytes)
-                    for start in range(0, len(data), step):
-                        block = np.ascontiguousarray(data[start:start + step])
+                    for start in range(0, staging.rows, step):
+                        block = staging.staged(start, min(start + step, staging.rows))
                         w.write(f"features/{name}/data", start, block)
-                        crc[start:start + len(block)] = [zlib.crc32(row) for row in block]
+                        crc[start:start + len(block)] = _crc32_rows(block)
                     w.put(f"features/{name}/crc32", crc)
                     w.set_attrs({**r.attrs, "feature_sets": sets})
                 finally:
                     w.close()
         finally:
             r.close()
-            del data
+
+
+def _deal(rows: np.ndarray, unit_rows: int, processes: int) -> list[np.ndarray]:
+    """``rows`` (ascending) split into units (``row // unit_rows``) dealt out round robin: process ``k``
+    gets units ``k, k + processes, ...``."""
+    units = np.split(rows, np.flatnonzero(np.diff(rows // unit_rows) != 0) + 1) if len(rows) else []
+    return [np.concatenate(units[k::processes]) if units[k::processes] else np.empty(0, np.int64)
+            for k in range(processes)]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    unit_rows: int
+    rows: list[np.ndarray]  #: image rows of each process
+
+
+class _CopyTarget:
+    """HDF5 stores (one file takes one writer): each process stages its rows in its own part's data
+    file; the commit writes a copy of the store with the set (:func:`commit`). Units are batches."""
+
+    part_data = True
+
+    def __init__(self, store_path: Path, name: str, batch_size: int):
+        self.store_path, self.name, self.unit_rows = store_path, name, batch_size
+
+    def prepare(self, staging: Staging, replace: bool, processes: int) -> _Plan:
+        return _Plan(self.unit_rows, _deal(staging.missing(), self.unit_rows, processes))
+
+    def sink(self, part: StagingPart) -> Sink:
+        return part.write
+
+    def commit(self, staging: Staging, attrs: dict[str, Any]) -> None:
+        commit(self.store_path, self.name, attrs, staging)
+
+
+class _ZarrTarget:
+    """Zarr stores: processes write whole shards straight into the store's (unlisted) array; the commit
+    publishes it (see the module doc). Units are shards, as many rows as a shard of the pixels."""
+
+    part_data = False
+
+    def __init__(self, store_path: Path, name: str, shape: tuple[int, ...]):
+        self.store_path, self.name, self.shape = store_path, name, shape
+        self.array_name = f"features/{name}/data"
+
+    def prepare(self, staging: Staging, replace: bool, processes: int) -> _Plan:
+        """Hide and delete the set if ``replace`` (it is published) or if a crashed commit left it listed
+        but incomplete; make sure the array is there with the right shape (else create it, forgetting
+        the staged rows); deal out the shards with missing rows, whole."""
+        with _store_lock(self.store_path):
+            listed = (self.store_path / "features" / self.name / "zarr.json").is_file()
+            if replace or (listed and len(staging.missing())):
+                unpublish(self.store_path, f"features/{self.name}", {"feature_sets": self._sets(drop=True)})
+                staging.reset()
+            a = UnlistedArray.find(self.store_path, self.array_name)
+            if a is None or a.shape != self.shape or a.dtype != np.float16:
+                a = UnlistedArray.create(self.store_path, self.array_name, self.shape, np.dtype(np.float16),
+                                         shard_rows_of(self.store_path, "images/pixels"))
+                staging.reset()
+        shards = np.unique(staging.missing() // a.shard_rows)
+        rows = (shards[:, None] * a.shard_rows + np.arange(a.shard_rows)).ravel()
+        return _Plan(a.shard_rows, _deal(rows[rows < self.shape[0]], a.shard_rows, processes))
+
+    def sink(self, part: StagingPart) -> Sink:
+        return _ShardSink(UnlistedArray(self.store_path, self.array_name), part)
+
+    def commit(self, staging: Staging, attrs: dict[str, Any]) -> None:
+        missing = int((~staging.done()).sum())
+        if missing:
+            raise FeatureError(f"{staging.path}: {missing} images not extracted yet")
+        a = UnlistedArray(self.store_path, self.array_name)
+        crc = np.concatenate([_crc32_rows(a.read(start, start + a.shard_rows))
+                              for start in range(0, a.shape[0], a.shard_rows)]).astype(np.uint32)
+        with _store_lock(self.store_path):
+            publish(self.store_path, f"features/{self.name}", {"crc32": crc},
+                    {"feature_sets": {**self._sets(), self.name: attrs}})
+
+    def _sets(self, drop: bool = False) -> dict[str, Any]:
+        r = reader_for(self.store_path)
+        try:
+            sets = dict(r.attrs.get("feature_sets", {}))
+        finally:
+            r.close()
+        if drop:
+            sets.pop(self.name, None)
+        return sets
+
+
+class _ShardSink:
+    """Gathers one process's maps shard by shard (its batches never straddle shards, and it extracts
+    whole shards) and writes each shard whole, then flags its rows."""
+
+    def __init__(self, array: UnlistedArray, part: StagingPart):
+        self.array, self.part = array, part
+        self.shard, self.start, self.filled = -1, 0, 0
+        self.buf = np.empty(0)
+
+    def __call__(self, rows: np.ndarray, maps: np.ndarray) -> None:
+        a = self.array
+        shard = int(rows[0]) // a.shard_rows
+        if shard != self.shard:
+            self.shard, self.start, self.filled = shard, shard * a.shard_rows, 0
+            self.buf = np.empty((min(a.shard_rows, a.shape[0] - self.start), *a.shape[1:]), dtype=a.dtype)
+        self.buf[rows - self.start] = maps
+        self.filled += len(rows)
+        if self.filled == len(self.buf):
+            a.write_shard(shard, self.buf)
+            self.part.written(np.arange(self.start, self.start + len(self.buf)))
 
 
 @dataclass(frozen=True)
@@ -302,7 +509,8 @@ class FeatureSummary:
     shape: tuple[int, ...]  #: (N, C, h, w)
     extracted: int  #: images extracted by this run (the rest were staged by an earlier, interrupted one)
     seconds: float  #: extraction time of this run
-    device: str
+    device: str  #: of the first process
+    processes: int = 1  #: processes that extracted (torchrun)
 
     @property
     def nbytes(self) -> int:
@@ -310,7 +518,8 @@ class FeatureSummary:
 
     def __str__(self) -> str:
         n = self.shape[0]
-        rate = f", {self.extracted / self.seconds:.1f} img/s on {self.device}" if self.extracted and self.seconds else ""
+        where = self.device if self.processes == 1 else f"{self.processes} {self.device.split(':')[0]} processes"
+        rate = f", {self.extracted / self.seconds:.1f} img/s on {where}" if self.extracted and self.seconds else ""
         resumed = f" ({n - self.extracted:,} resumed from an earlier run)" if self.extracted < n else ""
         return (f"feature set {self.name!r} in {self.store}: {self.backbone} {', '.join(self.layers)}\n"
                 f"  maps   float16 {self.shape[1:]} x {n:,} images = {self.nbytes / 2**20:,.1f} MiB\n"
@@ -328,6 +537,10 @@ def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0
     """Run ``backbone`` over every image of the store at ``store_path`` and add the maps as feature set
     ``name`` (default: the backbone's name). Resumes an interrupted run with the same settings.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this with the same arguments: each
+    extracts its share of the images (on GPU ``LOCAL_RANK`` for ``device`` ``cuda``), and the first
+    commits; every process returns the summary of the whole run.
+
     An existing set ``name`` is replaced, and an unfinished run with other settings discarded, only with
     ``overwrite``. See :class:`~spairstore.features.backbones.FeatureExtractor` for the other arguments.
     """
@@ -338,6 +551,8 @@ def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0
     name = name or backbone
     if not _NAME.match(name):
         raise FeatureError(f"feature set name {name!r}: use letters, digits, '_', '-' and '.' (at most 64)")
+    if batch_size < 1:
+        raise FeatureError(f"batch size must be at least 1, got {batch_size}")
     device = device or default_device()
     try:
         dev = torch.device(device)
@@ -345,27 +560,61 @@ def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0
         raise FeatureError(f"unknown device {device!r} (use cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FeatureError("--device cuda: no CUDA device is available here")
-    with Store(store_path) as store:
-        if name in store.feature_sets and not overwrite:
-            raise FeatureError(f"{store_path}: feature set {name!r} exists; pass --overwrite to replace it")
-        extractor = FeatureExtractor(backbone, layers, input_size=input_size, image_size=store.image_size,
-                                     weights=weights, device=device)
-        attrs = extractor.attrs()
-        row_shape = [extractor.channels, extractor.size, extractor.size]
-        meta = {"name": name, "store": store_fingerprint(store), "rows": len(store), "row_shape": row_shape,
-                "attrs": attrs}
-        staging = Staging.open(staging_dir(store_path, name), meta, restart=overwrite)
-        try:
-            todo = staging.missing()
+    world = World.from_env(dev.type)
+    if dev.type == "cuda" and world.size > 1:
+        if dev.index is not None:
+            world.close()
+            raise FeatureError(f"--device {device} with {world.size} processes: each process takes the GPU of its "
+                               f"LOCAL_RANK; pass --device cuda")
+        dev = torch.device("cuda", world.local_rank)
+    staging: Staging | None = None
+    try:
+        with Store(store_path) as store:
+            extractor = world.each(lambda: FeatureExtractor(
+                backbone, layers, input_size=input_size, image_size=store.image_size, weights=weights,
+                device=str(dev)))
+            attrs = extractor.attrs()
+            row_shape = [extractor.channels, extractor.size, extractor.size]
+            meta = {"name": name, "store": store_fingerprint(store), "rows": len(store), "row_shape": row_shape,
+                    "attrs": attrs}
+            target: _CopyTarget | _ZarrTarget = (
+                _ZarrTarget(store_path, name, (len(store), *row_shape)) if format_of(store_path) == "zarr"
+                else _CopyTarget(store_path, name, batch_size))
+
+            def prepare() -> _Plan:
+                nonlocal staging
+                exists = name in store.feature_sets
+                if exists and not overwrite:
+                    raise FeatureError(f"{store_path}: feature set {name!r} exists; pass --overwrite to replace it")
+                staging = Staging.open(staging_dir(store_path, name), meta, restart=overwrite)
+                return target.prepare(staging, replace=exists, processes=world.size)
+
+            plan = world.first(prepare)
+            if staging is None:
+                staging = Staging.attach(staging_dir(store_path, name))
             t0 = time.perf_counter()
-            extract_rows(store, extractor, todo, staging.write, batch_size=batch_size, progress=progress,
-                         desc=f"features {name}")
-            staging.sync()
+
+            def extract() -> None:
+                part = staging.part(world.rank, data=target.part_data)
+                try:
+                    extract_rows(store, extractor, plan.rows[world.rank], target.sink(part), batch_size=batch_size,
+                                 progress=progress and world.rank == 0, unit_rows=plan.unit_rows,
+                                 desc=f"features {name}" + (f" (process 0 of {world.size})" if world.size > 1 else ""))
+                finally:
+                    part.close()
+
+            world.each(extract)
             seconds = time.perf_counter() - t0
-            commit(store_path, name, staging.meta["attrs"], staging)
-            shutil.rmtree(staging.path)
-        finally:
+
+            def finish() -> None:
+                target.commit(staging, staging.meta["attrs"])
+                shutil.rmtree(staging.path)
+
+            world.first(finish)
+    finally:
+        if staging is not None:
             staging.close()
+        world.close()
     return FeatureSummary(store=store_path, name=name, backbone=backbone, layers=attrs["layers"],
-                          shape=(len(staging.done), *row_shape), extracted=len(todo), seconds=seconds,
-                          device=str(dev))
+                          shape=(meta["rows"], *row_shape), extracted=sum(map(len, plan.rows)), seconds=seconds,
+                          device=str(dev), processes=world.size)
