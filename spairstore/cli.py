@@ -42,12 +42,24 @@ def pack(
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
     dataset: Annotated[Optional[str], typer.Option(help="Source layout; detected when omitted.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
+    on_error: Annotated[str, typer.Option(help="fail: stop at the first bad source file; skip: leave bad "
+                                               "images and pairs out, listing each with its reason.")] = "fail",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted pack of the same SRC and options "
+                                              "into OUT from its staging folder (.OUT.staging/).")] = False,
 ) -> None:
     """Pack a dataset folder into one store: decoded, letterboxed pixels and masks, original bytes,
-    annotations, pair tables and a SHA-256 manifest of every source file."""
+    annotations, pair tables and a SHA-256 manifest of every source file. A killed pack leaves the
+    old OUT (or none); --resume continues it."""
+    import warnings
+
+    from PIL import Image
+
     from .writer import pack as pack_
 
-    typer.echo(str(pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True)))
+    # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    typer.echo(str(pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True,
+                         on_error=on_error, resume=resume)))  # type: ignore[arg-type]
 
 
 def _mib(n: int) -> str:
@@ -111,6 +123,26 @@ def info(
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]
     typer.echo("\n".join(out))
+
+
+@app.command()
+def verify(
+    store: Annotated[Path, typer.Argument(help="Store to check.")],
+    sources: Annotated[Optional[Path], typer.Option(help="Dataset root: also compare every source file's "
+                                                         "SHA-256 with the store's manifest.")] = None,
+    sample: Annotated[Optional[float], typer.Option(help="Check only this random fraction (0-1] of the "
+                                                         "records and source files.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the --sample draw.")] = None,
+) -> None:
+    """Check every payload record's CRC-32, every table's CRC-32 and (with --sources) every source file's
+    SHA-256; name each record or file that differs. Exit code 1 on any difference."""
+    from .verify import verify as verify_
+
+    report = verify_(store, sources=sources, sample=sample, seed=seed, progress=True)
+    typer.echo(str(report))
+    if not report.ok:
+        raise SpairstoreError(f"{report.path}: {len(report.differences):,} records, tables or files differ "
+                              "(listed above)")
 
 
 def main() -> None:

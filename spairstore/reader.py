@@ -5,9 +5,16 @@ when the store is opened. Payloads (pixels, masks, original bytes) are read thro
 the byte offsets the backend reports, created lazily in each process, so a Store is safe to use after
 ``fork`` and pickles (as its path) for ``spawn``. Arrays a backend cannot locate as plain bytes
 (chunked or compressed) are read through the backend library instead.
+
+A store file is trusted only after checks: its layout must match :mod:`spairstore.schema` (every
+field's dtype and shape), its offsets and indices must stay inside what they index, and every
+memory-mapped extent must lie inside the file; anything else is a :class:`StoreError`.
+A Store keeps the file it opened open: when a new version is packed to the same path (an atomic
+rename), readers go on reading the old file until they open the store again.
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,7 +25,7 @@ import numpy as np
 from . import geometry
 from .backends import ArrayReader, RawExtent, reader_for
 from .errors import StoreError
-from .schema import FORMAT_NAME, FORMAT_VERSION, PAYLOAD_FIELDS
+from .schema import FORMAT_NAME, FORMAT_VERSION, PAYLOAD_FIELDS, check_layout, check_tables
 
 
 class Table(Mapping[str, np.ndarray]):
@@ -73,17 +80,49 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
-        backend = reader_for(self.path)
-        try:
-            self._load(backend)
-        finally:
-            backend.close()
         self._pid = os.getpid()
         self._maps: dict[str, np.ndarray] = {}
         self._backend: ArrayReader | None = None
+        for _ in range(3):
+            # Pin the file first, then check the tables came from that same file: a pack may
+            # rename a new version into place at any moment.
+            self._file = self._pin()
+            try:
+                backend = reader_for(self.path)
+                try:
+                    self._load(backend)
+                finally:
+                    backend.close()
+            except BaseException:
+                self.close()
+                raise
+            #: (device, inode) of the file this Store reads: a new version renamed into place differs
+            self._opened = None if self._file is None else _identity(os.fstat(self._file.fileno()))
+            if self._opened is None or self._identity() == self._opened:
+                return
+            self.close()
+        raise StoreError(f"{self.path}: the store kept being replaced while it was opened")
+
+    def _pin(self) -> io.BufferedReader | None:
+        try:
+            return io.open(self.path, "rb") if self.path.is_file() else None
+        except OSError:
+            return None  # the backend says why
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            return _identity(os.stat(self.path))
+        except OSError:
+            return None
 
     # -- opening --------------------------------------------------------------------------------
     def _load(self, backend: ArrayReader) -> None:
+        try:
+            self._load_checked(backend)
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
+            raise StoreError(f"{self.path}: malformed store ({type(e).__name__}: {e})") from None
+
+    def _load_checked(self, backend: ArrayReader) -> None:
         attrs = backend.attrs
         if attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{self.path}: not a spairstore store (format attribute {attrs.get('format')!r})")
@@ -95,35 +134,55 @@ class Store:
         if major > FORMAT_VERSION[0]:
             raise StoreError(f"{self.path}: store format {version} is newer than this spairstore reads "
                              f"({FORMAT_VERSION[0]}.x); upgrade spairstore")
+        self.shapes = backend.shapes()
+        problems = check_layout(self.shapes, attrs)
+        if not problems:
+            hot = {f"images/{f}" for f in PAYLOAD_FIELDS} | {k for k in self.shapes if k.startswith("features/")}
+            tables = {k: backend.read(k) for k in self.shapes if k not in hot}
+            problems = check_tables(tables, self.shapes, attrs)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise StoreError(f"{self.path}: {problems[0]}{more}")
         self.attrs: dict[str, Any] = dict(attrs)
         self.dataset: str = attrs["dataset"]
         self.image_size: int = int(attrs["image_size"])
         self.splits: list[str] = list(attrs["splits"])
         self.pose_names: list[str] = list(attrs["pose_names"])
-        self.shapes = backend.shapes()
-        hot = {f"images/{f}" for f in PAYLOAD_FIELDS} | {k for k in self.shapes if k.startswith("features/")}
-        tables = {k: backend.read(k) for k in self.shapes if k not in hot}
         self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in hot if k in self.shapes}
+        self._check_extents()
         self.images = Table(_group(tables, "images/"))
         self.categories: list[str] = [str(c) for c in _decode_strings(tables["categories"])]
         self._pairs = {s: Table(_group(tables, f"pairs/{s}/")) for s in self.splits}
         self.manifest = Table(_group(tables, "manifest/"))
         self.feature_sets: dict[str, dict[str, Any]] = {
             k: v for k, v in attrs.get("feature_sets", {}).items() if f"features/{k}/data" in self.shapes}
-        n = len(self)
-        for name in ("pixels", "mask"):
-            shape = self.shapes[f"images/{name}"][0]
-            if shape[0] not in (0, n) or shape[1:3] != (self.image_size, self.image_size):
-                raise StoreError(f"{self.path}: images/{name} has shape {shape}, expected ({n}, "
-                                 f"{self.image_size}, {self.image_size}, ...)")
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
 
+    def _check_extents(self) -> None:
+        """Every memory-mapped array must lie inside its file: a map past the end of a (truncated)
+        file would kill the reading process with SIGBUS instead of raising."""
+        for name, ext in self.extents.items():
+            if ext is None:
+                continue
+            nbytes = int(np.prod(ext.shape, dtype=np.int64)) * ext.dtype.itemsize
+            size = (os.fstat(self._file.fileno()) if self._pinned(ext) else os.stat(ext.file)).st_size
+            if ext.offset < 0 or ext.offset + nbytes > size:
+                raise StoreError(f"{self.path}: {name} ({nbytes:,} bytes at offset {ext.offset:,}) lies past "
+                                 f"the end of {ext.file.name} ({size:,} bytes); the file is truncated or damaged")
+
+    def _pinned(self, ext: RawExtent) -> bool:
+        return self._file is not None and Path(ext.file) == self.path
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
+        return {"path": self.path, "identity": self._opened}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"])  # type: ignore[misc]
+        if state.get("identity") is not None and self._opened != tuple(state["identity"]):
+            self.close()
+            raise StoreError(f"{self.path} was replaced by a new version since this Store was opened; "
+                             "open the store again (e.g. recreate the dataset) to read the new version")
 
     # -- payload access -----------------------------------------------------------------------------
     def _array(self, name: str) -> np.ndarray | None:
@@ -136,7 +195,8 @@ class Store:
             shape = self.shapes[name][0]
             if ext is None and int(np.prod(shape)) != 0:
                 return None
-            a = (np.memmap(ext.file, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape)
+            source = self._file if ext is not None and self._pinned(ext) else ext.file if ext is not None else None
+            a = (np.memmap(source, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape)
                  if ext is not None else np.empty(shape, dtype=self.shapes[name][1]))
             self._maps[name] = a
         return a
@@ -257,11 +317,21 @@ class Store:
         """Stored bytes of every array."""
         return {k: int(np.prod(s)) * np.dtype(d).itemsize for k, (s, d) in self.shapes.items()}
 
+    def array(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the stored array at path ``name`` (e.g. ``images/pixels``, or the
+        bytes of ``images/image_blob``), exactly as stored: hot arrays come from the memory map."""
+        if name not in self.shapes:
+            raise StoreError(f"{self.path}: no array {name!r}")
+        return self._read(name, slice(start, stop))
+
     def close(self) -> None:
         self._maps = {}
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> Store:
         return self
@@ -272,6 +342,10 @@ class Store:
     def __repr__(self) -> str:
         pairs = ", ".join(f"{s}: {self.pairs(s).rows}" for s in self.splits)
         return f"<spairstore.Store {self.path.name}: {self.dataset}, {len(self)} images, pairs {{{pairs}}}>"
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
 
 
 def open(path: str | Path) -> Store:  # noqa: A001 - mirrors h5py.File / zarr.open

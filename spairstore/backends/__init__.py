@@ -38,6 +38,20 @@ class ArrayWriter(Protocol):
     def close(self) -> None: ...
 
 
+class RowWriter(Protocol):
+    """Fills rows of the hot arrays of a store whose structure is complete and closed, at the extents
+    its reader reported, such that a process killed at any moment leaves the structure intact (only
+    unwritten rows missing)."""
+
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        """Rows ``start:start + len(data)`` of a hot array."""
+
+    def flush(self) -> None:
+        """Make every row written so far durable (fsync)."""
+
+    def close(self) -> None: ...
+
+
 class ArrayReader(Protocol):
     attrs: dict[str, Any]
 
@@ -62,6 +76,21 @@ def writer_for(path: Path) -> ArrayWriter:
     from . import hdf5
 
     return hdf5.HDF5Writer(path)
+
+
+def row_writer_for(path: Path, extents: dict[str, RawExtent | None]) -> RowWriter:
+    """A :class:`RowWriter` for the closed structure of a store at ``path``."""
+    from . import hdf5
+
+    return hdf5.HDF5RowWriter(path, extents)
+
+
+def mark_complete(path: Path, complete: bool) -> None:
+    """Durably make the store at ``path`` openable (``complete``) or not: a store being filled in
+    place must never open as if it were finished."""
+    from . import hdf5
+
+    hdf5.mark_complete(path, complete)
 
 
 def reader_for(path: Path) -> ArrayReader:
