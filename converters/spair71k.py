@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from spairstore.errors import SourceError
+from spairstore.manifest import sha256_bytes
 from spairstore.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
 
 NAME = "spair71k"
@@ -120,11 +121,16 @@ def detect(root: Path) -> bool:
     return (root / "ImageAnnotation").is_dir() and (root / "PairAnnotation").is_dir()
 
 
-def _load_json(path: Path, root: Path) -> dict[str, Any]:
-    rel = path.relative_to(root)
+Digests = dict[str, tuple[int, str]]  #: see ``DatasetRecords.digests``
+
+
+def _load_json(path: Path | str, rel: Path | str, digests: Digests) -> dict[str, Any]:
+    """Parse a JSON object, recording the size and SHA-256 of the very bytes parsed for the manifest."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read())
+            raw = f.read()
+        digests[str(rel)] = (len(raw), sha256_bytes(raw))
+        data = json.loads(raw)
     except FileNotFoundError:
         raise SourceError(rel, "file not found") from None
     except OSError as e:
@@ -136,13 +142,13 @@ def _load_json(path: Path, root: Path) -> dict[str, Any]:
     return data
 
 
-def _require(data: Mapping[str, Any], keys: Iterable[str], rel: Path) -> None:
+def _require(data: Mapping[str, Any], keys: Iterable[str], rel: Path | str) -> None:
     missing = [k for k in keys if k not in data]
     if missing:
         raise SourceError(rel, f"missing key(s) {', '.join(missing)}")
 
 
-def _int(value: Any, what: str, rel: Path, lo: int | None = None, hi: int | None = None) -> int:
+def _int(value: Any, what: str, rel: Path | str, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SourceError(rel, f"{what} must be an integer, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -155,13 +161,13 @@ def _int(value: Any, what: str, rel: Path, lo: int | None = None, hi: int | None
 _NUMBER = (int, float)
 
 
-def _str(value: Any, what: str, rel: Path) -> str:
+def _str(value: Any, what: str, rel: Path | str) -> str:
     if not isinstance(value, str):
         raise SourceError(rel, f"{what} must be a string, got {value!r}")
     return value
 
 
-def _file_name(value: Any, what: str, rel: Path) -> str:
+def _file_name(value: Any, what: str, rel: Path | str) -> str:
     """A bare file name: anything with a path component could reach outside the dataset root."""
     name = _str(value, what, rel)
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
@@ -170,7 +176,7 @@ def _file_name(value: Any, what: str, rel: Path) -> str:
     return name
 
 
-def _points(value: Any, what: str, rel: Path, width: int, height: int) -> np.ndarray:
+def _points(value: Any, what: str, rel: Path | str, width: int, height: int) -> np.ndarray:
     """A list of [x, y] points (original pixels) inside a ``width x height`` image: 0 <= x <= width.
     (Plain Python: for a few points per file it is several times faster than numpy.)"""
     if type(value) is not list:
@@ -183,7 +189,7 @@ def _points(value: Any, what: str, rel: Path, width: int, height: int) -> np.nda
     return np.array(value, dtype=np.float32).reshape(-1, 2)
 
 
-def _bbox(value: Any, what: str, rel: Path, width: int, height: int) -> tuple[float, float, float, float]:
+def _bbox(value: Any, what: str, rel: Path | str, width: int, height: int) -> tuple[float, float, float, float]:
     """``[x1, y1, x2, y2]`` (VOC, 1-based inclusive: x2 may equal the width) inside the image."""
     if type(value) is not list or len(value) != 4 or not all(
             type(v) in _NUMBER and math.isfinite(v) for v in value):
@@ -196,14 +202,18 @@ def _bbox(value: Any, what: str, rel: Path, width: int, height: int) -> tuple[fl
     return x1, y1, x2, y2
 
 
-def _read_image(root: Path, category: str, ann_path: Path, has_masks: bool) -> ImageRecord:
-    rel = ann_path.relative_to(root)
-    ann = _load_json(ann_path, root)
+def _stem(filename: str) -> str:
+    return filename.rsplit(".", 1)[0]
+
+
+def _read_image(root: Path, category: str, ann_path: Path, has_masks: bool, digests: Digests) -> ImageRecord:
+    rel = ann_path.relative_to(root).as_posix()
+    ann = _load_json(ann_path, rel, digests)
     _require(ann, IMAGE_KEYS, rel)
     if ann["category"] != category:
         raise SourceError(rel, f"category {ann['category']!r} does not match its folder {category!r}")
     filename = _file_name(ann["filename"], "filename", rel)
-    name = Path(filename).stem
+    name = _stem(filename)
     if name != ann_path.stem:
         raise SourceError(rel, f"filename {filename!r} does not match the annotation file name")
     width = _int(ann["image_width"], "image_width", rel, lo=1)
@@ -248,22 +258,23 @@ def _read_layout(path: Path, root: Path) -> list[str] | None:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _read_pair(root: Path, split: str, path: Path, index: Mapping[tuple[str, str], ImageRecord],
-               skipped_images: Mapping[str, str], small: set[str]) -> PairRecord:
-    rel = path.relative_to(root)
-    ann = _load_json(path, root)
+def _read_pair(root: Path, split: str, stem: str, index: Mapping[tuple[str, str], ImageRecord],
+               skipped_images: Mapping[str, str], small: set[str], digests: Digests) -> PairRecord:
+    # 71k of these per pack: plain strings here, pathlib's overhead would dominate the parse.
+    rel = f"PairAnnotation/{split}/{stem}.json"
+    ann = _load_json(f"{root}/{rel}", rel, digests)
     _require(ann, PAIR_KEYS, rel)
     category = ann["category"]
     if category not in CATEGORIES:
         raise SourceError(rel, f"unknown category {category!r}")
     images = []
     for side in ("src", "trg"):
-        stem = os.path.splitext(_file_name(ann[f"{side}_imname"], f"{side}_imname", rel))[0]
-        image = index.get((category, stem))
+        name = _stem(_file_name(ann[f"{side}_imname"], f"{side}_imname", rel))
+        image = index.get((category, name))
         if image is None:
-            why = skipped_images.get(f"{category}/{stem}")
+            why = skipped_images.get(f"{category}/{name}")
             raise SourceError(rel, f"{side}_imname {ann[f'{side}_imname']!r} names "
-                                   + (f"image {category}/{stem}, which was skipped: {why}" if why else
+                                   + (f"image {category}/{name}, which was skipped: {why}" if why else
                                       f"no image annotation in ImageAnnotation/{category}/"))
         size = ann[f"{side}_imsize"]
         if not isinstance(size, list) or len(size) != 3 or not all(
@@ -277,7 +288,7 @@ def _read_pair(root: Path, split: str, path: Path, index: Mapping[tuple[str, str
     ids = ann["kps_ids"]
     if not isinstance(ids, list) or not all(isinstance(i, str) and i.isdigit() for i in ids):
         raise SourceError(rel, "kps_ids must be a list of keypoint id strings")
-    kps_ids = np.asarray([int(i) for i in ids], dtype=np.int16)
+    kps_ids = np.array([int(i) for i in ids], dtype=np.int16)
     if kps_ids.size and kps_ids.max() >= NUM_KEYPOINTS:
         raise SourceError(rel, f"kps_ids {ids} name a keypoint id >= {NUM_KEYPOINTS}")
     src_kps = _points(ann["src_kps"], "src_kps", rel, images[0].width, images[0].height)
@@ -287,7 +298,7 @@ def _read_pair(root: Path, split: str, path: Path, index: Mapping[tuple[str, str
     return PairRecord(
         split=split,
         pair_id=_int(ann["pair_id"], "pair_id", rel, lo=0),
-        stem=path.stem,
+        stem=stem,
         category=category,
         src=images[0].key,
         trg=images[1].key,
@@ -299,31 +310,30 @@ def _read_pair(root: Path, split: str, path: Path, index: Mapping[tuple[str, str
         truncation=_int(ann["truncation"], "truncation", rel, 0, 3),
         occlusion=_int(ann["occlusion"], "occlusion", rel, 0, 3),
         mirror=_int(ann["mirror"], "mirror", rel, 0, 1),
-        small=path.stem in small,
-        path=rel.as_posix(),
+        small=stem in small,
+        path=rel,
     )
 
 
-def _pair_files(root: Path, split: str, policy: ErrorPolicy) -> tuple[list[Path], Path | None]:
-    """The pair files of a split, in Layout order (by pair id without a layout), and the layout file."""
+def _pair_stems(root: Path, split: str, policy: ErrorPolicy) -> tuple[list[str], Path | None]:
+    """The pair file stems of a split, in Layout order (by pair id without a layout), and the layout file."""
     split_dir = root / "PairAnnotation" / split
     layout_path = root / "Layout" / "large" / f"{split}.txt"
+    present = {f[:-5] for f in os.listdir(split_dir) if f.endswith(".json")}
     stems = _read_layout(layout_path, root)
     if stems is None:
-        return sorted(split_dir.glob("*.json"), key=lambda p: (int(p.stem.split("-", 1)[0]), p.name)), None
-    files = []
+        return sorted(present, key=lambda s: (int(s.split("-", 1)[0]), s)), None
     layout_rel = layout_path.relative_to(root)
+    kept = []
     for stem in stems:
-        if not policy.attempt("pair", f"{split}/{stem}",
-                              lambda: _file_name(stem, f"line {stem!r}", layout_rel)):
+        if policy.attempt("pair", f"{split}/{stem}", lambda: _file_name(stem, f"line {stem!r}", layout_rel)) is None:
             continue
-        f = split_dir / f"{stem}.json"
-        if f.is_file():
-            files.append(f)
+        if stem in present:
+            kept.append(stem)
         else:
             policy.skip("pair", f"{split}/{stem}", SourceError(
                 layout_rel, f"line {stem!r} names no file in PairAnnotation/{split}/"))
-    return files, layout_path
+    return kept, layout_path
 
 
 def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
@@ -357,10 +367,10 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
             policy.skip("image", f"{folder.name}/{p.stem}", SourceError(p.relative_to(root), error.reason))
     categories = [c for c in CATEGORIES if (ann_dir / c).is_dir()]
     ann_files = [p for c in categories for p in sorted((ann_dir / c).glob("*.json"))]
-    images, sources = [], []
+    images, sources, digests = [], [], {}
     for p in wrap(ann_files, "image annotations", len(ann_files)):
         im = policy.attempt("image", f"{p.parent.name}/{p.stem}",
-                            lambda: _read_image(root, p.parent.name, p, has_masks))
+                            lambda: _read_image(root, p.parent.name, p, has_masks, digests))
         if im is not None:
             images.append(im)
             sources.append(p)
@@ -372,16 +382,16 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
         if not (root / "PairAnnotation" / split).is_dir():
             notes.append(f"split {split!r} absent (no PairAnnotation/{split}/): not packed")
             continue
-        files, layout_path = _pair_files(root, split, policy)
+        stems, layout_path = _pair_stems(root, split, policy)
         small_path = root / "Layout" / "small" / f"{split}.txt"
         small_stems = _read_layout(small_path, root)
         sources += [p for p in (layout_path, small_path if small_stems is not None else None) if p is not None]
         small = set(small_stems or ())
         recs: list[PairRecord] = []
         seen: dict[int, str] = {}
-        for f in wrap(files, f"{split} pairs", len(files)):
-            r = policy.attempt("pair", f"{split}/{f.stem}",
-                               lambda: _read_pair(root, split, f, index, skipped_images, small))
+        for stem in wrap(stems, f"{split} pairs", len(stems)):
+            r = policy.attempt("pair", f"{split}/{stem}",
+                               lambda: _read_pair(root, split, stem, index, skipped_images, small, digests))
             if r is None:
                 continue
             if r.pair_id in seen:
@@ -390,7 +400,7 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
                 continue
             seen[r.pair_id] = r.stem
             recs.append(r)
-            sources.append(f)
+            sources.append(root / r.path)
         pairs[split] = recs
     if not pairs:
         raise SourceError(root / "PairAnnotation", "no split folder (trn, val, test) found")
@@ -398,5 +408,5 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     sources += [im.mask_path for im in images if im.mask_path is not None]
     return DatasetRecords(
         dataset=NAME, root=root, categories=categories, num_keypoints=NUM_KEYPOINTS,
-        images=images, pairs=pairs, sources=sources, notes=notes, skipped=policy.skipped,
+        images=images, pairs=pairs, sources=sources, notes=notes, skipped=policy.skipped, digests=digests,
     )

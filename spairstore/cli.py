@@ -37,14 +37,17 @@ def synth(
 
 @app.command()
 def pack(
-    src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (e.g. SPair-71k/).")],
-    out: Annotated[Path, typer.Argument(help="Store to write (.h5).")],
+    src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (SPair-71k/, PF-PASCAL/, PF-WILLOW/).")],
+    out: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
-    dataset: Annotated[Optional[str], typer.Option(help="Source layout; detected when omitted.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Source layout: spair71k, pfpascal or pfwillow; detected when omitted.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
+    format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of OUT decides.")] = None,
+    shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
     on_error: Annotated[str, typer.Option(help="fail: stop at the first bad source file; skip: leave bad "
                                                "images and pairs out, listing each with its reason.")] = "fail",
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted pack of the same SRC and options "
+    resume: Annotated[bool, typer.Option(help="HDF5: continue an interrupted pack of the same SRC and options "
                                               "into OUT from its staging folder (.OUT.staging/).")] = False,
 ) -> None:
     """Pack a dataset folder into one store: decoded, letterboxed pixels and masks, original bytes,
@@ -58,16 +61,39 @@ def pack(
 
     # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
-    typer.echo(str(pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True,
-                         on_error=on_error, resume=resume)))  # type: ignore[arg-type]
+    summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
+                    shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume)  # type: ignore[arg-type]
+    typer.echo(str(summary))
+
+
+def _shard_bytes(shard_mb: float) -> int:
+    if shard_mb <= 0:
+        raise SpairstoreError(f"--shard-mb must be positive, got {shard_mb}")
+    return max(1, int(shard_mb * 2**20))
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Store to read: .h5 file, .zarr directory or Zarr URL.")],
+    dst: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
+    format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of DST decides.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing DST once the copy is complete.")] = False,
+    shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
+) -> None:
+    """Copy a store into another format (HDF5 <-> Zarr), losslessly: every array and attribute equal."""
+    from .convert import convert as convert_
+
+    typer.echo(str(convert_(src, dst, format=format, overwrite=overwrite, shard_bytes=_shard_bytes(shard_mb),
+                            progress=True)))
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def store_info(path: Path) -> dict:
-    """Everything ``spairstore info`` shows, as JSON-able data."""
+def store_info(path: Path | str) -> dict:
+    """Everything ``spairstore info`` shows, as JSON-able data (``file_bytes`` is None for a URL)."""
+    from .backends import disk_bytes, format_of, is_url
     from .reader import open as open_store
 
     with open_store(path) as s:
@@ -79,12 +105,13 @@ def store_info(path: Path) -> dict:
         return {
             "path": str(s.path),
             "format": s.attrs["format"],
+            "backend": format_of(s.path),
             "format_version": s.attrs["format_version"],
             "dataset": s.dataset,
             "created_by": s.attrs.get("created_by"),
             "image_size": s.image_size,
             "images": len(s),
-            "file_bytes": s.path.stat().st_size,
+            "file_bytes": None if is_url(s.path) else disk_bytes(s.path),
             "field_bytes": s.field_bytes(),
             "splits": counts,
             "categories": per_cat,
@@ -96,7 +123,7 @@ def store_info(path: Path) -> dict:
 
 @app.command()
 def info(
-    store: Annotated[Path, typer.Argument(help="Store to describe.")],
+    store: Annotated[str, typer.Argument(help="Store to describe: .h5 file, .zarr directory or Zarr URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Describe a store: format, dataset, sizes per field, counts per split and category, build config."""
@@ -106,9 +133,9 @@ def info(
         return
     out = [
         f"{d['path']}",
-        f"  format       {d['format']} {d['format_version']} ({d['created_by']})",
-        f"  dataset      {d['dataset']}, {d['images']:,} images at {d['image_size']}x{d['image_size']}, "
-        f"{_mib(d['file_bytes'])} on disk",
+        f"  format       {d['format']} {d['format_version']} in {d['backend']} ({d['created_by']})",
+        f"  dataset      {d['dataset']}, {d['images']:,} images at {d['image_size']}x{d['image_size']}"
+        + ("" if d["file_bytes"] is None else f", {_mib(d['file_bytes'])} on disk"),
         f"  source files {d['manifest_files']:,} in the manifest",
         "  splits       " + "; ".join(f"{k}: {v['pairs']:,} pairs, {v['images']:,} images"
                                       for k, v in d["splits"].items()),
@@ -117,17 +144,135 @@ def info(
     big = sorted(d["field_bytes"].items(), key=lambda kv: -kv[1])
     out += [f"    {k:<28} {_mib(v):>12}" for k, v in big if v >= 2**20 or k.startswith("images/")][:12]
     splits = list(d["splits"])
-    out.append("  per category " + " ".join(f"{h:>8}" for h in ["images", *splits]))
+    w = max([11, *map(len, d["categories"])])  # PF-WILLOW folders like winebottle(woC) are longer
+    out.append(f"  {'per category':<{w + 1}} " + " ".join(f"{h:>8}" for h in ["images", *splits]))
     for c, v in d["categories"].items():
-        out.append(f"    {c:<11}" + " ".join(f"{v[h]:>8,}" for h in ["images", *splits]))
+        out.append(f"    {c:<{w}}" + " ".join(f"{v[h]:>8,}" for h in ["images", *splits]))
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]
     typer.echo("\n".join(out))
 
 
+_METHOD_HELP = "Predictions from a method: identity (the dataset paper's baseline) or nn (needs --features)."
+_PROTOCOL_HELP = "Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy (default: the store's dataset's)."
+
+
+def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed):  # noqa: ANN001, ANN202
+    from .protocols import resolve_protocol
+
+    return resolve_protocol(protocol, store.dataset, alphas=alpha, direction=direction, threshold=threshold,
+                            comparison=comparison, frame=frame, subsample=subsample, seed=seed)
+
+
+@app.command("eval")
+def eval_(
+    store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
+    split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
+    method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
+    features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(
+        help="Predictions file (.npz keyed by pair id, .pt, .npy): keypoints in original pixels of the "
+             "image predicted in (the target for src->trg).")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
+    direction: Annotated[Optional[str], typer.Option(help="Override: src->trg or trg->src.")] = None,
+    threshold: Annotated[Optional[str], typer.Option(
+        help="Override the threshold base: bbox, image, kp-extent, kp-extent-padded.")] = None,
+    comparison: Annotated[Optional[str], typer.Option(help="Override: <= or <.")] = None,
+    frame: Annotated[Optional[str], typer.Option(help="Override: original or square.")] = None,
+    subsample: Annotated[Optional[int], typer.Option(help="Evaluate this many random pairs per category.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of --subsample.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text, markdown, csv or json.")] = "text",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the report here, not stdout.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also save a PCK-vs-alpha and per-category plot (PNG).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device for --method nn (default: cuda if available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch for --method nn.")] = 32,
+) -> None:
+    """PCK of a method or a predictions file, with the protocol line and the dataset paper's tables: per
+    category, by viewpoint/scale/truncation/occlusion, and the controlled analysis."""
+    from .evaluation import evaluate
+    from .methods import get_method
+    from .reader import open as open_store
+
+    if (method is None) == (predictions is None):
+        raise SpairstoreError("give exactly one of --method and --predictions")
+    fmt = "json" if as_json else fmt
+    if fmt not in ("text", "markdown", "csv", "json"):
+        raise SpairstoreError(f"--format must be text, markdown, csv or json, not {fmt!r}")
+    with open_store(store) as s:
+        proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed)
+        source = get_method(method, features, device, batch_size, progress=True) if method else predictions
+        report = evaluate(s, split, source, proto)
+    text = report.render(fmt)
+    if output:
+        output.write_text(text + "\n")
+    else:
+        typer.echo(text)
+    if plot:
+        from .viz import plot_reports
+
+        plot_reports(report, plot)
+
+
+@app.command()
+def stats(
+    store: Annotated[str, typer.Argument(help="Store to describe (path, or URL of a Zarr store).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
+) -> None:
+    """Dataset statistics in the dataset paper's layout: pairs per split and difficulty level, pairs per
+    category and split, images per split."""
+    from .reader import open as open_store
+    from .stats import dataset_stats, render_stats
+
+    with open_store(store) as s:
+        d = dataset_stats(s)
+    typer.echo(json.dumps(d, indent=2) if as_json else render_stats(d, "markdown" if markdown else "text"))
+
+
+@app.command()
+def show(
+    store: Annotated[str, typer.Argument(help="Store holding the pair (path, or URL of a Zarr store).")],
+    pair: Annotated[int, typer.Option(help="Pair id (the key within the split).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
+    split: Annotated[str, typer.Option(help="Split of the pair.")] = "test",
+    method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
+    features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="Predictions file for the whole split.")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Alpha of the green/red colouring (default: the "
+                                                         "protocol's first).")] = None,
+    direction: Annotated[Optional[str], typer.Option(help="src->trg or trg->src.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device for --method nn.")] = None,
+) -> None:
+    """Draw a pair side by side with its keypoints; with a method or predictions, match lines are green
+    when correct at alpha and red when not. Without either, the ground-truth matches."""
+    import numpy as np
+
+    from .methods import get_method, load_predictions
+    from .reader import open as open_store
+    from .viz import show_pair
+
+    if method is not None and predictions is not None:
+        raise SpairstoreError("give at most one of --method and --predictions")
+    with open_store(store) as s:
+        proto = _protocol(s, protocol, None, direction, None, None, None, None, None)
+        row = s.pair_row(split, pair)
+        pred, name = None, None
+        if method:
+            m = get_method(method, features, device)
+            pred, name = m(s, split, np.array([row]), proto.direction)[0], m.name
+        elif predictions:
+            pred, name = load_predictions(predictions, s, split)[row], predictions.name
+        alpha = proto.alphas[0] if alpha is None else alpha
+        report = show_pair(s, split, row, output, proto, pred, alpha=alpha, method=name)
+    typer.echo(f"wrote {output}" + (f" (PCK@{alpha:g}: {report.pck(alpha):.1f}%)" if report else ""))
+
+
 @app.command()
 def verify(
-    store: Annotated[Path, typer.Argument(help="Store to check.")],
+    store: Annotated[str, typer.Argument(help="Store to check: .h5 file, .zarr directory or Zarr URL.")],
     sources: Annotated[Optional[Path], typer.Option(help="Dataset root: also compare every source file's "
                                                          "SHA-256 with the store's manifest.")] = None,
     sample: Annotated[Optional[float], typer.Option(help="Check only this random fraction (0-1] of the "

@@ -1,20 +1,24 @@
 """Reading a store: :func:`open` returns a :class:`Store`.
 
 Small tables (image metadata, pair tables, categories, manifest) are loaded into RAM as numpy arrays
-when the store is opened. Payloads (pixels, masks, original bytes) are read through ``np.memmap`` at
-the byte offsets the backend reports, created lazily in each process, so a Store is safe to use after
-``fork`` and pickles (as its path) for ``spawn``. Arrays a backend cannot locate as plain bytes
-(chunked or compressed) are read through the backend library instead.
+when the store is opened. Payloads (pixels, masks, original bytes, features) are read from memory
+maps of the files at the byte offsets the backend reports (:class:`~spairstore.backends.RawExtent`:
+one contiguous extent in HDF5, one location per record in a sharded Zarr store), mapped lazily in
+each process, so a Store is safe to use after ``fork`` and pickles (as its path) for ``spawn``.
+Arrays a backend cannot locate as plain bytes (compressed, or remote) are read through the backend
+library instead, one call per batch.
 
-A store file is trusted only after checks: its layout must match :mod:`spairstore.schema` (every
-field's dtype and shape), its offsets and indices must stay inside what they index, and every
-memory-mapped extent must lie inside the file; anything else is a :class:`StoreError`.
-A Store keeps the file it opened open: when a new version is packed to the same path (an atomic
-rename), readers go on reading the old file until they open the store again.
+A store is trusted only after checks: its layout must match :mod:`spairstore.schema` (every field's
+dtype and shape), its offsets and indices must stay inside what they index, and every extent read
+raw must lie inside its file; anything else is a :class:`StoreError`. A Store keeps the file of an
+HDF5 store open: when a new version is packed to the same path (an atomic rename), readers go on
+reading the old file until they open the store again.
 """
 from __future__ import annotations
 
 import io
+import math
+import mmap
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from . import geometry
-from .backends import ArrayReader, RawExtent, reader_for
+from .backends import ArrayReader, RawExtent, is_url, reader_for
 from .errors import StoreError
-from .schema import FORMAT_NAME, FORMAT_VERSION, PAYLOAD_FIELDS, check_layout, check_tables
+from .schema import FORMAT_NAME, FORMAT_VERSION, check_layout, check_tables, is_hot
 
 
 class Table(Mapping[str, np.ndarray]):
@@ -66,6 +70,54 @@ def _group(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
             if k.startswith(prefix) and "/" not in k[len(prefix):]}
 
 
+class _RawArray:
+    """An array read from the plain files of its :class:`RawExtent` through one read-only memory map
+    per file, made on first use in the reading process; files in ``pinned`` (path -> descriptor held
+    since the store was opened) are mapped through that descriptor, not their path."""
+
+    def __init__(self, ext: RawExtent, pinned: dict[Path, int]):
+        self.ext = ext
+        self.row_shape = ext.shape[1:]
+        self.row_bytes = math.prod(self.row_shape) * ext.dtype.itemsize
+        self._files: dict[int, np.ndarray] = {}
+        self._pinned = pinned
+
+    def _file(self, k: int) -> np.ndarray:
+        m = self._files.get(k)
+        if m is None:
+            pinned = self._pinned.get(Path(self.ext.files[k]))
+            fd = os.open(self.ext.files[k], os.O_RDONLY) if pinned is None else pinned
+            try:
+                m = self._files[k] = np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), np.uint8)
+            finally:
+                if pinned is None:
+                    os.close(fd)
+        return m
+
+    def _piece(self, c: int, start: int, stop: int) -> np.ndarray:
+        n = stop - start
+        off = int(self.ext.offsets[c])
+        if off < 0:  # chunk never written
+            return np.zeros((n, *self.row_shape), self.ext.dtype)
+        off += (start - c * self.ext.chunk_rows) * self.row_bytes
+        k = int(self.ext.file_ids[c])
+        b = self._file(k)[off:off + n * self.row_bytes]
+        if len(b) != n * self.row_bytes:
+            raise StoreError(f"{self.ext.files[k]}: truncated (rows {start}:{stop} lie past its end)")
+        return b.view(self.ext.dtype).reshape(n, *self.row_shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``: a read-only view of the mapping where they lie in one chunk, else a copy."""
+        if stop <= start:
+            return np.empty((0, *self.row_shape), self.ext.dtype)
+        cr = self.ext.chunk_rows
+        first, last = start // cr, (stop - 1) // cr
+        if first == last:
+            return self._piece(first, start, stop)
+        return np.concatenate([self._piece(c, max(start, c * cr), min(stop, (c + 1) * cr))
+                               for c in range(first, last + 1)])
+
+
 class Store:
     """An opened store. Image rows ``i`` index every ``images/*`` array; pair rows index a split's table.
 
@@ -79,13 +131,14 @@ class Store:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).resolve()
+        #: a local ``Path``, or the URL string of a remote (read-only) Zarr store
+        self.path: Path | str = path if is_url(path) else Path(path).resolve()
         self._pid = os.getpid()
-        self._maps: dict[str, np.ndarray] = {}
+        self._maps: dict[str, _RawArray] = {}
         self._backend: ArrayReader | None = None
         for _ in range(3):
-            # Pin the file first, then check the tables came from that same file: a pack may
-            # rename a new version into place at any moment.
+            # Pin the file first, then check the tables came from that same file: a pack may rename
+            # a new version into place at any moment.
             self._file = self._pin()
             try:
                 backend = reader_for(self.path)
@@ -96,7 +149,7 @@ class Store:
             except BaseException:
                 self.close()
                 raise
-            #: (device, inode) of the file this Store reads: a new version renamed into place differs
+            #: (device, inode) of the store file this Store reads; None for a directory or URL
             self._opened = None if self._file is None else _identity(os.fstat(self._file.fileno()))
             if self._opened is None or self._identity() == self._opened:
                 return
@@ -104,15 +157,17 @@ class Store:
         raise StoreError(f"{self.path}: the store kept being replaced while it was opened")
 
     def _pin(self) -> io.BufferedReader | None:
+        if not isinstance(self.path, Path) or not self.path.is_file():
+            return None
         try:
-            return io.open(self.path, "rb") if self.path.is_file() else None
+            return io.open(self.path, "rb")
         except OSError:
             return None  # the backend says why
 
     def _identity(self) -> tuple[int, int] | None:
         try:
             return _identity(os.stat(self.path))
-        except OSError:
+        except (OSError, TypeError):
             return None
 
     # -- opening --------------------------------------------------------------------------------
@@ -137,8 +192,7 @@ class Store:
         self.shapes = backend.shapes()
         problems = check_layout(self.shapes, attrs)
         if not problems:
-            hot = {f"images/{f}" for f in PAYLOAD_FIELDS} | {k for k in self.shapes if k.startswith("features/")}
-            tables = {k: backend.read(k) for k in self.shapes if k not in hot}
+            tables = {k: backend.read(k) for k in self.shapes if not is_hot(k)}
             problems = check_tables(tables, self.shapes, attrs)
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
@@ -148,7 +202,7 @@ class Store:
         self.image_size: int = int(attrs["image_size"])
         self.splits: list[str] = list(attrs["splits"])
         self.pose_names: list[str] = list(attrs["pose_names"])
-        self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in hot if k in self.shapes}
+        self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in self.shapes if is_hot(k)}
         self._check_extents()
         self.images = Table(_group(tables, "images/"))
         self.categories: list[str] = [str(c) for c in _decode_strings(tables["categories"])]
@@ -160,19 +214,26 @@ class Store:
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
 
     def _check_extents(self) -> None:
-        """Every memory-mapped array must lie inside its file: a map past the end of a (truncated)
+        """Every array read raw must lie inside its files: a map read past the end of a (truncated)
         file would kill the reading process with SIGBUS instead of raising."""
+        sizes: dict[Path, int] = {}
         for name, ext in self.extents.items():
             if ext is None:
                 continue
-            nbytes = int(np.prod(ext.shape, dtype=np.int64)) * ext.dtype.itemsize
-            size = (os.fstat(self._file.fileno()) if self._pinned(ext) else os.stat(ext.file)).st_size
-            if ext.offset < 0 or ext.offset + nbytes > size:
-                raise StoreError(f"{self.path}: {name} ({nbytes:,} bytes at offset {ext.offset:,}) lies past "
-                                 f"the end of {ext.file.name} ({size:,} bytes); the file is truncated or damaged")
-
-    def _pinned(self, ext: RawExtent) -> bool:
-        return self._file is not None and Path(ext.file) == self.path
+            row = math.prod(ext.shape[1:]) * ext.dtype.itemsize
+            rows = np.minimum(ext.chunk_rows, ext.shape[0] - np.arange(len(ext.offsets)) * ext.chunk_rows)
+            ends = ext.offsets + rows * row
+            for k, file in enumerate(ext.files):
+                mine = (ext.file_ids == k) & (ext.offsets >= 0)
+                if not mine.any():
+                    continue
+                if file not in sizes:
+                    pinned = self._file is not None and Path(file) == self.path
+                    sizes[file] = (os.fstat(self._file.fileno()) if pinned else os.stat(file)).st_size
+                end = int(ends[mine].max())
+                if end > sizes[file]:
+                    raise StoreError(f"{self.path}: {name} (up to byte {end:,} of {Path(file).name}) lies past the "
+                                     f"end of the file ({sizes[file]:,} bytes); it is truncated or damaged")
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "identity": self._opened}
@@ -185,29 +246,35 @@ class Store:
                              "open the store again (e.g. recreate the dataset) to read the new version")
 
     # -- payload access -----------------------------------------------------------------------------
-    def _array(self, name: str) -> np.ndarray | None:
-        """The payload array memory-mapped in this process, or None if it must go through the backend."""
-        if self._pid != os.getpid():  # forked: mappings and handles belong to the parent
-            self._maps, self._backend, self._pid = {}, None, os.getpid()
+    def _raw(self, name: str) -> _RawArray | None:
+        """The payload array read straight from its files in this process, or None if it must go
+        through the backend library (compressed or remote)."""
+        self._after_fork()
         a = self._maps.get(name)
         if a is None:
             ext = self.extents.get(name)
-            shape = self.shapes[name][0]
-            if ext is None and int(np.prod(shape)) != 0:
+            if ext is None:
                 return None
-            source = self._file if ext is not None and self._pinned(ext) else ext.file if ext is not None else None
-            a = (np.memmap(source, dtype=ext.dtype, mode="r", offset=ext.offset, shape=ext.shape)
-                 if ext is not None else np.empty(shape, dtype=self.shapes[name][1]))
-            self._maps[name] = a
+            pinned = {} if self._file is None else {self.path: self._file.fileno()}
+            a = self._maps[name] = _RawArray(ext, pinned)
         return a
 
-    def _read(self, name: str, index: Any) -> np.ndarray:
-        a = self._array(name)
-        if a is not None:
-            return np.array(a[index])
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():  # forked: mappings and handles belong to the parent
+            self._maps, self._backend, self._pid = {}, None, os.getpid()
+
+    def _library(self) -> ArrayReader:
+        self._after_fork()
         if self._backend is None:
             self._backend = reader_for(self.path)
-        return self._backend.read(name, index)
+        return self._backend
+
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a payload array (read-only; may be a view of a file mapping)."""
+        a = self._raw(name)
+        if a is not None:
+            return a.rows(start, stop)
+        return self._library().read(name, slice(start, stop))
 
     @staticmethod
     def _row_array(field: str) -> str:
@@ -217,7 +284,8 @@ class Store:
         """Image rows of a per-image array for a batch, in the given order, into ``out`` if given.
 
         ``field`` is ``pixels`` (uint8 (B, S, S, 3)), ``mask`` (uint8 (B, S, S)) or ``features/<name>``
-        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, then scattered.
+        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, then scattered; a
+        store read through its library (compressed or remote) gets one library call per batch.
         """
         rows = np.asarray(rows, dtype=np.int64)
         name = self._row_array(field)
@@ -227,12 +295,14 @@ class Store:
         if out is None:
             out = np.empty((len(rows), *shape[1:]), dtype=self.shapes[name][1])
         uniq, inverse = np.unique(rows, return_inverse=True)
-        a = self._array(name)
+        if len(uniq) and (uniq[0] < 0 or uniq[-1] >= shape[0]):
+            raise IndexError(f"image rows {uniq[0]}..{uniq[-1]} out of range for {shape[0]} rows of {field}")
+        a = self._raw(name)
         if a is not None:
             for j, r in enumerate(uniq):
-                out[inverse == j] = a[r]
-        else:
-            out[:] = self._read(name, uniq)[inverse]
+                out[inverse == j] = a.rows(r, r + 1)
+        elif len(uniq):
+            out[:] = self._library().read(name, uniq)[inverse]
         return out
 
     def _check_row(self, i: int) -> int:
@@ -242,18 +312,20 @@ class Store:
 
     def pixels(self, i: int) -> np.ndarray:
         """Letterboxed RGB pixels of image row ``i``: uint8 (S, S, 3), store pixels."""
-        return self._read("images/pixels", self._check_row(i))
+        i = self._check_row(i)
+        return self._rows("images/pixels", i, i + 1)[0].copy()
 
     def mask(self, i: int) -> np.ndarray:
         """Letterboxed class-index mask of image row ``i``: uint8 (S, S); 0 is background/padding."""
         if self.shapes["images/mask"][0][0] == 0:
             raise StoreError(f"{self.path}: this store has no masks")
-        return self._read("images/mask", self._check_row(i))
+        i = self._check_row(i)
+        return self._rows("images/mask", i, i + 1)[0].copy()
 
     def _blob(self, kind: str, i: int) -> bytes:
         i = self._check_row(i)
         off = self.images[f"{kind}_offsets"]
-        return self._read(f"images/{kind}_blob", slice(int(off[i]), int(off[i + 1]))).tobytes()
+        return self._rows(f"images/{kind}_blob", int(off[i]), int(off[i + 1])).tobytes()
 
     def image_bytes(self, i: int) -> bytes:
         """The original image file of row ``i`` (JPEG for SPair-71k), byte for byte."""
@@ -270,7 +342,8 @@ class Store:
         (cell -> pixels) is ``feature_sets[name]``; see :func:`spairstore.geometry.cell_to_store`."""
         if name not in self.feature_sets:
             raise StoreError(f"{self.path}: no feature set {name!r} (store has {', '.join(self.feature_sets) or 'none'})")
-        return self._read(f"features/{name}/data", self._check_row(i))
+        i = self._check_row(i)
+        return self._rows(f"features/{name}/data", i, i + 1)[0].copy()
 
     # -- tables and lookups -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -318,11 +391,11 @@ class Store:
         return {k: int(np.prod(s)) * np.dtype(d).itemsize for k, (s, d) in self.shapes.items()}
 
     def array(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of the stored array at path ``name`` (e.g. ``images/pixels``, or the
-        bytes of ``images/image_blob``), exactly as stored: hot arrays come from the memory map."""
+        """Rows ``start:stop`` of the stored array at path ``name`` (e.g. ``images/pixels``, or bytes of
+        ``images/image_blob``), exactly as stored; hot arrays are read raw where they can be."""
         if name not in self.shapes:
             raise StoreError(f"{self.path}: no array {name!r}")
-        return self._read(name, slice(start, stop))
+        return self._rows(name, start, stop)
 
     def close(self) -> None:
         self._maps = {}
@@ -341,7 +414,8 @@ class Store:
 
     def __repr__(self) -> str:
         pairs = ", ".join(f"{s}: {self.pairs(s).rows}" for s in self.splits)
-        return f"<spairstore.Store {self.path.name}: {self.dataset}, {len(self)} images, pairs {{{pairs}}}>"
+        name = self.path.name if isinstance(self.path, Path) else self.path
+        return f"<spairstore.Store {name}: {self.dataset}, {len(self)} images, pairs {{{pairs}}}>"
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -349,5 +423,6 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
 
 
 def open(path: str | Path) -> Store:  # noqa: A001 - mirrors h5py.File / zarr.open
-    """Open the store at ``path`` for reading."""
+    """Open the store at ``path`` for reading: an HDF5 file, a Zarr directory, or a Zarr store at a URL
+    (``http(s)://``, ``s3://``, ``gs://``, any fsspec protocol whose driver is installed; read-only)."""
     return Store(path)

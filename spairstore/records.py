@@ -80,6 +80,9 @@ class DatasetRecords:
     sources: list[Path]  #: every source file read (absolute), for the manifest
     notes: list[str] = field(default_factory=list)  #: things the user should hear (missing splits, ...)
     skipped: list[Skipped] = field(default_factory=list)  #: bad items left out (``on_error="skip"``)
+    #: (size, SHA-256) of source files the converter hashed as it parsed them, by POSIX path relative to
+    #: ``root``; the writer hashes the rest.
+    digests: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def image_index(self) -> dict[tuple[str, str], int]:
         return {im.key: i for i, im in enumerate(self.images)}
@@ -106,6 +109,7 @@ class DatasetRecords:
             dataset=self.dataset, root=self.root, categories=self.categories, num_keypoints=self.num_keypoints,
             images=[im for im in self.images if im.key not in bad], pairs=pairs,
             sources=[p for p in self.sources if p not in dropped], notes=self.notes, skipped=skipped,
+            digests={k: v for k, v in self.digests.items() if self.root / k not in dropped},
         )
 
 

@@ -57,6 +57,13 @@ FORMAT_VERSION = (1, 0)
 PAYLOAD_FIELDS = ("pixels", "mask", "image_blob", "mask_blob")
 BLOB_FIELDS = ("image", "mask")
 
+
+def is_hot(path: str) -> bool:
+    """Whether array ``path`` is read per record (a payload or a feature set): such arrays are stored
+    uncompressed and read from their raw bytes; every other array is a table loaded whole at open."""
+    return path.startswith("features/") or path in {f"images/{f}" for f in PAYLOAD_FIELDS}
+
+
 #: Difficulty level names, indexed by the stored label.
 LEVELS = {
     "viewpoint": ("easy", "medium", "hard"),

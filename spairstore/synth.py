@@ -108,6 +108,10 @@ class SynthSummary:
     pairs: dict[str, int]  #: pair files written per split
     seconds: float  #: wall-clock time taken
 
+    def __str__(self) -> str:
+        pairs = ", ".join(f"{s} {n:,}" for s, n in self.pairs.items())
+        return f"wrote {self.images:,} images and pairs ({pairs}) to {self.out_dir} in {self.seconds:.1f} s"
+
 
 @dataclass(frozen=True)
 class _Template:

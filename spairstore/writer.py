@@ -13,8 +13,10 @@ a pack killed at any moment leaves the old store, or nothing, at the output path
 4. write the CRC arrays, fsync, rename into place, remove the staging folder.
 
 ``resume=True`` redoes step 1 (the same sources give the same structure digest) and continues step 3
-after the last committed row; the result equals an uninterrupted pack byte for byte. Images stream
-through a bounded window: peak memory does not grow with the dataset.
+after the last committed row; the result equals an uninterrupted pack byte for byte. A Zarr store
+(a directory) is built in one go at a temporary path instead, and renamed into place when complete:
+it is crash-safe the same way, but not resumable. Images stream through a bounded window: peak
+memory does not grow with the dataset.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ from tqdm import tqdm
 import converters
 
 from . import __version__
-from .backends import RawExtent, mark_complete, reader_for, row_writer_for, writer_for
+from .backends import (ArrayWriter, RawExtent, RowWriter, commit, disk_bytes, format_of, fsync_path, mark_complete,
+                       reader_for, row_writer_for, staged, writer_for)
 from .errors import SourceError, SpairstoreError
 from .geometry import letterbox, letterbox_params
 from .manifest import build_manifest, sha256_bytes
@@ -131,7 +134,7 @@ def _open_image(data: bytes, rel: Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SourceError(rel, f"image too large to decode safely ({e})") from None
     except UnidentifiedImageError:
-        raise SourceError(rel, "not an image file (no known image format)") from None
+        raise SourceError(rel, "cannot decode image (not a known image format)") from None
     except _DECODE_ERRORS as e:
         raise SourceError(rel, f"cannot read image header ({e})") from None
     expected = _FORMATS.get(rel.suffix.lower())
@@ -202,10 +205,13 @@ def _check_image(rec: ImageRecord, root: Path, decode: bool) -> _ImageCheck:
 
 @dataclass
 class _Decoded:
+    """One image's payloads and their CRC-32s, computed on a worker thread."""
+
     image_bytes: bytes
     pixels: np.ndarray
     mask_bytes: bytes
     mask: np.ndarray | None
+    crc: dict[str, int]
 
 
 def _decode(rec: ImageRecord, check: _ImageCheck, root: Path, size: int) -> _Decoded:
@@ -219,11 +225,14 @@ def _decode(rec: ImageRecord, check: _ImageCheck, root: Path, size: int) -> _Dec
     data = same_file(rec.image_path, check.image)
     img = _load(_open_image(data, rec.image_path.relative_to(root)), rec.image_path.relative_to(root))
     pixels = letterbox(img.convert("RGB"), size, Image.Resampling.BILINEAR)
+    crc = {"pixels": zlib.crc32(pixels), "image_blob": check.image.crc32, "mask": 0, "mask_blob": 0}
     if rec.mask_path is None or check.mask is None:
-        return _Decoded(data, pixels, b"", None)
+        return _Decoded(data, pixels, b"", None, crc)
     mdata = same_file(rec.mask_path, check.mask)
     m = _load(_open_image(mdata, rec.mask_path.relative_to(root)), rec.mask_path.relative_to(root))
-    return _Decoded(data, pixels, mdata, letterbox(m, size, Image.Resampling.NEAREST))
+    mask = letterbox(m, size, Image.Resampling.NEAREST)
+    crc.update(mask=zlib.crc32(mask), mask_blob=check.mask.crc32)
+    return _Decoded(data, pixels, mdata, mask, crc)
 
 
 def _image_tables(records: DatasetRecords, size: int, splits: list[str], pose_names: list[str]) -> dict[str, np.ndarray]:
@@ -316,7 +325,7 @@ def _check_images(records: DatasetRecords, on_error: OnError, progress: bool
 class _Structure:
     """Everything of a store but its payload rows and their CRC-32s: what step 2 writes."""
 
-    hot: dict[str, tuple[tuple[int, ...], np.dtype]]  #: arrays allocated now, filled in steps 3-4
+    hot: dict[str, tuple[tuple[int, ...], np.dtype]]  #: payload arrays allocated now, filled in step 3
     tables: dict[str, np.ndarray]
     attrs: dict[str, Any]
     offsets: dict[str, np.ndarray]  #: blob kind -> (N + 1,) byte offsets
@@ -332,14 +341,16 @@ class _Structure:
             h.update(memoryview(v).cast("B"))
         return h.hexdigest()
 
+    #: The per-record CRC-32 arrays, filled in step 4.
+    crc_arrays = tuple(crc_array(f"images/{k}") for k in PAYLOAD_FIELDS)
+
     def sources(self) -> dict[str, str]:
         """Source path -> SHA-256, from the manifest."""
         path, sha = (np.char.decode(self.tables[f"manifest/{k}"], "utf-8").tolist() for k in ("path", "sha256"))
         return dict(zip(path, sha))
 
 
-def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on_error: OnError,
-               progress: bool) -> _Structure:
+def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on_error: OnError) -> _Structure:
     n = len(records.images)
     has_masks = any(c.mask is not None for c in checks)
     sizes = {"image": [c.image.size for c in checks], "mask": [c.mask.size if c.mask else 0 for c in checks]}
@@ -348,7 +359,6 @@ def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on
     hot = {name: ((n if name != "images/mask" or has_masks else 0, *fields[name].row_shape), fields[name].dtype)
            for name in ("images/pixels", "images/mask")}
     hot |= {f"images/{k}_blob": ((int(offsets[k][-1]),), np.dtype(np.uint8)) for k in BLOB_FIELDS}
-    hot |= {crc_array(f"images/{k}"): ((n,), np.dtype(np.uint32)) for k in PAYLOAD_FIELDS}
     splits = list(records.pairs)
     pose_names = sorted({im.pose for im in records.images})
     tables = {f"images/{k}_offsets": offsets[k] for k in BLOB_FIELDS}
@@ -357,10 +367,12 @@ def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on
     for split, pairs in records.pairs.items():
         tables |= {f"pairs/{split}/{k}": v for k, v in _pair_table(pairs, records, width).items()}
     tables["categories"] = np.array([c.encode() for c in records.categories], dtype="S32")
-    digests = {im.image_path: c.image.sha256 for im, c in zip(records.images, checks)}
-    digests |= {im.mask_path: c.mask.sha256 for im, c in zip(records.images, checks) if c.mask and im.mask_path}
-    sources = tqdm(records.sources, desc="manifest", unit="file", disable=not progress, leave=False)
-    tables |= {f"manifest/{k}": v for k, v in build_manifest(records.root, sources, digests).items()}
+    digests = dict(records.digests)
+    for im, c in zip(records.images, checks):
+        for path, f in ((im.image_path, c.image), (im.mask_path, c.mask)):
+            if path is not None and f is not None:
+                digests[path.relative_to(records.root).as_posix()] = (f.size, f.sha256)
+    tables |= {f"manifest/{k}": v for k, v in build_manifest(records.root, records.sources, digests).items()}
     attrs = {
         "format": FORMAT_NAME,
         "format_version": "%d.%d" % FORMAT_VERSION,
@@ -385,21 +397,30 @@ def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on
     return _Structure(hot, tables, attrs, offsets)
 
 
+def _create(w: ArrayWriter, st: _Structure, crc_arrays: bool) -> None:
+    """Step 2 into an open writer: hot arrays allocated (with the CRC arrays, to be filled in place,
+    when ``crc_arrays``), tables and attributes written."""
+    for name, (shape, dtype) in st.hot.items():
+        w.create(name, shape, dtype)
+    if crc_arrays:
+        for name in st.crc_arrays:
+            w.create(name, (len(st.offsets["image"]) - 1,), np.dtype(np.uint32))
+    for name, v in st.tables.items():
+        w.put(name, v)
+    w.set_attrs(st.attrs)
+
+
 def _write_structure(path: Path, st: _Structure) -> dict[str, RawExtent | None]:
-    """Step 2: the whole store but its payload rows, closed, marked unfinished and durable. Returns
-    where the hot arrays' bytes lie, for step 3."""
-    w = writer_for(path)
+    """Step 2 of an HDF5 store: the whole store but its payload rows, closed, marked unfinished and
+    durable. Returns where the hot arrays' bytes lie, for step 3."""
+    w = writer_for(path, "hdf5")
     try:
-        for name, (shape, dtype) in st.hot.items():
-            w.create(name, shape, dtype)
-        for name, v in st.tables.items():
-            w.put(name, v)
-        w.set_attrs(st.attrs)
+        _create(w, st, crc_arrays=True)
     finally:
         w.close()
     r = reader_for(path)
     try:
-        extents = {name: r.extent(name) for name in st.hot}
+        extents = {name: r.extent(name) for name in (*st.hot, *st.crc_arrays)}
     finally:
         r.close()
     mark_complete(path, False)
@@ -410,56 +431,86 @@ def _write_structure(path: Path, st: _Structure) -> dict[str, RawExtent | None]:
 _CRC_ROW = np.dtype([(k, "<u4") for k in PAYLOAD_FIELDS])
 
 
-def _fill_payload(path: Path, extents: dict[str, RawExtent | None], journal: Path, records: DatasetRecords,
-                  checks: list[_ImageCheck], st: _Structure, size: int, progress: bool) -> None:
-    """Steps 3 and 4 in the file: payload rows after the last committed one, then the CRC arrays;
-    the file is marked complete and durable at the end."""
+class _Journal:
+    """``rows.crc`` of a staging folder: the CRC-32s of the payload rows committed so far. A commit
+    makes the rows durable first, then appends their entries (and makes those durable)."""
+
+    def __init__(self, path: Path, n: int):
+        self.path = path
+        with open(path, "a+b") as f:
+            f.seek(0)
+            self.done = min(n, os.fstat(f.fileno()).st_size // _CRC_ROW.itemsize)
+            self.crc = np.frombuffer(f.read(self.done * _CRC_ROW.itemsize), dtype=_CRC_ROW)
+            f.truncate(self.done * _CRC_ROW.itemsize)  # drop a torn last entry
+
+    def commit(self, rows: RowWriter, crc: np.ndarray, upto: int) -> None:
+        rows.flush()
+        with open(self.path, "ab") as f:
+            f.write(crc[self.done:upto].tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self.done = upto
+
+
+def _write_rows(rows: RowWriter | ArrayWriter, records: DatasetRecords, checks: list[_ImageCheck],
+                st: _Structure, size: int, progress: bool, journal: _Journal | None = None) -> np.ndarray:
+    """Step 3: decode every image after the journal's last commit and write its payload rows,
+    committing every :data:`COMMIT_BYTES`. Returns every row's CRC-32s."""
     n = len(records.images)
     crc = np.zeros(n, dtype=_CRC_ROW)
-    with open(journal, "a+b") as f:
-        f.seek(0)
-        done = min(n, os.fstat(f.fileno()).st_size // _CRC_ROW.itemsize)
-        crc[:done] = np.frombuffer(f.read(done * _CRC_ROW.itemsize), dtype=_CRC_ROW)
-        f.truncate(done * _CRC_ROW.itemsize)  # drop a torn last entry
-    rows = row_writer_for(path, extents)
+    done = 0 if journal is None else journal.done
+    if journal is not None:
+        crc[:done] = journal.crc
     bar = tqdm(total=n, initial=done, desc="images", unit="img", disable=not progress, dynamic_ncols=True)
     decode = lambda i: _decode(records.images[i], checks[i], records.root, size)  # noqa: E731
+    with _ordered_map(decode, list(range(done, n)), workers=2) as decoded:
+        pending = 0
+        for i, d in zip(range(done, n), decoded):
+            for k, data in (("image", d.image_bytes), ("mask", d.mask_bytes)):
+                rows.write(f"images/{k}_blob", int(st.offsets[k][i]), np.frombuffer(data, dtype=np.uint8))
+            rows.write("images/pixels", i, d.pixels[None])
+            if d.mask is not None:
+                rows.write("images/mask", i, d.mask[None])
+            crc[i] = tuple(d.crc[k] for k in PAYLOAD_FIELDS)
+            bar.update()
+            pending += d.pixels.nbytes + len(d.image_bytes) + len(d.mask_bytes)
+            pending += 0 if d.mask is None else d.mask.nbytes
+            if journal is not None and (pending >= COMMIT_BYTES or i + 1 == n):
+                journal.commit(rows, crc, i + 1)
+                pending = 0
+    bar.close()
+    return crc
+
+
+def _pack_hdf5(staging: _Staging, records: DatasetRecords, checks: list[_ImageCheck], st: _Structure,
+               size: int, progress: bool) -> None:
+    """Steps 3 and 4 of an HDF5 pack whose structure is staged: rows, CRC arrays, then the file is
+    marked complete and renamed into place."""
+    rows = row_writer_for(staging.store, staging.extents())
     try:
-        with open(journal, "ab") as jf, _ordered_map(decode, list(range(done, n)), workers=2) as decoded:
-            committed, pending = done, 0
-            for i, d in zip(range(done, n), decoded):
-                for k, data in (("image", d.image_bytes), ("mask", d.mask_bytes)):
-                    rows.write(f"images/{k}_blob", int(st.offsets[k][i]), np.frombuffer(data, dtype=np.uint8))
-                    crc[i][f"{k}_blob"] = zlib.crc32(data)
-                rows.write("images/pixels", i, d.pixels[None])
-                crc[i]["pixels"] = zlib.crc32(d.pixels)
-                if d.mask is not None:
-                    rows.write("images/mask", i, d.mask[None])
-                    crc[i]["mask"] = zlib.crc32(d.mask)
-                bar.update()
-                pending += d.pixels.nbytes + len(d.image_bytes) + len(d.mask_bytes)
-                pending += 0 if d.mask is None else d.mask.nbytes
-                if pending >= COMMIT_BYTES or i + 1 == n:
-                    rows.flush()  # the rows first, then the journal that says they are there
-                    jf.write(crc[committed:i + 1].tobytes())
-                    jf.flush()
-                    os.fsync(jf.fileno())
-                    committed, pending = i + 1, 0
-        bar.close()
+        crc = _write_rows(rows, records, checks, st, size, progress, _Journal(staging.journal, len(records.images)))
         for k in PAYLOAD_FIELDS:
             rows.write(crc_array(f"images/{k}"), 0, crc[k].astype(np.uint32))
         rows.flush()
     finally:
         rows.close()
-    mark_complete(path, True)
+    mark_complete(staging.store, True)
+    commit(staging.store, staging.out)
+    fsync_path(staging.out.parent)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _pack_at_once(out: Path, overwrite: bool, fmt: str, shard_bytes: int | None, records: DatasetRecords,
+                  checks: list[_ImageCheck], st: _Structure, size: int, progress: bool) -> None:
+    """A store built in one go at a temporary path and renamed into place (Zarr)."""
+    with staged(out, overwrite) as tmp:
+        w = writer_for(tmp, fmt, shard_bytes)
+        try:
+            _create(w, st, crc_arrays=False)
+            crc = _write_rows(w, records, checks, st, size, progress)
+            for k in PAYLOAD_FIELDS:
+                w.put(crc_array(f"images/{k}"), crc[k].astype(np.uint32))
+        finally:
+            w.close()
 
 
 class _Staging:
@@ -496,7 +547,7 @@ class _Staging:
         return self._plan().get("structure")
 
     def extents(self) -> dict[str, RawExtent | None]:
-        return {k: None if v is None else RawExtent(self.store, v[0], tuple(v[1]), np.dtype(v[2]))
+        return {k: None if v is None else RawExtent.contiguous(self.store, v[0], tuple(v[1]), np.dtype(v[2]))
                 for k, v in self._plan()["extents"].items()}
 
     def difference(self, st: _Structure) -> str:
@@ -534,13 +585,14 @@ class _Staging:
         tmp = self.plan.with_suffix(".tmp")
         tmp.write_text(json.dumps({
             "structure": st.digest,
-            "extents": {k: None if e is None else [e.offset, list(e.shape), e.dtype.str] for k, e in extents.items()},
+            "extents": {k: None if e is None else [int(e.offsets[0]), list(e.shape), e.dtype.str]
+                        for k, e in extents.items()},
             "build_config": st.attrs["build_config"],
             "sources": st.sources(),
         }))
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, self.plan)
-        _fsync(self.dir)
+        fsync_path(self.dir)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -550,16 +602,26 @@ class _Staging:
         self._lock.close()
 
 
+def _read_and_check(src: str | Path, dataset: str | None, size: int, on_error: OnError, progress: bool
+                    ) -> tuple[DatasetRecords, list[_ImageCheck], _Structure]:
+    """Step 1, and the structure it determines."""
+    records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress), on_error=on_error)
+    records, checks = _check_images(records, on_error, progress)
+    return records, checks, _structure(records, checks, size, on_error)
+
+
 def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None = None,
-         overwrite: bool = False, progress: bool = False, on_error: OnError = "fail",
-         resume: bool = False) -> PackSummary:
+         overwrite: bool = False, progress: bool = False, format: str | None = None,
+         shard_bytes: int | None = None, on_error: OnError = "fail", resume: bool = False) -> PackSummary:
     """Read the dataset at ``src`` (layout detected unless ``dataset`` names it) and pack it into a store at
     ``out``, letterboxing pixels and masks to ``size x size``.
 
+    ``format`` is ``hdf5`` (one file) or ``zarr`` (a Zarr v3 directory); by default the suffix of ``out``
+    decides (``.h5``, ``.zarr``). ``shard_bytes`` is the Zarr shard size of hot arrays (default 64 MiB).
     An existing ``out`` is replaced only with ``overwrite=True``, and only once the new store is complete.
     ``on_error="skip"`` leaves bad images and pairs out instead of failing, and lists each with its
-    reason in the summary and in the store's ``skipped`` attribute. ``resume=True`` continues a pack
-    of the same sources and options that was interrupted (killed, Ctrl-C), from its staging folder.
+    reason in the summary and in the store's ``skipped`` attribute. ``resume=True`` continues an HDF5
+    pack of the same sources and options that was interrupted (killed, Ctrl-C) from its staging folder.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -570,34 +632,36 @@ def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None 
         raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
     if not out.parent.is_dir():
         raise SpairstoreError(f"{out.parent}: output directory does not exist")
-    staging = _Staging(out)
-    try:
-        notes: list[str] = []
-        if staging.has_data() and not resume:
-            staging.reset()
-            notes.append("discarded the staging data of an interrupted pack (pass --resume to continue one)")
-        records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress), on_error=on_error)
-        records, checks = _check_images(records, on_error, progress)
-        st = _structure(records, checks, size, on_error, progress)
-        notes += staging.prepare(st, resume)
-        _fill_payload(staging.store, staging.extents(), staging.journal, records, checks, st, size, progress)
-        os.replace(staging.store, out)
-        _fsync(out.parent)
-    except SpairstoreError:
+    fmt = format_of(out, format)
+    notes: list[str] = []
+    if fmt != "hdf5":
         if resume:
-            staging.close()  # keep what an earlier run staged: it may still be resumed
-        else:
-            staging.remove()
-        raise
-    except BaseException:
-        staging.close()  # interrupted: the staging data stays for --resume
-        raise
-    staging.remove()
-    field_bytes = {k.split("/")[1]: int(np.prod(shape)) * dtype.itemsize
-                   for k, (shape, dtype) in st.hot.items() if "crc32" not in k}
+            notes.append(f"--resume continues HDF5 packs only: this {fmt} store was packed from the start")
+        records, checks, st = _read_and_check(src, dataset, size, on_error, progress)
+        _pack_at_once(out, overwrite, fmt, shard_bytes, records, checks, st, size, progress)
+    else:
+        staging = _Staging(out)
+        try:
+            if staging.has_data() and not resume:
+                staging.reset()
+                notes.append("discarded the staging data of an interrupted pack (pass --resume to continue one)")
+            records, checks, st = _read_and_check(src, dataset, size, on_error, progress)
+            notes += staging.prepare(st, resume)
+            _pack_hdf5(staging, records, checks, st, size, progress)
+        except SpairstoreError:
+            if resume:
+                staging.close()  # keep what an earlier run staged: it may still be resumed
+            else:
+                staging.remove()
+            raise
+        except BaseException:
+            staging.close()  # interrupted: the staging data stays for --resume
+            raise
+        staging.remove()
+    field_bytes = {k.split("/")[1]: int(np.prod(shape)) * dtype.itemsize for k, (shape, dtype) in st.hot.items()}
     return PackSummary(
         path=out, dataset=records.dataset, images=len(records.images),
         pairs={s: len(p) for s, p in records.pairs.items()}, field_bytes=field_bytes,
-        file_bytes=out.stat().st_size, seconds=time.perf_counter() - t0, notes=records.notes + notes,
+        file_bytes=disk_bytes(out), seconds=time.perf_counter() - t0, notes=records.notes + notes,
         skipped=records.skipped,
     )

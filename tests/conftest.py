@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; SPAIRSTORE_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED_DATA = Path(os.environ.get("SPAIRSTORE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -91,3 +92,13 @@ def real_spair_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
             src, trg = rest[:11], rest[12:]
             f.write_text(json.dumps(pair_annotation(anns[(category, src)], anns[(category, trg)], int(pid))))
     return root, real
+
+
+@pytest.fixture(scope="session")
+def real_store(real_spair_root: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SPair-71k annotations (all 12,234 test pairs) packed at 64 px."""
+    from spairstore import pack
+
+    out = tmp_path_factory.mktemp("realstore") / "spair-real.h5"
+    pack(real_spair_root[0], out, size=64)
+    return out

@@ -78,34 +78,34 @@ def malformed_json(root: Path, k: int) -> tuple[str, str]:
     return rel(root, p), "malformed JSON"
 
 
-def missing_key(root: Path, k: int) -> tuple[str, str]:
-    p = image_ann(root, k)
-    edit(p, lambda a: a.pop("kps"))
-    return rel(root, p), "missing key(s) kps"
+def json_edit(name: str, target: Callable[[Path, int], Path], change: Callable[[dict], None], reason: str
+              ) -> Callable[[Path, int], tuple[str, str]]:
+    """A breaker that edits the JSON file ``target(root, k)``; the error names that file."""
+    def breaker(root: Path, k: int) -> tuple[str, str]:
+        p = target(root, k)
+        edit(p, change)
+        return rel(root, p), reason
+
+    breaker.__name__ = name
+    return breaker
 
 
-def wrong_type(root: Path, k: int) -> tuple[str, str]:
-    p = image_ann(root, k)
-    edit(p, lambda a: a.update(image_width=str(a["image_width"])))
-    return rel(root, p), "image_width must be an integer"
+def annotation_edit(name: str, change: Callable[[dict], None], reason: str) -> Callable:
+    return json_edit(name, image_ann, change, reason)
 
 
-def keypoint_outside(root: Path, k: int) -> tuple[str, str]:
-    p = image_ann(root, k)
-    edit(p, lambda a: a["kps"].update({first_point(a): [a["image_width"] + 5, 1]}))
-    return rel(root, p), "lies outside the"
-
-
-def bbox_outside(root: Path, k: int) -> tuple[str, str]:
-    p = image_ann(root, k)
-    edit(p, lambda a: a["bndbox"].__setitem__(3, a["image_height"] + 10))
-    return rel(root, p), "bndbox"
-
-
-def bbox_inverted(root: Path, k: int) -> tuple[str, str]:
-    p = image_ann(root, k)
-    edit(p, lambda a: a.update(bndbox=[a["bndbox"][2], a["bndbox"][1], a["bndbox"][0], a["bndbox"][3]]))
-    return rel(root, p), "is inverted"
+missing_key = annotation_edit("missing_key", lambda a: a.pop("kps"), "missing key(s) kps")
+wrong_type = annotation_edit("wrong_type", lambda a: a.update(image_width=str(a["image_width"])),
+                             "image_width must be an integer")
+keypoint_outside = annotation_edit(
+    "keypoint_outside", lambda a: a["kps"].update({first_point(a): [a["image_width"] + 5, 1]}), "lies outside the")
+bbox_outside = annotation_edit("bbox_outside", lambda a: a["bndbox"].__setitem__(3, a["image_height"] + 10),
+                               "bndbox")
+bbox_inverted = annotation_edit(
+    "bbox_inverted", lambda a: a.update(bndbox=[a["bndbox"][2], a["bndbox"][1], a["bndbox"][0], a["bndbox"][3]]),
+    "is inverted")
+filename_escapes_root = annotation_edit("filename_escapes_root", lambda a: a.update(filename="../../../outside.jpg"),
+                                        "not a plain file name")
 
 
 def annotated_size_differs_from_file(root: Path, k: int) -> tuple[str, str]:
@@ -151,12 +151,6 @@ def mask_size_mismatch(root: Path, k: int) -> tuple[str, str]:
     return rel(root, m), "mask is"
 
 
-def filename_escapes_root(root: Path, k: int) -> tuple[str, str]:
-    p = image_ann(root, k)
-    edit(p, lambda a: a.update(filename="../../../outside.jpg"))
-    return rel(root, p), "not a plain file name"
-
-
 def decompression_bomb(root: Path, k: int) -> tuple[str, str]:
     f = image_file(root, image_ann(root, k))
     data = bytearray(f.read_bytes())
@@ -174,52 +168,23 @@ def unknown_category_folder(root: Path, k: int) -> tuple[str, str]:
 
 
 # -- pair and layout breakers ----------------------------------------------------------------------
-def pair_missing_key(root: Path, k: int) -> tuple[str, str]:
-    p = cat_pair(root, k)
-    edit(p, lambda a: a.pop("kps_ids"))
-    return rel(root, p), "missing key(s) kps_ids"
+def pair_edit(name: str, change: Callable[[dict], None], reason: str) -> Callable:
+    return json_edit(name, cat_pair, change, reason)
 
 
-def pair_wrong_type(root: Path, k: int) -> tuple[str, str]:
-    p = cat_pair(root, k)
-    edit(p, lambda a: a.update(mirror="no"))
-    return rel(root, p), "mirror must be an integer"
-
-
-def imsize_disagrees(root: Path, k: int) -> tuple[str, str]:
-    p = cat_pair(root, k)
-    edit(p, lambda a: a["src_imsize"].__setitem__(0, a["src_imsize"][0] + 7))
-    return rel(root, p), "src_imsize"
-
-
-def pair_keypoint_outside(root: Path, k: int) -> tuple[str, str]:
-    p = cat_pair(root, k)
-    edit(p, lambda a: a["trg_kps"].__setitem__(0, [1, a["trg_imsize"][1] + 4]))
-    return rel(root, p), "trg_kps: point"
-
-
-def pair_bbox_outside(root: Path, k: int) -> tuple[str, str]:
-    p = cat_pair(root, k)
-    edit(p, lambda a: a["src_bndbox"].__setitem__(2, a["src_imsize"][0] + 9))
-    return rel(root, p), "src_bndbox"
-
-
-def unknown_category(root: Path, k: int) -> tuple[str, str]:
-    p = cat_pair(root, k)
-    edit(p, lambda a: a.update(category="unicorn"))
-    return rel(root, p), "unknown category 'unicorn'"
-
-
-def pair_names_missing_image(root: Path, k: int) -> tuple[str, str]:
-    p = cat_pair(root, k)
-    edit(p, lambda a: a.update(trg_imname="2099_999999.jpg"))
-    return rel(root, p), "names no image annotation"
-
-
-def absolute_imname(root: Path, k: int) -> tuple[str, str]:
-    p = cat_pair(root, k)
-    edit(p, lambda a: a.update(src_imname="/etc/passwd"))
-    return rel(root, p), "not a plain file name"
+pair_missing_key = pair_edit("pair_missing_key", lambda a: a.pop("kps_ids"), "missing key(s) kps_ids")
+pair_wrong_type = pair_edit("pair_wrong_type", lambda a: a.update(mirror="no"), "mirror must be an integer")
+imsize_disagrees = pair_edit(
+    "imsize_disagrees", lambda a: a["src_imsize"].__setitem__(0, a["src_imsize"][0] + 7), "src_imsize")
+pair_keypoint_outside = pair_edit(
+    "pair_keypoint_outside", lambda a: a["trg_kps"].__setitem__(0, [1, a["trg_imsize"][1] + 4]), "trg_kps: point")
+pair_bbox_outside = pair_edit(
+    "pair_bbox_outside", lambda a: a["src_bndbox"].__setitem__(2, a["src_imsize"][0] + 9), "src_bndbox")
+unknown_category = pair_edit("unknown_category", lambda a: a.update(category="unicorn"),
+                             "unknown category 'unicorn'")
+pair_names_missing_image = pair_edit("pair_names_missing_image", lambda a: a.update(trg_imname="2099_999999.jpg"),
+                                     "names no image annotation")
+absolute_imname = pair_edit("absolute_imname", lambda a: a.update(src_imname="/etc/passwd"), "not a plain file name")
 
 
 def duplicate_pair_id(root: Path, k: int) -> tuple[str, str]:

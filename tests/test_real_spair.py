@@ -5,18 +5,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import converters
 import spairstore
-
-
-@pytest.fixture(scope="module")
-def real_store(real_spair_root: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root, _ = real_spair_root
-    out = tmp_path_factory.mktemp("realstore") / "spair-real.h5"
-    spairstore.pack(root, out, size=64)
-    return out
 
 
 def test_real_test_split_counts(real_store: Path) -> None:
@@ -80,11 +71,10 @@ def test_duplicate_names_across_categories_are_distinct(real_store: Path) -> Non
             assert s.image_row(s.categories[s.images.category[r]], name) == r
 
 
-def test_rule_rebuilds_real_pair_files_byte_identical() -> None:
-    from tests.conftest import spair_real
+def test_rule_rebuilds_real_pair_files_byte_identical(real_spair_root: tuple[Path, Path]) -> None:
     from converters.spair71k import pair_annotation
 
-    real = spair_real()
+    _, real = real_spair_root
     for f in sorted((real / "PairAnnotation").glob("*/*.json")):
         ann = json.loads(f.read_text())
         load = lambda n: json.loads((real / "ImageAnnotation" / ann["category"] / f"{Path(n).stem}.json").read_text())  # noqa: E731

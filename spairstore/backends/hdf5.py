@@ -35,23 +35,39 @@ def mark_complete(path: Path, complete: bool) -> None:
         os.close(fd)
 
 
+def _pwrite(fd: int, data: np.ndarray, pos: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:  # pwrite may write less than asked
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
 class HDF5Writer:
+    """Arrays made by :meth:`create` are allocated at once and never filled by HDF5, so their rows are
+    written with ``os.pwrite`` at the allocated offset: no HDF5 call (nor the GIL h5py holds through
+    one) on the per-image path, and decoding threads keep running while a row is written."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self._f = h5py.File(self.path, "w", libver=_LIBVER)
+        self._fd = os.open(self.path, os.O_WRONLY)
+        self._rows: dict[str, tuple[int, int]] = {}  # name -> (byte offset, bytes per row)
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        # Early allocation gives the array its final offset now, even if some rows stay unwritten.
         space = h5py.h5s.create_simple(tuple(shape))
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         dcpl.set_obj_track_times(False)  # no timestamps: the same input writes the same bytes
         parent = self._f.require_group(str(Path(name).parent)) if "/" in name else self._f
-        h5py.h5d.create(parent.id, Path(name).name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl)
+        dtype = np.dtype(dtype)
+        dset = h5py.h5d.create(parent.id, Path(name).name.encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._rows[name] = (dset.get_offset() or 0, row)
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        self._f[name][start:start + len(data)] = data
+        offset, row = self._rows[name]
+        _pwrite(self._fd, np.ascontiguousarray(data), offset + start * row)
 
     def put(self, name: str, data: np.ndarray) -> None:
         self._f.create_dataset(name, data=np.asarray(data))
@@ -62,6 +78,7 @@ class HDF5Writer:
             self._f.attrs.create(k, np.bytes_(json.dumps(v).encode()))
 
     def close(self) -> None:
+        os.close(self._fd)
         self._f.flush()
         self._f.close()
 
@@ -88,11 +105,8 @@ class HDF5RowWriter:
         if data.shape[1:] != ext.shape[1:] or start < 0 or start + len(data) > ext.shape[0]:
             raise ValueError(f"{name}: rows {start}:{start + len(data)} of shape {data.shape[1:]} "
                              f"do not fit {ext.shape}")
-        view = memoryview(data).cast("B")
-        pos = ext.offset + start * (data.nbytes // max(1, len(data)))
-        while view:
-            n = os.pwrite(self._fd, view, pos)
-            view, pos = view[n:], pos + n
+        row = int(np.prod(ext.shape[1:], dtype=np.int64)) * ext.dtype.itemsize
+        _pwrite(self._fd, data, int(ext.offsets[0]) + start * row)
 
     def flush(self) -> None:
         os.fsync(self._fd)
@@ -179,7 +193,7 @@ class HDF5Reader:
             raise StoreError(f"{self.path}: cannot locate {name} ({e})") from None
         if offset is None:
             return None
-        return RawExtent(self.path, int(offset), tuple(d.shape), d.dtype)
+        return RawExtent.contiguous(self.path, int(offset), tuple(d.shape), d.dtype)
 
     def close(self) -> None:
         self._f.close()

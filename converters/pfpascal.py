@@ -1,0 +1,223 @@
+"""PF-PASCAL (Ham, Cho, Schmid, Ponce: Proposal Flow, 2017) as published for the NC-Net / HPF lineage.
+
+::
+
+    [PF-dataset-PASCAL/]JPEGImages/<name>.jpg                PASCAL VOC images
+    [PF-dataset-PASCAL/]Annotations/<class>/<name>.mat       kps (K, 2) x, y (NaN = absent), bbox (1, 4)
+    {., image_pairs/, PF-dataset-PASCAL/}{trn|train,val,test}_pairs.csv
+
+Pair CSVs have columns ``source_image,target_image,class`` (class 1-20 in VOC order) and either
+``XA,YA,XB,YB`` (each cell one ``;``-separated string of floats: the pair's keypoints) or ``flip``
+(the training-time horizontal-flip flag, kept on the pair). Image paths are matched by file name. An
+image is keyed by ``(class, name)``: one VOC file can be annotated under two classes. Pairs without
+CSV keypoints take the ``.mat`` rows annotated in both images; NaN keypoints are dropped either way.
+All coordinates are original pixels as annotated. The dataset has no masks.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from spairstore.errors import SourceError
+from spairstore.records import DatasetRecords, ImageRecord, PairRecord
+
+from ._common import Digests, image_header, load_mat, source_text
+from .spair71k import VOC_CLASS_INDEX, pair_stem
+
+NAME = "pfpascal"
+#: The 20 PASCAL VOC classes in VOC order: CSV class ``k`` is ``CATEGORIES[k - 1]``.
+CATEGORIES = tuple(VOC_CLASS_INDEX)
+DATA_DIR = "PF-dataset-PASCAL"
+#: Pair-list file names per split (HPF's ``trn_`` or NC-Net's ``train_``).
+SPLIT_FILES = {"trn": ("trn_pairs.csv", "train_pairs.csv"), "val": ("val_pairs.csv",), "test": ("test_pairs.csv",)}
+KPS_COLUMNS = ("XA", "YA", "XB", "YB")
+#: A CSV keypoint is the ``.mat`` row it lies within this many pixels of (both images), for ``kps_ids``.
+MATCH_TOL = 0.01
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One line of a pair CSV."""
+
+    where: str  #: "<csv> line <n>", for error messages
+    category: str
+    src: str  #: image file name
+    trg: str
+    flip: int
+    kps: tuple[np.ndarray, np.ndarray] | None  #: (n, 2) source and target keypoints, if the CSV has them
+
+
+def _data_dir(root: Path) -> Path:
+    return root / DATA_DIR if (root / DATA_DIR).is_dir() else root
+
+
+def detect(root: Path) -> bool:
+    """True when ``root`` (or its ``PF-dataset-PASCAL/``) has ``JPEGImages/`` and per-class ``Annotations/``."""
+    data = _data_dir(root)
+    return (data / "JPEGImages").is_dir() and any((data / "Annotations" / c).is_dir() for c in CATEGORIES)
+
+
+def _split_files(root: Path, data: Path) -> dict[str, Path]:
+    """The pair lists of the first folder holding any: ``root``, ``root/image_pairs``, the data folder."""
+    for folder in dict.fromkeys((root, root / "image_pairs", data)):
+        found = {}
+        for split, names in SPLIT_FILES.items():
+            path = next((folder / n for n in names if (folder / n).is_file()), None)
+            if path is not None:
+                found[split] = path
+        if found:
+            return found
+    return {}
+
+
+def _floats(cell: str, column: str, where: str, rel: Path) -> np.ndarray:
+    try:
+        return np.array([float(v) for v in cell.split(";")], dtype=np.float64)
+    except ValueError:
+        raise SourceError(rel, f"{where}: {column} must be ';'-separated numbers, got {cell[:40]!r}") from None
+
+
+def _read_csv(root: Path, path: Path, digests: Digests) -> list[_Row]:
+    rel = path.relative_to(root)
+    rows: list[_Row] = []
+    with source_text(path, root, digests) as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in ("source_image", "target_image", "class") if c not in columns]
+        if missing:
+            raise SourceError(rel, f"missing column(s) {', '.join(missing)} (header {columns})")
+        has_kps = any(c in columns for c in KPS_COLUMNS)
+        if has_kps and not all(c in columns for c in KPS_COLUMNS):
+            raise SourceError(rel, f"keypoint columns must be all of {', '.join(KPS_COLUMNS)} (header {columns})")
+        for r in reader:
+            where = f"line {reader.line_num}"
+            if None in r or None in r.values():
+                raise SourceError(rel, f"{where}: expected {len(columns)} columns")
+            cls = r["class"].strip()
+            if not (cls.isdigit() and 1 <= int(cls) <= len(CATEGORIES)):
+                raise SourceError(rel, f"{where}: class must be 1..{len(CATEGORIES)} (VOC order), got {cls!r}")
+            flip = r.get("flip", "0").strip()
+            if flip not in ("0", "1"):
+                raise SourceError(rel, f"{where}: flip must be 0 or 1, got {flip!r}")
+            kps = None
+            if has_kps:
+                xa, ya, xb, yb = (_floats(r[c], c, where, rel) for c in KPS_COLUMNS)
+                if not len(xa) == len(ya) == len(xb) == len(yb):
+                    raise SourceError(rel, f"{where}: keypoint counts differ (XA {len(xa)}, YA {len(ya)}, "
+                                           f"XB {len(xb)}, YB {len(yb)})")
+                kps = (np.stack([xa, ya], 1), np.stack([xb, yb], 1))
+            rows.append(_Row(f"{rel.as_posix()} {where}", CATEGORIES[int(cls) - 1],
+                             *(PurePosixPath(r[c].strip().replace("\\", "/")).name
+                               for c in ("source_image", "target_image")), int(flip), kps))
+    return rows
+
+
+def _read_image(root: Path, data: Path, category: str, filename: str, where: str, digests: Digests) -> ImageRecord:
+    name = PurePosixPath(filename).stem
+    mat = data / "Annotations" / category / f"{name}.mat"
+    rel = mat.relative_to(root)
+    if not mat.is_file():
+        raise SourceError(rel, f"annotation file not found (named by {where})")
+    m = load_mat(mat, root, ("kps", "bbox"), digests)
+    kps, bbox = np.asarray(m["kps"]), np.asarray(m["bbox"])
+    if kps.dtype.kind not in "fiu" or kps.ndim != 2 or (kps.size and kps.shape[1] != 2):
+        raise SourceError(rel, f"kps must be a numeric (K, 2) array of x, y rows, got {kps.dtype} {kps.shape}")
+    if bbox.dtype.kind not in "fiu" or bbox.size != 4:
+        raise SourceError(rel, f"bbox must be 4 numbers x1, y1, x2, y2, got {bbox.dtype} {bbox.shape}")
+    image_path = data / "JPEGImages" / filename
+    width, height, depth = image_header(image_path, root, where)
+    return ImageRecord(
+        category=category, name=name, image_path=image_path, mask_path=None, width=width, height=height,
+        bbox=tuple(float(v) for v in bbox.ravel()),  # type: ignore[arg-type]
+        keypoints=kps.reshape(-1, 2).astype(np.float32), depth=depth,
+    )
+
+
+def _slot_ids(src_slots: np.ndarray, trg_slots: np.ndarray, src_kps: np.ndarray, trg_kps: np.ndarray
+              ) -> np.ndarray | None:
+    """The ``.mat`` row of each CSV keypoint (the same row in both images, within ``MATCH_TOL``), or
+    None where some keypoint has no such row."""
+    d = np.maximum(np.abs(src_kps[:, None] - src_slots[None]).max(-1),
+                   np.abs(trg_kps[:, None] - trg_slots[None]).max(-1))
+    hit = np.nan_to_num(d, nan=np.inf) <= MATCH_TOL
+    ids = hit.argmax(1)
+    if not hit.any(1).all() or len(np.unique(ids)) != len(ids):
+        return None
+    return ids
+
+
+def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None) -> DatasetRecords:
+    """Read a PF-PASCAL root into canonical records (splits ``trn``, ``val``, ``test`` as present).
+
+    Images are those the pair lists name, keyed ``(class, name)``, sorted by class (VOC order) and
+    name; pairs keep their CSV order, with pair ids 1.. per split. ``kps_ids`` are ``.mat`` rows (for
+    CSV keypoints: the row each matches; positions in the pair where none does, counted in ``notes``).
+    ``progress(iterable, description, total)`` wraps the long loops.
+    """
+    root = Path(root).resolve()
+    wrap = progress or (lambda it, desc, total: it)
+    if not detect(root):
+        raise SourceError(root, f"not a PF-PASCAL root (needs [{DATA_DIR}/]JPEGImages/ and Annotations/<class>/)")
+    data = _data_dir(root)
+    files = _split_files(root, data)
+    if not files:
+        raise SourceError(root, "no pair list found: test_pairs.csv, trn_pairs.csv (or train_pairs.csv), "
+                                f"val_pairs.csv in the root, image_pairs/ or {DATA_DIR}/")
+    digests: Digests = {}
+    rows = {split: _read_csv(root, path, digests) for split, path in files.items()}
+    notes = [f"split {s!r} absent (no {' or '.join(n)}): not packed" for s, n in SPLIT_FILES.items() if s not in files]
+
+    named: dict[tuple[str, str], tuple[str, str]] = {}  # (class, name) -> (file name, first line naming it)
+    for rs in rows.values():
+        for r in rs:
+            for f in (r.src, r.trg):
+                named.setdefault((r.category, PurePosixPath(f).stem), (f, r.where))
+    if not named:
+        raise SourceError(next(iter(files.values())).relative_to(root), "the pair lists hold no pairs")
+    keys = sorted(named, key=lambda k: (CATEGORIES.index(k[0]), k[1]))
+    images = [_read_image(root, data, k[0], *named[k], digests) for k in wrap(keys, "annotations", len(keys))]
+    num_keypoints = max(len(im.keypoints) for im in images)
+    pad = np.full((num_keypoints, 2), np.nan, dtype=np.float32)
+    images = [replace(im, keypoints=np.concatenate([im.keypoints, pad[len(im.keypoints):]])) for im in images]
+    index = {im.key: im for im in images}
+
+    pairs: dict[str, list[PairRecord]] = {}
+    unmatched = 0
+    for split, rs in rows.items():
+        recs: list[PairRecord] = []
+        for r in rs:
+            src = index[(r.category, PurePosixPath(r.src).stem)]
+            trg = index[(r.category, PurePosixPath(r.trg).stem)]
+            if r.kps is None:
+                ids = np.flatnonzero(np.isfinite(src.keypoints).all(1) & np.isfinite(trg.keypoints).all(1))
+                src_kps, trg_kps = src.keypoints[ids], trg.keypoints[ids]
+            else:
+                keep = np.isfinite(r.kps[0]).all(1) & np.isfinite(r.kps[1]).all(1)
+                src_kps, trg_kps = r.kps[0][keep], r.kps[1][keep]
+                found = _slot_ids(src.keypoints, trg.keypoints, src_kps, trg_kps)
+                unmatched += found is None
+                ids = np.arange(len(src_kps)) if found is None else found
+            pid = len(recs) + 1
+            recs.append(PairRecord(
+                split=split, pair_id=pid, stem=pair_stem(pid, src.name, trg.name, r.category),
+                category=r.category, src=src.key, trg=trg.key, kps_ids=ids.astype(np.int16),
+                src_kps=src_kps.astype(np.float32), trg_kps=trg_kps.astype(np.float32), flip=r.flip,
+            ))
+        pairs[split] = recs
+        has_kps = bool(rs) and rs[0].kps is not None
+        notes.append(f"{split}: {len(recs):,} pairs from {files[split].relative_to(root).as_posix()}, keypoints "
+                     + ("from the CSV" if has_kps else "from the .mat rows annotated in both images"))
+    if unmatched:
+        notes.append(f"{unmatched} pairs have CSV keypoints that are not all rows of their images' .mat kps "
+                     f"(within {MATCH_TOL} px): their kps_ids are positions in the pair")
+    sources = [*files.values(), *(data / "Annotations" / c / f"{n}.mat" for c, n in keys),
+               *dict.fromkeys(im.image_path for im in images)]
+    return DatasetRecords(
+        dataset=NAME, root=root, categories=list(CATEGORIES), num_keypoints=num_keypoints,
+        images=images, pairs=pairs, sources=sources, notes=notes, digests=digests,
+    )

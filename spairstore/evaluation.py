@@ -1,0 +1,314 @@
+"""PCK evaluation: :func:`evaluate` scores predictions under a named :class:`~spairstore.protocols.Protocol`.
+
+Everything is vectorised over all pairs of a split: keypoints are the split's padded ``(P, M, 2)`` table,
+so 12k pairs at three α with every breakdown take milliseconds. A :class:`Report` holds the per-keypoint
+results and renders the dataset paper's tables (per category; by viewpoint, scale, truncation and
+occlusion; the controlled analysis) as terminal text, Markdown, CSV or JSON.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from .methods import Method, PredictionsError, load_predictions
+from .protocols import Protocol, alpha_key, get_protocol
+from .reader import Store
+from .schema import LEVELS
+from .tables import markdown_table, text_table
+
+#: Predictions in the original pixels of the predicted-in image (the target for src->trg): a padded
+#: ``(P, M, 2)`` array with one row per pair of the split in table order, a flat ``(sum n_kps, 2)``
+#: array, a mapping pair id -> ``(n, 2)``, a ``.npz``/``.pt``/``.npy`` file, or a method that makes them.
+Predictions = Union[np.ndarray, Mapping[int, Any], str, Path, Method, Callable[..., np.ndarray]]
+
+#: Truncation/occlusion labels of the reversed pair: "src" (1) and "trg" (2) swap.
+_SWAP_SIDES = np.array([0, 2, 1, 3], dtype=np.int8)
+_SIDED = ("truncation", "occlusion")
+
+
+def select_pairs(store: Store, split: str, protocol: Protocol) -> np.ndarray:
+    """Pair rows of ``split`` the protocol evaluates, ascending: all, or ``subsample`` per category drawn
+    without replacement by ``numpy.random.default_rng(seed)``, categories in index order."""
+    table = store.pairs(split)
+    if protocol.subsample is None:
+        return np.arange(table.rows)
+    rng = np.random.default_rng(protocol.seed)
+    picked = []
+    for c in np.unique(table.category):
+        rows = np.flatnonzero(table.category == c)
+        picked.append(rows if len(rows) <= protocol.subsample else rng.choice(rows, protocol.subsample, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.arange(0)
+
+
+def evaluate(store: Store | str | Path, split: str, predictions: Predictions,
+             protocol: str | Protocol | None = None) -> Report:
+    """PCK of ``predictions`` on ``split`` under ``protocol`` (by default the one the store's dataset implies).
+
+    ``predictions`` are keypoints in *original pixels* of the image they are predicted in (the target
+    image for ``src->trg``), one per pair keypoint in the pair's keypoint order; see :data:`Predictions`.
+    A method (e.g. :class:`~spairstore.methods.Identity`) is run on exactly the pairs evaluated.
+    A prediction that is NaN counts as wrong.
+    """
+    if not isinstance(store, Store):
+        from .reader import open as open_store
+
+        store = open_store(store)
+    proto = get_protocol(protocol, store.dataset)
+    rows = select_pairs(store, split, proto)
+    if callable(predictions):
+        method = getattr(predictions, "name", getattr(predictions, "__name__", "method"))
+        pred = np.asarray(predictions(store, split, rows, proto.direction), dtype=np.float64)
+    else:
+        method = str(predictions) if isinstance(predictions, (str, Path)) else None
+        pred = load_predictions(predictions, store, split)[rows]
+    return score(store, split, rows, pred, proto, method=method)
+
+
+def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol: Protocol,
+          method: str | None = None) -> Report:
+    """Score ``pred`` (float (len(rows), M, 2), original pixels of the predicted-in image) for pair ``rows``."""
+    t = store.pairs(split)
+    im = store.images
+    forward = protocol.direction == "src->trg"
+    img = (t.trg if forward else t.src)[rows]
+    true = (t.trg_kps if forward else t.src_kps)[rows].astype(np.float64)
+    P, M = true.shape[:2]
+    pred = np.asarray(pred, dtype=np.float64)
+    if pred.shape != (P, M, 2):
+        raise PredictionsError(f"predictions for {P} pairs have shape {pred.shape}, expected {(P, M, 2)}")
+    valid = (np.arange(M) < t.n_kps[rows, None]) & np.isfinite(true).all(-1)
+    size = im.size[img].astype(np.float64)
+    # Per-axis factor into the frame of the measurement; the square frame's side cancels out of PCK.
+    f = np.ones_like(size) if protocol.frame == "original" else 1.0 / size
+    distance = np.where(valid, np.hypot(*((pred - true) * f[:, None, :]).transpose(2, 0, 1)), np.nan)
+
+    if protocol.threshold == "bbox":
+        b = im.bbox[img].astype(np.float64)
+        extent = b[:, 2:] - b[:, :2]
+    elif protocol.threshold == "image":
+        extent = size
+    else:
+        lo = np.where(valid[..., None], true, np.inf).min(1)
+        hi = np.where(valid[..., None], true, -np.inf).max(1)
+        if protocol.threshold == "kp-extent-padded":
+            lo, hi = np.minimum(lo, -1.0), np.maximum(hi, -1.0)
+        extent = np.where(np.isfinite(lo), hi - lo, np.nan)
+    base = (extent * f).max(1)
+
+    alphas = np.array(protocol.alphas)
+    limit = alphas[:, None, None] * base[None, :, None]
+    within = distance[None] <= limit if protocol.comparison == "<=" else distance[None] < limit
+    correct = within & valid[None]
+
+    labels = {k: t[k][rows].copy() for k in LEVELS if k in t}
+    if not forward:
+        for k in _SIDED:
+            if k in labels:
+                labels[k] = np.where(labels[k] >= 0, _SWAP_SIDES[labels[k].clip(0)], labels[k])
+    return Report(
+        protocol=protocol, split=split, dataset=store.dataset, store=str(store.path), method=method,
+        categories=list(store.categories), rows=rows, pair_id=t.pair_id[rows], category=t.category[rows].astype(np.int64),
+        labels=labels, valid=valid, distance=distance, base=base, correct=correct,
+        missing=int((valid & ~np.isfinite(pred).all(-1)).sum()),
+    )
+
+
+def _grouped(groups: np.ndarray, n: int, ncorrect: np.ndarray, nvalid: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group (ids 0..n-1, -1 = left out): per-image and per-point PCK in percent ((A, n), NaN where
+    empty) and pair counts (n,). ``ncorrect`` (A, P) correct keypoints per pair, ``nvalid`` (P,) keypoints."""
+    keep = groups >= 0
+    g, nc, nv = groups[keep], ncorrect[:, keep], nvalid[keep]
+    pairs = np.bincount(g, minlength=n)
+    has = nv > 0  # a pair without keypoints has no fraction correct
+    scored = np.bincount(g[has], minlength=n)
+    frac = nc[:, has] / nv[has]
+    points = np.bincount(g, weights=nv, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_image = np.stack([np.bincount(g[has], weights=fa, minlength=n) for fa in frac]) / scored * 100
+        per_point = np.stack([np.bincount(g, weights=ca, minlength=n) for ca in nc]) / points * 100
+    return per_image, per_point, pairs
+
+
+def _cells(per_image: np.ndarray, per_point: np.ndarray, j: int, protocol: Protocol) -> dict[str, dict[str, float | None]]:
+    """``{alpha: {aggregation: percent}}`` of group ``j``; None where the group is empty."""
+    val = {"per_image": per_image, "per_point": per_point}
+    return {alpha_key(a): {agg: (None if np.isnan(val[agg][i, j]) else float(val[agg][i, j]))
+                           for agg in protocol.aggregation} for i, a in enumerate(protocol.alphas)}
+
+
+@dataclass
+class Report:
+    """The result of :func:`evaluate`. Per-pair arrays follow ``rows`` (pair rows of the split).
+
+    Attributes:
+        distance: (P, M) prediction error in the protocol's frame (original pixels by default), NaN for
+            padding and absent keypoints.
+        base: (P,) threshold base per pair (the keypoint is correct at α when ``distance <= α * base``).
+        correct: (A, P, M) bool, one layer per α of the protocol.
+        labels: difficulty labels per pair as evaluated (for ``trg->src``, truncation/occlusion are those
+            of the reversed pair); -1 = unknown.
+        missing: keypoints whose prediction was NaN (counted wrong).
+    """
+
+    protocol: Protocol
+    split: str
+    dataset: str
+    store: str
+    method: str | None
+    categories: list[str]
+    rows: np.ndarray
+    pair_id: np.ndarray
+    category: np.ndarray
+    labels: dict[str, np.ndarray]
+    valid: np.ndarray
+    distance: np.ndarray
+    base: np.ndarray
+    correct: np.ndarray
+    missing: int = 0
+    _results: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- numbers -------------------------------------------------------------------------------------
+    @property
+    def pairs(self) -> int:
+        return len(self.rows)
+
+    def per_pair(self) -> np.ndarray:
+        """(A, P) fraction of each pair's keypoints correct at each α (NaN for a pair without keypoints)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.correct.sum(-1) / self.valid.sum(-1)
+
+    def pck(self, alpha: float | None = None, aggregation: str | None = None) -> float:
+        """One PCK in percent (default: the protocol's first α and first aggregation)."""
+        a = alpha_key(self.protocol.alphas[0] if alpha is None else alpha)
+        return self.to_dict()["pck"][a][aggregation or self.protocol.aggregation[0]]
+
+    def curve(self, alphas: np.ndarray) -> dict[str, np.ndarray]:
+        """PCK in percent at each of ``alphas`` (e.g. for a PCK-vs-α plot), per aggregation."""
+        alphas = np.asarray(alphas, dtype=np.float64)
+        limit = alphas[:, None, None] * self.base[None, :, None]
+        ok = (self.distance[None] <= limit) if self.protocol.comparison == "<=" else (self.distance[None] < limit)
+        nc, nv = ok.sum(-1), self.valid.sum(-1)
+        per_image, per_point, _ = _grouped(np.zeros(self.pairs, dtype=np.int64), 1, nc, nv)
+        return {"per_image": per_image[:, 0], "per_point": per_point[:, 0]}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON contract: ``protocol``, ``pairs``, ``pck``, ``by_category``, ``by_factor``,
+        ``controlled`` (values in percent, None where no pair), plus ``category_mean`` (unweighted mean
+        over categories), ``counts`` (pairs per group), ``keypoints``, ``missing_predictions``."""
+        if self._results:
+            return self._results
+        p = self.protocol
+        nc, nv = self.correct.sum(-1), self.valid.sum(-1)
+        out: dict[str, Any] = {
+            "protocol": p.to_dict(), "protocol_line": str(p), "dataset": self.dataset, "store": self.store,
+            "split": self.split, "method": self.method, "pairs": self.pairs, "keypoints": int(nv.sum()),
+            "missing_predictions": self.missing,
+        }
+        pi, pp, _ = _grouped(np.zeros(self.pairs, dtype=np.int64), 1, nc, nv)
+        out["pck"] = _cells(pi, pp, 0, p)
+        pi, pp, n = _grouped(self.category, len(self.categories), nc, nv)
+        out["by_category"] = {c: _cells(pi, pp, j, p) for j, c in enumerate(self.categories)}
+        with np.errstate(invalid="ignore"):
+            mean_i, mean_p = (np.nanmean(v[:, n > 0], axis=1, keepdims=True) if (n > 0).any()
+                              else np.full((len(p.alphas), 1), np.nan) for v in (pi, pp))
+        out["category_mean"] = _cells(mean_i, mean_p, 0, p)
+        counts: dict[str, Any] = {"by_category": {c: int(n[j]) for j, c in enumerate(self.categories)},
+                                  "by_factor": {}, "controlled": {}}
+        # Factors with no known label (e.g. PF datasets) are left out rather than shown empty.
+        known = {k: v for k, v in self.labels.items() if (v >= 0).any()}
+        out["by_factor"], out["controlled"] = {}, {}
+        for k, lab in known.items():
+            levels = LEVELS[k]
+            pi, pp, n = _grouped(lab.astype(np.int64), len(levels), nc, nv)
+            out["by_factor"][k] = {lv: _cells(pi, pp, j, p) for j, lv in enumerate(levels)}
+            counts["by_factor"][k] = {lv: int(n[j]) for j, lv in enumerate(levels)}
+            others_easy = np.logical_and.reduce([known[o] == 0 for o in known if o != k] or [np.ones(self.pairs, bool)])
+            pi, pp, n = _grouped(np.where(others_easy, lab, -1).astype(np.int64), len(levels), nc, nv)
+            out["controlled"][k] = {lv: _cells(pi, pp, j, p) for j, lv in enumerate(levels)}
+            counts["controlled"][k] = {lv: int(n[j]) for j, lv in enumerate(levels)}
+        out["counts"] = counts
+        self._results = out
+        return out
+
+    # -- renderings ----------------------------------------------------------------------------------
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def _tables(self) -> list[tuple[str, list[tuple[str, str]], list[tuple[str, list[float | None]]]]]:
+        """(title, columns as (group, name), rows as (label, values)) of every table of the report."""
+        d, p = self.to_dict(), self.protocol
+        keys = [(alpha_key(a), agg) for agg in p.aggregation for a in p.alphas]
+        label = lambda a, agg: f"PCK@{a} {agg.replace('_', ' ')}"  # noqa: E731
+        tables = []
+        cats = [c for c in self.categories if d["counts"]["by_category"][c] > 0]
+        cols = [("", c) for c in cats] + [("", "all"), ("", "mean")]
+        rows = [("pairs", [d["counts"]["by_category"][c] for c in cats] + [d["pairs"], None])]
+        rows += [(label(a, agg), [d["by_category"][c][a][agg] for c in cats] + [d["pck"][a][agg], d["category_mean"][a][agg]])
+                 for a, agg in keys]
+        tables.append(("PCK (%) per category (mean = unweighted mean over categories)", cols, rows))
+        controlled = "Controlled analysis: PCK (%) by one factor, the others easy / none"
+        for section, title, with_all in (("by_factor", "PCK (%) by variation factor", True),
+                                         ("controlled", controlled, False)):
+            fs = d[section]
+            if not fs:
+                continue
+            cols = [(k, lv) for k in fs for lv in fs[k]] + ([("", "all")] if with_all else [])
+            rows = [("pairs", [d["counts"][section][k][lv] for k in fs for lv in fs[k]] + ([d["pairs"]] if with_all else []))]
+            rows += [(label(a, agg), [fs[k][lv][a][agg] for k in fs for lv in fs[k]] + ([d["pck"][a][agg]] if with_all else []))
+                     for a, agg in keys]
+            tables.append((title, cols, rows))
+        return tables
+
+    def _header(self) -> str:
+        method = f", method {self.method}" if self.method else ""
+        miss = f", {self.missing:,} keypoints without a prediction (counted wrong)" if self.missing else ""
+        return (f"{self.dataset} {self.split}: {self.pairs:,} pairs, {int(self.valid.sum()):,} keypoints{method}{miss}\n"
+                f"{self.protocol}")
+
+    def to_text(self) -> str:
+        """Terminal tables, laid out like the dataset paper (category names abbreviated)."""
+        return "\n\n".join([self._header()] + [text_table(*t) for t in self._tables()])
+
+    def to_markdown(self) -> str:
+        header = "  \n".join(f"`{line}`" for line in self._header().split("\n"))
+        return "\n\n".join([header] + [markdown_table(*t) for t in self._tables()])
+
+    def to_csv(self) -> str:
+        """Long format: ``section,group,level,alpha,aggregation,pck,pairs`` (pck in percent)."""
+        d = self.to_dict()
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["section", "group", "level", "alpha", "aggregation", "pck", "pairs"])
+
+        def put(section: str, group: str, level: str, cells: dict, pairs: int | str) -> None:
+            for a, aggs in cells.items():
+                for agg, v in aggs.items():
+                    w.writerow([section, group, level, a, agg, "" if v is None else repr(v), pairs])
+
+        put("all", "", "all", d["pck"], d["pairs"])
+        put("category_mean", "", "mean", d["category_mean"], "")
+        for c, cells in d["by_category"].items():
+            put("category", "category", c, cells, d["counts"]["by_category"][c])
+        for section in ("by_factor", "controlled"):
+            for k, levels in d[section].items():
+                for lv, cells in levels.items():
+                    put(section.replace("by_", ""), k, lv, cells, d["counts"][section][k][lv])
+        return buf.getvalue()
+
+    def render(self, fmt: str = "text") -> str:
+        """``text``, ``markdown``, ``csv`` or ``json``."""
+        renderers = {"text": self.to_text, "markdown": self.to_markdown, "csv": self.to_csv, "json": self.to_json}
+        if fmt not in renderers:
+            raise ValueError(f"unknown format {fmt!r} (one of {', '.join(renderers)})")
+        return renderers[fmt]()
+
+    def __str__(self) -> str:
+        return self.to_text()

@@ -1,0 +1,185 @@
+"""Ways to get predictions: baselines, nearest-neighbour matching on stored features, and prediction files.
+
+A *method* is a callable ``method(store, split, rows, direction) -> (len(rows), M, 2)`` float array: for
+each pair row, its keypoints transferred into the other image of the pair, in that image's *original
+pixels* (x, y), padded with NaN to the split's keypoint width ``M``. ``direction`` is ``src->trg`` (predict
+target keypoints from source ones) or ``trg->src``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from . import geometry
+from .errors import SpairstoreError, StoreError
+from .reader import Store
+
+
+class PredictionsError(SpairstoreError):
+    """Predictions that do not fit the pairs they are evaluated on."""
+
+
+class Method(Protocol):
+    name: str
+
+    def __call__(self, store: Store, split: str, rows: np.ndarray, direction: str = "src->trg") -> np.ndarray: ...
+
+
+def _sides(store: Store, split: str, rows: np.ndarray, direction: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query image rows, predicted-in image rows, query keypoints in original pixels (P, M, 2))."""
+    t = store.pairs(split)
+    if direction == "src->trg":
+        return t.src[rows], t.trg[rows], t.src_kps[rows].astype(np.float64)
+    return t.trg[rows], t.src[rows], t.trg_kps[rows].astype(np.float64)
+
+
+class Identity:
+    """The dataset paper's identity mapping: each keypoint predicted at the same *relative* position in the
+    other image, ``(x * W_t / W_s, y * H_t / H_s)`` in original pixels."""
+
+    name = "identity"
+
+    def __call__(self, store: Store, split: str, rows: np.ndarray, direction: str = "src->trg") -> np.ndarray:
+        a, b, kps = _sides(store, split, rows, direction)
+        size = store.images.size.astype(np.float64)
+        return kps * (size[b] / size[a])[:, None, :]
+
+
+class NearestNeighbour:
+    """Nearest neighbour on a stored feature set: each query keypoint takes the feature of the cell it falls
+    in (original -> store pixels -> nearest cell) and is predicted at the centre of the most cosine-similar
+    cell of the other image (cell -> store pixels -> original pixels), among cells whose centre lies on the
+    image rather than the letterbox padding. Pairs are processed ``batch_size`` at a time with one batched
+    matmul, on ``device`` (CUDA when available unless given).
+    """
+
+    def __init__(self, features: str, device: str | None = None, batch_size: int = 32, progress: bool = False):
+        self.features, self.device, self.batch_size, self.progress = features, device, batch_size, progress
+        self.name = f"nn[{features}]"
+
+    def __call__(self, store: Store, split: str, rows: np.ndarray, direction: str = "src->trg") -> np.ndarray:
+        import torch
+
+        if self.features not in store.feature_sets:
+            raise StoreError(f"{store.path}: no feature set {self.features!r} "
+                             f"(store has {', '.join(store.feature_sets) or 'none'})")
+        geom, size = store.feature_sets[self.features], store.image_size
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        h, w = int(geom["height"]), int(geom["width"])
+        a, b, kps = _sides(store, split, rows, direction)
+        q_store = store.to_store(kps, a[:, None])
+        ok = np.isfinite(q_store).all(-1)
+        q_cell = geometry.store_to_cell(np.where(ok[..., None], q_store, 0.0), geom, size)
+        q_flat = q_cell[..., 1] * w + q_cell[..., 0]
+        col, row = np.meshgrid(np.arange(w), np.arange(h))
+        centres = geometry.cell_to_store(np.stack([col.ravel(), row.ravel()], -1), geom, size)  # (h*w, 2), row-major
+        im = store.images
+        out = np.full(kps.shape, np.nan)
+        starts = range(0, len(rows), self.batch_size)
+        for s in tqdm(starts, desc=self.name, unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True):
+            sl = slice(s, s + self.batch_size)
+            uniq = np.unique(np.concatenate([a[sl], b[sl]]))
+            fmap = torch.from_numpy(store.read(f"features/{self.features}", uniq)).to(device).float()
+            fmap = torch.nn.functional.normalize(fmap.flatten(2), dim=1).transpose(1, 2)  # (U, h*w, C), unit cells
+            ia = torch.from_numpy(np.searchsorted(uniq, a[sl])).to(device)
+            ib = np.searchsorted(uniq, b[sl])
+            query = fmap[ia[:, None], torch.from_numpy(q_flat[sl]).to(device)]  # (B, M, C)
+            sim = torch.bmm(query, fmap[torch.from_numpy(ib).to(device)].transpose(1, 2))  # (B, M, h*w)
+            lo = im.offset[uniq]
+            hi = lo + im.size[uniq] * im.scale[uniq]
+            on_image = ((centres[None] >= lo[:, None]) & (centres[None] <= hi[:, None])).all(-1)  # (U, h*w)
+            on_image[~on_image.any(1)] = True  # an image smaller than one cell keeps every cell
+            sim.masked_fill_(~torch.from_numpy(on_image[ib]).to(device)[:, None, :], float("-inf"))
+            best = sim.argmax(-1).cpu().numpy()
+            out[sl] = store.to_original(centres[best], b[sl, None])
+        out[~ok] = np.nan
+        return out
+
+
+def get_method(name: str, features: str | None = None, device: str | None = None, batch_size: int = 32,
+               progress: bool = False) -> Method:
+    """A method by its CLI name: ``identity`` or ``nn`` (which needs ``features``)."""
+    if name == "identity":
+        return Identity()
+    if name == "nn":
+        if not features:
+            raise SpairstoreError("method nn needs a feature set: --features NAME")
+        return NearestNeighbour(features, device=device, batch_size=batch_size, progress=progress)
+    raise SpairstoreError(f"unknown method {name!r} (known: identity, nn)")
+
+
+def load_predictions(source: Any, store: Store, split: str) -> np.ndarray:
+    """Predictions for every pair of ``split`` as a float64 ``(P, M, 2)`` array in table order, NaN padded.
+
+    ``source`` is an array (padded ``(P, M', 2)`` in table order, or flat ``(sum n_kps, 2)`` with each
+    pair's keypoints in turn), a mapping pair id -> ``(n_kps, 2)``, or a ``.npz`` (keys: pair ids),
+    ``.pt`` (a tensor or a dict keyed by pair id) or ``.npy`` file holding one of those.
+    """
+    what = "predictions"
+    if isinstance(source, (str, Path)):
+        what = str(source)
+        source = _read_file(Path(source))
+    t = store.pairs(split)
+    P, M = t.kps_ids.shape
+    n = t.n_kps.astype(np.int64)
+    out = np.full((P, M, 2), np.nan)
+    slot = np.arange(M) < n[:, None]
+    if isinstance(source, Mapping):
+        index = {int(pid): j for j, pid in enumerate(t.pair_id)}
+        try:
+            keys = {int(k): k for k in source}
+        except (TypeError, ValueError):
+            raise PredictionsError(f"{what}: keys must be pair ids of split {split!r}") from None
+        missing = sorted(set(index) - set(keys))
+        extra = sorted(set(keys) - set(index))
+        if missing or extra:
+            raise PredictionsError(f"{what}: {len(missing)} pair(s) of split {split!r} have no prediction"
+                                   f"{f' (first: pair {missing[0]})' if missing else ''} and {len(extra)} key(s) are "
+                                   f"not pair ids of it{f' (first: {extra[0]})' if extra else ''}")
+        for pid, key in keys.items():
+            j = index[pid]
+            v = _numpy(source[key])
+            if v.shape != (n[j], 2):
+                raise PredictionsError(f"{what}: pair {pid} has {n[j]} keypoints, its prediction has shape {v.shape}")
+            out[j, :n[j]] = v
+        return out
+    arr = _numpy(source)
+    if arr.ndim == 3 and arr.shape[0] == P and arr.shape[2] == 2 and arr.shape[1] >= n.max(initial=0):
+        width = min(M, arr.shape[1])
+        out[:, :width] = arr[:, :width]
+        out[~slot] = np.nan
+        return out
+    if arr.ndim == 2 and arr.shape == (int(n.sum()), 2):
+        out[slot] = arr  # boolean indexing walks pairs in order, keypoints in order
+        return out
+    raise PredictionsError(f"{what}: array of shape {arr.shape} fits neither ({P}, >= {n.max(initial=0)}, 2) "
+                           f"(one row per pair of split {split!r}) nor ({int(n.sum())}, 2) (its keypoints in turn)")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _read_file(path: Path) -> Any:
+    if not path.is_file():
+        raise PredictionsError(f"{path}: no such predictions file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix in (".pt", ".pth"):
+            import torch
+
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's error, said in one line
+        raise PredictionsError(f"{path}: cannot read predictions ({type(e).__name__}: {e})") from None
+    raise PredictionsError(f"{path}: predictions must be a .npz, .pt or .npy file")

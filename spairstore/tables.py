@@ -1,0 +1,45 @@
+"""Plain-text and Markdown tables for reports: columns as ``(group, name)``, rows as ``(label, values)``."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Cell = float | int | None
+Columns = Sequence[tuple[str, str]]
+Rows = Sequence[tuple[str, Sequence[Cell]]]
+
+#: Column names of the dataset paper's tables, for the terminal.
+ABBREV = {"aeroplane": "aero", "bicycle": "bike", "motorbike": "mbike", "pottedplant": "plant",
+          "tvmonitor": "tv", "diningtable": "table"}
+
+
+def cell(v: Cell) -> str:
+    """Counts with thousands separators, percentages with one decimal, ``-`` for nothing."""
+    if v is None:
+        return "-"
+    return f"{v:,}" if isinstance(v, (int, np.integer)) else f"{v:.1f}"
+
+
+def text_table(title: str, cols: Columns, rows: Rows) -> str:
+    """Right-aligned columns; a second header line names column groups where there are any."""
+    names = [ABBREV.get(n, n) for _, n in cols]
+    w0 = max([len(r) for r, _ in rows] + [0])
+    widths = [max(5, len(n), *(len(cell(v[i])) for _, v in rows)) for i, n in enumerate(names)]
+    lines = [title]
+    if any(g for g, _ in cols):
+        groups, prev = [], None
+        for (g, _), w in zip(cols, widths):
+            groups.append((g if g != prev else "").ljust(w))
+            prev = g
+        lines.append(" " * w0 + " " + " ".join(groups).rstrip())
+    lines.append(" " * w0 + " " + " ".join(n.rjust(w) for n, w in zip(names, widths)))
+    lines += [r.ljust(w0) + " " + " ".join(cell(v).rjust(w) for v, w in zip(vals, widths)) for r, vals in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(title: str, cols: Columns, rows: Rows) -> str:
+    names = [f"{g} {n}".strip() for g, n in cols]
+    lines = [f"**{title}**", "", "| | " + " | ".join(names) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {r} | " + " | ".join(cell(v) for v in vals) + " |" for r, vals in rows]
+    return "\n".join(lines)
