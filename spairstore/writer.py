@@ -29,7 +29,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -433,7 +433,8 @@ _CRC_ROW = np.dtype([(k, "<u4") for k in PAYLOAD_FIELDS])
 
 class _Journal:
     """``rows.crc`` of a staging folder: the CRC-32s of the payload rows committed so far. A commit
-    makes the rows durable first, then appends their entries (and makes those durable)."""
+    makes the rows durable first, then appends their entries (and makes those durable). Commits run on
+    a thread of their own: an fsync waits for the disk, and the pack goes on decoding meanwhile."""
 
     def __init__(self, path: Path, n: int):
         self.path = path
@@ -442,14 +443,31 @@ class _Journal:
             self.done = min(n, os.fstat(f.fileno()).st_size // _CRC_ROW.itemsize)
             self.crc = np.frombuffer(f.read(self.done * _CRC_ROW.itemsize), dtype=_CRC_ROW)
             f.truncate(self.done * _CRC_ROW.itemsize)  # drop a torn last entry
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: Future[None] | None = None
 
-    def commit(self, rows: RowWriter, crc: np.ndarray, upto: int) -> None:
-        rows.flush()
+    def _commit(self, rows: RowWriter, entries: np.ndarray, upto: int) -> None:
+        rows.flush()  # every row below ``upto`` was written before this commit was started
         with open(self.path, "ab") as f:
-            f.write(crc[self.done:upto].tobytes())
+            f.write(entries.tobytes())
             f.flush()
             os.fsync(f.fileno())
         self.done = upto
+
+    def commit(self, rows: RowWriter, crc: np.ndarray, upto: int, wait: bool = False) -> bool:
+        """Commit rows ``done:upto`` in the background; False (nothing started) while the previous
+        commit runs, unless ``wait``, which also waits for this one to finish."""
+        if self._pending is not None:
+            if not (wait or self._pending.done()):
+                return False
+            self._pending.result()
+        self._pending = self._pool.submit(self._commit, rows, crc[self.done:upto].copy(), upto)
+        if wait:
+            self._pending.result()
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _write_rows(rows: RowWriter | ArrayWriter, records: DatasetRecords, checks: list[_ImageCheck],
@@ -475,9 +493,10 @@ def _write_rows(rows: RowWriter | ArrayWriter, records: DatasetRecords, checks: 
             bar.update()
             pending += d.pixels.nbytes + len(d.image_bytes) + len(d.mask_bytes)
             pending += 0 if d.mask is None else d.mask.nbytes
-            if journal is not None and (pending >= COMMIT_BYTES or i + 1 == n):
-                journal.commit(rows, crc, i + 1)
+            if journal is not None and pending >= COMMIT_BYTES and journal.commit(rows, crc, i + 1):
                 pending = 0
+    if journal is not None:
+        journal.commit(rows, crc, n, wait=True)
     bar.close()
     return crc
 
@@ -487,12 +506,14 @@ def _pack_hdf5(staging: _Staging, records: DatasetRecords, checks: list[_ImageCh
     """Steps 3 and 4 of an HDF5 pack whose structure is staged: rows, CRC arrays, then the file is
     marked complete and renamed into place."""
     rows = row_writer_for(staging.store, staging.extents())
+    journal = _Journal(staging.journal, len(records.images))
     try:
-        crc = _write_rows(rows, records, checks, st, size, progress, _Journal(staging.journal, len(records.images)))
+        crc = _write_rows(rows, records, checks, st, size, progress, journal)
         for k in PAYLOAD_FIELDS:
             rows.write(crc_array(f"images/{k}"), 0, crc[k].astype(np.uint32))
         rows.flush()
     finally:
+        journal.close()
         rows.close()
     mark_complete(staging.store, True)
     commit(staging.store, staging.out)

@@ -52,7 +52,7 @@ def staging_of(out: Path) -> Path:
 def test_interrupted_pack_resumes_from_its_last_commit(synth_root: Path, reference: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "s.h5"
-    monkeypatch.setattr(writer, "COMMIT_BYTES", 1)  # commit after every row
+    monkeypatch.setattr(writer, "COMMIT_BYTES", 1)  # commit after every row (when none is running)
     decode, calls = writer._decode, []
     ref = spairstore.open(reference)
     stop = (ref.categories[ref.images.category[10]], ref.images.name[10])  # image row 10
@@ -67,7 +67,7 @@ def test_interrupted_pack_resumes_from_its_last_commit(synth_root: Path, referen
         spairstore.pack(synth_root, out, size=SIZE)
     assert not out.exists()
     committed = (staging_of(out) / "rows.crc").stat().st_size // 16
-    assert committed == 10  # rows 0-9 committed, row 10 interrupted
+    assert 0 < committed <= 10  # some of rows 0-9 committed, row 10 interrupted
     with pytest.raises(spairstore.StoreError, match="unfinished pack"):
         spairstore.open(staging_of(out) / "store.h5")  # the staged file never opens as a store
 
