@@ -38,6 +38,35 @@ VOC_CLASS_INDEX = {
 }
 SPLITS = ("trn", "val", "test")
 NUM_KEYPOINTS = 30
+#: Mirror-image keypoint slots of each category as (right, left) pairs, the object's own sides (a frontal
+#: view shows the right part at the smaller x). A horizontal flip swaps the two slots of a pair; slots not
+#: listed lie on the symmetry plane (nose, tail, a bottle's axis ...) and keep their id. Slot ids are the
+#: real annotations' (bus leaves 8 and 9 unused, bicycle 11 and 12). Checked against the real image
+#: annotations: within an image every pair puts its right part on the same side (tests/test_augment.py).
+FLIP_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
+    # wings, engines, tailplane, landing gear; nose, cockpit, fin and rear on the axis
+    "aeroplane": ((4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19), (20, 21)),
+    "bicycle": ((2, 3), (6, 7), (9, 10)),
+    "bird": ((1, 2), (4, 5), (7, 8), (10, 11), (12, 13), (14, 15)),
+    "boat": ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)),
+    "bottle": ((1, 0), (3, 2), (5, 4), (7, 6), (9, 8)),
+    "bus": ((0, 1), (2, 3), (5, 6), (10, 20), (11, 21), (12, 22), (13, 23), (14, 24), (15, 25), (16, 17),
+            (18, 19), (26, 27), (28, 29)),
+    "car": ((0, 1), (2, 3), (6, 7), (10, 20), (11, 21), (12, 22), (13, 23), (14, 24), (15, 25), (16, 17),
+            (18, 19), (26, 27), (28, 29)),
+    "cat": ((0, 1), (2, 3), (4, 5), (6, 7), (9, 10), (11, 12)),
+    "chair": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13)),
+    "cow": ((0, 1), (2, 3), (4, 5), (6, 7), (9, 10), (11, 12), (15, 16), (17, 18), (19, 20)),
+    "dog": ((0, 1), (2, 3), (4, 5), (9, 10), (11, 12)),
+    "horse": ((0, 1), (2, 3), (4, 5), (6, 7), (10, 11), (12, 13), (16, 17), (18, 19)),
+    "motorbike": ((0, 1), (2, 3)),
+    "person": ((0, 1), (2, 3), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19)),
+    "pottedplant": ((0, 2), (4, 5), (6, 8)),
+    "sheep": ((0, 1), (2, 3), (4, 5), (6, 7), (9, 10), (11, 12), (15, 16), (17, 18), (19, 20)),
+    "train": ((1, 0), (3, 2), (5, 4), (7, 6), (9, 8), (11, 10), (13, 12), (15, 14), (17, 16)),
+    # screen frame: outer corners/sides 0-7 and inner 8-15, clockwise from the top-left seen from the front
+    "tvmonitor": ((0, 2), (6, 4), (7, 3), (8, 10), (14, 12), (15, 11)),
+}
 IMAGE_KEYS = (
     "filename", "src_database", "src_annotation", "src_image", "image_width", "image_height",
     "image_depth", "category", "pose", "truncated", "occluded", "difficult", "bndbox", "kps", "azimuth_id",
@@ -66,6 +95,15 @@ def scale_variation(src_bbox: Iterable[float], trg_bbox: Iterable[float]) -> int
     a, b = ((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in (src_bbox, trg_bbox))
     r = max(a, b) / max(min(a, b), 1e-12)
     return 0 if r < 2 else (1 if r < 4 else 2)
+
+
+def flip_permutation(category: str) -> list[int]:
+    """Keypoint slots under a horizontal flip: slot ``k`` of the mirrored image shows the part of slot
+    ``perm[k]`` of the original (an involution over all ``NUM_KEYPOINTS`` slots)."""
+    perm = list(range(NUM_KEYPOINTS))
+    for right, left in FLIP_PAIRS[category]:
+        perm[right], perm[left] = left, right
+    return perm
 
 
 def flag_pair(src_flag: int, trg_flag: int) -> int:
@@ -409,4 +447,5 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     return DatasetRecords(
         dataset=NAME, root=root, categories=categories, num_keypoints=NUM_KEYPOINTS,
         images=images, pairs=pairs, sources=sources, notes=notes, skipped=policy.skipped, digests=digests,
+        keypoint_flip={c: flip_permutation(c) for c in categories},
     )

@@ -153,6 +153,29 @@ def info(
     typer.echo("\n".join(out))
 
 
+@app.command()
+def bench(
+    store: Annotated[Path, typer.Argument(help="Store to read.")],
+    source: Annotated[Optional[Path], typer.Option(help="The SPair-71k root the store was packed from: adds the "
+                                                         "raw-file (JSON + PIL) loader to the comparison.")] = None,
+    split: Annotated[str, typer.Option(help="Split whose pairs are sampled.")] = "trn",
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 32,
+    batches: Annotated[int, typer.Option(help="Random batches per timed pass.")] = 16,
+    workers: Annotated[int, typer.Option(help="DataLoader workers for the multi-process runs (0: skip them).")] = 2,
+    rounds: Annotated[int, typer.Option(help="Timed passes per method; the median is reported.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the random batches.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Time random pair batches (pixels, masks, keypoints) from the store against a plain np.memmap copy
+    of the same bytes and, with --source, a raw-file loader; single process and DataLoader workers.
+    Also reports a worker's private memory under fork and spawn."""
+    from .bench import run
+
+    result = run(store, source, split=split, batch_size=batch_size, batches=batches, workers=workers,
+                 rounds=rounds, seed=seed, progress=not as_json)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
+
+
 _METHOD_HELP = "Predictions from a method: identity (the dataset paper's baseline) or nn (needs --features)."
 _PROTOCOL_HELP = "Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy (default: the store's dataset's)."
 

@@ -1,8 +1,9 @@
 """Reading a store: :func:`open` returns a :class:`Store`.
 
-Small tables (image metadata, pair tables, categories, manifest) are loaded into RAM as numpy arrays
-when the store is opened. Payloads (pixels, masks, original bytes, features) are read from memory
-maps of the files at the byte offsets the backend reports (:class:`~spairstore.backends.RawExtent`:
+Small tables are loaded into RAM as numpy arrays: image metadata and categories when the store is
+opened, a split's pair table and the manifest on first use (a DataLoader worker needs neither).
+Payloads (pixels, masks, original bytes, features) are read from memory maps of the files at the
+byte offsets the backend reports (:class:`~spairstore.backends.RawExtent`:
 one contiguous extent in HDF5, one location per record in a sharded Zarr store), mapped lazily in
 each process, so a Store is safe to use after ``fork`` and pickles (as its path) for ``spawn``.
 Arrays a backend cannot locate as plain bytes (compressed, or remote) are read through the backend
@@ -29,7 +30,7 @@ import numpy as np
 from . import geometry
 from .backends import ArrayReader, RawExtent, is_url, reader_for
 from .errors import StoreError
-from .schema import FORMAT_NAME, FORMAT_VERSION, check_layout, check_tables, is_hot
+from .schema import FORMAT_NAME, FORMAT_VERSION, check_layout, check_pair_table, check_tables, is_hot
 
 
 class Table(Mapping[str, np.ndarray]):
@@ -126,6 +127,9 @@ class Store:
             ``scale``/``offset`` (original -> store pixels), ``bbox`` and ``keypoints`` in original
             pixels (x, y; NaN = absent), labels, ``splits`` bitmask, CRCs).
         categories: category names; ``images.category`` and pair ``category`` index into it.
+        keypoint_flip: int64 (C, K), per category index the keypoint slot permutation under a horizontal
+            flip (slot k of the mirrored image shows the part of slot ``keypoint_flip[c, k]``), or None
+            where the dataset has no left/right table.
         splits: names of the packed splits.
         image_size: side ``S`` of the square store frame, in store pixels.
     """
@@ -192,11 +196,10 @@ class Store:
         self.shapes = backend.shapes()
         problems = check_layout(self.shapes, attrs)
         if not problems:
-            tables = {k: backend.read(k) for k in self.shapes if not is_hot(k)}
+            lazy = ("pairs/", "manifest/")
+            tables = {k: backend.read(k) for k in self.shapes if not is_hot(k) and not k.startswith(lazy)}
             problems = check_tables(tables, self.shapes, attrs)
-        if problems:
-            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise StoreError(f"{self.path}: {problems[0]}{more}")
+        self._refuse(problems)
         self.attrs: dict[str, Any] = dict(attrs)
         self.dataset: str = attrs["dataset"]
         self.image_size: int = int(attrs["image_size"])
@@ -206,12 +209,17 @@ class Store:
         self._check_extents()
         self.images = Table(_group(tables, "images/"))
         self.categories: list[str] = [str(c) for c in _decode_strings(tables["categories"])]
-        self._pairs = {s: Table(_group(tables, f"pairs/{s}/")) for s in self.splits}
-        self.manifest = Table(_group(tables, "manifest/"))
+        self._tables: dict[str, Table] = {}
         self.feature_sets: dict[str, dict[str, Any]] = {
             k: v for k, v in attrs.get("feature_sets", {}).items() if f"features/{k}/data" in self.shapes}
+        self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
+
+    def _refuse(self, problems: list[str]) -> None:
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise StoreError(f"{self.path}: {problems[0]}{more}")
 
     def _check_extents(self) -> None:
         """Every array read raw must lie inside its files: a map read past the end of a (truncated)
@@ -234,6 +242,18 @@ class Store:
                 if end > sizes[file]:
                     raise StoreError(f"{self.path}: {name} (up to byte {end:,} of {Path(file).name}) lies past the "
                                      f"end of the file ({sizes[file]:,} bytes); it is truncated or damaged")
+
+    def _flip_table(self, table: dict[str, list[int]] | None) -> np.ndarray | None:
+        if table is None:
+            return None
+        k = self.images["keypoints"].shape[1]
+        try:
+            perm = np.array([table[c] for c in self.categories], dtype=np.int64).reshape(len(self.categories), k)
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"{self.path}: keypoint_flip attribute must map every category to {k} slots") from None
+        if not (np.sort(perm, axis=1) == np.arange(k)).all():
+            raise StoreError(f"{self.path}: keypoint_flip attribute holds a row that is not a permutation")
+        return perm
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "identity": self._opened}
@@ -266,7 +286,9 @@ class Store:
     def _library(self) -> ArrayReader:
         self._after_fork()
         if self._backend is None:
-            self._backend = reader_for(self.path)
+            # The very file this Store opened, even where a new version was renamed over its path since.
+            pinned = self._file is not None and os.path.isdir("/proc/self/fd")
+            self._backend = reader_for(f"/proc/self/fd/{self._file.fileno()}" if pinned else self.path)
         return self._backend
 
     def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -284,8 +306,9 @@ class Store:
         """Image rows of a per-image array for a batch, in the given order, into ``out`` if given.
 
         ``field`` is ``pixels`` (uint8 (B, S, S, 3)), ``mask`` (uint8 (B, S, S)) or ``features/<name>``
-        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, then scattered; a
-        store read through its library (compressed or remote) gets one library call per batch.
+        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, straight into ``out``
+        (repeats are copied from there); a store read through its library (compressed or remote) gets
+        one library call per batch.
         """
         rows = np.asarray(rows, dtype=np.int64)
         name = self._row_array(field)
@@ -298,11 +321,18 @@ class Store:
         if len(uniq) and (uniq[0] < 0 or uniq[-1] >= shape[0]):
             raise IndexError(f"image rows {uniq[0]}..{uniq[-1]} out of range for {shape[0]} rows of {field}")
         a = self._raw(name)
-        if a is not None:
-            for j, r in enumerate(uniq):
-                out[inverse == j] = a.rows(r, r + 1)
-        elif len(uniq):
-            out[:] = self._library().read(name, uniq)[inverse]
+        if a is None:
+            if len(uniq):
+                out[:] = self._library().read(name, uniq)[inverse]
+            return out
+        placed: dict[int, int] = {}  # row -> batch position it was read into
+        for k in np.argsort(rows, kind="stable").tolist():  # storage order
+            r = int(rows[k])
+            if r in placed:
+                out[k] = out[placed[r]]
+            else:
+                out[k] = a.rows(r, r + 1)[0]
+                placed[r] = k
         return out
 
     def _check_row(self, i: int) -> int:
@@ -346,6 +376,22 @@ class Store:
         return self._rows(f"features/{name}/data", i, i + 1)[0].copy()
 
     # -- tables and lookups -------------------------------------------------------------------------
+    def _table(self, prefix: str) -> Table:
+        """The arrays directly under ``prefix`` (e.g. ``pairs/trn/``), read on first use (a pair table's
+        indices checked then)."""
+        t = self._tables.get(prefix)
+        if t is None:
+            names = [k for k in self.shapes if k.startswith(prefix) and "/" not in k[len(prefix):]]
+            columns = {k[len(prefix):]: self._library().read(k) for k in names}
+            if prefix.startswith("pairs/"):
+                self._refuse(check_pair_table(prefix.split("/")[1], columns, len(self), len(self.categories),
+                                              int(self.attrs["num_keypoints"])))
+            try:
+                t = self._tables[prefix] = Table({k: _decode_strings(v) for k, v in columns.items()})
+            except UnicodeDecodeError as e:
+                raise StoreError(f"{self.path}: {prefix} holds text that is not UTF-8 ({e})") from None
+        return t
+
     def __len__(self) -> int:
         return len(self.images["name"])
 
@@ -353,10 +399,14 @@ class Store:
         """The pair table of ``split``: ``pair_id``, ``stem``, ``category``, ``src``/``trg`` image rows,
         ``n_kps``, ``kps_ids`` (-1 padded), ``src_kps``/``trg_kps`` (original pixels, NaN padded),
         ``viewpoint``, ``scale``, ``truncation``, ``occlusion``, ``mirror``, ``flip``, ``small``."""
-        try:
-            return self._pairs[split]
-        except KeyError:
-            raise StoreError(f"{self.path}: no split {split!r} (store has {', '.join(self.splits)})") from None
+        if split not in self.splits:
+            raise StoreError(f"{self.path}: no split {split!r} (store has {', '.join(self.splits)})")
+        return self._table(f"pairs/{split}/")
+
+    @property
+    def manifest(self) -> Table:
+        """Every source file packed: ``path`` (relative to the source root), ``size``, ``sha256``."""
+        return self._table("manifest/")
 
     def image_row(self, category: str, name: str) -> int:
         """Row of the image keyed ``(category, name)``."""

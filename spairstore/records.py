@@ -83,6 +83,9 @@ class DatasetRecords:
     #: (size, SHA-256) of source files the converter hashed as it parsed them, by POSIX path relative to
     #: ``root``; the writer hashes the rest.
     digests: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: category -> slot permutation under a horizontal flip (slot k of the mirrored image shows the part
+    #: of slot ``perm[k]``); None where the dataset has no left/right keypoint semantics.
+    keypoint_flip: dict[str, list[int]] | None = None
 
     def image_index(self) -> dict[tuple[str, str], int]:
         return {im.key: i for i, im in enumerate(self.images)}
@@ -110,6 +113,7 @@ class DatasetRecords:
             images=[im for im in self.images if im.key not in bad], pairs=pairs,
             sources=[p for p in self.sources if p not in dropped], notes=self.notes, skipped=skipped,
             digests={k: v for k, v in self.digests.items() if self.root / k not in dropped},
+            keypoint_flip=self.keypoint_flip,
         )
 
 

@@ -39,8 +39,10 @@ range its ``*_offsets`` delimit; every other array has its whole-array CRC-32 in
 Root attributes (JSON values): ``format``, ``format_version``, ``dataset``, ``image_size``,
 ``num_keypoints``, ``splits``, ``pose_names``, ``build_config``, ``notes``, ``created_by``,
 ``feature_sets`` (name -> geometry and provenance of ``features/<name>/data``), ``table_crc32``
-(array path -> CRC-32 of its bytes, for every array that is not hot) and ``skipped`` (the source items
-``pack --on-error skip`` left out: ``{kind, key, path, reason}`` each).
+(array path -> CRC-32 of its bytes, for every array that is not hot), ``skipped`` (the source items
+``pack --on-error skip`` left out: ``{kind, key, path, reason}`` each) and, where the dataset defines
+left/right keypoints, ``keypoint_flip`` (category -> permutation of the K slots under a horizontal
+flip: slot k of the mirrored image shows the part of slot ``perm[k]``).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ BLOB_FIELDS = ("image", "mask")
 
 def is_hot(path: str) -> bool:
     """Whether array ``path`` is read per record (a payload or a feature set): such arrays are stored
-    uncompressed and read from their raw bytes; every other array is a table loaded whole at open."""
+    uncompressed and read from their raw bytes; every other array is a table loaded whole (at open, or
+    on first use for pair tables and the manifest)."""
     return path.startswith("features/") or path in {f"images/{f}" for f in PAYLOAD_FIELDS}
 
 
@@ -210,28 +213,29 @@ def check_layout(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dic
 
 def check_tables(tables: dict[str, np.ndarray], shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
                  attrs: dict) -> list[str]:
-    """What is wrong with the values of a store's tables that would make a read go astray: blob
-    offsets that do not delimit their blob, and indices (image rows, categories, poses, keypoint
-    counts) outside what they index. Call after :func:`check_layout` found nothing."""
+    """What is wrong with the values of a store's image tables that would make a read go astray: blob
+    offsets that do not delimit their blob, and indices (categories, poses) outside what they index.
+    Call after :func:`check_layout` found nothing; pair tables: :func:`check_pair_table`."""
     problems = []
-    n, c = len(tables["images/name"]), len(tables["categories"])
     for b in BLOB_FIELDS:
         off, blob_len = tables[f"images/{b}_offsets"], shapes[f"images/{b}_blob"][0][0]
         if off[0] != 0 or off[-1] != blob_len or (np.diff(off) < 0).any():
             problems.append(f"images/{b}_offsets do not delimit images/{b}_blob ({blob_len} bytes)")
-
-    def within(path: str, lo: int, hi: int) -> None:
-        a = tables[path]
-        if a.size and (a.min() < lo or a.max() >= hi):
-            problems.append(f"{path} holds values outside {lo}..{hi - 1}")
-
-    within("images/category", 0, c)
-    within("images/pose", -1, max(1, len(attrs["pose_names"])))
-    for split in attrs["splits"]:
-        p = f"pairs/{split}/"
-        for side in ("src", "trg"):
-            within(p + side, 0, n)
-        within(p + "category", 0, c)
-        within(p + "n_kps", 0, tables[p + "kps_ids"].shape[1] + 1)
-        within(p + "kps_ids", -1, max(1, int(attrs["num_keypoints"])))
+    problems += _outside(tables["images/category"], "images/category", 0, len(tables["categories"]))
+    problems += _outside(tables["images/pose"], "images/pose", -1, max(1, len(attrs["pose_names"])))
     return problems
+
+
+def check_pair_table(split: str, table: dict[str, np.ndarray], images: int, categories: int,
+                     num_keypoints: int) -> list[str]:
+    """What is wrong with the indices of split ``split``'s pair table (columns by name): image rows,
+    categories, keypoint counts and slots must lie inside what they index."""
+    p = f"pairs/{split}/"
+    return [*_outside(table["src"], p + "src", 0, images), *_outside(table["trg"], p + "trg", 0, images),
+            *_outside(table["category"], p + "category", 0, categories),
+            *_outside(table["n_kps"], p + "n_kps", 0, table["kps_ids"].shape[1] + 1),
+            *_outside(table["kps_ids"], p + "kps_ids", -1, max(1, num_keypoints))]
+
+
+def _outside(a: np.ndarray, path: str, lo: int, hi: int) -> list[str]:
+    return [f"{path} holds values outside {lo}..{hi - 1}"] if a.size and (a.min() < lo or a.max() >= hi) else []

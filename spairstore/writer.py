@@ -393,6 +393,7 @@ def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on
         "created_by": f"spairstore {__version__}",
         "table_crc32": {k: zlib.crc32(np.ascontiguousarray(v)) for k, v in tables.items()},
         "skipped": [s.to_json() for s in records.skipped],
+        **({"keypoint_flip": records.keypoint_flip} if records.keypoint_flip else {}),
     }
     return _Structure(hot, tables, attrs, offsets)
 

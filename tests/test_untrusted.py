@@ -79,10 +79,13 @@ def test_refuses_references_to_other_files(copy: Path, make: Callable, message: 
 ], ids=["dtype", "pixels-shape", "rows", "pair-shape", "missing", "offsets", "image-index", "category-index",
         "attr-type", "split-name", "attr-missing", "attr-json"])
 def test_validates_layout_before_mapping(copy: Path, change: Callable, message: str) -> None:
+    """At open; a pair table's indices when it is first read."""
     with h5py.File(copy, "a") as f:
         change(f)
     with pytest.raises(spairstore.StoreError, match=message):
-        spairstore.open(copy)
+        s = spairstore.open(copy)
+        for split in s.splits:
+            s.pairs(split)
 
 
 def test_truncated_file_is_an_error(copy: Path) -> None:

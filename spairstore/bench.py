@@ -1,0 +1,328 @@
+"""Read benchmark: ``spairstore bench STORE [--source SRC]``.
+
+Random batches of pairs (pixels, masks and keypoints of both images, at the store's size) read three
+ways, on the same batches, side by side in one run:
+
+- ``raw files``: what HPF/CATs-style loaders do per pair -- parse the pair JSON, decode both JPEGs and
+  both masks with PIL, letterbox them (the writer's own :func:`~spairstore.geometry.letterbox`, so the
+  output is pixel-identical to the store's; checked), keypoints to the letterboxed frame;
+- ``np.memmap``: a plain copy of the same pixel and mask bytes out of a memory map (the ceiling);
+- ``spairstore``: :class:`~spairstore.PairDataset` batch reads.
+
+Each runs in this process and in DataLoader worker processes, warm (an untimed pass first); the time
+of a pass is the median of ``rounds`` passes, the methods interleaved so that load from elsewhere
+hits them alike; CPU time (of this process and its workers) is reported beside wall-clock time, as it
+barely depends on what else runs on the machine. Memory: each DataLoader worker reports its private memory (``/proc/self/smaps``)
+after reading, under ``fork`` and ``spawn``; the store's payload pages it maps are page cache shared
+with every process, counted apart from its private memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .errors import SpairstoreError
+from .geometry import letterbox, letterbox_params
+from .reader import Store
+from .torchdata import Batch, BatchMemory, PairDataset, collate, pad_keypoints
+
+FIELDS = ("pixels", "mask", "keypoints")
+
+
+def smaps_memory(store_file: Path | None = None) -> dict[str, float]:
+    """This process's memory in MiB, from ``/proc/self/smaps``:
+
+    - ``private``: what the process itself owns -- private anonymous pages (heap, Python objects,
+      torch) and modified pages of private file mappings;
+    - ``batch``: shared-memory pages it has written (a DataLoader worker's batch on its way to the
+      main process);
+    - ``store_mapped``: resident pages of ``store_file`` (or the files of a Zarr directory) it maps --
+      the page cache, shared with every reader and never a copy;
+    - ``uss``: every page mapped by this process only (what ``psutil``'s USS counts), whatever its kind.
+    """
+    kib = dict.fromkeys(("private", "batch", "store_mapped", "uss"), 0)
+    store = str(store_file) if store_file else None
+    kind = "anon"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
+                path = " ".join(parts[5:])
+                kind = ("anon" if not path.startswith("/")
+                        else "store" if store and (path == store or path.startswith(store + "/"))  # Zarr: its files
+                        else "shm" if path.startswith(("/dev/shm/", "/memfd:")) else "file")
+                continue
+            key, n = parts[0][:-1], int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            if key == "Rss" and kind == "store":
+                kib["store_mapped"] += n
+            elif key in ("Private_Clean", "Private_Dirty"):
+                kib["uss"] += n
+                if kind == "shm":
+                    kib["batch"] += n
+                elif kind == "anon" or (kind == "file" and key == "Private_Dirty"):
+                    kib["private"] += n
+    return {k: v / 1024 for k, v in kib.items()}
+
+
+class _Memmap(Dataset):
+    """The ceiling: the same pixel and mask bytes copied out of plain ``np.memmap`` s of the store's files,
+    at the byte offsets its backend reports (one file for HDF5, shard files for Zarr)."""
+
+    def __init__(self, store: Store, split: str):
+        t = store.pairs(split)
+        self.src, self.trg = t.src.astype(np.int64), t.trg.astype(np.int64)
+        self.extents = {f: store.extents.get(f"images/{f}") for f in ("pixels", "mask")}
+        if any(e is None for e in self.extents.values()):
+            raise SpairstoreError(f"{store.path}: pixels and mask are not plain byte ranges; no memmap ceiling")
+        self._maps: dict[Path, np.memmap] = {}
+        self.alloc = BatchMemory()  # the store's allocation: shared in workers, recycled here
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}
+
+    def __getitems__(self, idx: Sequence[int]) -> Batch:
+        rows = np.concatenate([self.src[idx], self.trg[idx]])
+        out: Batch = {}
+        for f, e in self.extents.items():
+            t = self.alloc((len(rows), *e.shape[1:]), torch.uint8)
+            size = t[0].numel()
+            dst = t.view(len(rows), size).numpy()
+            chunk = rows // e.chunk_rows
+            starts = e.offsets[chunk] + (rows - chunk * e.chunk_rows) * size
+            for k, (c, start) in enumerate(zip(chunk.tolist(), starts.tolist())):
+                path = e.files[e.file_ids[c]]
+                m = self._maps.get(path)
+                if m is None:
+                    m = self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+                dst[k] = m[start:start + size]
+            out["src_" + f], out["trg_" + f] = t[:len(idx)], t[len(idx):]
+        return out
+
+
+class _RawFiles(Dataset):
+    """An HPF/CATs-style loader over the native SPair-71k files, per pair: parse the pair JSON, decode
+    both JPEGs and masks with PIL, letterbox them. Its batch goes into the same recycled memory as
+    the store's, so the comparison is between decoding and copying, nothing else."""
+
+    def __init__(self, source: Path, store: Store, split: str):
+        self.root, self.split, self.size = Path(source), split, store.image_size
+        self.stems = list(store.pairs(split).stem)
+        probe = self.root / "PairAnnotation" / split / f"{self.stems[0]}.json"
+        if not probe.is_file():
+            raise SpairstoreError(f"{probe}: not found; --source must be the SPair-71k root the store was packed from")
+        self.alloc = BatchMemory()
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitems__(self, idx: Sequence[int]) -> Batch:
+        b, size = len(idx), self.size
+        pixels, masks = self.alloc((2 * b, size, size, 3), torch.uint8), self.alloc((2 * b, size, size), torch.uint8)
+        px, mk = pixels.numpy(), masks.numpy()  # numpy copies, as the store's (torch's would spin up OpenMP threads)
+        ids, kps = [], {"src": [], "trg": []}
+        for j, i in enumerate(idx):
+            with open(self.root / "PairAnnotation" / self.split / f"{self.stems[i]}.json") as f:
+                ann = json.load(f)
+            ids.append(np.array([int(k) for k in ann["kps_ids"]], dtype=np.int64))
+            for k, side in ((j, "src"), (b + j, "trg")):
+                name = ann[f"{side}_imname"]
+                with Image.open(self.root / "JPEGImages" / ann["category"] / name) as im:
+                    rgb = im.convert("RGB")
+                with Image.open(self.root / "Segmentation" / ann["category"] / f"{Path(name).stem}.png") as m:
+                    mk[k] = letterbox(m, size, Image.Resampling.NEAREST)
+                px[k] = letterbox(rgb, size, Image.Resampling.BILINEAR)
+                box = letterbox_params(rgb.width, rgb.height, size)
+                points = np.asarray(ann[f"{side}_kps"], dtype=np.float64).reshape(-1, 2)
+                kps[side].append(points * box.scale + box.offset)
+        return {"src_pixels": pixels[:b], "trg_pixels": pixels[b:], "src_mask": masks[:b], "trg_mask": masks[b:],
+                **pad_keypoints(ids, kps["src"], kps["trg"])}
+
+
+class _Probe(Dataset):
+    """Wraps a dataset so that each batch also carries the worker's memory after reading it."""
+
+    def __init__(self, inner: Dataset, store_file: Path):
+        self.inner, self.store_file = inner, store_file
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitems__(self, idx: Sequence[int]) -> Batch:
+        out = self.inner.__getitems__(idx)  # type: ignore[attr-defined]
+        return {"_memory": [{"pid": os.getpid(), **smaps_memory(self.store_file)}], **out}
+
+
+@dataclass
+class BenchResult:
+    """Per mode (``single``, ``workers``) and method (``raw``, ``memmap``, ``store``): ``wall`` and ``cpu``
+    seconds per batch (CPU time of this process and its DataLoader workers); worker memory in MiB."""
+
+    store: str
+    split: str
+    image_size: int
+    batch_size: int
+    batches: int
+    workers: int
+    seconds: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    memory_gib_read: float = 0.0
+    identical: bool | None = None
+
+    def ratios(self, mode: str, clock: str) -> dict[str, float]:
+        """Speed of the store relative to the other methods (and of the ceiling to raw files)."""
+        s = {k: v[clock] for k, v in self.seconds[mode].items()}
+        out = {"store_vs_memmap": s["memmap"] / s["store"]}
+        if "raw" in s:
+            out.update(store_vs_raw=s["raw"] / s["store"], memmap_vs_raw=s["raw"] / s["memmap"])
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratios": {m: {c: self.ratios(m, c) for c in ("wall", "cpu")} for m in self.seconds}}
+
+    def __str__(self) -> str:
+        names = {"raw": "raw files (JSON + PIL decode + letterbox)", "memmap": "np.memmap copy (ceiling)",
+                 "store": "spairstore PairDataset"}
+        modes = list(self.seconds)
+        head = {"single": "1 process", "workers": f"{self.workers} DataLoader workers"}
+        lines = [f"{self.store}: {self.split}, random batches of {self.batch_size} pairs (pixels + masks + keypoints "
+                 f"of both images at {self.image_size}x{self.image_size}), {self.batches} batches, warm cache", "",
+                 "| method | " + " | ".join(f"{head[m]}: ms/batch | CPU ms/batch | pairs/s" for m in modes) + " |",
+                 "|---|" + "---:|---:|---:|" * len(modes)]
+        for k in ("raw", "memmap", "store"):
+            if all(k in self.seconds[m] for m in modes):
+                cells = [f"{self.seconds[m][k]['wall'] * 1e3:,.1f} | {self.seconds[m][k]['cpu'] * 1e3:,.1f} | "
+                         f"{self.batch_size / self.seconds[m][k]['wall']:,.0f}" for m in modes]
+                lines.append(f"| {names[k]} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for m in modes:
+            for clock in ("wall", "cpu"):
+                r = self.ratios(m, clock)
+                text = f"store = {r['store_vs_memmap']:.0%} of the memmap ceiling"
+                if "store_vs_raw" in r:
+                    text = (f"store {r['store_vs_raw']:.1f}x the raw-file loader, " + text
+                            + f" (ceiling {r['memmap_vs_raw']:.1f}x raw)")
+                lines.append(f"{head[m]}, {'wall-clock' if clock == 'wall' else 'CPU time'}: {text}")
+        if self.identical is not None:
+            lines.append(f"raw-file, memmap and store batches identical: {'yes' if self.identical else 'NO'}")
+        for ctx, mem in self.memory.items():
+            lines.append(f"DataLoader worker memory ({ctx}, after reading {self.memory_gib_read:.1f} GiB each): private "
+                         f"{mem['private']:.0f} MiB; batch in shared memory {mem['batch']:.0f} MiB; store pages mapped "
+                         f"{mem['store_mapped']:.0f} MiB (page cache, shared); USS {mem['uss']:.0f} MiB")
+        return "\n".join(lines)
+
+
+def _same(a: Batch, b: Batch, keys: Sequence[str]) -> bool:
+    return all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) if a[k].is_floating_point() else torch.equal(a[k], b[k])
+               for k in keys)
+
+
+def _cpu_seconds() -> float:
+    """User + system time of this process and its live children (DataLoader workers)."""
+    total = time.process_time()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _timed(run: Callable[[], None]) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of ``run()``."""
+    w, c = time.perf_counter(), _cpu_seconds()
+    run()
+    return time.perf_counter() - w, _cpu_seconds() - c
+
+
+def run(store: str | Path, source: str | Path | None = None, split: str = "trn", batch_size: int = 32,
+        batches: int = 16, workers: int = 2, rounds: int = 5, memory_batches: int = 40, seed: int = 0,
+        progress: bool = True) -> BenchResult:
+    """Measure; see the module docstring. ``source`` (the SPair-71k root) adds the raw-file loader."""
+    if min(batch_size, batches, rounds, memory_batches) < 1 or workers < 0:
+        raise SpairstoreError("batch size, batches, rounds and memory batches must be >= 1, workers >= 0")
+    s = Store(store)
+    if s.pairs(split).rows < batch_size:
+        raise SpairstoreError(f"{s.path}: split {split!r} has {s.pairs(split).rows} pairs, fewer than a batch of {batch_size}")
+    if s.dataset != "spair71k" and source is not None:
+        raise SpairstoreError(f"{s.path}: the raw-file loader reads SPair-71k sources; this store holds {s.dataset}")
+    store_ds = PairDataset(s, split, fields=FIELDS)
+    methods: dict[str, Dataset] = {"memmap": _Memmap(s, split), "store": store_ds}
+    if source is not None:
+        methods = {"raw": _RawFiles(Path(source), s, split), **methods}
+    rng = np.random.default_rng(seed)
+    batch_list = [rng.choice(len(store_ds), batch_size, replace=False).tolist() for _ in range(batches)]
+    result = BenchResult(str(s.path), split, s.image_size, batch_size, batches, workers)
+    modes = 2 if workers else 1
+    bar = tqdm(total=len(methods) * (rounds + 1) * modes + 2 * (modes - 1), desc="bench", unit="pass",
+               disable=not progress, leave=False)
+
+    first = {k: m.__getitems__(batch_list[0]) for k, m in methods.items()}  # type: ignore[attr-defined]
+    if "raw" in first:
+        result.identical = (_same(first["raw"], first["store"], [k for k in first["raw"]])
+                            and _same(first["memmap"], first["store"], list(first["memmap"])))
+    del first
+
+    def single(m: Dataset) -> Callable[[], None]:
+        def run() -> None:
+            for b in batch_list:  # each batch dropped before the next, as a training loop does
+                m.__getitems__(b)  # type: ignore[attr-defined]
+        return run
+
+    def pooled(m: Dataset) -> Callable[[], None]:
+        loader = DataLoader(m, batch_sampler=batch_list, num_workers=workers, collate_fn=collate,
+                            persistent_workers=True, prefetch_factor=2)
+
+        def run() -> None:
+            for _ in loader:
+                pass
+        return run
+
+    for mode, make in (("single", single), ("workers", pooled)):
+        if mode == "workers" and workers == 0:
+            continue
+        passes: dict[str, list[tuple[float, float]]] = {k: [] for k in methods}
+        runs = {k: make(m) for k, m in methods.items()}
+        for k in methods:  # warm: page cache, memory maps, worker start-up
+            runs[k]()
+            bar.update()
+        for _ in range(rounds):
+            for k in methods:
+                passes[k].append(_timed(runs[k]))
+                bar.update()
+        result.seconds[mode] = {k: {"wall": statistics.median(w for w, _ in v) / batches,
+                                    "cpu": statistics.median(c for _, c in v) / batches} for k, v in passes.items()}
+        del runs  # ends persistent workers
+
+    mem_batches = [rng.choice(len(store_ds), batch_size, replace=False).tolist() for _ in range(memory_batches)]
+    per_worker = memory_batches / max(workers, 1) * 2 * batch_size
+    result.memory_gib_read = per_worker * (s.image_size ** 2 * 4) / 2**30
+    for ctx in ("fork", "spawn"):
+        if workers == 0:
+            break
+        probe = DataLoader(_Probe(store_ds, s.path), batch_sampler=mem_batches, num_workers=workers, collate_fn=collate,
+                           multiprocessing_context=ctx)
+        last: dict[int, dict[str, float]] = {}
+        for b in probe:
+            for m in b["_memory"]:
+                last[m["pid"]] = m
+        result.memory[ctx] = {k: max(m[k] for m in last.values()) for k in ("private", "batch", "store_mapped", "uss")}
+        bar.update()
+    bar.close()
+    return result

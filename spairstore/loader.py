@@ -1,0 +1,194 @@
+"""Batches on a device: :class:`Loader`.
+
+The loader samples with a :class:`~spairstore.torchdata.ShardSampler` (deterministic per ``(seed, epoch)``,
+sharded by rank, resumable mid-epoch), reads whole batches from a :class:`~spairstore.PairDataset` or
+:class:`~spairstore.ImageDataset`, and hands them over on ``device``:
+
+- ``num_workers=0`` (the fast path for a store: reads are memory copies that release the GIL): a
+  background thread reads the next batches while the current one is used; on CUDA it reads straight
+  into page-locked (pinned) host buffers, reused once their copy to the GPU has finished.
+- ``num_workers>0``: a ``torch.utils.data.DataLoader`` with worker processes (``fork``, ``spawn`` or
+  ``forkserver``), for costly augmentations; on CUDA each batch is copied into pinned buffers first.
+
+Copies to the GPU are ``non_blocking``; pixels travel as uint8 (4x less traffic than float) and are
+converted and normalised on the device: ``*_pixels`` uint8 (B, S, S, 3) become ``*_image`` float32
+(B, 3, S, S) in channels-last memory, ``(x / 255 - mean) / std``.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import SpairstoreError
+from .torchdata import Batch, BufferPool, ShardSampler, collate
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked host memory from torch's caching host allocator, which hands a block out again only
+    once the ``non_blocking`` copies that read it have completed: a reused ring of pinned buffers."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _prefetched(fetch: Callable[[list[int]], Any], batches: list[list[int]], depth: int) -> Iterator[Any]:
+    """``fetch(b)`` for each batch, computed ``depth`` batches ahead by a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def work() -> None:
+        try:
+            for b in batches:
+                if stop.is_set():
+                    return
+                put(fetch(b))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            put(e)
+        put(done)
+
+    t = threading.Thread(target=work, name="spairstore-prefetch", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
+class Loader:
+    """Iterate a spairstore dataset in batches on ``device``; one ``for`` loop is one epoch (of this rank).
+
+    Args:
+        dataset: a :class:`~spairstore.PairDataset` or :class:`~spairstore.ImageDataset`.
+        batch_size: samples per batch; the last batch of an epoch may be shorter unless ``drop_last``.
+        shuffle, seed, rank, world_size, pad: the :class:`~spairstore.torchdata.ShardSampler` (rank and
+            world size default to ``torch.distributed``'s). ``pad=True`` gives every rank the same
+            number of samples, as DDP needs.
+        num_workers: 0 reads in a background thread of this process; more uses DataLoader workers
+            started with ``multiprocessing_context`` (``fork``, ``spawn``, ``forkserver``; None: torch's default).
+        prefetch: batches read ahead (per worker with workers).
+        device: ``cpu`` or ``cuda[:i]``.
+        normalize: turn ``*_pixels`` into normalised float ``*_image`` on the device with ``mean``/``std``
+            (per channel, for values in [0, 1]); False keeps uint8 pixels.
+
+    ``set_epoch(e)`` reshuffles (same order for the same ``(seed, e)`` whatever the worker count) and
+    seeds the dataset's augmentations. ``state_dict()`` / ``load_state_dict()`` resume mid-epoch: a loop
+    left early (or a restored state) continues with the first batch not yet handed out; a finished
+    epoch starts over.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int = 32, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, rank: int | None = None, world_size: int | None = None, pad: bool = False,
+                 num_workers: int = 0, multiprocessing_context: str | None = None, prefetch: int = 2,
+                 device: str | torch.device = "cpu", normalize: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        if batch_size < 1 or prefetch < 1 or num_workers < 0:
+            raise SpairstoreError("batch_size and prefetch must be >= 1 and num_workers >= 0")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise SpairstoreError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+        self.dataset = dataset
+        self.sampler = ShardSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=pad)
+        self.batch_size, self.drop_last = int(batch_size), drop_last
+        self.num_workers, self.multiprocessing_context, self.prefetch = num_workers, multiprocessing_context, prefetch
+        self.normalize = normalize
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(shape).to(self.device) * 255
+        self._std = torch.tensor(std, dtype=torch.float32).view(shape).to(self.device) * 255
+        self._pool = BufferPool() if self.device.type == "cpu" else None  # normalised CPU images
+        self._done = 0  # batches of the current epoch handed out
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` the current epoch, from its beginning -- unless it is the current one already:
+        then the position is kept, so that a restored :meth:`state_dict` survives the usual
+        ``for epoch in ...: loader.set_epoch(epoch)`` loop."""
+        if epoch != self.sampler.epoch:
+            self._done = 0
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Batches in one whole epoch of this rank."""
+        n = self.sampler.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this loader stands: epoch and batches handed out, with what fixes the order."""
+        s = self.sampler
+        return {"epoch": s.epoch, "batches": self._done, "seed": s.seed, "batch_size": self.batch_size,
+                "rank": s.rank, "world_size": s.world_size, "samples": s.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`state_dict`; the next loop starts at its first batch not handed out."""
+        mine = self.state_dict()
+        for k in ("seed", "batch_size", "rank", "world_size", "samples"):
+            if state[k] != mine[k]:
+                raise SpairstoreError(f"cannot resume: saved {k}={state[k]} but this loader has {k}={mine[k]}")
+        self.sampler.set_epoch(state["epoch"])
+        self.dataset.set_epoch(state["epoch"])
+        self._done = int(state["batches"])
+
+    def _batches(self) -> list[list[int]]:
+        self.sampler.set_epoch(self.sampler.epoch, start=self._done * self.batch_size)
+        idx = list(self.sampler)
+        batches = [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = self._batches()
+        cuda = self.device.type == "cuda"
+        if self.num_workers == 0:
+            source: Iterator[Batch] = _prefetched(
+                lambda b: self.dataset.fetch(b, alloc=_pinned if cuda else None), batches, self.prefetch)
+        else:
+            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=collate,
+                                multiprocessing_context=self.multiprocessing_context, prefetch_factor=self.prefetch)
+            source = ({k: v.pin_memory() if cuda and isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                      for b in loader)
+        try:
+            for batch in source:
+                out = self._to_device(batch)
+                self._done += 1
+                yield out
+            self._done = 0
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def _to_device(self, batch: Batch) -> Batch:
+        out = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if self.normalize:
+            for k in [k for k in out if k.endswith("pixels")]:
+                x = out.pop(k).permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels-last)
+                if self._pool is None:
+                    y = x.float()
+                else:
+                    b, c, h, w = x.shape
+                    y = self._pool.alloc((b, h, w, c), torch.float32).permute(0, 3, 1, 2).copy_(x)
+                out[k[:-len("pixels")] + "image"] = y.sub_(self._mean).div_(self._std)
+        return out

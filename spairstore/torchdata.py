@@ -1,0 +1,458 @@
+"""PyTorch datasets over a store: :class:`PairDataset`, :class:`ImageDataset`, :func:`collate` and
+:class:`ShardSampler`.
+
+A dataset holds the store's path and the numpy tables it needs, nothing else: it pickles for ``spawn``
+and ``forkserver`` workers, and each process opens the store itself on first use (a store opened before a
+``fork`` re-maps its payloads in the child). Batches are read whole: :meth:`PairDataset.__getitems__`
+(which ``torch.utils.data.DataLoader`` calls with a batch's indices) reads the batch's distinct images
+once, in storage order, straight into the batch tensors: in a DataLoader worker those are allocated in
+shared memory, so the batch crosses to the main process without another copy; elsewhere they come from
+a :class:`BufferPool` of recycled buffers.
+
+Batch keys (B samples; ``S`` the store size; every coordinate in *store pixels*, x, y)::
+
+    index, category, pair_id, src_row, trg_row                          int64 (B,)
+    src_pixels, trg_pixels          "pixels"        uint8 (B, S, S, 3)  letterboxed RGB
+    src_mask, trg_mask              "mask"          uint8 (B, S, S)     class indices, 0 background/padding
+    kps_ids, kps_valid, n_kps       "keypoints"     int64 (B, K), bool (B, K), int64 (B,)
+    src_kps, trg_kps                "keypoints"     float32 (B, K, 2)   padded with 0 where not kps_valid
+    viewpoint, scale, truncation, occlusion, mirror, flip   "labels"  int64 (B,)
+    src_image_bytes, ...            "image_bytes", "mask_bytes"   lists of the original files' bytes
+    src_features:<name>, ...        "features:<name>"   float16 (B, C, h, w)
+    src_bbox, trg_bbox                                  float32 (B, 4)  x1, y1, x2, y2
+    src_scale, src_offset, trg_...                      float64 (B, 2)  p_store = p_orig * scale + offset
+    src_size, trg_size                                  int64 (B, 2)    original W, H
+    src_flipped, trg_flipped                            bool (B,)       (with an augmentation only)
+
+``scale``/``offset`` follow every augmentation, so :func:`spairstore.geometry.to_original` maps a point
+of the batch back to the original image. :class:`ImageDataset` has the same keys without the side prefix
+(``pixels``, ``keypoints`` (B, K, 2) over all K slots with ``keypoints_valid``, ``row``, ``bbox`` ...).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, get_worker_info
+
+from . import geometry
+from .augment import Augment, View, needs_keypoint_flip
+from .backends import is_url
+from .errors import SpairstoreError
+from .reader import Store
+from .schema import PAIR_LABELS
+
+#: Field names a dataset can read; plus ``features:<name>`` for each stored feature set.
+FIELDS = ("pixels", "mask", "keypoints", "labels", "image_bytes", "mask_bytes")
+_PAYLOAD = ("pixels", "mask")
+_BYTES = ("image_bytes", "mask_bytes")
+
+Batch = dict[str, Any]
+#: One image's keypoints: slot ids (n,) and points (n, 2).
+Points = tuple[np.ndarray, np.ndarray]
+#: ``alloc(shape, dtype) -> tensor``: where batch payloads are read into.
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def shared_alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor in shared memory (as ``default_collate`` makes them in a DataLoader worker), so that
+    sending the batch to the main process does not copy it again."""
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class BufferPool:
+    """Batch buffers reused once no tensor or array made from them is alive any more.
+
+    A fresh buffer of tens of MB costs a page fault per 4 KiB page, which can take longer than reading
+    the batch into it; a batch's tensors therefore come from recycled memory. A buffer is handed out
+    as a numpy view wrapped by ``torch.from_numpy``: every tensor sharing the memory keeps that view
+    alive, so a dead weak reference to it means the buffer is free again. At most ``keep`` buffers are
+    retained; beyond that, allocations are plain.
+    """
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self._pool: list[tuple[np.ndarray, weakref.ref | None]] = []
+        self._lock = threading.Lock()  # a Loader reads ahead in a thread
+
+    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            return self._alloc(shape, dtype)
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        free = [k for k, (buf, ref) in enumerate(self._pool) if buf.nbytes >= nbytes and (ref is None or ref() is None)]
+        if free:
+            k = min(free, key=lambda k: self._pool[k][0].nbytes)
+            buf = self._pool[k][0]
+        else:
+            buf, k = np.empty(max(nbytes, 1), dtype=np.uint8), len(self._pool)
+            if k == self.keep:
+                return torch.from_numpy(buf[:nbytes]).view(dtype).view(shape)
+            self._pool.append((buf, None))
+        view = buf[:nbytes]
+        self._pool[k] = (buf, weakref.ref(view))
+        return torch.from_numpy(view).view(dtype).view(shape)
+
+
+class BatchMemory:
+    """``alloc(shape, dtype)`` for batch payloads: shared memory in a DataLoader worker, a
+    :class:`BufferPool` of this process elsewhere. Pickles empty: each process makes its own."""
+
+    def __init__(self) -> None:
+        self._pool: BufferPool | None = None
+        self._pid = 0
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if get_worker_info() is not None:
+            return shared_alloc(shape, dtype)
+        if self._pool is None or self._pid != os.getpid():  # a forked child starts its own pool
+            self._pool, self._pid = BufferPool(), os.getpid()
+        return self._pool.alloc(shape, dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+def _store_path(store: str | Path | Store) -> Path | str:
+    if isinstance(store, Store):
+        return store.path
+    return store if is_url(store) else Path(store)
+
+
+class _StoreDataset(Dataset):
+    """Shared machinery: the path, the lazily opened store, field parsing and payload reads."""
+
+    def __init__(self, store: str | Path | Store, fields: Sequence[str], augment: Augment | None, seed: int):
+        self.path = _store_path(store)
+        s = store if isinstance(store, Store) else Store(self.path)
+        self._store: Store | None = s
+        self.alloc = BatchMemory()
+        fields = tuple(fields)
+        unknown = [f for f in fields if f not in FIELDS and not f.startswith("features:")]
+        if unknown:
+            raise SpairstoreError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                                  f"known: {', '.join(FIELDS)}, features:<name>")
+        for f in fields:
+            if f.startswith("features:") and f[len("features:"):] not in s.feature_sets:
+                raise SpairstoreError(f"{self.path}: no feature set {f[len('features:'):]!r} "
+                                      f"(store has {', '.join(s.feature_sets) or 'none'})")
+        if "mask" in fields and s.shapes["images/mask"][0][0] == 0:
+            raise SpairstoreError(f"{self.path}: this store has no masks; drop the 'mask' field")
+        if augment is not None and any(f.startswith("features:") for f in fields):
+            raise SpairstoreError("augmentations move pixels; precomputed features cannot follow them -- "
+                                  "read features without an augmentation")
+        if augment is not None and needs_keypoint_flip(augment) and s.keypoint_flip is None:
+            raise SpairstoreError(f"{self.path}: the store has no left/right keypoint permutation "
+                                  "(keypoint_flip attribute), so a horizontal flip would mislabel keypoints")
+        self.fields = fields
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.image_size = s.image_size
+        im = s.images
+        self._images = {k: im[k] for k in ("category", "size", "scale", "offset", "bbox", "keypoints")}
+        self._flip = s.keypoint_flip
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation randomness is a function of ``(seed, epoch, index)``: the same for any worker count."""
+        self.epoch = int(epoch)
+
+    def store(self) -> Store:
+        """This process's store (opened on first use; a forked child re-maps the payloads itself)."""
+        if self._store is None:
+            self._store = Store(self.path)
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_store"] = None  # each spawned process opens its own
+        return state
+
+    def _read_images(self, rows: np.ndarray, alloc: Alloc | None) -> Batch:
+        """Image-level payload fields of image ``rows``: pixels, mask, features, original bytes."""
+        s = self.store()
+        alloc = alloc or self.alloc
+        out: Batch = {}
+        for f in self.fields:
+            if f in _PAYLOAD or f.startswith("features:"):
+                name = f"features/{f[len('features:'):]}" if f.startswith("features:") else f
+                shape, dtype = s.shapes[f"{name}/data" if f.startswith("features:") else f"images/{f}"]
+                t = alloc((len(rows), *shape[1:]), torch.from_numpy(np.empty(0, dtype)).dtype)
+                s.read(name, rows, out=t.numpy())
+                out[f] = t
+            elif f in _BYTES:
+                get = s.image_bytes if f == "image_bytes" else s.mask_bytes
+                out[f] = [get(int(r)) for r in rows]
+        return out
+
+    def _frame(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Geometry of image ``rows`` (fresh arrays): ``scale``/``offset`` (n, 2) and ``bbox`` (n, 4), store pixels."""
+        im = self._images
+        scale, offset = im["scale"][rows], im["offset"][rows]
+        bbox = geometry.to_store(im["bbox"][rows].reshape(-1, 2, 2), scale[:, None], offset[:, None]).reshape(-1, 4)
+        return {"scale": scale, "offset": offset, "bbox": bbox}
+
+    def _slots(self, rows: np.ndarray, frame: dict[str, np.ndarray]) -> np.ndarray:
+        """Every keypoint slot of image ``rows`` in store pixels: (n, K, 2), NaN where absent."""
+        return geometry.to_store(self._images["keypoints"][rows], frame["scale"][:, None], frame["offset"][:, None])
+
+    def _augment(self, images: Batch, rows: np.ndarray, frame: dict[str, np.ndarray], points: list[Points],
+                 keys: list[tuple[int, int]]) -> tuple[list[Points], np.ndarray]:
+        """Apply the augmentation to image k of a batch (payload ``images[f][k]``, ``frame[..][k]`` updated in
+        place, keypoints ``points[k]``) with a generator seeded by ``(seed, epoch, *keys[k])``."""
+        flipped = np.zeros(len(rows), dtype=bool)
+        moved = []
+        for k, row in enumerate(rows.tolist()):
+            v = View(pixels=images["pixels"][k].numpy() if "pixels" in images else None,
+                     mask=images["mask"][k].numpy() if "mask" in images else None,
+                     ids=points[k][0], points=points[k][1], bbox=frame["bbox"][k].copy(),
+                     scale=frame["scale"][k].copy(), offset=frame["offset"][k].copy(), size=self.image_size,
+                     flip_permutation=None if self._flip is None else self._flip[self._images["category"][row]])
+            self.augment(v, np.random.default_rng((self.seed, self.epoch, *keys[k])))  # type: ignore[misc]
+            frame["bbox"][k], frame["scale"][k], frame["offset"][k] = v.bbox, v.scale, v.offset
+            flipped[k] = v.flipped
+            moved.append((v.ids, v.points))
+        return moved, flipped
+
+    def _put_frame(self, out: Batch, prefix: str, rows: np.ndarray, frame: dict[str, np.ndarray], sl: slice) -> None:
+        out[prefix + "bbox"] = torch.from_numpy(frame["bbox"][sl].astype(np.float32))
+        out[prefix + "scale"] = torch.from_numpy(frame["scale"][sl])
+        out[prefix + "offset"] = torch.from_numpy(frame["offset"][sl])
+        out[prefix + "size"] = torch.from_numpy(self._images["size"][rows[sl]].astype(np.int64))
+
+    def __getitem__(self, index: int) -> Batch:
+        """One sample: the batch of one, without the batch dimension (keypoints unpadded)."""
+        b = self.__getitems__([index])
+        n = int(b["n_kps"][0]) if "n_kps" in b else None
+        sample = {k: v[0] for k, v in b.items()}
+        for k in ("kps_ids", "kps_valid", "src_kps", "trg_kps"):
+            if k in sample:
+                sample[k] = sample[k][:n]
+        return sample
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        return self.fetch(indices)
+
+    def fetch(self, indices: Sequence[int], alloc: Alloc | None = None) -> Batch:
+        raise NotImplementedError
+
+
+def pad_keypoints(ids: Sequence[np.ndarray], src: Sequence[np.ndarray], trg: Sequence[np.ndarray]) -> Batch:
+    """Per-sample keypoint lists (ids (n,), points (n, 2)) -> ``kps_ids`` (-1 padded), ``kps_valid``,
+    ``n_kps`` and ``src_kps``/``trg_kps`` padded with 0 to the batch's largest ``n``."""
+    n = np.array([len(i) for i in ids], dtype=np.int64)
+    width = int(n.max(initial=0))
+    kps_ids = np.full((len(n), width), -1, dtype=np.int64)
+    pts = np.zeros((2, len(n), width, 2), dtype=np.float32)
+    for j, k in enumerate(n):
+        kps_ids[j, :k] = ids[j]
+        pts[0, j, :k], pts[1, j, :k] = src[j], trg[j]
+    return {"kps_ids": torch.from_numpy(kps_ids), "kps_valid": torch.from_numpy(kps_ids >= 0),
+            "n_kps": torch.from_numpy(n), "src_kps": torch.from_numpy(pts[0]), "trg_kps": torch.from_numpy(pts[1])}
+
+
+class PairDataset(_StoreDataset):
+    """The pairs of one split of a store, for ``torch.utils.data``.
+
+    Args:
+        store: path or URL of the store (or an open :class:`~spairstore.Store`; only its path is kept).
+        split: ``trn``, ``val``, ``test`` (the store's splits).
+        fields: what to read, by name: ``pixels``, ``mask``, ``keypoints``, ``labels``, ``image_bytes``,
+            ``mask_bytes``, ``features:<name>``. Indices, categories, boxes and the per-image geometry
+            (``scale``/``offset``, original ``size``) always come with a sample.
+        augment: a hook ``augment(view, rng)`` applied to each image of a pair (see
+            :mod:`spairstore.augment`); None (the default) reads the store as it is.
+        seed: seeds the augmentation's randomness together with the epoch and the sample index.
+
+    Keypoints are the pair's correspondences (``src_kps[j, i]`` matches ``trg_kps[j, i]``, slot
+    ``kps_ids[j, i]``) in store pixels. With a flip among the augmentations, each image's keypoints come
+    from its own annotation (all slots) and a pair keeps the slots present in both images after the flip.
+    """
+
+    def __init__(self, store: str | Path | Store, split: str, fields: Sequence[str] = ("pixels", "keypoints"),
+                 augment: Augment | None = None, seed: int = 0):
+        super().__init__(store, fields, augment, seed)
+        t = self.store().pairs(split)
+        self.split = split
+        self._pairs = {k: t[k] for k in ("pair_id", "category", "src", "trg", "n_kps", "kps_ids", "src_kps",
+                                         "trg_kps", *PAIR_LABELS)}
+
+    def __len__(self) -> int:
+        return len(self._pairs["pair_id"])
+
+    def fetch(self, indices: Sequence[int], alloc: Alloc | None = None) -> Batch:
+        """The batch of pairs ``indices``; payloads are read into tensors made by ``alloc`` (default
+        the dataset's :class:`BatchMemory`)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        p, b = self._pairs, len(idx)
+        src, trg = p["src"][idx].astype(np.int64), p["trg"][idx].astype(np.int64)
+        rows = np.concatenate([src, trg])
+        images = self._read_images(rows, alloc)
+        frame = self._frame(rows)
+        out: Batch = {"index": torch.from_numpy(idx), "category": torch.from_numpy(p["category"][idx].astype(np.int64)),
+                      "pair_id": torch.from_numpy(p["pair_id"][idx].astype(np.int64)),
+                      "src_row": torch.from_numpy(src), "trg_row": torch.from_numpy(trg)}
+        for k, v in images.items():
+            out["src_" + k], out["trg_" + k] = v[:b], v[b:]
+        kps = self._pair_keypoints(idx, frame)
+        if self.augment is not None:
+            if needs_keypoint_flip(self.augment):  # slots get relabelled: start from each image's own points
+                slots = self._slots(rows, frame)
+                points = [(ids := np.flatnonzero(np.isfinite(k).all(axis=1)), k[ids]) for k in slots]
+            else:
+                n = kps["n_kps"]
+                points = [(kps["kps_ids"][j, :n[j]], kps[side][j, :n[j]]) for side in ("src_kps", "trg_kps") for j in range(b)]
+            points, flipped = self._augment(images, rows, frame, points, [(i, s) for s in (0, 1) for i in idx.tolist()])
+            out["src_flipped"], out["trg_flipped"] = torch.from_numpy(flipped[:b]), torch.from_numpy(flipped[b:])
+            kps = pad_keypoints(*zip(*[_common(points[j], points[b + j]) for j in range(b)])) if b else kps
+        for prefix, sl in (("src_", slice(0, b)), ("trg_", slice(b, 2 * b))):
+            self._put_frame(out, prefix, rows, frame, sl)
+        if "keypoints" in self.fields:
+            out.update({k: torch.as_tensor(v) for k, v in kps.items()})
+        if "labels" in self.fields:
+            out.update({k: torch.from_numpy(p[k][idx].astype(np.int64)) for k in PAIR_LABELS})
+        return out
+
+    def _pair_keypoints(self, idx: np.ndarray, frame: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The pairs' stored correspondences in store pixels, padded to the batch's largest count."""
+        p, b = self._pairs, len(idx)
+        n = p["n_kps"][idx].astype(np.int64)
+        valid = np.arange(int(n.max(initial=0))) < n[:, None]
+        w = valid.shape[1]
+        out = {"kps_ids": np.where(valid, p["kps_ids"][idx, :w], -1).astype(np.int64), "kps_valid": valid, "n_kps": n}
+        for side, sl in (("src", slice(0, b)), ("trg", slice(b, 2 * b))):
+            pts = geometry.to_store(p[f"{side}_kps"][idx, :w], frame["scale"][sl, None], frame["offset"][sl, None])
+            out[f"{side}_kps"] = np.where(valid[..., None], pts, 0).astype(np.float32)
+        return out
+
+
+def _common(src: Points, trg: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Correspondences of two images' keypoints: the slots present in both, in the source's order."""
+    _, si, ti = np.intersect1d(src[0], trg[0], assume_unique=True, return_indices=True)
+    o = np.argsort(si)
+    return src[0][si[o]], src[1][si[o]], trg[1][ti[o]]
+
+
+class ImageDataset(_StoreDataset):
+    """The images of a store (all, or those a split uses), for ``torch.utils.data``.
+
+    Same arguments and fields as :class:`PairDataset` (``labels`` does not apply); ``keypoints`` are the
+    image's K annotated slots, (B, K, 2) store pixels, 0 where ``keypoints_valid`` is False.
+    """
+
+    def __init__(self, store: str | Path | Store, split: str | None = None,
+                 fields: Sequence[str] = ("pixels", "keypoints"), augment: Augment | None = None, seed: int = 0):
+        if "labels" in fields:
+            raise SpairstoreError("'labels' are pair labels; ImageDataset has no such field")
+        super().__init__(store, fields, augment, seed)
+        s = self.store()
+        if split is None:
+            self.rows = np.arange(len(s), dtype=np.int64)
+        else:
+            s.pairs(split)  # raises for an unknown split
+            self.rows = np.flatnonzero((s.images.splits >> s.splits.index(split)) & 1).astype(np.int64)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fetch(self, indices: Sequence[int], alloc: Alloc | None = None) -> Batch:
+        """The batch of images ``indices`` (positions in this dataset, not store rows)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        rows = self.rows[idx]
+        out: Batch = {"index": torch.from_numpy(idx), "row": torch.from_numpy(rows),
+                      "category": torch.from_numpy(self._images["category"][rows].astype(np.int64))}
+        images = self._read_images(rows, alloc)
+        out.update(images)
+        frame = self._frame(rows)
+        kps = self._slots(rows, frame)
+        if self.augment is not None:
+            points = [(ids := np.flatnonzero(np.isfinite(k).all(axis=1)), k[ids]) for k in kps]
+            points, flipped = self._augment(images, rows, frame, points, [(i, 0) for i in idx.tolist()])
+            out["flipped"] = torch.from_numpy(flipped)
+            kps = np.full_like(kps, np.nan)
+            for j, (ids, pts) in enumerate(points):
+                kps[j, ids] = pts
+        self._put_frame(out, "", rows, frame, slice(None))
+        if "keypoints" in self.fields:
+            valid = np.isfinite(kps).all(axis=2)
+            out["keypoints"] = torch.from_numpy(np.where(valid[..., None], kps, 0).astype(np.float32))
+            out["keypoints_valid"] = torch.from_numpy(valid)
+        return out
+
+
+def collate(samples: Batch | list[Batch]) -> Batch:
+    """``collate_fn`` for a DataLoader over a spairstore dataset.
+
+    A batch from ``__getitems__`` passes through unchanged. A list of single samples (``__getitem__``)
+    is stacked; keypoint lists of different lengths are padded with a validity mask (``kps_valid``)."""
+    if isinstance(samples, dict):
+        return samples
+    if not samples:
+        raise SpairstoreError("cannot collate an empty list of samples")
+    kps = ("kps_ids", "kps_valid", "n_kps", "src_kps", "trg_kps")
+    out: Batch = {}
+    if "kps_ids" in samples[0]:
+        out.update(pad_keypoints([s["kps_ids"].numpy() for s in samples], [s["src_kps"].numpy() for s in samples],
+                                 [s["trg_kps"].numpy() for s in samples]))
+    for k, v in samples[0].items():
+        if k not in kps:
+            out[k] = torch.stack([s[k] for s in samples]) if isinstance(v, torch.Tensor) else [s[k] for s in samples]
+    return out
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``0..n-1`` of one epoch for one rank, with the contract of ``DistributedSampler``.
+
+    The epoch's order is a permutation drawn from ``(seed, epoch)`` (or ``0..n-1`` without ``shuffle``),
+    the same in every process; rank ``r`` of ``world_size`` takes every ``world_size``-th index from
+    position ``r``, so the ranks' shards are disjoint and together cover each index exactly once. Shards
+    then differ in length by at most one; ``pad=True`` repeats the epoch's first indices until every rank
+    has the same count (``DistributedSampler``'s default, which DDP needs for equal step counts).
+    ``rank``/``world_size`` default to ``torch.distributed``'s when it is initialised, else 0 and 1.
+
+    Resuming mid-epoch: ``set_epoch(epoch, start)`` skips the first ``start`` indices of this rank's shard.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, pad: bool = False):
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world_size = int(world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1))
+        self.rank = int(rank if rank is not None else (torch.distributed.get_rank() if dist else 0))
+        if not 0 <= self.rank < self.world_size:
+            raise SpairstoreError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+        self.n, self.shuffle, self.seed, self.pad = int(n), shuffle, int(seed), pad
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def order(self) -> np.ndarray:
+        """This rank's whole shard of the current epoch (before skipping ``start``)."""
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
+        if self.pad and self.n % self.world_size:
+            extra = self.world_size - self.n % self.world_size
+            order = np.concatenate([order, np.resize(order, extra)]) if self.n else order
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start:].tolist())
+
+    @property
+    def num_samples(self) -> int:
+        """Length of this rank's whole shard of an epoch."""
+        return -(-self.n // self.world_size) if self.pad else len(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
