@@ -87,6 +87,39 @@ def convert(
                             progress=True)))
 
 
+@app.command()
+def features(
+    store: Annotated[Path, typer.Argument(help="Store to add the feature set to (.h5 file or .zarr directory).")],
+    backbone: Annotated[str, typer.Option(help="efficientnet-lite0 (weights ship with spairstore: works offline), "
+                                               "resnet50, resnet101, dinov2-vits14 or dinov2-vitb14.")]
+    = "efficientnet-lite0",
+    layers: Annotated[Optional[str], typer.Option(
+        help="Comma-separated layers to tap: unit indices (ResNets: HPF hyperpixel ids, 0 = stem) or module "
+             "names (e.g. layer3, _blocks.10, blocks.11, norm). All are resampled onto the finest tapped grid "
+             "and concatenated. Default: the backbone's.")] = None,
+    input_size: Annotated[Optional[int], typer.Option(
+        help="Side the S x S store frame is resized to before the backbone, in pixels; a multiple of 32 "
+             "(CNNs) or 14 (ViTs). Default: S rounded down to one.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="Weights file (.pth/.safetensors). Default: the shipped or cached weights; 'random' builds the "
+             "architecture with seeded random weights (pipeline tests only).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Feature set name (default: the backbone's).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing feature set of this name, and discard an unfinished run of it made with "
+             "other settings.")] = False,
+) -> None:
+    """Run a backbone over every image of a store and add its float16 feature maps (N, C, h, w) as a named
+    feature set. An interrupted run leaves the store unchanged; running the same command again resumes it."""
+    from .features import extract_features
+
+    layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
+    typer.echo(str(extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
+                                    batch_size=batch_size, device=device, weights=weights, name=name,
+                                    overwrite=overwrite, progress=True)))
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -94,9 +127,11 @@ def _mib(n: int) -> str:
 def store_info(path: Path | str) -> dict:
     """Everything ``spairstore info`` shows, as JSON-able data (``file_bytes`` is None for a URL)."""
     from .backends import disk_bytes, format_of, is_url
+    from .features import partial_feature_sets
     from .reader import open as open_store
 
     with open_store(path) as s:
+        sizes = s.field_bytes()
         counts = {split: {"pairs": s.pairs(split).rows,
                           "images": int(((s.images.splits >> j) & 1).sum())} for j, split in enumerate(s.splits)}
         per_cat = {c: {"images": int((s.images.category == k).sum()),
@@ -112,12 +147,14 @@ def store_info(path: Path | str) -> dict:
             "image_size": s.image_size,
             "images": len(s),
             "file_bytes": None if is_url(s.path) else disk_bytes(s.path),
-            "field_bytes": s.field_bytes(),
+            "field_bytes": sizes,
             "splits": counts,
             "categories": per_cat,
             "build_config": s.attrs.get("build_config"),
             "notes": s.attrs.get("notes", []),
             "manifest_files": s.manifest.rows,
+            "feature_sets": {k: {**v, "bytes": sizes[f"features/{k}/data"]} for k, v in s.feature_sets.items()},
+            "incomplete_feature_sets": {} if is_url(s.path) else partial_feature_sets(s.path),
         }
 
 
@@ -142,12 +179,19 @@ def info(
         "  fields",
     ]
     big = sorted(d["field_bytes"].items(), key=lambda kv: -kv[1])
-    out += [f"    {k:<28} {_mib(v):>12}" for k, v in big if v >= 2**20 or k.startswith("images/")][:12]
+    out += [f"    {k:<36} {_mib(v):>12}" for k, v in big if v >= 2**20 or k.startswith("images/")][:12]
     splits = list(d["splits"])
     w = max([11, *map(len, d["categories"])])  # PF-WILLOW folders like winebottle(woC) are longer
     out.append(f"  {'per category':<{w + 1}} " + " ".join(f"{h:>8}" for h in ["images", *splits]))
     for c, v in d["categories"].items():
         out.append(f"    {c:<{w}}" + " ".join(f"{v[h]:>8,}" for h in ["images", *splits]))
+    for k, v in d["feature_sets"].items():
+        out.append(f"  features     {k}: {v['backbone']} {','.join(v['layers'])} at {v['input_size']} px, "
+                   f"float16 ({v['channels']}, {v['height']}, {v['width']}), stride {v['stride']}, "
+                   f"{_mib(v['bytes'])}")
+    for k, v in d["incomplete_feature_sets"].items():
+        out.append(f"  features     {k}: INCOMPLETE, {v['done']:,} of {v['images'] or '?'} images extracted "
+                   f"(re-run `spairstore features` to resume; staged in {v['path']})")
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]
     typer.echo("\n".join(out))

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .backends import disk_bytes, format_of, is_url, reader_for, staged, writer_for
+from .backends import ArrayReader, ArrayWriter, disk_bytes, format_of, is_url, reader_for, staged, writer_for
 from .errors import SpairstoreError, StoreError
 from .schema import FORMAT_NAME, is_hot
 
@@ -32,6 +33,24 @@ class ConvertSummary:
     def __str__(self) -> str:
         return (f"converted {self.src} into {self.dst} ({self.format}, {self.arrays} arrays, "
                 f"{self.file_bytes / 2**20:,.1f} MiB) in {self.seconds:.1f} s")
+
+
+def copy_arrays(r: ArrayReader, w: ArrayWriter, skip: Callable[[str], bool] = lambda name: False,
+                progress: Callable[[int], object] | None = None) -> None:
+    """Copy every array of ``r`` that ``skip`` does not name into ``w``: tables whole, hot arrays in
+    blocks of rows (bounded memory). ``progress`` is called with the bytes of each array copied."""
+    for name, (shape, dtype) in r.shapes().items():
+        if skip(name):
+            continue
+        if not is_hot(name):
+            w.put(name, r.read(name))
+        else:
+            w.create(name, shape, dtype)
+            step = max(1, BLOCK_BYTES // max(1, math.prod(shape[1:]) * dtype.itemsize))
+            for start in range(0, shape[0], step):
+                w.write(name, start, r.read(name, slice(start, start + step)))
+        if progress is not None:
+            progress(math.prod(shape) * dtype.itemsize)
 
 
 def convert(src: str | Path, dst: str | Path, format: str | None = None, overwrite: bool = False,
@@ -57,15 +76,7 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
                        dynamic_ncols=True)
             w = writer_for(tmp, format, shard_bytes)
             try:
-                for name, (shape, dtype) in shapes.items():
-                    if not is_hot(name):
-                        w.put(name, r.read(name))
-                    else:
-                        w.create(name, shape, dtype)
-                        step = max(1, BLOCK_BYTES // max(1, math.prod(shape[1:]) * dtype.itemsize))
-                        for start in range(0, shape[0], step):
-                            w.write(name, start, r.read(name, slice(start, start + step)))
-                    bar.update(math.prod(shape) * dtype.itemsize)
+                copy_arrays(r, w, progress=bar.update)
                 w.set_attrs(r.attrs)
             finally:
                 w.close()

@@ -27,3 +27,8 @@ class SourceError(SpairstoreError):
 
 class StoreError(SpairstoreError):
     """A store cannot be opened or read: missing, corrupted, wrong format or version."""
+
+
+class FeatureError(SpairstoreError):
+    """Features cannot be extracted as asked: unknown backbone or layer, missing weights, bad option,
+    or an unfinished run that does not match the one asked for."""

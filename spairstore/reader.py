@@ -155,7 +155,7 @@ class Store:
                 raise
             #: (device, inode) of the store file this Store reads; None for a directory or URL
             self._opened = None if self._file is None else _identity(os.fstat(self._file.fileno()))
-            if self._opened is None or self._identity() == self._opened:
+            if self._opened is None or self._path_identity() == self._opened:
                 return
             self.close()
         raise StoreError(f"{self.path}: the store kept being replaced while it was opened")
@@ -168,7 +168,7 @@ class Store:
         except OSError:
             return None  # the backend says why
 
-    def _identity(self) -> tuple[int, int] | None:
+    def _path_identity(self) -> tuple[int, int] | None:
         try:
             return _identity(os.stat(self.path))
         except (OSError, TypeError):
@@ -212,6 +212,9 @@ class Store:
         self._tables: dict[str, Table] = {}
         self.feature_sets: dict[str, dict[str, Any]] = {
             k: v for k, v in attrs.get("feature_sets", {}).items() if f"features/{k}/data" in self.shapes}
+        #: CRC-32 of each image's feature map per feature set (uint32 (N,)), where the writer stored them
+        self.feature_crc32: dict[str, np.ndarray] = {
+            k: tables[f"features/{k}/crc32"] for k in self.feature_sets if f"features/{k}/crc32" in tables}
         self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}

@@ -30,11 +30,12 @@ Layout (identical for every backend; ``N`` images, ``P`` pairs of a split, ``S``
     manifest/path S (F,)  manifest/size int64 (F,)  manifest/sha256 S64 (F,)
     categories S (C,)
     features/<name>/data float16 (N, C, h, w) hot    one feature set per name (see geometry.py)
-    features/<name>/crc32_data uint32 (N,)           CRC-32 of each feature record
+    features/<name>/crc32 uint32 (N,)                CRC-32 of each image's map, at commit time
 
 Checksums (what ``spairstore verify`` checks): every hot array ``<group>/<field>`` has a companion
-``<group>/crc32_<field>`` holding the CRC-32 of each record -- a row, or for a ``*_blob`` array the byte
-range its ``*_offsets`` delimit; every other array has its whole-array CRC-32 in ``table_crc32``.
+``<group>/crc32_<field>`` (``<group>/crc32`` for a ``data`` field) holding the CRC-32 of each record -- a
+row, or for a ``*_blob`` array the byte range its ``*_offsets`` delimit; every other array has its
+whole-array CRC-32 in ``table_crc32``.
 
 Root attributes (JSON values): ``format``, ``format_version``, ``dataset``, ``image_size``,
 ``num_keypoints``, ``splits``, ``pose_names``, ``build_config``, ``notes``, ``created_by``,
@@ -64,7 +65,8 @@ def is_hot(path: str) -> bool:
     """Whether array ``path`` is read per record (a payload or a feature set): such arrays are stored
     uncompressed and read from their raw bytes; every other array is a table loaded whole (at open, or
     on first use for pair tables and the manifest)."""
-    return path.startswith("features/") or path in {f"images/{f}" for f in PAYLOAD_FIELDS}
+    return ((path.startswith("features/") and path.endswith("/data"))
+            or path in {f"images/{f}" for f in PAYLOAD_FIELDS})
 
 
 #: Difficulty level names, indexed by the stored label.
@@ -112,9 +114,11 @@ BYTES = np.dtype("S")
 
 
 def crc_array(path: str) -> str:
-    """Where the per-record CRC-32s of hot array ``path`` live: ``a/b/f`` -> ``a/b/crc32_f``."""
+    """Where the per-record CRC-32s of hot array ``path`` live: ``images/pixels`` ->
+    ``images/crc32_pixels``; a group's ``data`` (``features/<name>/data``) -> ``<group>/crc32``."""
     group, _, name = path.rpartition("/")
-    return f"{group}/crc32_{name}" if group else f"crc32_{name}"
+    crc = "crc32" if name == "data" else f"crc32_{name}"
+    return f"{group}/{crc}" if group else crc
 
 
 def blob_offsets(path: str) -> str | None:

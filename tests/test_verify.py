@@ -123,3 +123,23 @@ def test_uncovered_arrays_are_reported(store: tuple[Path, Path], tmp_path: Path)
     report = verify(path)
     assert report.ok and report.unchecked == ["extra/notes"]
     assert "not covered by a checksum: extra/notes" in str(report)
+
+
+def test_feature_maps_are_verified(store: tuple[Path, Path], tmp_path: Path) -> None:
+    """A feature set's maps are payload records like any other: its CRC array ``features/<name>/crc32``
+    is found by the same naming rule, and a corrupted map is named."""
+    from spairstore.features import extract_features
+
+    path = tmp_path / "feat.h5"
+    shutil.copy(store[1], path)
+    extract_features(path, layers=["_blocks.4"], name="lite", batch_size=16)
+    clean = verify(path)
+    assert clean.ok and clean.records["features/lite/data"] == (36, 36) and clean.unchecked == []
+    with h5py.File(path, "r") as h:
+        d = h["features/lite/data"]
+        start = d.id.get_offset() + 7 * int(np.prod(d.shape[1:])) * d.dtype.itemsize
+    s = spairstore.open(path)
+    with open(path, "r+b") as f:
+        flip(f, start + 3, np.random.default_rng(1))
+    assert [d.what for d in verify(path).differences] == [
+        f"features/lite/data row 7 ({s.categories[s.images.category[7]]}/{s.images.name[7]})"]

@@ -1,0 +1,13 @@
+"""Precomputed backbone features: ``spairstore features``.
+
+>>> from spairstore.features import extract_features
+>>> extract_features("spair.h5", backbone="efficientnet-lite0")   # adds feature set "efficientnet-lite0"
+>>> spairstore.open("spair.h5").features("efficientnet-lite0", 0).shape     # float16 (C, h, w)
+"""
+from __future__ import annotations
+
+from .backbones import BACKBONES, RANDOM_WEIGHTS, FeatureExtractor
+from .extract import FeatureSummary, Staging, commit, extract_features, extract_rows, partial_feature_sets
+
+__all__ = ["BACKBONES", "RANDOM_WEIGHTS", "FeatureExtractor", "FeatureSummary", "Staging", "commit",
+           "extract_features", "extract_rows", "partial_feature_sets"]
