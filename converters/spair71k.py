@@ -168,7 +168,7 @@ def _load_json(path: Path | str, rel: Path | str, digests: Digests) -> dict[str,
         with open(path, "rb") as f:
             raw = f.read()
         digests[str(rel)] = (len(raw), sha256_bytes(raw))
-        data = json.loads(raw)
+        data = json.loads(raw.decode("utf-8"))  # str: skips json's encoding detection
     except FileNotFoundError:
         raise SourceError(rel, "file not found") from None
     except OSError as e:
@@ -321,7 +321,8 @@ def _read_pair(root: Path, split: str, stem: str, index: Mapping[tuple[str, str]
         if size[:2] != [image.width, image.height]:
             raise SourceError(rel, f"{side}_imsize {size} disagrees with the image annotation "
                                    f"({image.width}x{image.height})")
-        _bbox(ann[f"{side}_bndbox"], f"{side}_bndbox", rel, image.width, image.height)
+        if ann[f"{side}_bndbox"] != list(image.bbox):  # equal to the checked image bbox: valid
+            _bbox(ann[f"{side}_bndbox"], f"{side}_bndbox", rel, image.width, image.height)
         images.append(image)
     ids = ann["kps_ids"]
     if not isinstance(ids, list) or not all(isinstance(i, str) and i.isdigit() for i in ids):
