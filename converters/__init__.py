@@ -1,14 +1,13 @@
 """Source-dataset converters, one module per dataset (torchvision's convention).
 
-Each module exposes ``NAME``, ``detect(root) -> bool`` and ``read(root, progress=None) ->
-DatasetRecords``. A converter whose ``read`` also takes ``on_error`` can skip: with ``on_error="skip"``
-it leaves bad images and pairs out and lists them (file and reason) in ``DatasetRecords.skipped``
-instead of raising (SPair-71k does; the others stop at a bad annotation whatever ``on_error`` says).
+Each module exposes ``NAME``, ``detect(root) -> bool`` and ``read(root, progress=None, on_error="fail")
+-> DatasetRecords``. With ``on_error="skip"`` a converter leaves bad images and pairs out and lists them
+(file and reason) in ``DatasetRecords.skipped`` instead of raising (through
+:class:`~spairstore.records.ErrorPolicy`).
 :func:`read` picks the module by name or by detecting the layout.
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
@@ -40,7 +39,4 @@ def read(root: Path, dataset: str | None = None,
     name = dataset or detect(root)
     if name not in CONVERTERS:
         raise SourceError(root, f"unknown dataset {name!r} (known: {', '.join(CONVERTERS)})")
-    mod = CONVERTERS[name]
-    if "on_error" in inspect.signature(mod.read).parameters:
-        return mod.read(Path(root), progress=progress, on_error=on_error)
-    return mod.read(Path(root), progress=progress)
+    return CONVERTERS[name].read(Path(root), progress=progress, on_error=on_error)
