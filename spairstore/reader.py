@@ -258,15 +258,27 @@ class Store:
             raise StoreError(f"{self.path}: keypoint_flip attribute holds a row that is not a permutation")
         return perm
 
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the store file this Store reads, pinned at open: a pack or features commit
+        renames a new file over the path, so a new identity means a new version. None for a directory
+        or URL."""
+        return self._opened
+
+    def require_identity(self, identity: tuple[int, int] | None) -> None:
+        """Raise StoreError (closing this Store) unless it reads the file of ``identity``, the
+        :attr:`identity` of an earlier Store on this path (None: nothing to check)."""
+        if identity is not None and self._opened != tuple(identity):
+            self.close()
+            raise StoreError(f"{self.path} was replaced by a new version since it was first opened here; "
+                             "open the store again (rebuild the dataset) to read the new version")
+
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "identity": self._opened}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"])  # type: ignore[misc]
-        if state.get("identity") is not None and self._opened != tuple(state["identity"]):
-            self.close()
-            raise StoreError(f"{self.path} was replaced by a new version since this Store was opened; "
-                             "open the store again (e.g. recreate the dataset) to read the new version")
+        self.require_identity(state.get("identity"))
 
     # -- payload access -----------------------------------------------------------------------------
     def _raw(self, name: str) -> _RawArray | None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import spairstore
+from spairstore import PairDataset, collate
 
 
 class StoreImages(torch.utils.data.Dataset):
@@ -70,6 +71,23 @@ def test_open_store_keeps_its_file_when_a_new_version_replaces_it(synth_root: Pa
     # A pickled Store (what spawn workers get) refuses to silently become the new version.
     with pytest.raises(spairstore.StoreError, match="replaced by a new version"):
         pickle.loads(pickle.dumps(old))
+
+
+def test_dataset_refuses_a_store_repacked_after_it_was_built(synth_root: Path, tmp_path: Path) -> None:
+    """A dataset's tables come from the file it was built on: a process that opens the path anew (spawn
+    worker, unpickled copy) and finds another version raises instead of mixing the two."""
+    path = tmp_path / "s.h5"
+    spairstore.pack(synth_root, path, size=24)
+    ds = PairDataset(path, "trn", fields=("pixels", "keypoints"))
+    spairstore.pack(synth_root, path, size=40, overwrite=True)
+    assert ds[0]["src_pixels"].shape == (24, 24, 3)  # this process keeps reading the file it pinned
+    with pytest.raises(spairstore.StoreError, match="replaced by a new version.*rebuild the dataset"):
+        pickle.loads(pickle.dumps(ds))[0]
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate, multiprocessing_context="spawn")
+    with pytest.raises(spairstore.StoreError, match="rebuild the dataset"):
+        next(iter(loader))
+    rebuilt = pickle.loads(pickle.dumps(PairDataset(path, "trn", fields=("pixels",))))
+    assert rebuilt[0]["src_pixels"].shape == (40, 40, 3)
 
 
 def _reader(path: Path, opened, packed, results) -> None:
