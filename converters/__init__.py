@@ -1,7 +1,10 @@
 """Source-dataset converters, one module per dataset (torchvision's convention).
 
-Each module exposes ``NAME``, ``detect(root) -> bool`` and ``read(root, progress=None) ->
-DatasetRecords``. :func:`read` picks the module by name or by detecting the layout.
+Each module exposes ``NAME``, ``detect(root) -> bool`` and ``read(root, progress=None, on_error="fail")
+-> DatasetRecords``. With ``on_error="skip"`` a converter leaves bad images and pairs out and lists them
+(file and reason) in ``DatasetRecords.skipped`` instead of raising (through
+:class:`~spairstore.records.ErrorPolicy`).
+:func:`read` picks the module by name or by detecting the layout.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from spairstore.errors import SourceError
-from spairstore.records import DatasetRecords
+from spairstore.records import DatasetRecords, OnError
 
 from . import pfpascal, pfwillow, spair71k
 
@@ -30,9 +33,10 @@ def detect(root: Path) -> str:
 
 
 def read(root: Path, dataset: str | None = None,
-         progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None) -> DatasetRecords:
+         progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
+         on_error: OnError = "fail") -> DatasetRecords:
     """Read a dataset root into canonical records, with the named converter or the detected one."""
     name = dataset or detect(root)
     if name not in CONVERTERS:
         raise SourceError(root, f"unknown dataset {name!r} (known: {', '.join(CONVERTERS)})")
-    return CONVERTERS[name].read(Path(root), progress=progress)
+    return CONVERTERS[name].read(Path(root), progress=progress, on_error=on_error)

@@ -5,6 +5,7 @@ Every failure is a :class:`~spairstore.errors.SourceError` naming the file relat
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 
 from spairstore.errors import SourceError
 from spairstore.manifest import sha256_bytes
+from spairstore.records import ImageRecord, Skipped
 
 Digests = dict[str, tuple[int, str]]  #: see ``DatasetRecords.digests``
 
@@ -61,3 +63,18 @@ def image_header(path: Path, root: Path, named_in: str) -> tuple[int, int, int]:
             return im.width, im.height, len(im.getbands())
     except (OSError, SyntaxError, ValueError) as e:
         raise SourceError(rel, f"cannot read image header ({e})") from None
+
+
+def named_image(index: Mapping[tuple[str, str], ImageRecord], skipped: Mapping[str, Skipped],
+                key: tuple[str, str], path: str | None, where: str) -> ImageRecord:
+    """The image keyed ``key`` that a pair names, or a SourceError saying it was skipped (and why) or
+    is not annotated. The error names ``path`` (the pair list), or the skipped image's file where None;
+    its reason starts with ``where`` (e.g. ``line 3: 'a.jpg'``). ``skipped``: by ``category/name``."""
+    image = index.get(key)
+    if image is not None:
+        return image
+    name = "/".join(key)
+    hit = skipped.get(name)
+    if hit is None:
+        raise SourceError(path or name, f"{where} names no annotated image")
+    raise SourceError(path or hit.path, f"{where} names image {name}, which was skipped: {hit.reason}")

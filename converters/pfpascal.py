@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from spairstore.errors import SourceError
-from spairstore.records import DatasetRecords, ImageRecord, PairRecord
+from spairstore.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
 
-from ._common import Digests, image_header, load_mat, source_text
+from ._common import Digests, image_header, load_mat, named_image, source_text
 from .spair71k import VOC_CLASS_INDEX, pair_stem
 
 NAME = "pfpascal"
@@ -44,12 +44,19 @@ MATCH_TOL = 0.01
 class _Row:
     """One line of a pair CSV."""
 
-    where: str  #: "<csv> line <n>", for error messages
+    path: str  #: the CSV, relative to the dataset root
+    line: int
+    pair_id: int  #: the row's position in the CSV, from 1 (a skipped row leaves its id unused)
     category: str
     src: str  #: image file name
     trg: str
     flip: int
     kps: tuple[np.ndarray, np.ndarray] | None  #: (n, 2) source and target keypoints, if the CSV has them
+
+    @property
+    def where(self) -> str:
+        """``<csv> line <n>``, for messages."""
+        return f"{self.path} line {self.line}"
 
 
 def _data_dir(root: Path) -> Path:
@@ -82,7 +89,8 @@ def _floats(cell: str, column: str, where: str, rel: Path) -> np.ndarray:
         raise SourceError(rel, f"{where}: {column} must be ';'-separated numbers, got {cell[:40]!r}") from None
 
 
-def _read_csv(root: Path, path: Path, digests: Digests) -> list[_Row]:
+def _read_csv(root: Path, path: Path, split: str, digests: Digests, policy: ErrorPolicy) -> list[_Row]:
+    """The rows of a pair CSV; a bad row raises, or is skipped by ``policy`` (a bad header always raises)."""
     rel = path.relative_to(root)
     rows: list[_Row] = []
     with source_text(path, root, digests) as f:
@@ -94,27 +102,35 @@ def _read_csv(root: Path, path: Path, digests: Digests) -> list[_Row]:
         has_kps = any(c in columns for c in KPS_COLUMNS)
         if has_kps and not all(c in columns for c in KPS_COLUMNS):
             raise SourceError(rel, f"keypoint columns must be all of {', '.join(KPS_COLUMNS)} (header {columns})")
-        for r in reader:
-            where = f"line {reader.line_num}"
-            if None in r or None in r.values():
-                raise SourceError(rel, f"{where}: expected {len(columns)} columns")
-            cls = r["class"].strip()
-            if not (cls.isdigit() and 1 <= int(cls) <= len(CATEGORIES)):
-                raise SourceError(rel, f"{where}: class must be 1..{len(CATEGORIES)} (VOC order), got {cls!r}")
-            flip = r.get("flip", "0").strip()
-            if flip not in ("0", "1"):
-                raise SourceError(rel, f"{where}: flip must be 0 or 1, got {flip!r}")
-            kps = None
-            if has_kps:
-                xa, ya, xb, yb = (_floats(r[c], c, where, rel) for c in KPS_COLUMNS)
-                if not len(xa) == len(ya) == len(xb) == len(yb):
-                    raise SourceError(rel, f"{where}: keypoint counts differ (XA {len(xa)}, YA {len(ya)}, "
-                                           f"XB {len(xb)}, YB {len(yb)})")
-                kps = (np.stack([xa, ya], 1), np.stack([xb, yb], 1))
-            rows.append(_Row(f"{rel.as_posix()} {where}", CATEGORIES[int(cls) - 1],
-                             *(PurePosixPath(r[c].strip().replace("\\", "/")).name
-                               for c in ("source_image", "target_image")), int(flip), kps))
+        for pair_id, r in enumerate(reader, start=1):
+            line = reader.line_num
+            row = policy.attempt("pair", f"{split}/line {line}",
+                                 lambda: _parse_row(r, rel, line, pair_id, len(columns), has_kps))
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def _parse_row(r: dict[str, str], rel: Path, line: int, pair_id: int, columns: int, has_kps: bool) -> _Row:
+    where = f"line {line}"
+    if None in r or None in r.values():
+        raise SourceError(rel, f"{where}: expected {columns} columns")
+    cls = r["class"].strip()
+    if not (cls.isdigit() and 1 <= int(cls) <= len(CATEGORIES)):
+        raise SourceError(rel, f"{where}: class must be 1..{len(CATEGORIES)} (VOC order), got {cls!r}")
+    flip = r.get("flip", "0").strip()
+    if flip not in ("0", "1"):
+        raise SourceError(rel, f"{where}: flip must be 0 or 1, got {flip!r}")
+    kps = None
+    if has_kps:
+        xa, ya, xb, yb = (_floats(r[c], c, where, rel) for c in KPS_COLUMNS)
+        if not len(xa) == len(ya) == len(xb) == len(yb):
+            raise SourceError(rel, f"{where}: keypoint counts differ (XA {len(xa)}, YA {len(ya)}, "
+                                   f"XB {len(xb)}, YB {len(yb)})")
+        kps = (np.stack([xa, ya], 1), np.stack([xb, yb], 1))
+    return _Row(rel.as_posix(), line, pair_id, CATEGORIES[int(cls) - 1],
+                *(PurePosixPath(r[c].strip().replace("\\", "/")).name for c in ("source_image", "target_image")),
+                int(flip), kps)
 
 
 def _read_image(root: Path, data: Path, category: str, filename: str, where: str, digests: Digests) -> ImageRecord:
@@ -151,15 +167,20 @@ def _slot_ids(src_slots: np.ndarray, trg_slots: np.ndarray, src_kps: np.ndarray,
     return ids
 
 
-def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None) -> DatasetRecords:
+def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
+         on_error: OnError = "fail") -> DatasetRecords:
     """Read a PF-PASCAL root into canonical records (splits ``trn``, ``val``, ``test`` as present).
 
     Images are those the pair lists name, keyed ``(class, name)``, sorted by class (VOC order) and
-    name; pairs keep their CSV order, with pair ids 1.. per split. ``kps_ids`` are ``.mat`` rows (for
-    CSV keypoints: the row each matches; positions in the pair where none does, counted in ``notes``).
+    name; pairs keep their CSV order, with pair ids 1.. per split (a pair's row in its CSV). ``kps_ids``
+    are ``.mat`` rows (for CSV keypoints: the row each matches; positions in the pair where none does,
+    counted in ``notes``). A bad ``.mat``, CSV row or image raises :class:`SourceError` naming the file,
+    or with ``on_error="skip"`` leaves the image or pair (and every pair using a left-out image) out and
+    lists it in ``skipped``; a bad CSV header always raises.
     ``progress(iterable, description, total)`` wraps the long loops.
     """
     root = Path(root).resolve()
+    policy = ErrorPolicy(on_error)
     wrap = progress or (lambda it, desc, total: it)
     if not detect(root):
         raise SourceError(root, f"not a PF-PASCAL root (needs [{DATA_DIR}/]JPEGImages/ and Annotations/<class>/)")
@@ -169,7 +190,7 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
         raise SourceError(root, "no pair list found: test_pairs.csv, trn_pairs.csv (or train_pairs.csv), "
                                 f"val_pairs.csv in the root, image_pairs/ or {DATA_DIR}/")
     digests: Digests = {}
-    rows = {split: _read_csv(root, path, digests) for split, path in files.items()}
+    rows = {split: _read_csv(root, path, split, digests, policy) for split, path in files.items()}
     notes = [f"split {s!r} absent (no {' or '.join(n)}): not packed" for s, n in SPLIT_FILES.items() if s not in files]
 
     named: dict[tuple[str, str], tuple[str, str]] = {}  # (class, name) -> (file name, first line naming it)
@@ -180,33 +201,43 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     if not named:
         raise SourceError(next(iter(files.values())).relative_to(root), "the pair lists hold no pairs")
     keys = sorted(named, key=lambda k: (CATEGORIES.index(k[0]), k[1]))
-    images = [_read_image(root, data, k[0], *named[k], digests) for k in wrap(keys, "annotations", len(keys))]
-    num_keypoints = max(len(im.keypoints) for im in images)
+    images = []
+    for k in wrap(keys, "annotations", len(keys)):
+        im = policy.attempt("image", "/".join(k), lambda: _read_image(root, data, k[0], *named[k], digests))
+        if im is not None:
+            images.append(im)
+    num_keypoints = max((len(im.keypoints) for im in images), default=0)
     pad = np.full((num_keypoints, 2), np.nan, dtype=np.float32)
     images = [replace(im, keypoints=np.concatenate([im.keypoints, pad[len(im.keypoints):]])) for im in images]
     index = {im.key: im for im in images}
+    skipped = {s.key: s for s in policy.skipped if s.kind == "image"}
 
     pairs: dict[str, list[PairRecord]] = {}
     unmatched = 0
     for split, rs in rows.items():
         recs: list[PairRecord] = []
         for r in rs:
-            src = index[(r.category, PurePosixPath(r.src).stem)]
-            trg = index[(r.category, PurePosixPath(r.trg).stem)]
+            names = [PurePosixPath(f).stem for f in (r.src, r.trg)]
+            found = policy.attempt(
+                "pair", f"{split}/{pair_stem(r.pair_id, *names, r.category)}",
+                lambda: [named_image(index, skipped, (r.category, n), r.path, f"line {r.line}: {f!r}")
+                         for n, f in zip(names, (r.src, r.trg))])
+            if found is None:
+                continue
+            src, trg = found
             if r.kps is None:
                 ids = np.flatnonzero(np.isfinite(src.keypoints).all(1) & np.isfinite(trg.keypoints).all(1))
                 src_kps, trg_kps = src.keypoints[ids], trg.keypoints[ids]
             else:
                 keep = np.isfinite(r.kps[0]).all(1) & np.isfinite(r.kps[1]).all(1)
                 src_kps, trg_kps = r.kps[0][keep], r.kps[1][keep]
-                found = _slot_ids(src.keypoints, trg.keypoints, src_kps, trg_kps)
-                unmatched += found is None
-                ids = np.arange(len(src_kps)) if found is None else found
-            pid = len(recs) + 1
+                slots = _slot_ids(src.keypoints, trg.keypoints, src_kps, trg_kps)
+                unmatched += slots is None
+                ids = np.arange(len(src_kps)) if slots is None else slots
             recs.append(PairRecord(
-                split=split, pair_id=pid, stem=pair_stem(pid, src.name, trg.name, r.category),
+                split=split, pair_id=r.pair_id, stem=pair_stem(r.pair_id, src.name, trg.name, r.category),
                 category=r.category, src=src.key, trg=trg.key, kps_ids=ids.astype(np.int16),
-                src_kps=src_kps.astype(np.float32), trg_kps=trg_kps.astype(np.float32), flip=r.flip,
+                src_kps=src_kps.astype(np.float32), trg_kps=trg_kps.astype(np.float32), flip=r.flip, path=r.path,
             ))
         pairs[split] = recs
         has_kps = bool(rs) and rs[0].kps is not None
@@ -215,9 +246,9 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     if unmatched:
         notes.append(f"{unmatched} pairs have CSV keypoints that are not all rows of their images' .mat kps "
                      f"(within {MATCH_TOL} px): their kps_ids are positions in the pair")
-    sources = [*files.values(), *(data / "Annotations" / c / f"{n}.mat" for c, n in keys),
+    sources = [*files.values(), *(data / "Annotations" / c / f"{n}.mat" for c, n in index),
                *dict.fromkeys(im.image_path for im in images)]
     return DatasetRecords(
         dataset=NAME, root=root, categories=list(CATEGORIES), num_keypoints=num_keypoints,
-        images=images, pairs=pairs, sources=sources, notes=notes, digests=digests,
+        images=images, pairs=pairs, sources=sources, notes=notes, skipped=policy.skipped, digests=digests,
     )

@@ -18,22 +18,24 @@ import csv
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from spairstore.errors import SourceError
 from spairstore.manifest import sha256_file
-from spairstore.records import DatasetRecords, ImageRecord, PairRecord
+from spairstore.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
 
-from ._common import Digests, image_header, load_mat, source_text
+from ._common import Digests, image_header, load_mat, named_image, source_text
 from .spair71k import pair_stem
 
 NAME = "pfwillow"
 NUM_KEYPOINTS = 10
 SPLIT = "test"
 PAIR_CSV = "test_pairs_pf.csv"
+_COLUMNS = 2 + 4 * NUM_KEYPOINTS  #: of PAIR_CSV
 DATA_DIR = "PF-dataset"
 _CLASS_DIR = re.compile(r"[^()/]+\([^()/]+\)")
 
@@ -69,61 +71,80 @@ def _read_image(root: Path, mat: Path, digests: Digests) -> ImageRecord:
     )
 
 
-def _pair(pair_id: int, src: ImageRecord, trg: ImageRecord, src_kps: np.ndarray, trg_kps: np.ndarray) -> PairRecord:
-    """A test pair over the 10 keypoint slots, keeping those annotated in both images."""
+@dataclass(frozen=True)
+class _Listed:
+    """One pair of the pair list: a CSV row, or one of the published list built from the annotations."""
+
+    pair_id: int  #: position in the list, from 1 (a skipped pair leaves its id unused)
+    src: tuple[str, str]  #: image key (class folder, name)
+    trg: tuple[str, str]
+    path: str  #: the CSV, relative to the dataset root; "" for a built pair
+    where: tuple[str, str]  #: how the list names the source and the target, for messages
+    kps: tuple[np.ndarray, np.ndarray] | None  #: (10, 2) source and target keypoints from the CSV, or None
+
+
+def _pair(p: _Listed, src: ImageRecord, trg: ImageRecord) -> PairRecord:
+    """A test pair over the 10 keypoint slots (the CSV's, else the images'), keeping those annotated in both."""
+    src_kps, trg_kps = p.kps if p.kps is not None else (src.keypoints, trg.keypoints)
     ids = np.flatnonzero(np.isfinite(src_kps).all(1) & np.isfinite(trg_kps).all(1)).astype(np.int16)
     return PairRecord(
-        split=SPLIT, pair_id=pair_id, stem=pair_stem(pair_id, src.name, trg.name, src.category),
+        split=SPLIT, pair_id=p.pair_id, stem=pair_stem(p.pair_id, src.name, trg.name, src.category),
         category=src.category, src=src.key, trg=trg.key, kps_ids=ids,
-        src_kps=src_kps[ids].astype(np.float32), trg_kps=trg_kps[ids].astype(np.float32),
+        src_kps=src_kps[ids].astype(np.float32), trg_kps=trg_kps[ids].astype(np.float32), path=p.path,
     )
 
 
-def _csv_pairs(root: Path, path: Path, index: dict[tuple[str, str], ImageRecord], digests: Digests
-               ) -> list[PairRecord]:
-    """The pairs ``test_pairs_pf.csv`` lists, in its order; keypoints from the CSV."""
+def _csv_pairs(root: Path, path: Path, digests: Digests, policy: ErrorPolicy) -> list[_Listed]:
+    """The pairs ``test_pairs_pf.csv`` lists, in its order; a bad row raises or is skipped by ``policy``
+    (a bad header always raises)."""
     rel = path.relative_to(root)
-    columns = 2 + 4 * NUM_KEYPOINTS
-    pairs: list[PairRecord] = []
+    pairs: list[_Listed] = []
     with source_text(path, root, digests) as f:
         rows = csv.reader(f)
         header = next(rows, None)
-        if header is None or len(header) != columns or header[:2] != ["imageA", "imageB"]:
+        if header is None or len(header) != _COLUMNS or header[:2] != ["imageA", "imageB"]:
             raise SourceError(rel, f"expected header imageA, imageB, XA1..XA{NUM_KEYPOINTS}, YA.., XB.., YB.. "
-                                   f"({columns} columns), got {header!r}")
+                                   f"({_COLUMNS} columns), got {header!r}")
+        pair_id = 0
         for line, row in enumerate(rows, start=2):
             if not row:
                 continue
-            if len(row) != columns:
-                raise SourceError(rel, f"line {line}: {len(row)} columns, expected {columns} "
-                                       f"(2 images and {NUM_KEYPOINTS} x, y per image)")
-            keys = [tuple(Path(cell.replace("\\", "/")).with_suffix("").parts[-2:]) for cell in row[:2]]
-            for cell, key in zip(row[:2], keys):
-                if key not in index:
-                    raise SourceError(rel, f"line {line}: {cell!r} names no annotated image")
-            if keys[0][0] != keys[1][0]:
-                raise SourceError(rel, f"line {line}: source and target are in different class folders")
-            try:
-                xa, ya, xb, yb = np.asarray(row[2:], dtype=np.float64).reshape(4, NUM_KEYPOINTS)
-            except ValueError:
-                raise SourceError(rel, f"line {line}: keypoint coordinates must be numbers") from None
-            pairs.append(_pair(len(pairs) + 1, index[keys[0]], index[keys[1]],
-                               np.stack([xa, ya], 1), np.stack([xb, yb], 1)))
+            pair_id += 1
+            p = policy.attempt("pair", f"{SPLIT}/line {line}", lambda: _csv_row(row, rel, line, pair_id))
+            if p is not None:
+                pairs.append(p)
     return pairs
 
 
-def published_pairs(images: list[ImageRecord]) -> list[PairRecord]:
+def _csv_row(row: list[str], rel: Path, line: int, pair_id: int) -> _Listed:
+    if len(row) != _COLUMNS:
+        raise SourceError(rel, f"line {line}: {len(row)} columns, expected {_COLUMNS} "
+                               f"(2 images and {NUM_KEYPOINTS} x, y per image)")
+    paths = [PurePosixPath(cell.replace("\\", "/")) for cell in row[:2]]
+    src, trg = ((p.parent.name, p.stem) for p in paths)  # image key: (class folder, name)
+    if src[0] != trg[0]:
+        raise SourceError(rel, f"line {line}: source and target are in different class folders")
+    try:
+        xa, ya, xb, yb = np.asarray(row[2:], dtype=np.float64).reshape(4, NUM_KEYPOINTS)
+    except ValueError:
+        raise SourceError(rel, f"line {line}: keypoint coordinates must be numbers") from None
+    return _Listed(pair_id, src, trg, rel.as_posix(), (f"line {line}: {row[0]!r}", f"line {line}: {row[1]!r}"),
+                   (np.stack([xa, ya], 1), np.stack([xb, yb], 1)))
+
+
+def published_pairs(keys: list[tuple[str, str]]) -> list[_Listed]:
     """Every ordered pair (source != target) of the images of each class folder, in the order of
-    ``images``, numbered from 1: the published list (10 x 9 pairs per class, 900 in all)."""
-    by_class: dict[str, list[ImageRecord]] = defaultdict(list)
-    for im in images:
-        by_class[im.category].append(im)
-    pairs: list[PairRecord] = []
-    for ims in by_class.values():
-        for src in ims:
-            for trg in ims:
-                if src is not trg:
-                    pairs.append(_pair(len(pairs) + 1, src, trg, src.keypoints, trg.keypoints))
+    ``keys`` (class folder, name), numbered from 1: the published list (10 x 9 pairs per class, 900 in all)."""
+    by_class: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for k in keys:
+        by_class[k[0]].append(k)
+    pairs: list[_Listed] = []
+    for ks in by_class.values():
+        for src in ks:
+            for trg in ks:
+                if src != trg:
+                    n = len(pairs) + 1
+                    pairs.append(_Listed(n, src, trg, "", (f"published pair {n}",) * 2, None))
     return pairs
 
 
@@ -138,14 +159,19 @@ def _duplicates_note(images: list[ImageRecord]) -> str | None:
             f"stored once per (class, name): " + "; ".join(" = ".join(g) for g in dup))
 
 
-def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None) -> DatasetRecords:
+def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
+         on_error: OnError = "fail") -> DatasetRecords:
     """Read a PF-WILLOW root into canonical records (split ``test``).
 
     Pairs are those of ``test_pairs_pf.csv`` (in ``root`` or ``PF-dataset/``) with its keypoints; where
     the CSV is absent the published list is rebuilt from the annotations (:func:`published_pairs`)
-    and ``notes`` says so. ``progress(iterable, description, total)`` wraps the long loops.
+    and ``notes`` says so. Pair ids are positions in the list. A bad ``.mat``, image or CSV row raises
+    :class:`SourceError` naming the file, or with ``on_error="skip"`` leaves the image or pair (and
+    every pair using a left-out image) out and lists it in ``skipped``; a bad CSV header always raises.
+    ``progress(iterable, description, total)`` wraps the long loops.
     """
     root = Path(root).resolve()
+    policy = ErrorPolicy(on_error)
     wrap = progress or (lambda it, desc, total: it)
     data = _data_dir(root)
     if data is None:
@@ -153,23 +179,35 @@ def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]
     classes = _class_dirs(data)
     mats = [m for c in classes for m in sorted(c.glob("*.mat"))]
     digests: Digests = {}
-    images = [_read_image(root, m, digests) for m in wrap(mats, "annotations", len(mats))]
+    images = []
+    for m in wrap(mats, "annotations", len(mats)):
+        im = policy.attempt("image", f"{m.parent.name}/{m.stem}", lambda: _read_image(root, m, digests))
+        if im is not None:
+            images.append(im)
     index = {im.key: im for im in images}
+    skipped = {s.key: s for s in policy.skipped if s.kind == "image"}
     notes = [n for n in (_duplicates_note(images),) if n]
-    sources = list(mats)
+    sources = [m for m in mats if (m.parent.name, m.stem) in index]
     csv_path = next((p for p in (root / PAIR_CSV, data / PAIR_CSV) if p.is_file()), None)
     if csv_path is not None:
-        pairs = _csv_pairs(root, csv_path, index, digests)
+        listed = _csv_pairs(root, csv_path, digests, policy)
         sources.append(csv_path)
     else:
-        pairs = published_pairs(images)
-        notes.append(f"no {PAIR_CSV}: built the published pair list from the annotations, all {len(pairs)} "
+        listed = published_pairs([(m.parent.name, m.stem) for m in mats])
+        notes.append(f"no {PAIR_CSV}: built the published pair list from the annotations, all {len(listed)} "
                      f"ordered pairs (source != target) within each of the {len(classes)} class folders, "
                      "folders and images in name order, pair ids 1.. in that order")
+    pairs = []
+    for p in listed:
+        found = policy.attempt(
+            "pair", f"{SPLIT}/{pair_stem(p.pair_id, p.src[1], p.trg[1], p.src[0])}",
+            lambda: [named_image(index, skipped, k, p.path or None, w) for k, w in zip((p.src, p.trg), p.where)])
+        if found is not None:
+            pairs.append(_pair(p, *found))
     if not pairs:
         raise SourceError(csv_path.relative_to(root) if csv_path else root, "no pairs")
     sources += [im.image_path for im in images]
     return DatasetRecords(
         dataset=NAME, root=root, categories=[c.name for c in classes], num_keypoints=NUM_KEYPOINTS,
-        images=images, pairs={SPLIT: pairs}, sources=sources, notes=notes, digests=digests,
+        images=images, pairs={SPLIT: pairs}, sources=sources, notes=notes, skipped=policy.skipped, digests=digests,
     )

@@ -46,13 +46,25 @@ def pack(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
     format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of OUT decides.")] = None,
     shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
+    on_error: Annotated[str, typer.Option(help="fail: stop at the first bad source file; skip: leave bad "
+                                               "images and pairs out, listing each with its reason.")] = "fail",
+    resume: Annotated[bool, typer.Option(help="HDF5: continue an interrupted pack of the same SRC and options "
+                                              "into OUT from its staging folder (.OUT.staging/).")] = False,
 ) -> None:
     """Pack a dataset folder into one store: decoded, letterboxed pixels and masks, original bytes,
-    annotations, pair tables and a SHA-256 manifest of every source file."""
+    annotations, pair tables and a SHA-256 manifest of every source file. A killed pack leaves the
+    old OUT (or none); --resume continues it."""
+    import warnings
+
+    from PIL import Image
+
     from .writer import pack as pack_
 
-    typer.echo(str(pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
-                         shard_bytes=_shard_bytes(shard_mb))))
+    # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
+                    shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume)  # type: ignore[arg-type]
+    typer.echo(str(summary))
 
 
 def _shard_bytes(shard_mb: float) -> int:
@@ -333,6 +345,26 @@ def show(
         alpha = proto.alphas[0] if alpha is None else alpha
         report = show_pair(s, split, row, output, proto, pred, alpha=alpha, method=name)
     typer.echo(f"wrote {output}" + (f" (PCK@{alpha:g}: {report.pck(alpha):.1f}%)" if report else ""))
+
+
+@app.command()
+def verify(
+    store: Annotated[str, typer.Argument(help="Store to check: .h5 file, .zarr directory or Zarr URL.")],
+    sources: Annotated[Optional[Path], typer.Option(help="Dataset root: also compare every source file's "
+                                                         "SHA-256 with the store's manifest.")] = None,
+    sample: Annotated[Optional[float], typer.Option(help="Check only this random fraction (0-1] of the "
+                                                         "records and source files.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the --sample draw.")] = None,
+) -> None:
+    """Check every payload record's CRC-32, every table's CRC-32 and (with --sources) every source file's
+    SHA-256; name each record or file that differs. Exit code 1 on any difference."""
+    from .verify import verify as verify_
+
+    report = verify_(store, sources=sources, sample=sample, seed=seed, progress=True)
+    typer.echo(str(report))
+    if not report.ok:
+        raise SpairstoreError(f"{report.path}: {len(report.differences):,} records, tables or files differ "
+                              "(listed above)")
 
 
 def main() -> None:

@@ -8,9 +8,16 @@ one contiguous extent in HDF5, one location per record in a sharded Zarr store),
 each process, so a Store is safe to use after ``fork`` and pickles (as its path) for ``spawn``.
 Arrays a backend cannot locate as plain bytes (compressed, or remote) are read through the backend
 library instead, one call per batch.
+
+A store is trusted only after checks: its layout must match :mod:`spairstore.schema` (every field's
+dtype and shape), its offsets and indices must stay inside what they index, and every extent read
+raw must lie inside its file; anything else is a :class:`StoreError`. A Store keeps the file of an
+HDF5 store open: when a new version is packed to the same path (an atomic rename), readers go on
+reading the old file until they open the store again.
 """
 from __future__ import annotations
 
+import io
 import math
 import mmap
 import os
@@ -23,7 +30,7 @@ import numpy as np
 from . import geometry
 from .backends import ArrayReader, RawExtent, is_url, reader_for
 from .errors import StoreError
-from .schema import FORMAT_NAME, FORMAT_VERSION, is_hot
+from .schema import FORMAT_NAME, FORMAT_VERSION, check_layout, check_pair_table, check_tables, is_hot
 
 
 class Table(Mapping[str, np.ndarray]):
@@ -64,32 +71,28 @@ def _group(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
             if k.startswith(prefix) and "/" not in k[len(prefix):]}
 
 
-def _identity(path: Path) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise StoreError(f"{path}: no such store") from None
-    return st.st_dev, st.st_ino
-
-
 class _RawArray:
     """An array read from the plain files of its :class:`RawExtent` through one read-only memory map
-    per file, made on first use in the reading process."""
+    per file, made on first use in the reading process; files in ``pinned`` (path -> descriptor held
+    since the store was opened) are mapped through that descriptor, not their path."""
 
-    def __init__(self, ext: RawExtent):
+    def __init__(self, ext: RawExtent, pinned: dict[Path, int]):
         self.ext = ext
         self.row_shape = ext.shape[1:]
         self.row_bytes = math.prod(self.row_shape) * ext.dtype.itemsize
         self._files: dict[int, np.ndarray] = {}
+        self._pinned = pinned
 
     def _file(self, k: int) -> np.ndarray:
         m = self._files.get(k)
         if m is None:
-            fd = os.open(self.ext.files[k], os.O_RDONLY)
+            pinned = self._pinned.get(Path(self.ext.files[k]))
+            fd = os.open(self.ext.files[k], os.O_RDONLY) if pinned is None else pinned
             try:
                 m = self._files[k] = np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), np.uint8)
             finally:
-                os.close(fd)
+                if pinned is None:
+                    os.close(fd)
         return m
 
     def _piece(self, c: int, start: int, stop: int) -> np.ndarray:
@@ -134,20 +137,51 @@ class Store:
     def __init__(self, path: str | Path):
         #: a local ``Path``, or the URL string of a remote (read-only) Zarr store
         self.path: Path | str = path if is_url(path) else Path(path).resolve()
-        # Payloads are mapped by path later, lazily: a store replaced meanwhile (pack --overwrite, a
-        # features commit) must not be read at this one's offsets.
-        self._identity = None if is_url(self.path) else _identity(self.path)
-        backend = reader_for(self.path)
-        try:
-            self._load(backend)
-        finally:
-            backend.close()
         self._pid = os.getpid()
         self._maps: dict[str, _RawArray] = {}
         self._backend: ArrayReader | None = None
+        for _ in range(3):
+            # Pin the file first, then check the tables came from that same file: a pack may rename
+            # a new version into place at any moment.
+            self._file = self._pin()
+            try:
+                backend = reader_for(self.path)
+                try:
+                    self._load(backend)
+                finally:
+                    backend.close()
+            except BaseException:
+                self.close()
+                raise
+            #: (device, inode) of the store file this Store reads; None for a directory or URL
+            self._opened = None if self._file is None else _identity(os.fstat(self._file.fileno()))
+            if self._opened is None or self._path_identity() == self._opened:
+                return
+            self.close()
+        raise StoreError(f"{self.path}: the store kept being replaced while it was opened")
+
+    def _pin(self) -> io.BufferedReader | None:
+        if not isinstance(self.path, Path) or not self.path.is_file():
+            return None
+        try:
+            return io.open(self.path, "rb")
+        except OSError:
+            return None  # the backend says why
+
+    def _path_identity(self) -> tuple[int, int] | None:
+        try:
+            return _identity(os.stat(self.path))
+        except (OSError, TypeError):
+            return None
 
     # -- opening --------------------------------------------------------------------------------
     def _load(self, backend: ArrayReader) -> None:
+        try:
+            self._load_checked(backend)
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
+            raise StoreError(f"{self.path}: malformed store ({type(e).__name__}: {e})") from None
+
+    def _load_checked(self, backend: ArrayReader) -> None:
         attrs = backend.attrs
         if attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{self.path}: not a spairstore store (format attribute {attrs.get('format')!r})")
@@ -159,15 +193,20 @@ class Store:
         if major > FORMAT_VERSION[0]:
             raise StoreError(f"{self.path}: store format {version} is newer than this spairstore reads "
                              f"({FORMAT_VERSION[0]}.x); upgrade spairstore")
+        self.shapes = backend.shapes()
+        problems = check_layout(self.shapes, attrs)
+        if not problems:
+            lazy = ("pairs/", "manifest/")
+            tables = {k: backend.read(k) for k in self.shapes if not is_hot(k) and not k.startswith(lazy)}
+            problems = check_tables(tables, self.shapes, attrs)
+        self._refuse(problems)
         self.attrs: dict[str, Any] = dict(attrs)
         self.dataset: str = attrs["dataset"]
         self.image_size: int = int(attrs["image_size"])
         self.splits: list[str] = list(attrs["splits"])
         self.pose_names: list[str] = list(attrs["pose_names"])
-        self.shapes = backend.shapes()
-        lazy = ("pairs/", "manifest/")
-        tables = {k: backend.read(k) for k in self.shapes if not is_hot(k) and not k.startswith(lazy)}
         self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in self.shapes if is_hot(k)}
+        self._check_extents()
         self.images = Table(_group(tables, "images/"))
         self.categories: list[str] = [str(c) for c in _decode_strings(tables["categories"])]
         self._tables: dict[str, Table] = {}
@@ -177,14 +216,35 @@ class Store:
         self.feature_crc32: dict[str, np.ndarray] = {
             k: tables[f"features/{k}/crc32"] for k in self.feature_sets if f"features/{k}/crc32" in tables}
         self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
-        n = len(self)
-        for name in ("pixels", "mask"):
-            shape = self.shapes[f"images/{name}"][0]
-            if shape[0] not in (0, n) or shape[1:3] != (self.image_size, self.image_size):
-                raise StoreError(f"{self.path}: images/{name} has shape {shape}, expected ({n}, "
-                                 f"{self.image_size}, {self.image_size}, ...)")
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
+
+    def _refuse(self, problems: list[str]) -> None:
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise StoreError(f"{self.path}: {problems[0]}{more}")
+
+    def _check_extents(self) -> None:
+        """Every array read raw must lie inside its files: a map read past the end of a (truncated)
+        file would kill the reading process with SIGBUS instead of raising."""
+        sizes: dict[Path, int] = {}
+        for name, ext in self.extents.items():
+            if ext is None:
+                continue
+            row = math.prod(ext.shape[1:]) * ext.dtype.itemsize
+            rows = np.minimum(ext.chunk_rows, ext.shape[0] - np.arange(len(ext.offsets)) * ext.chunk_rows)
+            ends = ext.offsets + rows * row
+            for k, file in enumerate(ext.files):
+                mine = (ext.file_ids == k) & (ext.offsets >= 0)
+                if not mine.any():
+                    continue
+                if file not in sizes:
+                    pinned = self._file is not None and Path(file) == self.path
+                    sizes[file] = (os.fstat(self._file.fileno()) if pinned else os.stat(file)).st_size
+                end = int(ends[mine].max())
+                if end > sizes[file]:
+                    raise StoreError(f"{self.path}: {name} (up to byte {end:,} of {Path(file).name}) lies past the "
+                                     f"end of the file ({sizes[file]:,} bytes); it is truncated or damaged")
 
     def _flip_table(self, table: dict[str, list[int]] | None) -> np.ndarray | None:
         if table is None:
@@ -198,11 +258,27 @@ class Store:
             raise StoreError(f"{self.path}: keypoint_flip attribute holds a row that is not a permutation")
         return perm
 
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the store file this Store reads, pinned at open: a pack or features commit
+        renames a new file over the path, so a new identity means a new version. None for a directory
+        or URL."""
+        return self._opened
+
+    def require_identity(self, identity: tuple[int, int] | None) -> None:
+        """Raise StoreError (closing this Store) unless it reads the file of ``identity``, the
+        :attr:`identity` of an earlier Store on this path (None: nothing to check)."""
+        if identity is not None and self._opened != tuple(identity):
+            self.close()
+            raise StoreError(f"{self.path} was replaced by a new version since it was first opened here; "
+                             "open the store again (rebuild the dataset) to read the new version")
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
+        return {"path": self.path, "identity": self._opened}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"])  # type: ignore[misc]
+        self.require_identity(state.get("identity"))
 
     # -- payload access -----------------------------------------------------------------------------
     def _raw(self, name: str) -> _RawArray | None:
@@ -214,14 +290,9 @@ class Store:
             ext = self.extents.get(name)
             if ext is None:
                 return None
-            self._check_identity()
-            a = self._maps[name] = _RawArray(ext)
+            pinned = {} if self._file is None else {self.path: self._file.fileno()}
+            a = self._maps[name] = _RawArray(ext, pinned)
         return a
-
-    def _check_identity(self) -> None:
-        if self._identity is not None and _identity(self.path) != self._identity:
-            raise StoreError(f"{self.path}: the store was replaced after it was opened (by pack --overwrite "
-                             f"or spairstore features); open it again")
 
     def _after_fork(self) -> None:
         if self._pid != os.getpid():  # forked: mappings and handles belong to the parent
@@ -230,8 +301,9 @@ class Store:
     def _library(self) -> ArrayReader:
         self._after_fork()
         if self._backend is None:
-            self._check_identity()
-            self._backend = reader_for(self.path)
+            # The very file this Store opened, even where a new version was renamed over its path since.
+            pinned = self._file is not None and os.path.isdir("/proc/self/fd")
+            self._backend = reader_for(f"/proc/self/fd/{self._file.fileno()}" if pinned else self.path)
         return self._backend
 
     def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -320,11 +392,19 @@ class Store:
 
     # -- tables and lookups -------------------------------------------------------------------------
     def _table(self, prefix: str) -> Table:
-        """The arrays directly under ``prefix`` (e.g. ``pairs/trn/``), read on first use."""
+        """The arrays directly under ``prefix`` (e.g. ``pairs/trn/``), read on first use (a pair table's
+        indices checked then)."""
         t = self._tables.get(prefix)
         if t is None:
             names = [k for k in self.shapes if k.startswith(prefix) and "/" not in k[len(prefix):]]
-            t = self._tables[prefix] = Table({k[len(prefix):]: _decode_strings(self._library().read(k)) for k in names})
+            columns = {k[len(prefix):]: self._library().read(k) for k in names}
+            if prefix.startswith("pairs/"):
+                self._refuse(check_pair_table(prefix.split("/")[1], columns, len(self), len(self.categories),
+                                              int(self.attrs["num_keypoints"])))
+            try:
+                t = self._tables[prefix] = Table({k: _decode_strings(v) for k, v in columns.items()})
+            except UnicodeDecodeError as e:
+                raise StoreError(f"{self.path}: {prefix} holds text that is not UTF-8 ({e})") from None
         return t
 
     def __len__(self) -> int:
@@ -375,11 +455,21 @@ class Store:
         """Stored bytes of every array."""
         return {k: int(np.prod(s)) * np.dtype(d).itemsize for k, (s, d) in self.shapes.items()}
 
+    def array(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the stored array at path ``name`` (e.g. ``images/pixels``, or bytes of
+        ``images/image_blob``), exactly as stored; hot arrays are read raw where they can be."""
+        if name not in self.shapes:
+            raise StoreError(f"{self.path}: no array {name!r}")
+        return self._rows(name, start, stop)
+
     def close(self) -> None:
         self._maps = {}
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> Store:
         return self
@@ -391,6 +481,10 @@ class Store:
         pairs = ", ".join(f"{s}: {self.pairs(s).rows}" for s in self.splits)
         name = self.path.name if isinstance(self.path, Path) else self.path
         return f"<spairstore.Store {name}: {self.dataset}, {len(self)} images, pairs {{{pairs}}}>"
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
 
 
 def open(path: str | Path) -> Store:  # noqa: A001 - mirrors h5py.File / zarr.open

@@ -5,10 +5,18 @@ annotation gives them (SPair-71k bounding boxes stay VOC 1-based inclusive). Mis
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import numpy as np
+
+from .errors import SourceError, SpairstoreError
+
+T = TypeVar("T")
+OnError = Literal["fail", "skip"]
+ON_ERROR_CHOICES = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class PairRecord:
     mirror: int = 0
     flip: int = 0  #: PF-PASCAL training flag
     small: bool = False  #: member of the dataset's small layout
+    path: str = ""  #: the file that defines the pair, relative to the dataset root (for messages)
 
 
 @dataclass
@@ -70,6 +79,7 @@ class DatasetRecords:
     pairs: dict[str, list[PairRecord]]  #: split name -> pairs in source order
     sources: list[Path]  #: every source file read (absolute), for the manifest
     notes: list[str] = field(default_factory=list)  #: things the user should hear (missing splits, ...)
+    skipped: list[Skipped] = field(default_factory=list)  #: bad items left out (``on_error="skip"``)
     #: (size, SHA-256) of source files the converter hashed as it parsed them, by POSIX path relative to
     #: ``root``; the writer hashes the rest.
     digests: dict[str, tuple[int, str]] = field(default_factory=dict)
@@ -79,3 +89,72 @@ class DatasetRecords:
 
     def image_index(self) -> dict[tuple[str, str], int]:
         return {im.key: i for i, im in enumerate(self.images)}
+
+    def without_images(self, bad: dict[tuple[str, str], Skipped]) -> DatasetRecords:
+        """These records less the images keyed in ``bad`` and every pair using one; all of them (the
+        images' reasons as given, the pairs' naming their image) are appended to ``skipped``."""
+        if not bad:
+            return self
+        skipped = [*self.skipped, *bad.values()]
+        pairs: dict[str, list[PairRecord]] = {}
+        for split, recs in self.pairs.items():
+            pairs[split] = []
+            for p in recs:
+                hit = bad.get(p.src) or bad.get(p.trg)
+                if hit is None:
+                    pairs[split].append(p)
+                else:
+                    skipped.append(Skipped("pair", f"{split}/{p.stem}", p.path or hit.path,
+                                           f"uses image {hit.key}, which was skipped: {hit.reason}"))
+        dropped = {im.image_path for im in self.images if im.key in bad}
+        dropped |= {im.mask_path for im in self.images if im.key in bad and im.mask_path is not None}
+        return DatasetRecords(
+            dataset=self.dataset, root=self.root, categories=self.categories, num_keypoints=self.num_keypoints,
+            images=[im for im in self.images if im.key not in bad], pairs=pairs,
+            sources=[p for p in self.sources if p not in dropped], notes=self.notes, skipped=skipped,
+            digests={k: v for k, v in self.digests.items() if self.root / k not in dropped},
+            keypoint_flip=self.keypoint_flip,
+        )
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A source item left out of a store because it is bad (``pack --on-error skip``)."""
+
+    kind: str  #: ``image`` or ``pair``
+    key: str  #: ``category/name`` of an image, ``split/stem`` of a pair
+    path: str  #: the file at fault, relative to the dataset root
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.key}: {self.path}: {self.reason}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "key": self.key, "path": self.path, "reason": self.reason}
+
+
+class ErrorPolicy:
+    """What a converter or the writer does with a bad source item: ``fail`` raises its
+    :class:`SourceError`; ``skip`` records it in :attr:`skipped` and goes on without the item."""
+
+    def __init__(self, on_error: OnError = "fail"):
+        if on_error not in ON_ERROR_CHOICES:
+            raise SpairstoreError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+        self.on_error = on_error
+        self.skipped: list[Skipped] = []
+
+    def attempt(self, kind: str, key: str, fn: Callable[[], T]) -> T | None:
+        """``fn()``, or None when it raised a SourceError and the policy is to skip."""
+        try:
+            return fn()
+        except SourceError as e:
+            if self.on_error == "fail":
+                raise
+            self.skipped.append(Skipped(kind, key, e.path, e.reason))
+            return None
+
+    def skip(self, kind: str, key: str, error: SourceError) -> None:
+        """Record a bad item found outside :meth:`attempt` (raises under ``fail``)."""
+        if self.on_error == "fail":
+            raise error
+        self.skipped.append(Skipped(kind, key, error.path, error.reason))

@@ -32,11 +32,18 @@ Layout (identical for every backend; ``N`` images, ``P`` pairs of a split, ``S``
     features/<name>/data float16 (N, C, h, w) hot    one feature set per name (see geometry.py)
     features/<name>/crc32 uint32 (N,)                CRC-32 of each image's map, at commit time
 
+Checksums (what ``spairstore verify`` checks): every hot array ``<group>/<field>`` has a companion
+``<group>/crc32_<field>`` (``<group>/crc32`` for a ``data`` field) holding the CRC-32 of each record -- a
+row, or for a ``*_blob`` array the byte range its ``*_offsets`` delimit; every other array has its
+whole-array CRC-32 in ``table_crc32``.
+
 Root attributes (JSON values): ``format``, ``format_version``, ``dataset``, ``image_size``,
 ``num_keypoints``, ``splits``, ``pose_names``, ``build_config``, ``notes``, ``created_by``,
-``feature_sets`` (name -> geometry and provenance of ``features/<name>/data``), and, where the dataset
-defines left/right keypoints, ``keypoint_flip`` (category -> permutation of the K slots under a
-horizontal flip: slot k of the mirrored image shows the part of slot ``perm[k]``).
+``feature_sets`` (name -> geometry and provenance of ``features/<name>/data``), ``table_crc32``
+(array path -> CRC-32 of its bytes, for every array that is not hot), ``skipped`` (the source items
+``pack --on-error skip`` left out: ``{kind, key, path, reason}`` each) and, where the dataset defines
+left/right keypoints, ``keypoint_flip`` (category -> permutation of the K slots under a horizontal
+flip: slot k of the mirrored image shows the part of slot ``perm[k]``).
 """
 from __future__ import annotations
 
@@ -101,3 +108,138 @@ def image_fields(size: int, num_keypoints: int) -> list[Field]:
 
 #: int8 label columns of a pair table.
 PAIR_LABELS = ("viewpoint", "scale", "truncation", "occlusion", "mirror", "flip")
+
+#: A byte-string field of any length (names, stems, paths).
+BYTES = np.dtype("S")
+
+
+def crc_array(path: str) -> str:
+    """Where the per-record CRC-32s of hot array ``path`` live: ``images/pixels`` ->
+    ``images/crc32_pixels``; a group's ``data`` (``features/<name>/data``) -> ``<group>/crc32``."""
+    group, _, name = path.rpartition("/")
+    crc = "crc32" if name == "data" else f"crc32_{name}"
+    return f"{group}/{crc}" if group else crc
+
+
+def blob_offsets(path: str) -> str | None:
+    """The offsets array delimiting the records of a ``*_blob`` array, or None for a row array."""
+    group, _, name = path.rpartition("/")
+    return f"{group}/{name[:-len('_blob')]}_offsets" if name.endswith("_blob") else None
+
+
+def store_fields(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dict) -> list[Field]:
+    """Every array a store with these ``attrs`` must hold, with the dtype and row shape it must have
+    (``rows`` of each is checked by :func:`check_layout`). ``shapes`` supplies only the sizes the
+    attributes do not fix (pair-table width, feature-map shape)."""
+    size, k = int(attrs["image_size"]), int(attrs["num_keypoints"])
+    u8, i8, i16, i32 = (np.dtype(t) for t in ("uint8", "int8", "int16", "int32"))
+    fields = [f for f in image_fields(size, k)]
+    fields += [Field("images/name", BYTES, ()), Field("categories", BYTES, ())]
+    fields += [Field(f"images/{b}_{part}", dt, ()) for b in BLOB_FIELDS
+               for part, dt in (("blob", u8), ("offsets", np.dtype("int64")))]
+    fields += [Field("manifest/path", BYTES, ()), Field("manifest/size", np.dtype("int64"), ()),
+               Field("manifest/sha256", np.dtype("S64"), ())]
+    for split in attrs["splits"]:
+        p = f"pairs/{split}/"
+        width = shapes.get(p + "kps_ids", ((0, 0),))[0]
+        m = (width[1],) if len(width) == 2 else (-1,)
+        fields += [Field(p + "pair_id", i32, ()), Field(p + "stem", BYTES, ()), Field(p + "category", i16, ()),
+                   Field(p + "src", i32, ()), Field(p + "trg", i32, ()), Field(p + "n_kps", i16, ()),
+                   Field(p + "kps_ids", i16, m), Field(p + "src_kps", np.dtype("float32"), (*m, 2)),
+                   Field(p + "trg_kps", np.dtype("float32"), (*m, 2)), Field(p + "small", np.dtype(bool), ()),
+                   *(Field(p + label, i8, ()) for label in PAIR_LABELS)]
+    for name in sorted({k.split("/")[1] for k in shapes if k.startswith("features/") and k.count("/") == 2}):
+        data = shapes.get(f"features/{name}/data", ((), None))[0]
+        fields.append(Field(f"features/{name}/data", np.dtype("float16"),
+                            tuple(data[1:]) if len(data) == 4 else (-1, -1, -1), hot=True))
+        if crc_array(f"features/{name}/data") in shapes:
+            fields.append(Field(crc_array(f"features/{name}/data"), np.dtype("uint32"), ()))
+    return fields
+
+
+def _check_attrs(attrs: dict) -> list[str]:
+    def is_list_of_str(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = {
+        "dataset": lambda v: isinstance(v, str),
+        "image_size": lambda v: is_int(v) and 1 <= v <= 1 << 16,
+        "num_keypoints": lambda v: is_int(v) and 0 <= v <= 1 << 12,
+        "splits": lambda v: is_list_of_str(v) and len(set(v)) == len(v) and all(s and "/" not in s for s in v),
+        "pose_names": is_list_of_str,
+    }
+    optional = {
+        "notes": is_list_of_str,
+        "feature_sets": lambda v: isinstance(v, dict),
+        "table_crc32": lambda v: isinstance(v, dict) and all(is_int(c) and 0 <= c < 1 << 32 for c in v.values()),
+        "skipped": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+    }
+    problems = [f"attribute {k!r} is missing" for k in checks if k not in attrs]
+    problems += [f"attribute {k!r} has an invalid value {attrs[k]!r:.60}"
+                 for k, ok in (*checks.items(), *optional.items()) if k in attrs and not ok(attrs[k])]
+    return problems
+
+
+def check_layout(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dict) -> list[str]:
+    """What is wrong with a store's arrays (``path -> (shape, dtype)``) and attributes against this
+    schema: missing arrays, wrong dtypes, shapes or row counts. Empty when the layout is sound, so
+    offsets derived from it can be memory-mapped safely."""
+    problems = _check_attrs(attrs)
+    if problems:
+        return problems
+    n = shapes.get("images/name", ((-1,), None))[0][0] if "images/name" in shapes else -1
+    for f in store_fields(shapes, attrs):
+        if f.path not in shapes:
+            problems.append(f"{f.path} is missing")
+            continue
+        shape, dtype = shapes[f.path]
+        ok_dtype = dtype.kind == "S" if f.dtype == BYTES else dtype == f.dtype
+        if not ok_dtype:
+            problems.append(f"{f.path} has dtype {dtype}, expected {f.dtype}")
+        if tuple(shape[1:]) != f.row_shape or len(shape) != 1 + len(f.row_shape):
+            problems.append(f"{f.path} has shape {shape}, expected (rows, {', '.join(map(str, f.row_shape))})")
+            continue
+        group = f.path.rsplit("/", 1)[0]
+        rows = {"images/mask": (0, n), "images/image_offsets": (n + 1,), "images/mask_offsets": (n + 1,)}.get(f.path)
+        if rows is None and (group == "images" and not f.path.endswith("_blob") or f.path.startswith("features/")):
+            rows = (n,)
+        if rows is None and group.startswith("pairs/"):
+            rows = (shapes[group + "/pair_id"][0][0],) if group + "/pair_id" in shapes else None
+        if rows is None and group == "manifest":
+            rows = (shapes["manifest/path"][0][0],)
+        if rows is not None and shape[0] not in rows:
+            problems.append(f"{f.path} has {shape[0]} rows, expected {' or '.join(map(str, rows))}")
+    return problems
+
+
+def check_tables(tables: dict[str, np.ndarray], shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 attrs: dict) -> list[str]:
+    """What is wrong with the values of a store's image tables that would make a read go astray: blob
+    offsets that do not delimit their blob, and indices (categories, poses) outside what they index.
+    Call after :func:`check_layout` found nothing; pair tables: :func:`check_pair_table`."""
+    problems = []
+    for b in BLOB_FIELDS:
+        off, blob_len = tables[f"images/{b}_offsets"], shapes[f"images/{b}_blob"][0][0]
+        if off[0] != 0 or off[-1] != blob_len or (np.diff(off) < 0).any():
+            problems.append(f"images/{b}_offsets do not delimit images/{b}_blob ({blob_len} bytes)")
+    problems += _outside(tables["images/category"], "images/category", 0, len(tables["categories"]))
+    problems += _outside(tables["images/pose"], "images/pose", -1, max(1, len(attrs["pose_names"])))
+    return problems
+
+
+def check_pair_table(split: str, table: dict[str, np.ndarray], images: int, categories: int,
+                     num_keypoints: int) -> list[str]:
+    """What is wrong with the indices of split ``split``'s pair table (columns by name): image rows,
+    categories, keypoint counts and slots must lie inside what they index."""
+    p = f"pairs/{split}/"
+    return [*_outside(table["src"], p + "src", 0, images), *_outside(table["trg"], p + "trg", 0, images),
+            *_outside(table["category"], p + "category", 0, categories),
+            *_outside(table["n_kps"], p + "n_kps", 0, table["kps_ids"].shape[1] + 1),
+            *_outside(table["kps_ids"], p + "kps_ids", -1, max(1, num_keypoints))]
+
+
+def _outside(a: np.ndarray, path: str, lo: int, hi: int) -> list[str]:
+    return [f"{path} holds values outside {lo}..{hi - 1}"] if a.size and (a.min() < lo or a.max() >= hi) else []

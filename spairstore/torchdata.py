@@ -3,7 +3,8 @@
 
 A dataset holds the store's path and the numpy tables it needs, nothing else: it pickles for ``spawn``
 and ``forkserver`` workers, and each process opens the store itself on first use (a store opened before a
-``fork`` re-maps its payloads in the child). Batches are read whole: :meth:`PairDataset.__getitems__`
+``fork`` re-maps its payloads in the child). A process that finds another version of the store at the
+path (repacked, or a features commit) raises StoreError rather than mix it with the dataset's tables. Batches are read whole: :meth:`PairDataset.__getitems__`
 (which ``torch.utils.data.DataLoader`` calls with a batch's indices) reads the batch's distinct images
 once, in storage order, straight into the batch tensors: in a DataLoader worker those are allocated in
 shared memory, so the batch crosses to the main process without another copy; elsewhere they come from
@@ -137,6 +138,7 @@ class _StoreDataset(Dataset):
         self.path = _store_path(store)
         s = store if isinstance(store, Store) else Store(self.path)
         self._store: Store | None = s
+        self._identity = s.identity  # of the file the tables below come from
         self.alloc = BatchMemory()
         fields = tuple(fields)
         unknown = [f for f in fields if f not in FIELDS and not f.startswith("features:")]
@@ -169,9 +171,12 @@ class _StoreDataset(Dataset):
         self.epoch = int(epoch)
 
     def store(self) -> Store:
-        """This process's store (opened on first use; a forked child re-maps the payloads itself)."""
+        """This process's store (opened on first use; a forked child re-maps the payloads itself).
+        Raises StoreError where the path now holds another version than the one the tables came from."""
         if self._store is None:
-            self._store = Store(self.path)
+            store = Store(self.path)
+            store.require_identity(self._identity)
+            self._store = store
         return self._store
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,33 +1,55 @@
 """Pack canonical records into a store: ``spairstore pack``.
 
-The store is built at a temporary path beside the output and renamed into place at the end, so a
-killed pack leaves the old store (or nothing) at the output path, never a half-written file.
-Images stream through one at a time: peak memory does not grow with the dataset.
+Crash safety. A pack builds the store in a staging folder beside the output, ``.<OUT name>.staging/``
+(the same path every time, locked while a pack uses it), and renames the finished file into place:
+a pack killed at any moment leaves the old store, or nothing, at the output path. It runs in steps:
+
+1. read the source (converter), check every image and mask (read, identify, size, decode), hash
+   every source file; bad items fail the pack or, with ``on_error="skip"``, are left out and listed;
+2. write the store's *structure* -- every array allocated, every table and attribute written -- and
+   close it; ``plan.json`` records the digest of that structure;
+3. fill the payload rows (pixels, masks, original bytes) in place without the HDF5 library, and
+   every few rows commit: fsync the file, then append those rows' CRC-32s to ``rows.crc`` and fsync it;
+4. write the CRC arrays, fsync, rename into place, remove the staging folder.
+
+``resume=True`` redoes step 1 (the same sources give the same structure digest) and continues step 3
+after the last committed row; the result equals an uninterrupted pack byte for byte. A Zarr store
+(a directory) is built in one go at a temporary path instead, and renamed into place when complete:
+it is crash-safe the same way, but not resumable. Images stream through a bounded window: peak
+memory does not grow with the dataset.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
+import json
+import os
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import converters
 
 from . import __version__
-from .backends import disk_bytes, format_of, staged, writer_for
+from .backends import (ArrayWriter, RawExtent, RowWriter, commit, disk_bytes, format_of, fsync_path, mark_complete,
+                       reader_for, row_writer_for, staged, writer_for)
 from .errors import SourceError, SpairstoreError
 from .geometry import letterbox, letterbox_params
 from .manifest import build_manifest, sha256_bytes
-from .records import DatasetRecords, ImageRecord, PairRecord
-from .schema import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, PAIR_LABELS, PAYLOAD_FIELDS, image_fields
+from .records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord, Skipped
+from .schema import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, PAIR_LABELS, PAYLOAD_FIELDS, crc_array, image_fields
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,6 +67,7 @@ class PackSummary:
     file_bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  #: bad source items left out (also in the store)
 
     def __str__(self) -> str:
         mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
@@ -55,6 +78,11 @@ class PackSummary:
             "  fields: " + ", ".join(f"{k} {mib(v)}" for k, v in self.field_bytes.items()),
         ]
         lines += [f"  note: {n}" for n in self.notes]
+        if self.skipped:
+            kinds = {k: sum(s.kind == k for s in self.skipped) for k in ("image", "pair")}
+            lines.append(f"  skipped {kinds['image']:,} images and {kinds['pair']:,} pairs "
+                         "(also in the store's 'skipped' attribute):")
+            lines += [f"    {s}" for s in self.skipped]
         return "\n".join(lines)
 
 
@@ -63,66 +91,148 @@ def _tqdm_wrapper(enabled: bool) -> Callable[[Iterable[Any], str, int], Iterable
                                         leave=False, dynamic_ncols=True)
 
 
-def _ordered_map(fn: Callable[[T], R], items: list[T], workers: int, window: int = 32) -> Iterator[R]:
+@contextmanager
+def _ordered_map(fn: Callable[[T], R], items: list[T], workers: int, window: int = 32) -> Iterator[Iterator[R]]:
     """``map`` over a thread pool, in order, with at most ``window`` results in flight (bounded memory).
+    A context manager, so that leaving early (an error) cancels the rest in the calling thread.
 
     Decoding and resizing release the GIL in Pillow, so two threads use both cores.
     """
     with ThreadPoolExecutor(workers) as pool:
         pending = [pool.submit(fn, x) for x in items[:window]]
-        for i in range(len(items)):
-            result = pending[i].result()
-            if i + window < len(items):
-                pending.append(pool.submit(fn, items[i + window]))
-            pending[i] = None  # type: ignore[call-overload]
-            yield result
+
+        def results() -> Iterator[R]:
+            for i in range(len(items)):
+                result = pending[i].result()
+                if i + window < len(items):
+                    pending.append(pool.submit(fn, items[i + window]))
+                pending[i] = None  # type: ignore[call-overload]
+                yield result
+
+        try:
+            yield results()
+        finally:
+            for f in pending:
+                if f is not None:
+                    f.cancel()
+
+
+#: Suffix -> the only image format a file with that name may hold.
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+#: Exceptions Pillow raises on a truncated or corrupt file while decoding.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+#: Payload bytes between commits (fsync of the store, then of the CRC journal): each fsync stalls the
+#: pack while the disk catches up, so commits are few; a resume redoes at most this much.
+COMMIT_BYTES = 256 << 20
 
 
 def _open_image(data: bytes, rel: Path) -> Image.Image:
+    """Open (not decode) an image file's bytes, refusing a format other than the one its suffix names
+    and sizes past Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
     try:
         img = Image.open(io.BytesIO(data))
-        img.load()
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SourceError(rel, f"image too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise SourceError(rel, "cannot decode image (not a known image format)") from None
+    except _DECODE_ERRORS as e:
+        raise SourceError(rel, f"cannot read image header ({e})") from None
+    expected = _FORMATS.get(rel.suffix.lower())
+    if expected and img.format != expected:
+        raise SourceError(rel, f"holds a {img.format} image, but its name says {expected}")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise SourceError(rel, f"image is {img.width}x{img.height}, more pixels than Pillow's "
+                               f"decompression-bomb limit ({limit:,})")
+    return img
+
+
+def _load(img: Image.Image, rel: Path) -> Image.Image:
+    try:
+        img.load()
+    except _DECODE_ERRORS as e:
         raise SourceError(rel, f"cannot decode image ({e})") from None
     return img
 
 
+def _read(path: Path, root: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise SourceError(path.relative_to(root), f"cannot read ({e.strerror})") from None
+
+
+@dataclass(frozen=True)
+class _FileCheck:
+    size: int  #: bytes
+    crc32: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class _ImageCheck:
+    image: _FileCheck
+    mask: _FileCheck | None
+
+
+def _check_image(rec: ImageRecord, root: Path, decode: bool) -> _ImageCheck:
+    """Step 1 for one image: its file and mask must open as what they claim and have the annotated size;
+    with ``decode`` they must also decode (JPEGs at 1/8 scale: every byte is still parsed, so
+    truncation shows). Without it a file that does not decode fails step 3 instead."""
+    rel = rec.image_path.relative_to(root)
+    data = _read(rec.image_path, root)
+    img = _open_image(data, rel)
+    if img.size != (rec.width, rec.height):
+        raise SourceError(rel, f"image is {img.width}x{img.height} but annotated as {rec.width}x{rec.height}")
+    if decode:
+        if img.format == "JPEG":
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+        _load(img, rel)
+    image = _FileCheck(len(data), zlib.crc32(data), sha256_bytes(data))
+    if rec.mask_path is None:
+        return _ImageCheck(image, None)
+    mrel = rec.mask_path.relative_to(root)
+    mdata = _read(rec.mask_path, root)
+    m = _open_image(mdata, mrel)
+    if m.mode not in ("L", "P"):
+        raise SourceError(mrel, f"mask must be a class-index PNG (mode L or P), got mode {m.mode}")
+    if m.size != (rec.width, rec.height):
+        raise SourceError(mrel, f"mask is {m.width}x{m.height} but its image is {rec.width}x{rec.height}")
+    if decode:
+        _load(m, mrel)
+    return _ImageCheck(image, _FileCheck(len(mdata), zlib.crc32(mdata), sha256_bytes(mdata)))
+
+
 @dataclass
 class _Decoded:
-    """One image's payloads, CRC-32s and source digests, computed on a worker thread."""
+    """One image's payloads and their CRC-32s, computed on a worker thread."""
 
     image_bytes: bytes
     pixels: np.ndarray
     mask_bytes: bytes
     mask: np.ndarray | None
     crc: dict[str, int]
-    digests: dict[str, tuple[int, str]]
 
 
-def _decode(rec: ImageRecord, root: Path, size: int) -> _Decoded:
-    rel = rec.image_path.relative_to(root)
-    data = rec.image_path.read_bytes()
-    img = _open_image(data, rel)
-    if img.size != (rec.width, rec.height):
-        raise SourceError(rel, f"image is {img.width}x{img.height} but annotated as {rec.width}x{rec.height}")
+def _decode(rec: ImageRecord, check: _ImageCheck, root: Path, size: int) -> _Decoded:
+    """Step 3 for one image: the bytes checked in step 1, decoded and letterboxed."""
+    def same_file(path: Path, expected: _FileCheck) -> bytes:
+        data = _read(path, root)
+        if zlib.crc32(data) != expected.crc32 or len(data) != expected.size:
+            raise SourceError(path.relative_to(root), "file changed while packing")
+        return data
+
+    data = same_file(rec.image_path, check.image)
+    img = _load(_open_image(data, rec.image_path.relative_to(root)), rec.image_path.relative_to(root))
     pixels = letterbox(img.convert("RGB"), size, Image.Resampling.BILINEAR)
-    crc = {"pixels": zlib.crc32(pixels), "image_blob": zlib.crc32(data), "mask": 0, "mask_blob": 0}
-    digests = {rel.as_posix(): (len(data), sha256_bytes(data))}
-    if rec.mask_path is None:
-        return _Decoded(data, pixels, b"", None, crc, digests)
-    mrel = rec.mask_path.relative_to(root)
-    mdata = rec.mask_path.read_bytes()
-    m = _open_image(mdata, mrel)
-    if m.mode not in ("L", "P"):
-        raise SourceError(mrel, f"mask must be a class-index PNG (mode L or P), got mode {m.mode}")
-    if m.size != img.size:
-        raise SourceError(mrel, f"mask is {m.width}x{m.height} but its image is {img.width}x{img.height}")
+    crc = {"pixels": zlib.crc32(pixels), "image_blob": check.image.crc32, "mask": 0, "mask_blob": 0}
+    if rec.mask_path is None or check.mask is None:
+        return _Decoded(data, pixels, b"", None, crc)
+    mdata = same_file(rec.mask_path, check.mask)
+    m = _load(_open_image(mdata, rec.mask_path.relative_to(root)), rec.mask_path.relative_to(root))
     mask = letterbox(m, size, Image.Resampling.NEAREST)
-    crc.update(mask=zlib.crc32(mask), mask_blob=zlib.crc32(mdata))
-    digests[mrel.as_posix()] = (len(mdata), sha256_bytes(mdata))
-    return _Decoded(data, pixels, mdata, mask, crc, digests)
+    crc.update(mask=zlib.crc32(mask), mask_blob=check.mask.crc32)
+    return _Decoded(data, pixels, mdata, mask, crc)
 
 
 def _image_tables(records: DatasetRecords, size: int, splits: list[str], pose_names: list[str]) -> dict[str, np.ndarray]:
@@ -183,113 +293,397 @@ def _pair_table(pairs: list[PairRecord], records: DatasetRecords, width: int) ->
     return table
 
 
-def write_store(records: DatasetRecords, out: Path, size: int = 512, progress: bool = False,
-                format: str | None = None, shard_bytes: int | None = None) -> dict[str, int]:
-    """Write ``records`` as a new store at ``out`` (which must not exist). Returns payload bytes per field.
+def _check_images(records: DatasetRecords, on_error: OnError, progress: bool
+                  ) -> tuple[DatasetRecords, list[_ImageCheck]]:
+    """Step 1: every image checked; bad ones raise or (skip) leave with their pairs. Only a skipping
+    pack decodes here: it must know every image that stays before step 2 sizes the store, while a
+    failing pack can just as well fail when step 3 decodes."""
+    def attempt(rec: ImageRecord) -> _ImageCheck | SourceError:
+        try:
+            return _check_image(rec, records.root, decode=on_error == "skip")
+        except SourceError as e:
+            return e
 
-    ``format`` is ``hdf5`` or ``zarr`` (default: from the suffix of ``out``); ``shard_bytes`` sets the
-    Zarr shard size of hot arrays. Callers wanting atomic replacement use :func:`pack`, which writes to
-    a temporary path first.
-    """
-    if size < 8:
-        raise SpairstoreError(f"store size must be at least 8 pixels, got {size}")
-    root = records.root
+    checks: dict[tuple[str, str], _ImageCheck] = {}
+    bad: dict[tuple[str, str], Skipped] = {}
+    with _ordered_map(attempt, records.images, workers=2) as results:
+        for rec, res in tqdm(zip(records.images, results), total=len(records.images), desc="checking images",
+                             unit="img", disable=not progress, leave=False, dynamic_ncols=True):
+            if isinstance(res, SourceError):
+                if on_error == "fail":
+                    raise res
+                bad[rec.key] = Skipped("image", f"{rec.category}/{rec.name}", res.path, res.reason)
+            else:
+                checks[rec.key] = res
+    records = records.without_images(bad)
+    if not records.images:
+        raise SpairstoreError(f"{records.root}: nothing to pack, every image was skipped")
+    return records, [checks[im.key] for im in records.images]
+
+
+@dataclass
+class _Structure:
+    """Everything of a store but its payload rows and their CRC-32s: what step 2 writes."""
+
+    hot: dict[str, tuple[tuple[int, ...], np.dtype]]  #: payload arrays allocated now, filled in step 3
+    tables: dict[str, np.ndarray]
+    attrs: dict[str, Any]
+    offsets: dict[str, np.ndarray]  #: blob kind -> (N + 1,) byte offsets
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of everything step 2 writes: equal digests, equal structures."""
+        h = hashlib.sha256(json.dumps([self.attrs, {k: [v[0], str(v[1])] for k, v in self.hot.items()}],
+                                      sort_keys=True).encode())
+        for k in sorted(self.tables):
+            v = np.ascontiguousarray(self.tables[k])
+            h.update(f"{k} {v.dtype.str} {v.shape}".encode())
+            h.update(memoryview(v).cast("B"))
+        return h.hexdigest()
+
+    #: The per-record CRC-32 arrays, filled in step 4.
+    crc_arrays = tuple(crc_array(f"images/{k}") for k in PAYLOAD_FIELDS)
+
+    def sources(self) -> dict[str, str]:
+        """Source path -> SHA-256, from the manifest."""
+        path, sha = (np.char.decode(self.tables[f"manifest/{k}"], "utf-8").tolist() for k in ("path", "sha256"))
+        return dict(zip(path, sha))
+
+
+def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on_error: OnError) -> _Structure:
     n = len(records.images)
-    has_masks = any(im.mask_path is not None for im in records.images)
+    has_masks = any(c.mask is not None for c in checks)
+    sizes = {"image": [c.image.size for c in checks], "mask": [c.mask.size if c.mask else 0 for c in checks]}
+    offsets = {k: np.concatenate([[0], np.cumsum(v, dtype=np.int64)]).astype(np.int64) for k, v in sizes.items()}
+    fields = {f.path: f for f in image_fields(size, records.num_keypoints)}
+    hot = {name: ((n if name != "images/mask" or has_masks else 0, *fields[name].row_shape), fields[name].dtype)
+           for name in ("images/pixels", "images/mask")}
+    hot |= {f"images/{k}_blob": ((int(offsets[k][-1]),), np.dtype(np.uint8)) for k in BLOB_FIELDS}
     splits = list(records.pairs)
     pose_names = sorted({im.pose for im in records.images})
-    blob_sizes = {
-        "image": np.array([im.image_path.stat().st_size for im in records.images], dtype=np.int64),
-        "mask": np.array([im.mask_path.stat().st_size if im.mask_path else 0 for im in records.images], dtype=np.int64),
-    }
-    offsets = {k: np.concatenate([[0], np.cumsum(v)]).astype(np.int64) for k, v in blob_sizes.items()}
-    w = writer_for(out, format, shard_bytes)
-    try:
-        fields = {f.path: f for f in image_fields(size, records.num_keypoints)}
-        for name in ("images/pixels", "images/mask"):
-            f = fields[name]
-            rows = n if (name != "images/mask" or has_masks) else 0
-            w.create(name, (rows, *f.row_shape), f.dtype)
-        for k in BLOB_FIELDS:
-            w.create(f"images/{k}_blob", (int(offsets[k][-1]),), np.dtype(np.uint8))
-            w.put(f"images/{k}_offsets", offsets[k])
-        crc = {k: np.zeros(n, dtype=np.uint32) for k in PAYLOAD_FIELDS}
-        digests = dict(records.digests)
-        decode = lambda rec: _decode(rec, root, size)  # noqa: E731
-        bar = tqdm(total=n, desc="images", unit="img", disable=not progress, dynamic_ncols=True)
-        for i, (rec, d) in enumerate(zip(records.images, _ordered_map(decode, records.images, workers=2))):
-            for k, data, path in (("image", d.image_bytes, rec.image_path), ("mask", d.mask_bytes, rec.mask_path)):
-                if len(data) != blob_sizes[k][i]:
-                    raise SourceError(path.relative_to(root), "file changed size while packing")
-                w.write(f"images/{k}_blob", int(offsets[k][i]), np.frombuffer(data, dtype=np.uint8))
-            w.write("images/pixels", i, d.pixels[None])
-            if d.mask is not None:
-                w.write("images/mask", i, d.mask[None])
-            for k, v in d.crc.items():
-                crc[k][i] = v
-            digests.update(d.digests)
-            bar.update()
-        bar.close()
-        for k, v in crc.items():
-            w.put(f"images/crc32_{k}", v)
-        for k, v in _image_tables(records, size, splits, pose_names).items():
-            w.put(f"images/{k}", v)
-        width = max([1] + [len(p.kps_ids) for ps in records.pairs.values() for p in ps])
-        for split, pairs in records.pairs.items():
-            for k, v in _pair_table(pairs, records, width).items():
-                w.put(f"pairs/{split}/{k}", v)
-        w.put("categories", np.array([c.encode() for c in records.categories], dtype="S32"))
-        sources = list(tqdm(records.sources, desc="manifest", unit="file", disable=not progress, leave=False))
-        for k, v in build_manifest(root, sources, digests).items():
-            w.put(f"manifest/{k}", v)
-        w.set_attrs({
-            "format": FORMAT_NAME,
-            "format_version": "%d.%d" % FORMAT_VERSION,
+    tables = {f"images/{k}_offsets": offsets[k] for k in BLOB_FIELDS}
+    tables |= {f"images/{k}": v for k, v in _image_tables(records, size, splits, pose_names).items()}
+    width = max([1] + [len(p.kps_ids) for ps in records.pairs.values() for p in ps])
+    for split, pairs in records.pairs.items():
+        tables |= {f"pairs/{split}/{k}": v for k, v in _pair_table(pairs, records, width).items()}
+    tables["categories"] = np.array([c.encode() for c in records.categories], dtype="S32")
+    digests = dict(records.digests)
+    for im, c in zip(records.images, checks):
+        for path, f in ((im.image_path, c.image), (im.mask_path, c.mask)):
+            if path is not None and f is not None:
+                digests[path.relative_to(records.root).as_posix()] = (f.size, f.sha256)
+    tables |= {f"manifest/{k}": v for k, v in build_manifest(records.root, records.sources, digests).items()}
+    attrs = {
+        "format": FORMAT_NAME,
+        "format_version": "%d.%d" % FORMAT_VERSION,
+        "dataset": records.dataset,
+        "image_size": size,
+        "num_keypoints": records.num_keypoints,
+        "splits": splits,
+        "pose_names": pose_names,
+        "notes": records.notes,
+        "build_config": {
             "dataset": records.dataset,
-            "image_size": size,
-            "num_keypoints": records.num_keypoints,
-            "splits": splits,
-            "pose_names": pose_names,
-            "notes": records.notes,
-            "build_config": {
-                "dataset": records.dataset,
-                "source_root": str(root),
-                "size": size,
-                "letterbox": "centred, black padding",
-                "resample": {"pixels": "bilinear", "mask": "nearest"},
-            },
-            "created_by": f"spairstore {__version__}",
-            **({"keypoint_flip": records.keypoint_flip} if records.keypoint_flip else {}),
-        })
+            "source_root": str(records.root),
+            "size": size,
+            "letterbox": "centred, black padding",
+            "resample": {"pixels": "bilinear", "mask": "nearest"},
+            "on_error": on_error,
+        },
+        "created_by": f"spairstore {__version__}",
+        "table_crc32": {k: zlib.crc32(np.ascontiguousarray(v)) for k, v in tables.items()},
+        "skipped": [s.to_json() for s in records.skipped],
+        **({"keypoint_flip": records.keypoint_flip} if records.keypoint_flip else {}),
+    }
+    return _Structure(hot, tables, attrs, offsets)
+
+
+def _create(w: ArrayWriter, st: _Structure, crc_arrays: bool) -> None:
+    """Step 2 into an open writer: hot arrays allocated (with the CRC arrays, to be filled in place,
+    when ``crc_arrays``), tables and attributes written."""
+    for name, (shape, dtype) in st.hot.items():
+        w.create(name, shape, dtype)
+    if crc_arrays:
+        for name in st.crc_arrays:
+            w.create(name, (len(st.offsets["image"]) - 1,), np.dtype(np.uint32))
+    for name, v in st.tables.items():
+        w.put(name, v)
+    w.set_attrs(st.attrs)
+
+
+def _write_structure(path: Path, st: _Structure) -> dict[str, RawExtent | None]:
+    """Step 2 of an HDF5 store: the whole store but its payload rows, closed, marked unfinished and
+    durable. Returns where the hot arrays' bytes lie, for step 3."""
+    w = writer_for(path, "hdf5")
+    try:
+        _create(w, st, crc_arrays=True)
     finally:
         w.close()
-    return {
-        "pixels": n * size * size * 3,
-        "mask": (n if has_masks else 0) * size * size,
-        "image_blob": int(offsets["image"][-1]),
-        "mask_blob": int(offsets["mask"][-1]),
-    }
+    r = reader_for(path)
+    try:
+        extents = {name: r.extent(name) for name in (*st.hot, *st.crc_arrays)}
+    finally:
+        r.close()
+    mark_complete(path, False)
+    return extents
+
+
+#: One committed row in the journal: the CRC-32 of each payload record.
+_CRC_ROW = np.dtype([(k, "<u4") for k in PAYLOAD_FIELDS])
+
+
+class _Journal:
+    """``rows.crc`` of a staging folder: the CRC-32s of the payload rows committed so far. A commit
+    makes the rows durable first, then appends their entries (and makes those durable). Commits run on
+    a thread of their own: an fsync waits for the disk, and the pack goes on decoding meanwhile."""
+
+    def __init__(self, path: Path, n: int):
+        self.path = path
+        with open(path, "a+b") as f:
+            f.seek(0)
+            self.done = min(n, os.fstat(f.fileno()).st_size // _CRC_ROW.itemsize)
+            self.crc = np.frombuffer(f.read(self.done * _CRC_ROW.itemsize), dtype=_CRC_ROW)
+            f.truncate(self.done * _CRC_ROW.itemsize)  # drop a torn last entry
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: Future[None] | None = None
+
+    def _commit(self, rows: RowWriter, entries: np.ndarray, upto: int) -> None:
+        rows.flush()  # every row below ``upto`` was written before this commit was started
+        with open(self.path, "ab") as f:
+            f.write(entries.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self.done = upto
+
+    def commit(self, rows: RowWriter, crc: np.ndarray, upto: int, wait: bool = False) -> bool:
+        """Commit rows ``done:upto`` in the background; False (nothing started) while the previous
+        commit runs, unless ``wait``, which also waits for this one to finish."""
+        if self._pending is not None:
+            if not (wait or self._pending.done()):
+                return False
+            self._pending.result()
+        self._pending = self._pool.submit(self._commit, rows, crc[self.done:upto].copy(), upto)
+        if wait:
+            self._pending.result()
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _write_rows(rows: RowWriter | ArrayWriter, records: DatasetRecords, checks: list[_ImageCheck],
+                st: _Structure, size: int, progress: bool, journal: _Journal | None = None) -> np.ndarray:
+    """Step 3: decode every image after the journal's last commit and write its payload rows,
+    committing every :data:`COMMIT_BYTES`. Returns every row's CRC-32s."""
+    n = len(records.images)
+    crc = np.zeros(n, dtype=_CRC_ROW)
+    done = 0 if journal is None else journal.done
+    if journal is not None:
+        crc[:done] = journal.crc
+    bar = tqdm(total=n, initial=done, desc="images", unit="img", disable=not progress, dynamic_ncols=True)
+    decode = lambda i: _decode(records.images[i], checks[i], records.root, size)  # noqa: E731
+    with _ordered_map(decode, list(range(done, n)), workers=2) as decoded:
+        pending = 0
+        for i, d in zip(range(done, n), decoded):
+            for k, data in (("image", d.image_bytes), ("mask", d.mask_bytes)):
+                rows.write(f"images/{k}_blob", int(st.offsets[k][i]), np.frombuffer(data, dtype=np.uint8))
+            rows.write("images/pixels", i, d.pixels[None])
+            if d.mask is not None:
+                rows.write("images/mask", i, d.mask[None])
+            crc[i] = tuple(d.crc[k] for k in PAYLOAD_FIELDS)
+            bar.update()
+            pending += d.pixels.nbytes + len(d.image_bytes) + len(d.mask_bytes)
+            pending += 0 if d.mask is None else d.mask.nbytes
+            if journal is not None and pending >= COMMIT_BYTES and journal.commit(rows, crc, i + 1):
+                pending = 0
+    if journal is not None:
+        journal.commit(rows, crc, n, wait=True)
+    bar.close()
+    return crc
+
+
+def _pack_hdf5(staging: _Staging, records: DatasetRecords, checks: list[_ImageCheck], st: _Structure,
+               size: int, progress: bool) -> None:
+    """Steps 3 and 4 of an HDF5 pack whose structure is staged: rows, CRC arrays, then the file is
+    marked complete and renamed into place."""
+    rows = row_writer_for(staging.store, staging.extents())
+    journal = _Journal(staging.journal, len(records.images))
+    try:
+        crc = _write_rows(rows, records, checks, st, size, progress, journal)
+        for k in PAYLOAD_FIELDS:
+            rows.write(crc_array(f"images/{k}"), 0, crc[k].astype(np.uint32))
+        rows.flush()
+    finally:
+        journal.close()
+        rows.close()
+    mark_complete(staging.store, True)
+    commit(staging.store, staging.out)
+    fsync_path(staging.out.parent)
+
+
+def _pack_at_once(out: Path, overwrite: bool, fmt: str, shard_bytes: int | None, records: DatasetRecords,
+                  checks: list[_ImageCheck], st: _Structure, size: int, progress: bool) -> None:
+    """A store built in one go at a temporary path and renamed into place (Zarr)."""
+    with staged(out, overwrite) as tmp:
+        w = writer_for(tmp, fmt, shard_bytes)
+        try:
+            _create(w, st, crc_arrays=False)
+            crc = _write_rows(w, records, checks, st, size, progress)
+            for k in PAYLOAD_FIELDS:
+                w.put(crc_array(f"images/{k}"), crc[k].astype(np.uint32))
+        finally:
+            w.close()
+
+
+class _Staging:
+    """The staging folder of one output path, locked for this process while it is open."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.dir = out.with_name(f".{out.name}.staging")
+        self.store = self.dir / f"store{out.suffix}"
+        self.plan = self.dir / "plan.json"
+        self.journal = self.dir / "rows.crc"
+        try:
+            self.dir.mkdir(exist_ok=True)
+            self._lock = open(self.dir / "lock", "a+b")
+        except OSError as e:
+            raise SpairstoreError(f"{self.dir}: cannot create the staging folder ({e.strerror})") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise SpairstoreError(f"another pack is writing {out} (its staging folder {self.dir} is locked)") from None
+
+    def has_data(self) -> bool:
+        return self.plan.exists() or self.store.exists()
+
+    def _plan(self) -> dict[str, Any]:
+        try:
+            plan = json.loads(self.plan.read_text())
+            return plan if isinstance(plan, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def plan_digest(self) -> str | None:
+        return self._plan().get("structure")
+
+    def extents(self) -> dict[str, RawExtent | None]:
+        return {k: None if v is None else RawExtent.contiguous(self.store, v[0], tuple(v[1]), np.dtype(v[2]))
+                for k, v in self._plan()["extents"].items()}
+
+    def difference(self, st: _Structure) -> str:
+        """What differs between the staged pack and ``st``: a build option or a source file."""
+        plan = self._plan()
+        old, new = plan.get("build_config", {}), st.attrs["build_config"]
+        for k in new:
+            if old.get(k) != new[k]:
+                return f"{k} was {old.get(k)!r}, now {new[k]!r}"
+        changed = sorted(set(plan.get("sources", {}).items()) ^ set(st.sources().items()))
+        if changed:
+            return f"source file {changed[0][0]} changed"
+        return "the store it would write changed (another spairstore version?)"
+
+    def prepare(self, st: _Structure, resume: bool) -> list[str]:
+        """Stage the structure ``st``: keep the staged one of an interrupted pack when it is exactly
+        ``st`` (resume), else write it. Returns notes for the summary."""
+        staged = self.plan_digest()
+        if staged is not None and staged != st.digest:  # only a resume finds a plan: a fresh pack resets
+            raise SpairstoreError(f"cannot resume the pack into {self.out}: {self.difference(st)} since it was "
+                                  "interrupted; pack again without --resume to start over")
+        if staged is not None and self.store.exists():
+            return [f"resumed an interrupted pack from {self.dir}"]
+        self.reset()  # nothing staged, or killed before its structure was complete
+        self.commit_plan(st, _write_structure(self.store, st))
+        return ["nothing to resume: packed from the start"] if resume else []
+
+    def reset(self) -> None:
+        for p in (self.plan, self.journal, self.store):
+            p.unlink(missing_ok=True)
+
+    def commit_plan(self, st: _Structure, extents: dict[str, RawExtent | None]) -> None:
+        """Record that the staged structure is complete (atomically); no rows are committed yet."""
+        self.journal.write_bytes(b"")
+        tmp = self.plan.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
+            "structure": st.digest,
+            "extents": {k: None if e is None else [int(e.offsets[0]), list(e.shape), e.dtype.str]
+                        for k, e in extents.items()},
+            "build_config": st.attrs["build_config"],
+            "sources": st.sources(),
+        }))
+        fsync_path(tmp)
+        os.replace(tmp, self.plan)
+        fsync_path(self.dir)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._lock.close()
+
+    def close(self) -> None:
+        self._lock.close()
+
+
+def _read_and_check(src: str | Path, dataset: str | None, size: int, on_error: OnError, progress: bool
+                    ) -> tuple[DatasetRecords, list[_ImageCheck], _Structure]:
+    """Step 1, and the structure it determines."""
+    records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress), on_error=on_error)
+    records, checks = _check_images(records, on_error, progress)
+    return records, checks, _structure(records, checks, size, on_error)
 
 
 def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None = None,
          overwrite: bool = False, progress: bool = False, format: str | None = None,
-         shard_bytes: int | None = None) -> PackSummary:
+         shard_bytes: int | None = None, on_error: OnError = "fail", resume: bool = False) -> PackSummary:
     """Read the dataset at ``src`` (layout detected unless ``dataset`` names it) and pack it into a store at
     ``out``, letterboxing pixels and masks to ``size x size``.
 
     ``format`` is ``hdf5`` (one file) or ``zarr`` (a Zarr v3 directory); by default the suffix of ``out``
     decides (``.h5``, ``.zarr``). ``shard_bytes`` is the Zarr shard size of hot arrays (default 64 MiB).
     An existing ``out`` is replaced only with ``overwrite=True``, and only once the new store is complete.
+    ``on_error="skip"`` leaves bad images and pairs out instead of failing, and lists each with its
+    reason in the summary and in the store's ``skipped`` attribute. ``resume=True`` continues an HDF5
+    pack of the same sources and options that was interrupted (killed, Ctrl-C) from its staging folder.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    with staged(out, overwrite) as tmp:
-        format = format_of(out, format)
-        records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress))
-        field_bytes = write_store(records, tmp, size=size, progress=progress, format=format,
-                                  shard_bytes=shard_bytes)
+    ErrorPolicy(on_error)  # validates the choice before any work
+    if size < 8:
+        raise SpairstoreError(f"store size must be at least 8 pixels, got {size}")
+    if out.exists() and not overwrite:
+        raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    if not out.parent.is_dir():
+        raise SpairstoreError(f"{out.parent}: output directory does not exist")
+    fmt = format_of(out, format)
+    notes: list[str] = []
+    if fmt != "hdf5":
+        if resume:
+            notes.append(f"--resume continues HDF5 packs only: this {fmt} store was packed from the start")
+        records, checks, st = _read_and_check(src, dataset, size, on_error, progress)
+        _pack_at_once(out, overwrite, fmt, shard_bytes, records, checks, st, size, progress)
+    else:
+        staging = _Staging(out)
+        try:
+            if staging.has_data() and not resume:
+                staging.reset()
+                notes.append("discarded the staging data of an interrupted pack (pass --resume to continue one)")
+            records, checks, st = _read_and_check(src, dataset, size, on_error, progress)
+            notes += staging.prepare(st, resume)
+            _pack_hdf5(staging, records, checks, st, size, progress)
+        except SpairstoreError:
+            if resume:
+                staging.close()  # keep what an earlier run staged: it may still be resumed
+            else:
+                staging.remove()
+            raise
+        except BaseException:
+            staging.close()  # interrupted: the staging data stays for --resume
+            raise
+        staging.remove()
+    field_bytes = {k.split("/")[1]: int(np.prod(shape)) * dtype.itemsize for k, (shape, dtype) in st.hot.items()}
     return PackSummary(
         path=out, dataset=records.dataset, images=len(records.images),
         pairs={s: len(p) for s, p in records.pairs.items()}, field_bytes=field_bytes,
-        file_bytes=disk_bytes(out), seconds=time.perf_counter() - t0, notes=records.notes,
+        file_bytes=disk_bytes(out), seconds=time.perf_counter() - t0, notes=records.notes + notes,
+        skipped=records.skipped,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,22 @@ from PIL import Image
 
 # ../shared/data beside the checkout; SPAIRSTORE_SHARED_DATA points elsewhere (e.g. from a git worktree).
 SHARED_DATA = Path(os.environ.get("SPAIRSTORE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_command(*args: str | Path) -> list[str]:
+    """``python -m spairstore ARGS``, for a fresh interpreter (see :func:`cli_env`)."""
+    return [sys.executable, "-m", "spairstore", *map(str, args)]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment that makes a child interpreter import this checkout."""
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def run_cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter; stdout and stderr captured as text."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, env=cli_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ import converters
 import spairstore
 from spairstore.cli import app
 from spairstore.manifest import sha256_file
+from spairstore.records import Skipped
+from spairstore.verify import verify
 
 
 def assert_store_matches(path: Path, exp: Expected, dataset: str, root: Path) -> None:
@@ -196,11 +198,14 @@ def willow_unknown_image(root: Path) -> tuple[str, str]:
     return "PF-dataset/test_pairs_pf.csv", "names no annotated image"
 
 
-@pytest.mark.parametrize("breaker", [
+BREAKERS = [
     pascal_mismatched_counts, pascal_missing_image, pascal_unreadable_mat, pascal_missing_mat,
     pascal_bad_kps_shape, pascal_bad_class, willow_wrong_columns, willow_missing_image, willow_unreadable_mat,
     willow_bad_pts_shape, willow_unknown_image,
-])
+]
+
+
+@pytest.mark.parametrize("breaker", BREAKERS)
 def test_bad_input_names_the_file(tmp_path: Path, breaker) -> None:
     root = tmp_path / "src"
     (make_pfpascal if breaker.__name__.startswith("pascal") else make_pfwillow)(root)
@@ -211,6 +216,35 @@ def test_bad_input_names_the_file(tmp_path: Path, breaker) -> None:
     assert str(e.value).startswith(bad + ":"), str(e.value)
     assert reason in str(e.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("breaker", BREAKERS)
+def test_bad_input_skipped(tmp_path: Path, breaker) -> None:
+    """Under ``on_error="skip"`` the bad item is listed (summary and store) and everything else packs: all
+    other images, and every pair not using a skipped image, under its own pair id with its own values."""
+    root = tmp_path / "src"
+    exp = (make_pfpascal if breaker.__name__.startswith("pascal") else make_pfwillow)(root)
+    bad, reason = breaker(root)
+    out = tmp_path / "out.h5"
+    summary = spairstore.pack(root, out, size=32, on_error="skip")
+    assert any(x.path == bad and reason in x.reason for x in summary.skipped), summary.skipped
+    assert all(f"    {x}" in str(summary).splitlines() for x in summary.skipped)
+    s = spairstore.open(out)
+    assert [Skipped(**d) for d in s.attrs["skipped"]] == summary.skipped
+    gone = {tuple(x.key.split("/")) for x in summary.skipped if x.kind == "image"}
+    assert {(s.categories[c], n) for c, n in zip(s.images.category, s.images.name)} == set(exp.images) - gone
+    kept = 0
+    for split, pairs in exp.pairs.items():
+        t = s.pairs(split)
+        for j, pid in enumerate(t.pair_id.tolist()):
+            p = pairs[pid - 1]
+            assert (s.categories[s.images.category[t.src[j]]], s.images.name[t.src[j]]) == p["src"]
+            assert (s.categories[s.images.category[t.trg[j]]], s.images.name[t.trg[j]]) == p["trg"]
+            assert not {p["src"], p["trg"]} & gone
+            np.testing.assert_array_equal(s.pair_keypoints(split, j)[1], p["src_kps"].astype(np.float32))
+        kept += t.rows
+    assert kept == sum(map(len, exp.pairs.values())) - sum(x.kind == "pair" for x in summary.skipped)
+    assert verify(out, sources=root).ok  # the manifest covers exactly what was packed
 
 
 def test_cli_names_the_bad_csv_line(tmp_path: Path) -> None:

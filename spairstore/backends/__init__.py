@@ -63,6 +63,20 @@ class ArrayWriter(Protocol):
     def close(self) -> None: ...
 
 
+class RowWriter(Protocol):
+    """Fills rows of the hot arrays of a store whose structure is complete and closed, at the extents
+    its reader reported, such that a process killed at any moment leaves the structure intact (only
+    unwritten rows missing)."""
+
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        """Rows ``start:start + len(data)`` of a hot array."""
+
+    def flush(self) -> None:
+        """Make every row written so far durable (fsync)."""
+
+    def close(self) -> None: ...
+
+
 class ArrayReader(Protocol):
     attrs: dict[str, Any]
 
@@ -119,6 +133,22 @@ def writer_for(path: Path, format: str | None = None, shard_bytes: int | None = 
     return hdf5.HDF5Writer(path)
 
 
+def row_writer_for(path: Path, extents: dict[str, RawExtent | None]) -> RowWriter:
+    """A :class:`RowWriter` for the closed structure of an HDF5 store at ``path`` (Zarr stores are
+    written in one go: see ``writer.pack``)."""
+    from . import hdf5
+
+    return hdf5.HDF5RowWriter(path, extents)
+
+
+def mark_complete(path: Path, complete: bool) -> None:
+    """Durably make the HDF5 store at ``path`` openable (``complete``) or not: a store being filled in
+    place must never open as if it were finished."""
+    from . import hdf5
+
+    hdf5.mark_complete(path, complete)
+
+
 def reader_for(path: str | Path) -> ArrayReader:
     """A reader for an existing store at a local ``path`` or a URL."""
     if format_of(path) == "zarr":
@@ -148,7 +178,8 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's (or a directory's entries') data durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -156,11 +187,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def fsync(paths: Iterable[Path]) -> None:
-    """Make files and directories (their entries) durable."""
+def fsync_paths(paths: Iterable[Path]) -> None:
+    """:func:`fsync_path` for many files and directories at once."""
     # Concurrent fsyncs share journal commits: ~40x faster than one by one for a store's files here.
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(_fsync, paths))
+        list(pool.map(fsync_path, paths))
 
 
 def commit(tmp: Path, out: Path) -> None:
@@ -170,7 +201,7 @@ def commit(tmp: Path, out: Path) -> None:
     is renamed aside first, so ``out`` holds the old store, briefly nothing, then the new one.
     """
     tmp, out = Path(tmp), Path(out)
-    fsync([tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp])
+    fsync_paths([tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp])
     if out.exists() and (tmp.is_dir() or out.is_dir()):
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

@@ -27,7 +27,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 from zarr.core.sync import sync
 
 from ..errors import StoreError
-from . import RawExtent, fsync, is_url, remove
+from . import RawExtent, fsync_paths, is_url, remove
 
 #: Default shard size of hot arrays. Larger shards mean fewer files; a shard is also the unit one
 #: writer process owns when several write at once, and the most the writer buffers per array.
@@ -344,7 +344,7 @@ class UnlistedArray:
         with _quiet():
             self._a[start:start + len(data)] = data  # a whole shard: encoded without reading the old file
         f = self.path / self._a.metadata.encode_chunk_key((shard,) + (0,) * (len(self.shape) - 1))
-        fsync([f, *(d for d in f.parents if d.is_relative_to(self.path))])
+        fsync_paths([f, *(d for d in f.parents if d.is_relative_to(self.path))])
 
     def read(self, start: int, stop: int) -> np.ndarray:
         with _quiet():
@@ -354,13 +354,13 @@ class UnlistedArray:
 def _set_attrs(store: Path, attrs: dict[str, Any]) -> None:
     with _quiet():
         zarr.open_group(str(store), mode="r+").attrs.update(attrs)  # keeps the consolidated metadata
-    fsync([store / "zarr.json", store])
+    fsync_paths([store / "zarr.json", store])
 
 
 def _consolidate(store: Path) -> None:
     with _quiet():
         zarr.consolidate_metadata(str(store))
-    fsync([store / "zarr.json", store])
+    fsync_paths([store / "zarr.json", store])
 
 
 def publish(store: Path, group: str, tables: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
@@ -381,7 +381,7 @@ def publish(store: Path, group: str, tables: dict[str, np.ndarray], attrs: dict[
         for node in reversed(nodes):  # top down
             if not (node / "zarr.json").is_file():
                 zarr.create_group(str(node))
-    fsync([*top.rglob("*"), *nodes, store])
+    fsync_paths([*top.rglob("*"), *nodes, store])
     _consolidate(store)
     _set_attrs(store, attrs)
 
@@ -394,6 +394,6 @@ def unpublish(store: Path, group: str, attrs: dict[str, Any]) -> None:
     _set_attrs(store, attrs)
     (store / group / "zarr.json").unlink(missing_ok=True)
     if (store / group).is_dir():
-        fsync([store / group])
+        fsync_paths([store / group])
     _consolidate(store)
     remove(store / group)

@@ -1,0 +1,141 @@
+"""Many readers, DataLoader workers under fork and spawn, and a new version packed to the same path
+while readers read: every reader sees one consistent version, the one it opened, until it reopens."""
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import spairstore
+from spairstore import PairDataset, collate
+
+
+class StoreImages(torch.utils.data.Dataset):
+    """A plain Dataset over ``spairstore.open``: every payload of image row ``i``."""
+
+    def __init__(self, path: Path):
+        self.store = spairstore.open(path)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.store
+        return {
+            "row": torch.tensor(i),
+            "pixels": torch.from_numpy(s.pixels(i)),
+            "mask": torch.from_numpy(s.mask(i)),
+            "image_bytes": torch.frombuffer(bytearray(s.image_bytes(i)), dtype=torch.uint8),
+            "mask_bytes": torch.frombuffer(bytearray(s.mask_bytes(i)), dtype=torch.uint8),
+        }
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_read_identical_bytes(synth_store: Path, context: str) -> None:
+    ds = StoreImages(synth_store)
+    single = [ds[i] for i in range(len(ds))]
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=4,
+                                         multiprocessing_context=context)
+    got = list(loader)
+    assert len(got) == len(single)
+    for a, b in zip(single, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def consistent(s: spairstore.Store) -> bool:
+    """Every payload record matches the CRC-32 the same store file holds for it."""
+    for i in range(len(s)):
+        for data, crc in ((s.pixels(i), s.images.crc32_pixels[i]), (s.mask(i), s.images.crc32_mask[i]),
+                          (s.image_bytes(i), s.images.crc32_image_blob[i])):
+            if zlib.crc32(data) != int(crc):
+                return False
+    return True
+
+
+def test_open_store_keeps_its_file_when_a_new_version_replaces_it(synth_root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    spairstore.pack(synth_root, path, size=24)
+    old = spairstore.open(path)  # tables loaded, nothing mapped yet
+    spairstore.pack(synth_root, path, size=40, overwrite=True)
+    assert old.pixels(0).shape == (24, 24, 3) and consistent(old)
+    assert spairstore.open(path).image_size == 40
+    # A pickled Store (what spawn workers get) refuses to silently become the new version.
+    with pytest.raises(spairstore.StoreError, match="replaced by a new version"):
+        pickle.loads(pickle.dumps(old))
+
+
+def test_dataset_refuses_a_store_repacked_after_it_was_built(synth_root: Path, tmp_path: Path) -> None:
+    """A dataset's tables come from the file it was built on: a process that opens the path anew (spawn
+    worker, unpickled copy) and finds another version raises instead of mixing the two."""
+    path = tmp_path / "s.h5"
+    spairstore.pack(synth_root, path, size=24)
+    ds = PairDataset(path, "trn", fields=("pixels", "keypoints"))
+    spairstore.pack(synth_root, path, size=40, overwrite=True)
+    assert ds[0]["src_pixels"].shape == (24, 24, 3)  # this process keeps reading the file it pinned
+    with pytest.raises(spairstore.StoreError, match="replaced by a new version.*rebuild the dataset"):
+        pickle.loads(pickle.dumps(ds))[0]
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate, multiprocessing_context="spawn")
+    with pytest.raises(spairstore.StoreError, match="rebuild the dataset"):
+        next(iter(loader))
+    rebuilt = pickle.loads(pickle.dumps(PairDataset(path, "trn", fields=("pixels",))))
+    assert rebuilt[0]["src_pixels"].shape == (40, 40, 3)
+
+
+def _reader(path: Path, opened, packed, results) -> None:
+    try:
+        s = spairstore.open(path)
+        first = s.image_size
+        opened.release()
+        rounds = 0
+        while not packed.is_set() or rounds < 2:  # read the old file while the new one is written
+            assert consistent(s) and s.image_size == first
+            rounds += 1
+        s.close()
+        s = spairstore.open(path)  # reopening gives the new version
+        results.put((first, s.image_size, consistent(s), rounds))
+    except BaseException as e:  # report, do not hang the test
+        results.put(repr(e))
+
+
+def test_many_readers_while_a_new_version_is_packed(synth_root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    spairstore.pack(synth_root, path, size=24)
+    ctx = multiprocessing.get_context("fork")
+    opened, packed, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    readers = [ctx.Process(target=_reader, args=(path, opened, packed, results)) for _ in range(4)]
+    for r in readers:
+        r.start()
+    for _ in readers:
+        assert opened.acquire(timeout=60)
+    packer = ctx.Process(target=spairstore.pack, args=(synth_root, path), kwargs={"size": 40, "overwrite": True})
+    packer.start()
+    packer.join(120)
+    assert packer.exitcode == 0
+    packed.set()
+    got = [results.get(timeout=120) for _ in readers]
+    for r in readers:
+        r.join(10)
+    assert all(g == (24, 40, True, g[3]) and g[3] >= 2 for g in got), got
+    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]
+
+
+def test_store_is_usable_after_fork_without_reopening(synth_store: Path) -> None:
+    """A Store opened before a fork reads the same bytes in the child (its mappings are redone there)."""
+    s = spairstore.open(synth_store)
+    s.pixels(0)  # mapped in the parent
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=lambda: q.put(np.concatenate([s.pixels(i).ravel() for i in range(len(s))]).tobytes()))
+    p.start()
+    child = q.get(timeout=60)
+    p.join()
+    assert child == np.concatenate([s.pixels(i).ravel() for i in range(len(s))]).tobytes()

@@ -1,0 +1,203 @@
+"""Crash safety: a pack killed at any moment leaves the old store or nothing at its path, and
+``pack --resume`` finishes it to a store equal to an uninterrupted pack."""
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import spairstore
+import spairstore.writer as writer
+from tests.conftest import cli_command, cli_env, run_cli
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def reference(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted pack."""
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    spairstore.pack(synth_root, out, size=SIZE)
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Equal in every array and attribute, and byte for byte (a pack is deterministic)."""
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        names = []
+        fa.visit(names.append)
+        other = []
+        fb.visit(other.append)
+        assert names == other
+        for n in names:
+            if isinstance(fa[n], h5py.Dataset):
+                np.testing.assert_array_equal(fa[n][()], fb[n][()], err_msg=n)
+        assert dict(fa.attrs) == dict(fb.attrs)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def staging_of(out: Path) -> Path:
+    return out.with_name(f".{out.name}.staging")
+
+
+def test_interrupted_pack_resumes_from_its_last_commit(synth_root: Path, reference: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "s.h5"
+    monkeypatch.setattr(writer, "COMMIT_BYTES", 1)  # commit after every row (when none is running)
+    decode, calls = writer._decode, []
+    ref = spairstore.open(reference)
+    stop = (ref.categories[ref.images.category[10]], ref.images.name[10])  # image row 10
+
+    def interrupted(rec, *args):
+        if rec.key == stop:
+            raise KeyboardInterrupt
+        return decode(rec, *args)
+
+    monkeypatch.setattr(writer, "_decode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        spairstore.pack(synth_root, out, size=SIZE)
+    assert not out.exists()
+    committed = (staging_of(out) / "rows.crc").stat().st_size // 16
+    assert 0 < committed <= 10  # some of rows 0-9 committed, row 10 interrupted
+    with pytest.raises(spairstore.StoreError, match="unfinished pack"):
+        spairstore.open(staging_of(out) / "store.h5")  # the staged file never opens as a store
+
+    calls.clear()
+    monkeypatch.setattr(writer, "_decode", lambda *a: calls.append(1) or decode(*a))
+    summary = spairstore.pack(synth_root, out, size=SIZE, resume=True)
+    assert len(calls) == summary.images - committed  # only the rows not committed before
+    assert any("resumed" in n for n in summary.notes)
+    assert_same_store(out, reference)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]  # the staging folder is gone
+
+
+def test_resume_refuses_changed_sources_or_options(synth_root: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "SPair"
+    shutil.copytree(synth_root, root)
+    out = tmp_path / "s.h5"
+    decode = writer._decode
+    monkeypatch.setattr(writer, "_decode", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        spairstore.pack(root, out, size=SIZE)
+    monkeypatch.setattr(writer, "_decode", decode)
+    with pytest.raises(spairstore.SpairstoreError, match="size was 48, now 64.*without --resume"):
+        spairstore.pack(root, out, size=64, resume=True)
+    ann = sorted(root.glob("ImageAnnotation/cat/*.json"))[0]
+    a = json.loads(ann.read_text())
+    a["pose"] = "Left" if a["pose"] != "Left" else "Right"
+    ann.write_text(json.dumps(a))
+    rel = ann.relative_to(root).as_posix()
+    with pytest.raises(spairstore.SpairstoreError, match=f"source file {rel} changed"):
+        spairstore.pack(root, out, size=SIZE, resume=True)
+    assert staging_of(out).is_dir()  # a refused resume keeps the staging data
+    summary = spairstore.pack(root, out, size=SIZE)  # without --resume: starts over
+    assert any("discarded" in n for n in summary.notes)
+    assert not staging_of(out).exists()
+
+
+def test_second_pack_to_the_same_path_is_refused(synth_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.h5"
+    staging_of(out).mkdir()
+    with open(staging_of(out) / "lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a running pack holds it
+        with pytest.raises(spairstore.SpairstoreError, match="another pack is writing"):
+            spairstore.pack(synth_root, out, size=SIZE)
+    spairstore.pack(synth_root, out, size=SIZE)  # once released, a pack goes ahead
+
+
+def _pack_child(root: Path, out: Path) -> None:
+    writer.COMMIT_BYTES = 1  # commit every row, so that kills land between commits
+    spairstore.pack(root, out, size=SIZE, overwrite=True, resume=True)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(synth_root: Path, reference: Path, tmp_path: Path) -> None:
+    """SIGKILL ``pack`` at >= 20 random moments. After each kill the output path holds the old store
+    (or nothing, when there was none), or the complete new one; after every fourth kill ``--resume``
+    runs to the end and must produce exactly the uninterrupted pack. Each killed run resumes the one
+    before, so kills land in every step, resumed runs included. Packs run in forked children (no
+    interpreter start, so the kills land in the work), the last rounds through the real CLI."""
+    rng = np.random.default_rng(20240601)
+    old = tmp_path / "old.h5"
+    spairstore.pack(synth_root, old, size=16)
+    old_bytes, new_bytes = old.read_bytes(), reference.read_bytes()
+    out = tmp_path / "out" / "s.h5"
+    out.parent.mkdir()
+    fork = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    spairstore.pack(synth_root, tmp_path / "timing.h5", size=SIZE)
+    work = time.perf_counter() - t0
+
+    def start(cli: bool) -> Callable[[], int | None]:
+        """Start a resuming pack; returns its poll()."""
+        if cli:
+            p = subprocess.Popen(cli_command("pack", synth_root, out, "--size", SIZE, "--overwrite", "--resume"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+            kill.append(p.kill)
+            return lambda: p.poll() if p.poll() is None else p.wait()
+        c = fork.Process(target=_pack_child, args=(synth_root, out))
+        c.start()
+        kill.append(c.kill)
+        return lambda: (c.join(0), c.exitcode)[1]
+
+    kills, rounds, had_old, kill, phases = 0, 0, True, [], []
+    shutil.copy(old, out)
+    for _ in range(100):
+        if kills >= 24:
+            break
+        cli = kills >= 22
+        poll = start(cli)
+        if cli:  # wait for the interpreter to start and the pack to stage
+            while poll() is None and not (staging_of(out) / "lock").exists():
+                time.sleep(0.005)
+        time.sleep(rng.uniform(0, 1.2 * work))
+        if poll() is not None:  # finished before the kill: not a kill
+            assert poll() == 0 and out.read_bytes() == new_bytes
+        else:
+            kill[-1]()
+            while poll() is None:
+                time.sleep(0.001)
+            kills += 1
+            now = out.read_bytes() if out.exists() else None
+            assert now in ((old_bytes, new_bytes) if had_old else (None, new_bytes)), f"kill {kills}"
+            assert {p.name for p in out.parent.iterdir()} <= {out.name, staging_of(out).name}
+            phases.append(_phase(out))
+            if kills % 4:
+                continue
+            if cli:
+                res = run_cli("pack", synth_root, out, "--size", SIZE, "--overwrite", "--resume")
+                assert res.returncode == 0, res.stderr
+            else:
+                c = fork.Process(target=_pack_child, args=(synth_root, out))
+                c.start()
+                c.join()
+                assert c.exitcode == 0
+        assert_same_store(out, reference)
+        assert not staging_of(out).exists()
+        rounds += 1
+        had_old = rounds % 2 == 0  # alternate: replace an old store / write to an empty path
+        if had_old:
+            shutil.copy(old, out)
+        else:
+            out.unlink()
+    assert kills >= 24 and rounds >= 6
+    print("killed in:", {p: phases.count(p) for p in set(phases)})
+
+
+def _phase(out: Path) -> str:
+    """Which step a killed pack had reached, from what it left."""
+    st = staging_of(out)
+    if not (st / "plan.json").exists():
+        return "reading/checking" if st.exists() else "start"
+    rows = (st / "rows.crc").stat().st_size // 16 if (st / "rows.crc").exists() else 0
+    return f"payload after {rows} rows" if (st / "store.h5").exists() else "renamed"
