@@ -20,6 +20,7 @@ import spairstore
 from spairstore import pack
 from spairstore.features import extract_features, partial_feature_sets
 from spairstore.features.extract import _batches, _deal, staging_dir
+from spairstore.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -109,6 +110,7 @@ def test_two_processes_equal_one(fmt: str, stores: dict[str, Path], reference: d
     assert_same_set(s, reference[fmt])
     np.testing.assert_array_equal(s.read("pixels", np.arange(len(s))), reference[fmt].read("pixels", np.arange(len(s))))
     assert not staging_dir(store, "d").exists() and partial_feature_sets(store) == {}
+    assert verify(store).ok  # every map against its stored CRC-32
     if fmt == "zarr":  # written into the store in place, one file per shard: the store was not copied
         assert first_shard.stat().st_ino == inode
         assert sorted(p.name for p in (store / "features/d/data/c").iterdir()) == ["0", "1", "2", "3", "4"]
