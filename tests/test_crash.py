@@ -125,15 +125,18 @@ def test_sigkill_at_random_moments(synth_root: Path, reference: Path, tmp_path: 
     """SIGKILL ``pack`` at >= 20 random moments. After each kill the output path holds the old store
     (or nothing, when there was none), or the complete new one; after every fourth kill ``--resume``
     runs to the end and must produce exactly the uninterrupted pack. Each killed run resumes the one
-    before, so kills land in every step, resumed runs included. Packs run in forked children (no
-    interpreter start, so the kills land in the work), the last rounds through the real CLI."""
+    before, so kills land in every step, resumed runs included. Packs run in children of a forkserver
+    (no interpreter start, so the kills land in the work; and unlike a plain fork of this process they
+    inherit no thread that may hold a lock, which once hung a child), the last rounds through the real
+    CLI."""
     rng = np.random.default_rng(20240601)
     old = tmp_path / "old.h5"
     spairstore.pack(synth_root, old, size=16)
     old_bytes, new_bytes = old.read_bytes(), reference.read_bytes()
     out = tmp_path / "out" / "s.h5"
     out.parent.mkdir()
-    fork = multiprocessing.get_context("fork")
+    fork = multiprocessing.get_context("forkserver")
+    fork.set_forkserver_preload(["spairstore", "spairstore.writer"])
     t0 = time.perf_counter()
     spairstore.pack(synth_root, tmp_path / "timing.h5", size=SIZE)
     work = time.perf_counter() - t0
