@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 import spairstore
+from converters.synth import synthesize
 from spairstore import pack
-from spairstore.backends import remove
-from spairstore.synth import synthesize
+from spairstore.store.backends import remove
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import spairstore
-from spairstore.methods import Identity
+from spairstore.eval.methods import Identity
 
 
 def best_of(fn, repeat: int) -> tuple[float, object]:  # noqa: ANN001

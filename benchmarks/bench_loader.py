@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from spairstore.bench import run
+from spairstore.torch.bench import run
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="spairstore-bench-"))
     src = args.src
     if src is None:
-        from spairstore.synth import synthesize
+        from converters.synth import synthesize
 
         src = work / "SPair-71k"
         if not src.exists():

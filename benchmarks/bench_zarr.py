@@ -26,9 +26,9 @@ import numpy as np
 import zarr
 
 import spairstore
-from spairstore.backends import reader_for
-from spairstore.backends import zarr as zarr_backend
-from spairstore.convert import convert
+from spairstore.store.backends import reader_for
+from spairstore.store.backends import zarr as zarr_backend
+from spairstore.store.convert import convert
 
 
 def rates(fns: dict[str, Callable[[int], object]], items: np.ndarray, repeats: int, per: int = 1

@@ -3,7 +3,7 @@
 Each module exposes ``NAME``, ``detect(root) -> bool`` and ``read(root, progress=None, on_error="fail")
 -> DatasetRecords``. With ``on_error="skip"`` a converter leaves bad images and pairs out and lists them
 (file and reason) in ``DatasetRecords.skipped`` instead of raising (through
-:class:`~spairstore.records.ErrorPolicy`).
+:class:`~spairstore.core.records.ErrorPolicy`).
 :func:`read` picks the module by name or by detecting the layout.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from spairstore.errors import SourceError
-from spairstore.records import DatasetRecords, OnError
+from spairstore.core.errors import SourceError
+from spairstore.core.records import DatasetRecords, OnError
 
 from . import pfpascal, pfwillow, spair71k
 

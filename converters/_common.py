@@ -1,6 +1,6 @@
 """File readers shared by the converters whose annotations are MATLAB files (PF-PASCAL, PF-WILLOW).
 
-Every failure is a :class:`~spairstore.errors.SourceError` naming the file relative to the dataset root.
+Every failure is a :class:`~spairstore.core.errors.SourceError` naming the file relative to the dataset root.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from spairstore.errors import SourceError
-from spairstore.manifest import sha256_bytes
-from spairstore.records import ImageRecord, Skipped
+from spairstore.core.errors import SourceError
+from spairstore.core.manifest import sha256_bytes
+from spairstore.core.records import ImageRecord, Skipped
 
 Digests = dict[str, tuple[int, str]]  #: see ``DatasetRecords.digests``
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from spairstore.errors import SourceError
-from spairstore.manifest import sha256_file
-from spairstore.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
+from spairstore.core.errors import SourceError
+from spairstore.core.manifest import sha256_file
+from spairstore.core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
 
 from ._common import Digests, image_header, load_mat, named_image, source_text
 from .spair71k import pair_stem

@@ -7,7 +7,7 @@
     Layout/{large,small}/{trn,val,test}.txt
 
 This module knows the file formats and the dataset's own rules (difficulty labels, pair files); it
-reads a root into :class:`~spairstore.records.DatasetRecords` and validates as it goes, naming the file
+reads a root into :class:`~spairstore.core.records.DatasetRecords` and validates as it goes, naming the file
 at fault. Nothing else in spairstore parses SPair files.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from spairstore.errors import SourceError
-from spairstore.manifest import sha256_bytes
-from spairstore.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
+from spairstore.core.errors import SourceError
+from spairstore.core.manifest import sha256_bytes
+from spairstore.core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
 
 NAME = "spair71k"
 CATEGORIES = (

@@ -5,26 +5,26 @@
 >>> store.pixels(0).shape, store.pairs("test").pair_id[:3]
 >>> print(spairstore.evaluate(store, "test", spairstore.Identity()))   # PCK tables, protocol "spair"
 
-The PyTorch side (:class:`PairDataset`, :class:`ImageDataset`, :class:`Loader`) is imported on first
-use, so ``import spairstore`` does not import torch.
+The PyTorch side (:class:`PairDataset`, :class:`ImageDataset`, :class:`Loader`) and :func:`pack` (with
+the converters it runs) are imported on first use: ``import spairstore`` imports neither torch nor
+``converters``, and ``converters`` (which builds on :mod:`spairstore.core`) imports without a circle.
 """
 from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from .core.errors import SourceError, SpairstoreError, StoreError
+from .core.version import __version__
+from .eval.evaluation import Report, evaluate
+from .eval.methods import Identity, NearestNeighbour
+from .eval.predictions import load_predictions
+from .eval.protocols import PROTOCOLS, Protocol, get_protocol
+from .store.reader import Store, Table, open
 
-from .errors import SourceError, SpairstoreError, StoreError
-from .evaluation import Report, evaluate
-from .methods import Identity, NearestNeighbour, load_predictions
-from .protocols import PROTOCOLS, Protocol, get_protocol
-from .reader import Store, Table, open
-from .writer import PackSummary, pack
+_LAZY = {"pack": "sources", "PackSummary": "sources", "PairDataset": "torch.datasets", "ImageDataset": "torch.datasets", "collate": "torch.collate",
+         "ShardSampler": "torch.sampler", "Loader": "torch.loader"}
 
-_LAZY = {"PairDataset": "torchdata", "ImageDataset": "torchdata", "collate": "torchdata",
-         "ShardSampler": "torchdata", "Loader": "loader"}
-
-__all__ = ["open", "pack", "Store", "Table", "PackSummary", "SpairstoreError", "SourceError", "StoreError",
+__all__ = ["open", "Store", "Table", "SpairstoreError", "SourceError", "StoreError",
            "evaluate", "Report", "Protocol", "PROTOCOLS", "get_protocol", "Identity", "NearestNeighbour",
            "load_predictions", *_LAZY, "__version__"]
 

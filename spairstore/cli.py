@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import SpairstoreError
+from .core.errors import SpairstoreError
 
 app = typer.Typer(
     help="Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW) in one fast, checksummed store.",
@@ -28,7 +28,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same bytes.")] = 0,
 ) -> None:
     """Write a synthetic dataset in the native SPair-71k layout (images, masks, annotations, pairs, layouts)."""
-    from .synth import synthesize
+    from .sources import synthesize
 
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     summary = synthesize(out_dir, images_per_category=images_per_category, categories=cats, seed=seed,
@@ -58,7 +58,7 @@ def pack(
 
     from PIL import Image
 
-    from .writer import pack as pack_
+    from .sources import pack as pack_
 
     # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -82,7 +82,7 @@ def convert(
     shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
 ) -> None:
     """Copy a store into another format (HDF5 <-> Zarr), losslessly: every array and attribute equal."""
-    from .convert import convert as convert_
+    from .store.convert import convert as convert_
 
     typer.echo(str(convert_(src, dst, format=format, overwrite=overwrite, shard_bytes=_shard_bytes(shard_mb),
                             progress=True)))
@@ -136,9 +136,9 @@ def _mib(n: int) -> str:
 
 def store_info(path: Path | str) -> dict:
     """Everything ``spairstore info`` shows, as JSON-able data (``file_bytes`` is None for a URL)."""
-    from .backends import disk_bytes, format_of, is_url
     from .features import partial_feature_sets
-    from .reader import open as open_store
+    from .store.backends import disk_bytes, format_of, is_url
+    from .store.reader import open as open_store
 
     with open_store(path) as s:
         sizes = s.field_bytes()
@@ -223,7 +223,7 @@ def bench(
     """Time random pair batches (pixels, masks, keypoints) from the store against a plain np.memmap copy
     of the same bytes and, with --source, a raw-file loader; single process and DataLoader workers.
     Also reports a worker's private memory under fork and spawn."""
-    from .bench import run
+    from .torch.bench import run
 
     result = run(store, source, split=split, batch_size=batch_size, batches=batches, workers=workers,
                  rounds=rounds, seed=seed, progress=not as_json)
@@ -235,7 +235,7 @@ _PROTOCOL_HELP = "Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy (de
 
 
 def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed):  # noqa: ANN001, ANN202
-    from .protocols import resolve_protocol
+    from .eval.protocols import resolve_protocol
 
     return resolve_protocol(protocol, store.dataset, alphas=alpha, direction=direction, threshold=threshold,
                             comparison=comparison, frame=frame, subsample=subsample, seed=seed)
@@ -268,9 +268,9 @@ def eval_(
 ) -> None:
     """PCK of a method or a predictions file, with the protocol line and the dataset paper's tables: per
     category, by viewpoint/scale/truncation/occlusion, and the controlled analysis."""
-    from .evaluation import evaluate
-    from .methods import get_method
-    from .reader import open as open_store
+    from .eval.evaluation import evaluate
+    from .eval.methods import get_method
+    from .store.reader import open as open_store
 
     if (method is None) == (predictions is None):
         raise SpairstoreError("give exactly one of --method and --predictions")
@@ -287,7 +287,7 @@ def eval_(
     else:
         typer.echo(text)
     if plot:
-        from .viz import plot_reports
+        from .eval.viz import plot_reports
 
         plot_reports(report, plot)
 
@@ -300,8 +300,8 @@ def stats(
 ) -> None:
     """Dataset statistics in the dataset paper's layout: pairs per split and difficulty level, pairs per
     category and split, images per split."""
-    from .reader import open as open_store
-    from .stats import dataset_stats, render_stats
+    from .eval.stats import dataset_stats, render_stats
+    from .store.reader import open as open_store
 
     with open_store(store) as s:
         d = dataset_stats(s)
@@ -327,9 +327,10 @@ def show(
     when correct at alpha and red when not. Without either, the ground-truth matches."""
     import numpy as np
 
-    from .methods import get_method, load_predictions
-    from .reader import open as open_store
-    from .viz import show_pair
+    from .eval.methods import get_method
+    from .eval.predictions import load_predictions
+    from .eval.viz import show_pair
+    from .store.reader import open as open_store
 
     if method is not None and predictions is not None:
         raise SpairstoreError("give at most one of --method and --predictions")
@@ -358,7 +359,7 @@ def verify(
 ) -> None:
     """Check every payload record's CRC-32, every table's CRC-32 and (with --sources) every source file's
     SHA-256; name each record or file that differs. Exit code 1 on any difference."""
-    from .verify import verify as verify_
+    from .store.verify import verify as verify_
 
     report = verify_(store, sources=sources, sample=sample, seed=seed, progress=True)
     typer.echo(str(report))

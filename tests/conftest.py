@@ -35,7 +35,7 @@ def run_cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProc
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic SPair-71k root (3 categories)."""
-    from spairstore.synth import synthesize
+    from converters.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth") / "SPair-71k"
     synthesize(root, images_per_category=8, categories=["aeroplane", "cat", "dog"], seed=1)

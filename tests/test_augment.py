@@ -12,9 +12,8 @@ import pytest
 import spairstore
 from converters.spair71k import CATEGORIES, FLIP_PAIRS, NUM_KEYPOINTS, flip_permutation
 from spairstore import ImageDataset, PairDataset, SpairstoreError, StoreError
-from spairstore.augment import Compose, HFlip, RandomCrop
-from spairstore.geometry import to_original
-
+from spairstore.core.geometry import to_original
+from spairstore.torch.augment import Compose, HFlip, RandomCrop
 from tests.conftest import spair_real
 
 FIELDS = ("pixels", "mask", "keypoints")

@@ -16,14 +16,14 @@ from PIL import Image
 
 import spairstore
 from spairstore.cli import main
-from spairstore.verify import verify
+from spairstore.store.verify import verify
 from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic root with enough images and pairs for every breaker to get its own target."""
-    from spairstore.synth import synthesize
+    from converters.synth import synthesize
 
     root = tmp_path_factory.mktemp("bad") / "SPair-71k"
     synthesize(root, images_per_category=10, categories=["aeroplane", "cat", "dog"], seed=3)

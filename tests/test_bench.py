@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 import spairstore
 from spairstore import PairDataset, SpairstoreError
-from spairstore.bench import run, smaps_memory
 from spairstore.cli import app
+from spairstore.torch.bench import run, smaps_memory
 
 
 def test_bench_compares_identical_batches(synth_store: Path, synth_root: Path) -> None:

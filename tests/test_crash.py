@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import spairstore
-import spairstore.writer as writer
+import spairstore.store.writer as writer
 from tests.conftest import cli_command, cli_env, run_cli
 
 SIZE = 48
@@ -136,7 +136,7 @@ def test_sigkill_at_random_moments(synth_root: Path, reference: Path, tmp_path: 
     out = tmp_path / "out" / "s.h5"
     out.parent.mkdir()
     fork = multiprocessing.get_context("forkserver")
-    fork.set_forkserver_preload(["spairstore", "spairstore.writer"])
+    fork.set_forkserver_preload(["spairstore", "spairstore.store.writer"])
     t0 = time.perf_counter()
     spairstore.pack(synth_root, tmp_path / "timing.h5", size=SIZE)
     work = time.perf_counter() - t0

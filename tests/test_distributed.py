@@ -20,7 +20,7 @@ import spairstore
 from spairstore import pack
 from spairstore.features import extract_features, partial_feature_sets
 from spairstore.features.extract import _batches, _deal, staging_dir
-from spairstore.verify import verify
+from spairstore.store.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import spairstore
-from spairstore.evaluation import select_pairs
-from spairstore.methods import Identity, PredictionsError, load_predictions
-from spairstore.protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol, resolve_protocol
-from spairstore.schema import LEVELS
+from spairstore.core.schema import LEVELS
+from spairstore.eval.evaluation import select_pairs
+from spairstore.eval.methods import Identity
+from spairstore.eval.predictions import PredictionsError, load_predictions
+from spairstore.eval.protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol, resolve_protocol
 
 SWAP = {0: 0, 1: 2, 2: 1, 3: 3, -1: -1}
 

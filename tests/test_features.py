@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import spairstore
-from spairstore import geometry
 from spairstore.cli import store_info
-from spairstore.errors import FeatureError
+from spairstore.core import geometry
+from spairstore.core.errors import FeatureError
 from spairstore.features import RANDOM_WEIGHTS, FeatureExtractor, extract_features, partial_feature_sets
 from spairstore.features import extract as extract_mod
 from spairstore.features.backbones import get_backbone
@@ -109,7 +108,7 @@ def test_default_set_equals_fresh_forward_pass(lite_store: Path) -> None:
 
 
 def test_pair_dataset_serves_an_extracted_set(lite_store: Path) -> None:
-    from spairstore.torchdata import PairDataset
+    from spairstore.torch.datasets import PairDataset
 
     ds = PairDataset(lite_store, "test", fields=(f"features:{LITE}",))
     b = ds.__getitems__([0, 3])
@@ -375,7 +374,7 @@ def test_resume_refuses_other_settings_unless_overwrite(store_copy: Path) -> Non
 
 
 def test_zarr_store_gets_the_same_features(lite_store: Path, tmp_path: Path) -> None:
-    from spairstore.convert import convert
+    from spairstore.store.convert import convert
 
     z = tmp_path / "s.zarr"
     convert(lite_store, z)  # carries both sets over; replace one and add another in the Zarr store

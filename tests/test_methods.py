@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import spairstore
-from spairstore import geometry
-from spairstore.methods import Identity, NearestNeighbour
+from spairstore.core import geometry
+from spairstore.eval.methods import Identity, NearestNeighbour
 
 STRIDE = 2
 
@@ -102,8 +102,9 @@ def test_nn_batch_size_does_not_matter_and_beats_identity(feature_store: Path) -
 
 
 def test_nn_cli_and_show(feature_store: Path, tmp_path: Path) -> None:
-    from spairstore.cli import app
     from typer.testing import CliRunner
+
+    from spairstore.cli import app
 
     r = CliRunner().invoke(app, ["eval", str(feature_store), "--split", "trn", "--method", "nn", "--features",
                                  "onehot", "--device", "cpu", "--json"])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import spairstore
 
 
 def independent_letterbox(img: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
-    """Letterbox written out independently of spairstore.geometry: longest side to size, centred."""
+    """Letterbox written out independently of spairstore.core.geometry: longest side to size, centred."""
     w, h = img.size
     nw, nh = max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))
     canvas = Image.new(img.mode, (size, size))

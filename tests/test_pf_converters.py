@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from PIL import Image
 from pfdata import Expected, identity_pck, make_pfpascal, make_pfwillow
+from PIL import Image
 from test_pack_roundtrip import independent_letterbox
 from typer.testing import CliRunner
 
 import converters
 import spairstore
 from spairstore.cli import app
-from spairstore.manifest import sha256_file
-from spairstore.records import Skipped
-from spairstore.verify import verify
+from spairstore.core.manifest import sha256_file
+from spairstore.core.records import Skipped
+from spairstore.store.verify import verify
 
 
 def assert_store_matches(path: Path, exp: Expected, dataset: str, root: Path) -> None:

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import scipy.io
 from conftest import SHARED_DATA
-from PIL import Image
 from pfdata import VOC, flat_image, identity_pck, write_willow_csv
+from PIL import Image
 from test_pack_roundtrip import independent_letterbox
 
 import converters
 import spairstore
-from spairstore.manifest import sha256_file
-from spairstore.stats import dataset_stats
+from spairstore.core.manifest import sha256_file
+from spairstore.eval.stats import dataset_stats
 
 WILLOW = SHARED_DATA / "pf-willow-real"
 PASCAL_PAIRS = SHARED_DATA / "pf-pascal-real" / "ncnet_image_pairs"

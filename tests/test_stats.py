@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import spairstore
-from spairstore.methods import Identity
-from spairstore.stats import dataset_stats, render_stats
+from spairstore.eval.methods import Identity
+from spairstore.eval.stats import dataset_stats, render_stats
 from tests.test_evaluation import assert_same, reference
 
 KEYS = {"viewpoint": ("viewpoint_variation", ("easy", "medium", "hard")),

@@ -1,4 +1,4 @@
-"""spairstore.synth: a synthetic SPair-71k in the native layout and byte format."""
+"""converters.synth: a synthetic SPair-71k in the native layout and byte format."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ from PIL import Image, ImageFilter
 
 from converters import spair71k
 from converters.spair71k import IMAGE_KEYS, NUM_KEYPOINTS, SPLITS, VOC_CLASS_INDEX, pair_annotation
-from spairstore.errors import SpairstoreError
-from spairstore.synth import SynthSummary, synthesize
+from converters.synth import SynthSummary, synthesize
+from spairstore.core.errors import SpairstoreError
 
 CATS = ("bird", "car", "cow", "tvmonitor")
 PER_CAT = 14  # 7 trn / 3 val / 4 test images per category: a few hundred pairs, well under a second

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 import spairstore
 from spairstore import ImageDataset, Loader, PairDataset, ShardSampler, SpairstoreError, StoreError, collate
-from spairstore.augment import Compose, HFlip, RandomCrop
-from spairstore.torchdata import BufferPool
+from spairstore.torch.augment import Compose, HFlip, RandomCrop
+from spairstore.torch.memory import BufferPool
 
 ALL = ("pixels", "mask", "keypoints", "labels", "image_bytes", "mask_bytes")
 
@@ -60,7 +60,7 @@ def test_pair_batch_equals_direct_store_reads(synth_store: Path) -> None:
             got = b[f"{side}_kps"][j, :n].numpy()
             np.testing.assert_allclose(got, s.to_store(orig, row), rtol=1e-6)
             # enough to map back: scale/offset of the batch give the original pixels again
-            back = spairstore.geometry.to_original(got, b[f"{side}_scale"][j].numpy(), b[f"{side}_offset"][j].numpy())
+            back = spairstore.core.geometry.to_original(got, b[f"{side}_scale"][j].numpy(), b[f"{side}_offset"][j].numpy())
             np.testing.assert_allclose(back, orig, atol=1e-3)
         for k in ("viewpoint", "scale", "truncation", "occlusion", "mirror", "flip"):
             assert b[k][j] == t[k][i]
@@ -303,8 +303,8 @@ def test_loader_read_ahead_surfaces_errors(synth_store: Path) -> None:
 
 
 def test_pair_dataset_over_zarr_equals_hdf5(synth_store: Path, tmp_path: Path) -> None:
-    from spairstore.bench import run
-    from spairstore.convert import convert
+    from spairstore.store.convert import convert
+    from spairstore.torch.bench import run
 
     zarr = tmp_path / "synth.zarr"
     convert(synth_store, zarr)

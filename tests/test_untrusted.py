@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import spairstore
-from spairstore.schema import PAYLOAD_FIELDS
+from spairstore.core.schema import PAYLOAD_FIELDS
 from tests.conftest import cli_env
 
 
@@ -100,7 +100,7 @@ def test_truncated_file_is_an_error(copy: Path) -> None:
 def test_extent_past_the_end_is_refused(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A hot array said to lie (partly) past the end of the file is refused before it is mapped: reading
     such a map would kill the process (SIGBUS)."""
-    from spairstore.backends import hdf5
+    from spairstore.store.backends import hdf5
 
     extent = hdf5.HDF5Reader.extent
     monkeypatch.setattr(hdf5.HDF5Reader, "extent", lambda self, name: extent(self, name)._replace(
@@ -114,7 +114,7 @@ import faulthandler, sys
 faulthandler.enable()
 import spairstore
 from spairstore.cli import store_info
-from spairstore.verify import verify
+from spairstore.store.verify import verify
 
 def read_all(p):
     with spairstore.open(p) as s:

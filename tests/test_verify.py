@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 import spairstore
-from spairstore.schema import PAYLOAD_FIELDS
-from spairstore.verify import verify
+from spairstore.core.schema import PAYLOAD_FIELDS
+from spairstore.store.verify import verify
 from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(root, store) with 36 images: 144 payload records."""
-    from spairstore.synth import synthesize
+    from converters.synth import synthesize
 
     base = tmp_path_factory.mktemp("verify")
     root = base / "SPair-71k"

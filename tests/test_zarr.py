@@ -15,9 +15,9 @@ import pytest
 import zarr
 
 import spairstore
-from spairstore.backends import reader_for
-from spairstore.backends import zarr as zarr_backend
-from spairstore.convert import convert
+from spairstore.store.backends import reader_for
+from spairstore.store.backends import zarr as zarr_backend
+from spairstore.store.convert import convert
 
 
 def assert_stores_equal(a: Path | str, b: Path | str) -> None:

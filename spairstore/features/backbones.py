@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import FeatureError
-from ..manifest import sha256_file
+from ..core.errors import FeatureError
+from ..core.manifest import sha256_file
 
 #: ``--weights`` value that builds the architecture with seeded random weights (tests, smoke runs).
 RANDOM_WEIGHTS = "random"

@@ -17,12 +17,12 @@ The pieces, each reusable on its own:
    then flags (and syncs the flags), so after a kill, even of the machine, every flagged row is complete
    and a re-run with the same settings extracts only the rest, with any number of processes.
 3. The commit. HDF5 (:func:`commit`): a copy of the store with the set added (every other array and
-   attribute copied as they are) replaces the store (:func:`spairstore.backends.staged`); the store
+   attribute copied as they are) replaces the store (:func:`spairstore.store.backends.staged`); the store
    itself is never written in place. Zarr: the processes write their rows straight into the store's
    array ``features/<name>/data``, one whole shard at a time (a shard is one file; processes take whole
    shards, so no two write the same file), while no group node names the array and readers cannot see
    it; the commit then adds the CRC-32s, the group nodes, the consolidated metadata and, last, the
-   attributes (:func:`spairstore.backends.zarr.publish`), so readers see the whole set or none of it.
+   attributes (:func:`spairstore.store.backends.zarr.publish`), so readers see the whole set or none of it.
 
 Several processes (:mod:`.world`): the first prepares (checks, the staging's lock, the Zarr array) and
 deals the units with missing rows out round robin; each process extracts its units into its own staging
@@ -49,11 +49,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..backends import format_of, is_url, reader_for, remove, staged, writer_for
-from ..backends.zarr import UnlistedArray, publish, shard_rows_of, unpublish
-from ..convert import BLOCK_BYTES, copy_arrays
-from ..errors import FeatureError
-from ..reader import Store
+from ..core.errors import FeatureError
+from ..store.backends import format_of, is_url, reader_for, remove, staged, writer_for
+from ..store.backends.zarr import UnlistedArray, publish, shard_rows_of, unpublish
+from ..store.convert import BLOCK_BYTES, copy_arrays
+from ..store.reader import Store
 from .backbones import FeatureExtractor
 from .world import World
 

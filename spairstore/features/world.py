@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import FeatureError, SpairstoreError
+from ..core.errors import FeatureError, SpairstoreError
 
 T = TypeVar("T")
 

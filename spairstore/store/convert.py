@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ..core.errors import SpairstoreError, StoreError
+from ..core.schema import FORMAT_NAME, is_hot
 from .backends import ArrayReader, ArrayWriter, disk_bytes, format_of, is_url, reader_for, staged, writer_for
-from .errors import SpairstoreError, StoreError
-from .schema import FORMAT_NAME, is_hot
 
 #: Rows of a hot array copied per step: bounded memory whatever the store size.
 BLOCK_BYTES = 64 << 20

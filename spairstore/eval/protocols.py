@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SpairstoreError
+from ..core.errors import SpairstoreError
 
 DIRECTIONS = ("src->trg", "trg->src")
 #: Threshold bases, each measured on the image the predictions lie in (the target for src->trg).

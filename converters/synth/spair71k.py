@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from converters.spair71k import CATEGORIES, NUM_KEYPOINTS, SPLITS, VOC_CLASS_INDEX, pair_annotation
-from spairstore.errors import SpairstoreError
+from spairstore.core.errors import SpairstoreError
 
 __all__ = ["SynthSummary", "synthesize", "MIN_IMAGES_PER_CATEGORY", "MAX_IMAGES_PER_CATEGORY"]
 

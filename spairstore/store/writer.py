@@ -40,16 +40,26 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-import converters
-
-from . import __version__
-from .backends import (ArrayWriter, RawExtent, RowWriter, commit, disk_bytes, format_of, fsync_path, mark_complete,
-                       reader_for, row_writer_for, staged, writer_for)
-from .errors import SourceError, SpairstoreError
-from .geometry import letterbox, letterbox_params
-from .manifest import build_manifest, sha256_bytes
-from .records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord, Skipped
-from .schema import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, PAIR_LABELS, PAYLOAD_FIELDS, crc_array, image_fields
+from ..core.errors import SourceError, SpairstoreError
+from ..core.geometry import letterbox, letterbox_params
+from ..core.manifest import build_manifest, sha256_bytes
+from ..core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord, Skipped
+from ..core.schema import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, PAIR_LABELS, PAYLOAD_FIELDS, crc_array, image_fields
+from ..core.version import __version__
+from .backends import (
+    ArrayWriter,
+    RawExtent,
+    RowWriter,
+    commit,
+    disk_bytes,
+    format_of,
+    fsync_path,
+    mark_complete,
+    reader_for,
+    row_writer_for,
+    staged,
+    writer_for,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -84,11 +94,6 @@ class PackSummary:
                          "(also in the store's 'skipped' attribute):")
             lines += [f"    {s}" for s in self.skipped]
         return "\n".join(lines)
-
-
-def _tqdm_wrapper(enabled: bool) -> Callable[[Iterable[Any], str, int], Iterable[Any]]:
-    return lambda it, desc, total: tqdm(it, desc=desc, total=total, unit="file", disable=not enabled,
-                                        leave=False, dynamic_ncols=True)
 
 
 @contextmanager
@@ -624,19 +629,26 @@ class _Staging:
         self._lock.close()
 
 
-def _read_and_check(src: str | Path, dataset: str | None, size: int, on_error: OnError, progress: bool
+#: Reads the source into canonical records: ``read(progress, on_error)``, ``progress(iterable, description,
+#: total)`` wrapping its long loops. A pack calls it once (a resume calls it again to check the sources).
+SourceReader = Callable[[Callable[[Iterable[Any], str, int], Iterable[Any]], OnError], DatasetRecords]
+
+
+def _read_and_check(read: SourceReader, size: int, on_error: OnError, progress: bool
                     ) -> tuple[DatasetRecords, list[_ImageCheck], _Structure]:
     """Step 1, and the structure it determines."""
-    records = converters.read(Path(src), dataset, progress=_tqdm_wrapper(progress), on_error=on_error)
+    wrap = lambda it, desc, total: tqdm(it, desc=desc, total=total, unit="file", disable=not progress,  # noqa: E731
+                                        leave=False, dynamic_ncols=True)
+    records = read(wrap, on_error)
     records, checks = _check_images(records, on_error, progress)
     return records, checks, _structure(records, checks, size, on_error)
 
 
-def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None = None,
-         overwrite: bool = False, progress: bool = False, format: str | None = None,
-         shard_bytes: int | None = None, on_error: OnError = "fail", resume: bool = False) -> PackSummary:
-    """Read the dataset at ``src`` (layout detected unless ``dataset`` names it) and pack it into a store at
-    ``out``, letterboxing pixels and masks to ``size x size``.
+def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool = False, progress: bool = False,
+          format: str | None = None, shard_bytes: int | None = None, on_error: OnError = "fail",
+          resume: bool = False) -> PackSummary:
+    """Pack the records ``read`` returns into a store at ``out``, letterboxing pixels and masks to
+    ``size x size`` (:func:`spairstore.sources.pack` reads a dataset folder with its converter).
 
     ``format`` is ``hdf5`` (one file) or ``zarr`` (a Zarr v3 directory); by default the suffix of ``out``
     decides (``.h5``, ``.zarr``). ``shard_bytes`` is the Zarr shard size of hot arrays (default 64 MiB).
@@ -659,7 +671,7 @@ def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None 
     if fmt != "hdf5":
         if resume:
             notes.append(f"--resume continues HDF5 packs only: this {fmt} store was packed from the start")
-        records, checks, st = _read_and_check(src, dataset, size, on_error, progress)
+        records, checks, st = _read_and_check(read, size, on_error, progress)
         _pack_at_once(out, overwrite, fmt, shard_bytes, records, checks, st, size, progress)
     else:
         staging = _Staging(out)
@@ -667,7 +679,7 @@ def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None 
             if staging.has_data() and not resume:
                 staging.reset()
                 notes.append("discarded the staging data of an interrupted pack (pass --resume to continue one)")
-            records, checks, st = _read_and_check(src, dataset, size, on_error, progress)
+            records, checks, st = _read_and_check(read, size, on_error, progress)
             notes += staging.prepare(st, resume)
             _pack_hdf5(staging, records, checks, st, size, progress)
         except SpairstoreError:

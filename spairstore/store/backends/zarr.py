@@ -26,7 +26,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 from zarr.core.sync import sync
 
-from ..errors import StoreError
+from ...core.errors import StoreError
 from . import RawExtent, fsync_paths, is_url, remove
 
 #: Default shard size of hot arrays. Larger shards mean fewer files; a shard is also the unit one

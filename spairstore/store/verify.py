@@ -1,6 +1,6 @@
 """Check a store against its own checksums and its sources: ``spairstore verify``.
 
-* Every hot array with a CRC array beside it (``<group>/crc32_<field>``, see :mod:`spairstore.schema`)
+* Every hot array with a CRC array beside it (``<group>/crc32_<field>``, see :mod:`spairstore.core.schema`)
   has each record's CRC-32 recomputed: a row (pixels, masks, feature maps) or, for a ``*_blob``
   array, the byte range its ``*_offsets`` delimit (the original JPEG/PNG files).
 * Every array listed in the ``table_crc32`` attribute (all the small tables) is CRC-32'd whole.
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import SpairstoreError
-from .manifest import sha256_file
+from ..core.errors import SpairstoreError
+from ..core.manifest import sha256_file
+from ..core.schema import blob_offsets, crc_array
 from .reader import Store
 from .reader import open as open_store
-from .schema import blob_offsets, crc_array
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Batches on a device: :class:`Loader`.
 
-The loader samples with a :class:`~spairstore.torchdata.ShardSampler` (deterministic per ``(seed, epoch)``,
+The loader samples with a :class:`~spairstore.torch.sampler.ShardSampler` (deterministic per ``(seed, epoch)``,
 sharded by rank, resumable mid-epoch), reads whole batches from a :class:`~spairstore.PairDataset` or
 :class:`~spairstore.ImageDataset`, and hands them over on ``device``:
 
@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import SpairstoreError
-from .torchdata import Batch, BufferPool, ShardSampler, collate
+from ..core.errors import SpairstoreError
+from .collate import Batch, collate
+from .memory import BufferPool
+from .sampler import ShardSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,7 +81,7 @@ class Loader:
     Args:
         dataset: a :class:`~spairstore.PairDataset` or :class:`~spairstore.ImageDataset`.
         batch_size: samples per batch; the last batch of an epoch may be shorter unless ``drop_last``.
-        shuffle, seed, rank, world_size, pad: the :class:`~spairstore.torchdata.ShardSampler` (rank and
+        shuffle, seed, rank, world_size, pad: the :class:`~spairstore.torch.sampler.ShardSampler` (rank and
             world size default to ``torch.distributed``'s). ``pad=True`` gives every rank the same
             number of samples, as DDP needs.
         num_workers: 0 reads in a background thread of this process; more uses DataLoader workers

@@ -1,4 +1,4 @@
-"""PCK evaluation: :func:`evaluate` scores predictions under a named :class:`~spairstore.protocols.Protocol`.
+"""PCK evaluation: :func:`evaluate` scores predictions under a named :class:`~spairstore.eval.protocols.Protocol`.
 
 Everything is vectorised over all pairs of a split: keypoints are the split's padded ``(P, M, 2)`` table,
 so 12k pairs at three α with every breakdown take milliseconds. A :class:`Report` holds the per-keypoint
@@ -17,11 +17,12 @@ from typing import Any, Union
 
 import numpy as np
 
-from .methods import Method, PredictionsError, load_predictions
+from ..core.schema import LEVELS
+from ..core.tables import markdown_table, text_table
+from ..store.reader import Store
+from .methods import Method
+from .predictions import PredictionsError, load_predictions
 from .protocols import Protocol, alpha_key, get_protocol
-from .reader import Store
-from .schema import LEVELS
-from .tables import markdown_table, text_table
 
 #: Predictions in the original pixels of the predicted-in image (the target for src->trg): a padded
 #: ``(P, M, 2)`` array with one row per pair of the split in table order, a flat ``(sum n_kps, 2)``
@@ -53,11 +54,11 @@ def evaluate(store: Store | str | Path, split: str, predictions: Predictions,
 
     ``predictions`` are keypoints in *original pixels* of the image they are predicted in (the target
     image for ``src->trg``), one per pair keypoint in the pair's keypoint order; see :data:`Predictions`.
-    A method (e.g. :class:`~spairstore.methods.Identity`) is run on exactly the pairs evaluated.
+    A method (e.g. :class:`~spairstore.eval.methods.Identity`) is run on exactly the pairs evaluated.
     A prediction that is NaN counts as wrong.
     """
     if not isinstance(store, Store):
-        from .reader import open as open_store
+        from ..store.reader import open as open_store
 
         store = open_store(store)
     proto = get_protocol(protocol, store.dataset)

@@ -4,7 +4,7 @@ Random batches of pairs (pixels, masks and keypoints of both images, at the stor
 ways, on the same batches, side by side in one run:
 
 - ``raw files``: what HPF/CATs-style loaders do per pair -- parse the pair JSON, decode both JPEGs and
-  both masks with PIL, letterbox them (the writer's own :func:`~spairstore.geometry.letterbox`, so the
+  both masks with PIL, letterbox them (the writer's own :func:`~spairstore.core.geometry.letterbox`, so the
   output is pixel-identical to the store's; checked), keypoints to the letterboxed frame;
 - ``np.memmap``: a plain copy of the same pixel and mask bytes out of a memory map (the ceiling);
 - ``spairstore``: :class:`~spairstore.PairDataset` batch reads.
@@ -34,10 +34,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .errors import SpairstoreError
-from .geometry import letterbox, letterbox_params
-from .reader import Store
-from .torchdata import Batch, BatchMemory, PairDataset, collate, pad_keypoints
+from ..core.errors import SpairstoreError
+from ..core.geometry import letterbox, letterbox_params
+from ..store.reader import Store
+from .collate import Batch, collate, pad_keypoints
+from .datasets import PairDataset
+from .memory import BatchMemory
 
 FIELDS = ("pixels", "mask", "keypoints")
 

@@ -3,13 +3,13 @@
 Small tables are loaded into RAM as numpy arrays: image metadata and categories when the store is
 opened, a split's pair table and the manifest on first use (a DataLoader worker needs neither).
 Payloads (pixels, masks, original bytes, features) are read from memory maps of the files at the
-byte offsets the backend reports (:class:`~spairstore.backends.RawExtent`:
+byte offsets the backend reports (:class:`~spairstore.store.backends.RawExtent`:
 one contiguous extent in HDF5, one location per record in a sharded Zarr store), mapped lazily in
 each process, so a Store is safe to use after ``fork`` and pickles (as its path) for ``spawn``.
 Arrays a backend cannot locate as plain bytes (compressed, or remote) are read through the backend
 library instead, one call per batch.
 
-A store is trusted only after checks: its layout must match :mod:`spairstore.schema` (every field's
+A store is trusted only after checks: its layout must match :mod:`spairstore.core.schema` (every field's
 dtype and shape), its offsets and indices must stay inside what they index, and every extent read
 raw must lie inside its file; anything else is a :class:`StoreError`. A Store keeps the file of an
 HDF5 store open: when a new version is packed to the same path (an atomic rename), readers go on
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from . import geometry
+from ..core import geometry
+from ..core.errors import StoreError
+from ..core.schema import FORMAT_NAME, FORMAT_VERSION, check_layout, check_pair_table, check_tables, is_hot
 from .backends import ArrayReader, RawExtent, is_url, reader_for
-from .errors import StoreError
-from .schema import FORMAT_NAME, FORMAT_VERSION, check_layout, check_pair_table, check_tables, is_hot
 
 
 class Table(Mapping[str, np.ndarray]):
@@ -384,7 +384,7 @@ class Store:
 
     def features(self, name: str, i: int) -> np.ndarray:
         """Feature map of image row ``i`` from feature set ``name``: float16 (C, h, w). Its geometry
-        (cell -> pixels) is ``feature_sets[name]``; see :func:`spairstore.geometry.cell_to_store`."""
+        (cell -> pixels) is ``feature_sets[name]``; see :func:`spairstore.core.geometry.cell_to_store`."""
         if name not in self.feature_sets:
             raise StoreError(f"{self.path}: no feature set {name!r} (store has {', '.join(self.feature_sets) or 'none'})")
         i = self._check_row(i)

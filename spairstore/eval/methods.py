@@ -1,4 +1,4 @@
-"""Ways to get predictions: baselines, nearest-neighbour matching on stored features, and prediction files.
+"""Ways to get predictions: baselines and nearest-neighbour matching on stored features (files: :mod:`.predictions`).
 
 A *method* is a callable ``method(store, split, rows, direction) -> (len(rows), M, 2)`` float array: for
 each pair row, its keypoints transferred into the other image of the pair, in that image's *original
@@ -7,20 +7,14 @@ target keypoints from source ones) or ``trg->src``.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
-from . import geometry
-from .errors import SpairstoreError, StoreError
-from .reader import Store
-
-
-class PredictionsError(SpairstoreError):
-    """Predictions that do not fit the pairs they are evaluated on."""
+from ..core import geometry
+from ..core.errors import SpairstoreError, StoreError
+from ..store.reader import Store
 
 
 class Method(Protocol):
@@ -111,75 +105,3 @@ def get_method(name: str, features: str | None = None, device: str | None = None
         return NearestNeighbour(features, device=device, batch_size=batch_size, progress=progress)
     raise SpairstoreError(f"unknown method {name!r} (known: identity, nn)")
 
-
-def load_predictions(source: Any, store: Store, split: str) -> np.ndarray:
-    """Predictions for every pair of ``split`` as a float64 ``(P, M, 2)`` array in table order, NaN padded.
-
-    ``source`` is an array (padded ``(P, M', 2)`` in table order, or flat ``(sum n_kps, 2)`` with each
-    pair's keypoints in turn), a mapping pair id -> ``(n_kps, 2)``, or a ``.npz`` (keys: pair ids),
-    ``.pt`` (a tensor or a dict keyed by pair id) or ``.npy`` file holding one of those.
-    """
-    what = "predictions"
-    if isinstance(source, (str, Path)):
-        what = str(source)
-        source = _read_file(Path(source))
-    t = store.pairs(split)
-    P, M = t.kps_ids.shape
-    n = t.n_kps.astype(np.int64)
-    out = np.full((P, M, 2), np.nan)
-    slot = np.arange(M) < n[:, None]
-    if isinstance(source, Mapping):
-        index = {int(pid): j for j, pid in enumerate(t.pair_id)}
-        try:
-            keys = {int(k): k for k in source}
-        except (TypeError, ValueError):
-            raise PredictionsError(f"{what}: keys must be pair ids of split {split!r}") from None
-        missing = sorted(set(index) - set(keys))
-        extra = sorted(set(keys) - set(index))
-        if missing or extra:
-            raise PredictionsError(f"{what}: {len(missing)} pair(s) of split {split!r} have no prediction"
-                                   f"{f' (first: pair {missing[0]})' if missing else ''} and {len(extra)} key(s) are "
-                                   f"not pair ids of it{f' (first: {extra[0]})' if extra else ''}")
-        for pid, key in keys.items():
-            j = index[pid]
-            v = _numpy(source[key])
-            if v.shape != (n[j], 2):
-                raise PredictionsError(f"{what}: pair {pid} has {n[j]} keypoints, its prediction has shape {v.shape}")
-            out[j, :n[j]] = v
-        return out
-    arr = _numpy(source)
-    if arr.ndim == 3 and arr.shape[0] == P and arr.shape[2] == 2 and arr.shape[1] >= n.max(initial=0):
-        width = min(M, arr.shape[1])
-        out[:, :width] = arr[:, :width]
-        out[~slot] = np.nan
-        return out
-    if arr.ndim == 2 and arr.shape == (int(n.sum()), 2):
-        out[slot] = arr  # boolean indexing walks pairs in order, keypoints in order
-        return out
-    raise PredictionsError(f"{what}: array of shape {arr.shape} fits neither ({P}, >= {n.max(initial=0)}, 2) "
-                           f"(one row per pair of split {split!r}) nor ({int(n.sum())}, 2) (its keypoints in turn)")
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def _read_file(path: Path) -> Any:
-    if not path.is_file():
-        raise PredictionsError(f"{path}: no such predictions file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if suffix in (".pt", ".pth"):
-            import torch
-
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's error, said in one line
-        raise PredictionsError(f"{path}: cannot read predictions ({type(e).__name__}: {e})") from None
-    raise PredictionsError(f"{path}: predictions must be a .npz, .pt or .npy file")

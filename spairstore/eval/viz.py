@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from PIL import Image
 
+from ..core.tables import ABBREV
+from ..store.reader import Store
 from .evaluation import Report, score
 from .protocols import Protocol, alpha_key
-from .reader import Store
-from .tables import ABBREV
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -1,5 +1,4 @@
-"""PyTorch datasets over a store: :class:`PairDataset`, :class:`ImageDataset`, :func:`collate` and
-:class:`ShardSampler`.
+"""PyTorch datasets over a store: :class:`PairDataset` and :class:`ImageDataset`.
 
 A dataset holds the store's path and the numpy tables it needs, nothing else: it pickles for ``spawn``
 and ``forkserver`` workers, and each process opens the store itself on first use (a store opened before a
@@ -8,7 +7,7 @@ path (repacked, or a features commit) raises StoreError rather than mix it with 
 (which ``torch.utils.data.DataLoader`` calls with a batch's indices) reads the batch's distinct images
 once, in storage order, straight into the batch tensors: in a DataLoader worker those are allocated in
 shared memory, so the batch crosses to the main process without another copy; elsewhere they come from
-a :class:`BufferPool` of recycled buffers.
+recycled buffers (:mod:`.memory`).
 
 Batch keys (B samples; ``S`` the store size; every coordinate in *store pixels*, x, y)::
 
@@ -25,104 +24,36 @@ Batch keys (B samples; ``S`` the store size; every coordinate in *store pixels*,
     src_size, trg_size                                  int64 (B, 2)    original W, H
     src_flipped, trg_flipped                            bool (B,)       (with an augmentation only)
 
-``scale``/``offset`` follow every augmentation, so :func:`spairstore.geometry.to_original` maps a point
+``scale``/``offset`` follow every augmentation, so :func:`spairstore.core.geometry.to_original` maps a point
 of the batch back to the original image. :class:`ImageDataset` has the same keys without the side prefix
 (``pixels``, ``keypoints`` (B, K, 2) over all K slots with ``keypoints_valid``, ``row``, ``bbox`` ...).
 """
 from __future__ import annotations
 
-import os
-import threading
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset
 
-from . import geometry
+from ..core import geometry
+from ..core.errors import SpairstoreError
+from ..core.schema import PAIR_LABELS
+from ..store.backends import is_url
+from ..store.reader import Store
 from .augment import Augment, View, needs_keypoint_flip
-from .backends import is_url
-from .errors import SpairstoreError
-from .reader import Store
-from .schema import PAIR_LABELS
+from .collate import Batch, pad_keypoints
+from .memory import Alloc, BatchMemory
 
 #: Field names a dataset can read; plus ``features:<name>`` for each stored feature set.
 FIELDS = ("pixels", "mask", "keypoints", "labels", "image_bytes", "mask_bytes")
 _PAYLOAD = ("pixels", "mask")
 _BYTES = ("image_bytes", "mask_bytes")
 
-Batch = dict[str, Any]
 #: One image's keypoints: slot ids (n,) and points (n, 2).
 Points = tuple[np.ndarray, np.ndarray]
-#: ``alloc(shape, dtype) -> tensor``: where batch payloads are read into.
-Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-
-
-def shared_alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A new tensor in shared memory (as ``default_collate`` makes them in a DataLoader worker), so that
-    sending the batch to the main process does not copy it again."""
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-class BufferPool:
-    """Batch buffers reused once no tensor or array made from them is alive any more.
-
-    A fresh buffer of tens of MB costs a page fault per 4 KiB page, which can take longer than reading
-    the batch into it; a batch's tensors therefore come from recycled memory. A buffer is handed out
-    as a numpy view wrapped by ``torch.from_numpy``: every tensor sharing the memory keeps that view
-    alive, so a dead weak reference to it means the buffer is free again. At most ``keep`` buffers are
-    retained; beyond that, allocations are plain.
-    """
-
-    def __init__(self, keep: int = 16):
-        self.keep = keep
-        self._pool: list[tuple[np.ndarray, weakref.ref | None]] = []
-        self._lock = threading.Lock()  # a Loader reads ahead in a thread
-
-    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            return self._alloc(shape, dtype)
-
-    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        free = [k for k, (buf, ref) in enumerate(self._pool) if buf.nbytes >= nbytes and (ref is None or ref() is None)]
-        if free:
-            k = min(free, key=lambda k: self._pool[k][0].nbytes)
-            buf = self._pool[k][0]
-        else:
-            buf, k = np.empty(max(nbytes, 1), dtype=np.uint8), len(self._pool)
-            if k == self.keep:
-                return torch.from_numpy(buf[:nbytes]).view(dtype).view(shape)
-            self._pool.append((buf, None))
-        view = buf[:nbytes]
-        self._pool[k] = (buf, weakref.ref(view))
-        return torch.from_numpy(view).view(dtype).view(shape)
-
-
-class BatchMemory:
-    """``alloc(shape, dtype)`` for batch payloads: shared memory in a DataLoader worker, a
-    :class:`BufferPool` of this process elsewhere. Pickles empty: each process makes its own."""
-
-    def __init__(self) -> None:
-        self._pool: BufferPool | None = None
-        self._pid = 0
-
-    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if get_worker_info() is not None:
-            return shared_alloc(shape, dtype)
-        if self._pool is None or self._pid != os.getpid():  # a forked child starts its own pool
-            self._pool, self._pid = BufferPool(), os.getpid()
-        return self._pool.alloc(shape, dtype)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
 
 
 def _store_path(store: str | Path | Store) -> Path | str:
@@ -253,20 +184,6 @@ class _StoreDataset(Dataset):
         raise NotImplementedError
 
 
-def pad_keypoints(ids: Sequence[np.ndarray], src: Sequence[np.ndarray], trg: Sequence[np.ndarray]) -> Batch:
-    """Per-sample keypoint lists (ids (n,), points (n, 2)) -> ``kps_ids`` (-1 padded), ``kps_valid``,
-    ``n_kps`` and ``src_kps``/``trg_kps`` padded with 0 to the batch's largest ``n``."""
-    n = np.array([len(i) for i in ids], dtype=np.int64)
-    width = int(n.max(initial=0))
-    kps_ids = np.full((len(n), width), -1, dtype=np.int64)
-    pts = np.zeros((2, len(n), width, 2), dtype=np.float32)
-    for j, k in enumerate(n):
-        kps_ids[j, :k] = ids[j]
-        pts[0, j, :k], pts[1, j, :k] = src[j], trg[j]
-    return {"kps_ids": torch.from_numpy(kps_ids), "kps_valid": torch.from_numpy(kps_ids >= 0),
-            "n_kps": torch.from_numpy(n), "src_kps": torch.from_numpy(pts[0]), "trg_kps": torch.from_numpy(pts[1])}
-
-
 class PairDataset(_StoreDataset):
     """The pairs of one split of a store, for ``torch.utils.data``.
 
@@ -277,7 +194,7 @@ class PairDataset(_StoreDataset):
             ``mask_bytes``, ``features:<name>``. Indices, categories, boxes and the per-image geometry
             (``scale``/``offset``, original ``size``) always come with a sample.
         augment: a hook ``augment(view, rng)`` applied to each image of a pair (see
-            :mod:`spairstore.augment`); None (the default) reads the store as it is.
+            :mod:`spairstore.torch.augment`); None (the default) reads the store as it is.
         seed: seeds the augmentation's randomness together with the epoch and the sample index.
 
     Keypoints are the pair's correspondences (``src_kps[j, i]`` matches ``trg_kps[j, i]``, slot
@@ -396,68 +313,3 @@ class ImageDataset(_StoreDataset):
             out["keypoints_valid"] = torch.from_numpy(valid)
         return out
 
-
-def collate(samples: Batch | list[Batch]) -> Batch:
-    """``collate_fn`` for a DataLoader over a spairstore dataset.
-
-    A batch from ``__getitems__`` passes through unchanged. A list of single samples (``__getitem__``)
-    is stacked; keypoint lists of different lengths are padded with a validity mask (``kps_valid``)."""
-    if isinstance(samples, dict):
-        return samples
-    if not samples:
-        raise SpairstoreError("cannot collate an empty list of samples")
-    kps = ("kps_ids", "kps_valid", "n_kps", "src_kps", "trg_kps")
-    out: Batch = {}
-    if "kps_ids" in samples[0]:
-        out.update(pad_keypoints([s["kps_ids"].numpy() for s in samples], [s["src_kps"].numpy() for s in samples],
-                                 [s["trg_kps"].numpy() for s in samples]))
-    for k, v in samples[0].items():
-        if k not in kps:
-            out[k] = torch.stack([s[k] for s in samples]) if isinstance(v, torch.Tensor) else [s[k] for s in samples]
-    return out
-
-
-class ShardSampler(Sampler[int]):
-    """Indices ``0..n-1`` of one epoch for one rank, with the contract of ``DistributedSampler``.
-
-    The epoch's order is a permutation drawn from ``(seed, epoch)`` (or ``0..n-1`` without ``shuffle``),
-    the same in every process; rank ``r`` of ``world_size`` takes every ``world_size``-th index from
-    position ``r``, so the ranks' shards are disjoint and together cover each index exactly once. Shards
-    then differ in length by at most one; ``pad=True`` repeats the epoch's first indices until every rank
-    has the same count (``DistributedSampler``'s default, which DDP needs for equal step counts).
-    ``rank``/``world_size`` default to ``torch.distributed``'s when it is initialised, else 0 and 1.
-
-    Resuming mid-epoch: ``set_epoch(epoch, start)`` skips the first ``start`` indices of this rank's shard.
-    """
-
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, pad: bool = False):
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.world_size = int(world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1))
-        self.rank = int(rank if rank is not None else (torch.distributed.get_rank() if dist else 0))
-        if not 0 <= self.rank < self.world_size:
-            raise SpairstoreError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
-        self.n, self.shuffle, self.seed, self.pad = int(n), shuffle, int(seed), pad
-        self.epoch = self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = int(epoch), int(start)
-
-    def order(self) -> np.ndarray:
-        """This rank's whole shard of the current epoch (before skipping ``start``)."""
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
-        if self.pad and self.n % self.world_size:
-            extra = self.world_size - self.n % self.world_size
-            order = np.concatenate([order, np.resize(order, extra)]) if self.n else order
-        return order[self.rank::self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start:].tolist())
-
-    @property
-    def num_samples(self) -> int:
-        """Length of this rank's whole shard of an epoch."""
-        return -(-self.n // self.world_size) if self.pad else len(range(self.rank, self.n, self.world_size))
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.start)

@@ -13,7 +13,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import StoreError
+from ...core.errors import StoreError
 from . import RawExtent
 
 #: h5py/HDF5 exceptions a damaged or hostile file can raise; the reader turns them into StoreError.

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from .errors import SpairstoreError
+from ..core.errors import SpairstoreError
 
 
 @dataclass
@@ -62,7 +62,7 @@ class HFlip:
         for a in (view.pixels, view.mask):
             if a is not None:
                 a[:] = a[:, ::-1].copy()
-        # x -> S - x on the continuous frame (pixel edges at integers, see spairstore.geometry).
+        # x -> S - x on the continuous frame (pixel edges at integers, see spairstore.core.geometry).
         view.points = np.stack([s - view.points[:, 0], view.points[:, 1]], axis=1)
         view.ids = view.flip_permutation[view.ids]
         x1, y1, x2, y2 = view.bbox

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .reader import Store
-from .schema import LEVELS
-from .tables import markdown_table, text_table
+from ..core.schema import LEVELS
+from ..core.tables import markdown_table, text_table
+from ..store.reader import Store
 
 
 def dataset_stats(store: Store) -> dict[str, Any]:

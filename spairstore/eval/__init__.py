@@ -1,0 +1,1 @@
+"""Evaluation: PCK protocols, prediction files, methods, reports, dataset statistics and pictures."""

@@ -1,0 +1,33 @@
+"""Source datasets into stores (``spairstore pack``, ``spairstore synth``): the one module of :mod:`spairstore`
+that imports the converters.
+
+Data flows one way: a converter (``converters/``) reads a native layout into canonical records
+(:mod:`spairstore.core.records`), and the writer (:mod:`spairstore.store.writer`) packs records into a
+store. This module joins the two, so neither the store nor anything after it imports a converter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import converters
+from converters.synth import SynthSummary, synthesize
+
+from .core.records import OnError
+from .store.writer import PackSummary, write
+
+__all__ = ["pack", "synthesize", "PackSummary", "SynthSummary", "DATASETS"]
+
+#: Names of the source layouts ``pack`` reads (``dataset=``).
+DATASETS = tuple(converters.CONVERTERS)
+
+
+def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None = None,
+         overwrite: bool = False, progress: bool = False, format: str | None = None,
+         shard_bytes: int | None = None, on_error: OnError = "fail", resume: bool = False) -> PackSummary:
+    """Read the dataset at ``src`` (layout detected unless ``dataset`` names one of :data:`DATASETS`) and
+    pack it into a store at ``out``; see :func:`spairstore.store.writer.write` for the other arguments."""
+    def read(wrap, policy):  # noqa: ANN001, ANN202 - a SourceReader
+        return converters.read(Path(src), dataset, progress=wrap, on_error=policy)
+
+    return write(read, out, size=size, overwrite=overwrite, progress=progress, format=format,
+                 shard_bytes=shard_bytes, on_error=on_error, resume=resume)
