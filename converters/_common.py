@@ -1,48 +1,81 @@
-"""File readers shared by the converters whose annotations are MATLAB files (PF-PASCAL, PF-WILLOW).
+"""Checks and file readers shared by several converters: JSON field validation (SPair-71k, AP-10K),
+MATLAB files (PF-PASCAL, PF-WILLOW), image headers, and naming the image a pair refers to.
 
 Every failure is a :class:`~spairstore.core.errors.SourceError` naming the file relative to the dataset root.
 """
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
 from PIL import Image
 
 from spairstore.core.errors import SourceError
-from spairstore.core.manifest import sha256_bytes
 from spairstore.core.records import ImageRecord, Skipped
 
-Digests = dict[str, tuple[int, str]]  #: see ``DatasetRecords.digests``
+#: JSON number types (``bool`` is not one of them, although it subclasses int).
+NUMBER = (int, float)
 
 
-def read_source(path: Path, root: Path, digests: Digests) -> bytes:
-    """The bytes of a source file, recording their size and SHA-256 for the manifest."""
-    rel = path.relative_to(root).as_posix()
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SourceError(rel, f"cannot read file ({e.strerror})") from None
-    digests[rel] = (len(data), sha256_bytes(data))
-    return data
+# -- JSON fields ---------------------------------------------------------------------------------------
+def require(data: Mapping[str, Any], keys: Iterable[str], rel: str) -> None:
+    """Every key of ``keys`` is in the JSON object ``data`` of file ``rel``."""
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise SourceError(rel, f"missing key(s) {', '.join(missing)}")
 
 
-def source_text(path: Path, root: Path, digests: Digests) -> io.StringIO:
-    """A UTF-8 text source file (e.g. a pair CSV) as a stream for :mod:`csv`, recording its digest."""
-    try:
-        return io.StringIO(read_source(path, root, digests).decode("utf-8-sig"), newline="")
-    except UnicodeDecodeError as e:
-        raise SourceError(path.relative_to(root), f"not UTF-8 text ({e})") from None
+def integer(value: Any, what: str, rel: str, lo: int | None = None, hi: int | None = None) -> int:
+    """A JSON integer (not a bool), within ``lo..hi`` where given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SourceError(rel, f"{what} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"at least {lo}" if hi is None else f"in {lo}..{hi}"
+        raise SourceError(rel, f"{what} must be {bounds}, got {value}")
+    return value
 
 
-def load_mat(path: Path, root: Path, keys: tuple[str, ...], digests: Digests) -> dict[str, np.ndarray]:
-    """The named variables of a MATLAB ``.mat`` file (v4 to v7.2, as the PF datasets ship them; scipy
-    cannot read v7.3 HDF5 files)."""
-    rel = path.relative_to(root)
-    raw = read_source(path, root, digests)
+def string(value: Any, what: str, rel: str) -> str:
+    if not isinstance(value, str):
+        raise SourceError(rel, f"{what} must be a string, got {value!r}")
+    return value
+
+
+def file_name(value: Any, what: str, rel: str) -> str:
+    """A bare file name: anything with a path component could reach outside the dataset root."""
+    name = string(value, what, rel)
+    if not plain_name(name):
+        raise SourceError(rel, f"{what} {name!r} is not a plain file name (path components could escape "
+                               f"the dataset root)")
+    return name
+
+
+def plain_name(name: str) -> bool:
+    """Whether ``name`` is one path component that stays inside its folder."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def points(value: Any, what: str, rel: str, width: int, height: int) -> np.ndarray:
+    """A list of [x, y] points (original pixels) inside a ``width x height`` image: 0 <= x <= width.
+    (Plain Python: for a few points per file it is several times faster than numpy.)"""
+    if type(value) is not list:
+        raise SourceError(rel, f"{what} must be a list of [x, y] points, got {value!r:.80}")
+    for p in value:
+        if type(p) is not list or len(p) != 2 or type(p[0]) not in NUMBER or type(p[1]) not in NUMBER:
+            raise SourceError(rel, f"{what} must be a list of [x, y] number pairs, got {p!r:.80} in it")
+        if not (0 <= p[0] <= width and 0 <= p[1] <= height):  # NaN fails too
+            raise SourceError(rel, f"{what}: point {p} lies outside the {width}x{height} image")
+    return np.array(value, dtype=np.float32).reshape(-1, 2)
+
+
+# -- other files -----------------------------------------------------------------------------------------
+def load_mat(raw: bytes, rel: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named variables of a MATLAB ``.mat`` file's bytes (v4 to v7.2, as the PF datasets ship them;
+    scipy cannot read v7.3 HDF5 files)."""
     try:
         data = scipy.io.loadmat(io.BytesIO(raw), variable_names=keys)
     except Exception as e:  # noqa: BLE001 - scipy raises anything from MatReadError to IndexError on bad bytes

@@ -16,22 +16,22 @@ All coordinates are original pixels as annotated. The dataset has no masks.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 
 from spairstore.core.errors import SourceError
-from spairstore.core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
+from spairstore.core.records import ImageRecord, PairRecord
 
-from ._common import Digests, image_header, load_mat, named_image, source_text
-from .spair71k import VOC_CLASS_INDEX, pair_stem
+from ._common import image_header, load_mat, named_image
+from .base import Converter, Item
+from .voc import CLASSES, pair_stem
 
-NAME = "pfpascal"
 #: The 20 PASCAL VOC classes in VOC order: CSV class ``k`` is ``CATEGORIES[k - 1]``.
-CATEGORIES = tuple(VOC_CLASS_INDEX)
+CATEGORIES = CLASSES
 DATA_DIR = "PF-dataset-PASCAL"
 #: Pair-list file names per split (HPF's ``trn_`` or NC-Net's ``train_``).
 SPLIT_FILES = {"trn": ("trn_pairs.csv", "train_pairs.csv"), "val": ("val_pairs.csv",), "test": ("test_pairs.csv",)}
@@ -59,59 +59,14 @@ class _Row:
         return f"{self.path} line {self.line}"
 
 
-def _data_dir(root: Path) -> Path:
-    return root / DATA_DIR if (root / DATA_DIR).is_dir() else root
-
-
-def detect(root: Path) -> bool:
-    """True when ``root`` (or its ``PF-dataset-PASCAL/``) has ``JPEGImages/`` and per-class ``Annotations/``."""
-    data = _data_dir(root)
-    return (data / "JPEGImages").is_dir() and any((data / "Annotations" / c).is_dir() for c in CATEGORIES)
-
-
-def _split_files(root: Path, data: Path) -> dict[str, Path]:
-    """The pair lists of the first folder holding any: ``root``, ``root/image_pairs``, the data folder."""
-    for folder in dict.fromkeys((root, root / "image_pairs", data)):
-        found = {}
-        for split, names in SPLIT_FILES.items():
-            path = next((folder / n for n in names if (folder / n).is_file()), None)
-            if path is not None:
-                found[split] = path
-        if found:
-            return found
-    return {}
-
-
-def _floats(cell: str, column: str, where: str, rel: Path) -> np.ndarray:
+def _floats(cell: str, column: str, where: str, rel: str) -> np.ndarray:
     try:
         return np.array([float(v) for v in cell.split(";")], dtype=np.float64)
     except ValueError:
         raise SourceError(rel, f"{where}: {column} must be ';'-separated numbers, got {cell[:40]!r}") from None
 
 
-def _read_csv(root: Path, path: Path, split: str, digests: Digests, policy: ErrorPolicy) -> list[_Row]:
-    """The rows of a pair CSV; a bad row raises, or is skipped by ``policy`` (a bad header always raises)."""
-    rel = path.relative_to(root)
-    rows: list[_Row] = []
-    with source_text(path, root, digests) as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in ("source_image", "target_image", "class") if c not in columns]
-        if missing:
-            raise SourceError(rel, f"missing column(s) {', '.join(missing)} (header {columns})")
-        has_kps = any(c in columns for c in KPS_COLUMNS)
-        if has_kps and not all(c in columns for c in KPS_COLUMNS):
-            raise SourceError(rel, f"keypoint columns must be all of {', '.join(KPS_COLUMNS)} (header {columns})")
-        for pair_id, r in enumerate(reader, start=1):
-            line = reader.line_num
-            row = policy.attempt("pair", f"{split}/line {line}",
-                                 lambda: _parse_row(r, rel, line, pair_id, len(columns), has_kps))
-            if row is not None:
-                rows.append(row)
-    return rows
-
-
-def _parse_row(r: dict[str, str], rel: Path, line: int, pair_id: int, columns: int, has_kps: bool) -> _Row:
+def _parse_row(r: dict[str, str], rel: str, line: int, pair_id: int, columns: int, has_kps: bool) -> _Row:
     where = f"line {line}"
     if None in r or None in r.values():
         raise SourceError(rel, f"{where}: expected {columns} columns")
@@ -128,30 +83,9 @@ def _parse_row(r: dict[str, str], rel: Path, line: int, pair_id: int, columns: i
             raise SourceError(rel, f"{where}: keypoint counts differ (XA {len(xa)}, YA {len(ya)}, "
                                    f"XB {len(xb)}, YB {len(yb)})")
         kps = (np.stack([xa, ya], 1), np.stack([xb, yb], 1))
-    return _Row(rel.as_posix(), line, pair_id, CATEGORIES[int(cls) - 1],
+    return _Row(rel, line, pair_id, CATEGORIES[int(cls) - 1],
                 *(PurePosixPath(r[c].strip().replace("\\", "/")).name for c in ("source_image", "target_image")),
                 int(flip), kps)
-
-
-def _read_image(root: Path, data: Path, category: str, filename: str, where: str, digests: Digests) -> ImageRecord:
-    name = PurePosixPath(filename).stem
-    mat = data / "Annotations" / category / f"{name}.mat"
-    rel = mat.relative_to(root)
-    if not mat.is_file():
-        raise SourceError(rel, f"annotation file not found (named by {where})")
-    m = load_mat(mat, root, ("kps", "bbox"), digests)
-    kps, bbox = np.asarray(m["kps"]), np.asarray(m["bbox"])
-    if kps.dtype.kind not in "fiu" or kps.ndim != 2 or (kps.size and kps.shape[1] != 2):
-        raise SourceError(rel, f"kps must be a numeric (K, 2) array of x, y rows, got {kps.dtype} {kps.shape}")
-    if bbox.dtype.kind not in "fiu" or bbox.size != 4:
-        raise SourceError(rel, f"bbox must be 4 numbers x1, y1, x2, y2, got {bbox.dtype} {bbox.shape}")
-    image_path = data / "JPEGImages" / filename
-    width, height, depth = image_header(image_path, root, where)
-    return ImageRecord(
-        category=category, name=name, image_path=image_path, mask_path=None, width=width, height=height,
-        bbox=tuple(float(v) for v in bbox.ravel()),  # type: ignore[arg-type]
-        keypoints=kps.reshape(-1, 2).astype(np.float32), depth=depth,
-    )
 
 
 def _slot_ids(src_slots: np.ndarray, trg_slots: np.ndarray, src_kps: np.ndarray, trg_kps: np.ndarray
@@ -167,88 +101,129 @@ def _slot_ids(src_slots: np.ndarray, trg_slots: np.ndarray, src_kps: np.ndarray,
     return ids
 
 
-def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
-         on_error: OnError = "fail") -> DatasetRecords:
-    """Read a PF-PASCAL root into canonical records (splits ``trn``, ``val``, ``test`` as present).
+class PFPascal(Converter):
+    """PF-PASCAL (splits ``trn``, ``val``, ``test`` as present).
 
     Images are those the pair lists name, keyed ``(class, name)``, sorted by class (VOC order) and
     name; pairs keep their CSV order, with pair ids 1.. per split (a pair's row in its CSV). ``kps_ids``
     are ``.mat`` rows (for CSV keypoints: the row each matches; positions in the pair where none does,
-    counted in ``notes``). A bad ``.mat``, CSV row or image raises :class:`SourceError` naming the file,
-    or with ``on_error="skip"`` leaves the image or pair (and every pair using a left-out image) out and
-    lists it in ``skipped``; a bad CSV header always raises.
-    ``progress(iterable, description, total)`` wraps the long loops.
+    counted in the notes). A bad CSV header always raises, whatever the error policy.
     """
-    root = Path(root).resolve()
-    policy = ErrorPolicy(on_error)
-    wrap = progress or (lambda it, desc, total: it)
-    if not detect(root):
-        raise SourceError(root, f"not a PF-PASCAL root (needs [{DATA_DIR}/]JPEGImages/ and Annotations/<class>/)")
-    data = _data_dir(root)
-    files = _split_files(root, data)
-    if not files:
-        raise SourceError(root, "no pair list found: test_pairs.csv, trn_pairs.csv (or train_pairs.csv), "
-                                f"val_pairs.csv in the root, image_pairs/ or {DATA_DIR}/")
-    digests: Digests = {}
-    rows = {split: _read_csv(root, path, split, digests, policy) for split, path in files.items()}
-    notes = [f"split {s!r} absent (no {' or '.join(n)}): not packed" for s, n in SPLIT_FILES.items() if s not in files]
 
-    named: dict[tuple[str, str], tuple[str, str]] = {}  # (class, name) -> (file name, first line naming it)
-    for rs in rows.values():
-        for r in rs:
-            for f in (r.src, r.trg):
-                named.setdefault((r.category, PurePosixPath(f).stem), (f, r.where))
-    if not named:
-        raise SourceError(next(iter(files.values())).relative_to(root), "the pair lists hold no pairs")
-    keys = sorted(named, key=lambda k: (CATEGORIES.index(k[0]), k[1]))
-    images = []
-    for k in wrap(keys, "annotations", len(keys)):
-        im = policy.attempt("image", "/".join(k), lambda: _read_image(root, data, k[0], *named[k], digests))
-        if im is not None:
-            images.append(im)
-    num_keypoints = max((len(im.keypoints) for im in images), default=0)
-    pad = np.full((num_keypoints, 2), np.nan, dtype=np.float32)
-    images = [replace(im, keypoints=np.concatenate([im.keypoints, pad[len(im.keypoints):]])) for im in images]
-    index = {im.key: im for im in images}
-    skipped = {s.key: s for s in policy.skipped if s.kind == "image"}
+    name = "pfpascal"
+    title = "PF-PASCAL"
+    layout = ("JPEGImages/", "Annotations/<class>/<name>.mat")
+    data_dirs = (DATA_DIR, "")
 
-    pairs: dict[str, list[PairRecord]] = {}
-    unmatched = 0
-    for split, rs in rows.items():
-        recs: list[PairRecord] = []
-        for r in rs:
-            names = [PurePosixPath(f).stem for f in (r.src, r.trg)]
-            found = policy.attempt(
-                "pair", f"{split}/{pair_stem(r.pair_id, *names, r.category)}",
-                lambda: [named_image(index, skipped, (r.category, n), r.path, f"line {r.line}: {f!r}")
-                         for n, f in zip(names, (r.src, r.trg))])
-            if found is None:
-                continue
-            src, trg = found
-            if r.kps is None:
-                ids = np.flatnonzero(np.isfinite(src.keypoints).all(1) & np.isfinite(trg.keypoints).all(1))
-                src_kps, trg_kps = src.keypoints[ids], trg.keypoints[ids]
-            else:
-                keep = np.isfinite(r.kps[0]).all(1) & np.isfinite(r.kps[1]).all(1)
-                src_kps, trg_kps = r.kps[0][keep], r.kps[1][keep]
-                slots = _slot_ids(src.keypoints, trg.keypoints, src_kps, trg_kps)
-                unmatched += slots is None
-                ids = np.arange(len(src_kps)) if slots is None else slots
-            recs.append(PairRecord(
-                split=split, pair_id=r.pair_id, stem=pair_stem(r.pair_id, src.name, trg.name, r.category),
-                category=r.category, src=src.key, trg=trg.key, kps_ids=ids.astype(np.int16),
-                src_kps=src_kps.astype(np.float32), trg_kps=trg_kps.astype(np.float32), flip=r.flip, path=r.path,
-            ))
-        pairs[split] = recs
-        has_kps = bool(rs) and rs[0].kps is not None
-        notes.append(f"{split}: {len(recs):,} pairs from {files[split].relative_to(root).as_posix()}, keypoints "
-                     + ("from the CSV" if has_kps else "from the .mat rows annotated in both images"))
-    if unmatched:
-        notes.append(f"{unmatched} pairs have CSV keypoints that are not all rows of their images' .mat kps "
-                     f"(within {MATCH_TOL} px): their kps_ids are positions in the pair")
-    sources = [*files.values(), *(data / "Annotations" / c / f"{n}.mat" for c, n in index),
-               *dict.fromkeys(im.image_path for im in images)]
-    return DatasetRecords(
-        dataset=NAME, root=root, categories=list(CATEGORIES), num_keypoints=num_keypoints,
-        images=images, pairs=pairs, sources=sources, notes=notes, skipped=policy.skipped, digests=digests,
-    )
+    def _split_files(self) -> dict[str, Path]:
+        """The pair lists of the first folder holding any: the root, ``image_pairs/``, the data folder."""
+        for folder in dict.fromkeys((self.root, self.root / "image_pairs", self.data)):
+            found = {}
+            for split, names in SPLIT_FILES.items():
+                path = next((folder / n for n in names if (folder / n).is_file()), None)
+                if path is not None:
+                    found[split] = path
+            if found:
+                return found
+        return {}
+
+    def _read_csv(self, path: Path, split: str) -> list[_Row]:
+        """The rows of a pair CSV; a bad row raises, or is skipped by the policy (a bad header always raises)."""
+        rel = self.rel(path)
+        rows: list[_Row] = []
+        with self.source_text(rel) as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in ("source_image", "target_image", "class") if c not in columns]
+            if missing:
+                raise SourceError(rel, f"missing column(s) {', '.join(missing)} (header {columns})")
+            has_kps = any(c in columns for c in KPS_COLUMNS)
+            if has_kps and not all(c in columns for c in KPS_COLUMNS):
+                raise SourceError(rel, f"keypoint columns must be all of {', '.join(KPS_COLUMNS)} (header {columns})")
+            for pair_id, r in enumerate(reader, start=1):
+                line = reader.line_num
+                row = self.policy.attempt("pair", f"{split}/line {line}",
+                                          lambda: _parse_row(r, rel, line, pair_id, len(columns), has_kps))
+                if row is not None:
+                    rows.append(row)
+        return rows
+
+    def image_items(self) -> list[Item[ImageRecord]]:
+        self.files = self._split_files()
+        if not self.files:
+            raise SourceError(self.root, "no pair list found: test_pairs.csv, trn_pairs.csv (or train_pairs.csv), "
+                                         f"val_pairs.csv in the root, image_pairs/ or {DATA_DIR}/")
+        self.sources += self.files.values()
+        self.rows = {split: self._read_csv(path, split) for split, path in self.files.items()}
+        self.notes += [f"split {s!r} absent (no {' or '.join(n)}): not packed"
+                       for s, n in SPLIT_FILES.items() if s not in self.files]
+        named: dict[tuple[str, str], tuple[str, str]] = {}  # (class, name) -> (file name, first line naming it)
+        for rs in self.rows.values():
+            for r in rs:
+                for f in (r.src, r.trg):
+                    named.setdefault((r.category, PurePosixPath(f).stem), (f, r.where))
+        if not named:
+            raise SourceError(self.rel(next(iter(self.files.values()))), "the pair lists hold no pairs")
+        self.categories = list(CATEGORIES)
+        keys = sorted(named, key=lambda k: (CATEGORIES.index(k[0]), k[1]))
+        return [Item("/".join(k), partial(self._read_image, k[0], *named[k]),
+                     self.rel(self._mat(k[0], PurePosixPath(named[k][0]).stem))) for k in keys]
+
+    def _mat(self, category: str, name: str) -> Path:
+        return self.data / "Annotations" / category / f"{name}.mat"
+
+    def _read_image(self, category: str, filename: str, where: str) -> ImageRecord:
+        name = PurePosixPath(filename).stem
+        mat = self._mat(category, name)
+        rel = self.rel(mat)
+        if not mat.is_file():
+            raise SourceError(rel, f"annotation file not found (named by {where})")
+        m = load_mat(self.read_source(rel), rel, ("kps", "bbox"))
+        kps, bbox = np.asarray(m["kps"]), np.asarray(m["bbox"])
+        if kps.dtype.kind not in "fiu" or kps.ndim != 2 or (kps.size and kps.shape[1] != 2):
+            raise SourceError(rel, f"kps must be a numeric (K, 2) array of x, y rows, got {kps.dtype} {kps.shape}")
+        if bbox.dtype.kind not in "fiu" or bbox.size != 4:
+            raise SourceError(rel, f"bbox must be 4 numbers x1, y1, x2, y2, got {bbox.dtype} {bbox.shape}")
+        image_path = self.data / "JPEGImages" / filename
+        width, height, depth = image_header(image_path, self.root, where)
+        return ImageRecord(
+            category=category, name=name, image_path=image_path, mask_path=None, width=width, height=height,
+            bbox=tuple(float(v) for v in bbox.ravel()),  # type: ignore[arg-type]
+            keypoints=kps.reshape(-1, 2).astype(np.float32), depth=depth,
+        )
+
+    def finish_images(self, images: list[ImageRecord]) -> list[ImageRecord]:
+        """Keypoints NaN-padded to the most rows of any image (the store's ``num_keypoints``)."""
+        self.num_keypoints = max((len(im.keypoints) for im in images), default=0)
+        pad = np.full((self.num_keypoints, 2), np.nan, dtype=np.float32)
+        return [replace(im, keypoints=np.concatenate([im.keypoints, pad[len(im.keypoints):]])) for im in images]
+
+    def pair_items(self) -> Iterator[tuple[str, list[Item[PairRecord]]]]:
+        self._unmatched = 0
+        for split, rs in self.rows.items():
+            has_kps = bool(rs) and rs[0].kps is not None
+            self.notes.append(f"{split}: {len(rs):,} pairs listed in {self.rel(self.files[split])}, keypoints "
+                              + ("from the CSV" if has_kps else "from the .mat rows annotated in both images"))
+            yield split, [Item(f"{split}/{pair_stem(r.pair_id, PurePosixPath(r.src).stem, PurePosixPath(r.trg).stem, r.category)}",
+                               partial(self._pair, split, r), r.path) for r in rs]
+        if self._unmatched:
+            self.notes.append(f"{self._unmatched} pairs have CSV keypoints that are not all rows of their images' .mat "
+                              f"kps (within {MATCH_TOL} px): their kps_ids are positions in the pair")
+
+    def _pair(self, split: str, r: _Row) -> PairRecord:
+        src, trg = (named_image(self.images, self.skipped_images, (r.category, PurePosixPath(f).stem), r.path,
+                                f"line {r.line}: {f!r}") for f in (r.src, r.trg))
+        if r.kps is None:
+            ids = np.flatnonzero(np.isfinite(src.keypoints).all(1) & np.isfinite(trg.keypoints).all(1))
+            src_kps, trg_kps = src.keypoints[ids], trg.keypoints[ids]
+        else:
+            keep = np.isfinite(r.kps[0]).all(1) & np.isfinite(r.kps[1]).all(1)
+            src_kps, trg_kps = r.kps[0][keep], r.kps[1][keep]
+            slots = _slot_ids(src.keypoints, trg.keypoints, src_kps, trg_kps)
+            self._unmatched += slots is None
+            ids = np.arange(len(src_kps)) if slots is None else slots
+        return PairRecord(
+            split=split, pair_id=r.pair_id, stem=pair_stem(r.pair_id, src.name, trg.name, r.category),
+            category=r.category, src=src.key, trg=trg.key, kps_ids=ids.astype(np.int16),
+            src_kps=src_kps.astype(np.float32), trg_kps=trg_kps.astype(np.float32), flip=r.flip, path=r.path,
+        )

@@ -17,21 +17,21 @@ from __future__ import annotations
 import csv
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 
 from spairstore.core.errors import SourceError
 from spairstore.core.manifest import sha256_file
-from spairstore.core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
+from spairstore.core.records import ImageRecord, PairRecord
 
-from ._common import Digests, image_header, load_mat, named_image, source_text
-from .spair71k import pair_stem
+from ._common import image_header, load_mat, named_image
+from .base import Converter, Item
+from .voc import pair_stem
 
-NAME = "pfwillow"
 NUM_KEYPOINTS = 10
 SPLIT = "test"
 PAIR_CSV = "test_pairs_pf.csv"
@@ -48,29 +48,6 @@ def _class_dirs(folder: Path) -> list[Path]:
                   if p.is_dir() and _CLASS_DIR.fullmatch(p.name) and any(p.glob("*.mat")))
 
 
-def _data_dir(root: Path) -> Path | None:
-    return next((d for d in (root / DATA_DIR, root) if _class_dirs(d)), None)
-
-
-def detect(root: Path) -> bool:
-    """True when ``root`` (or its ``PF-dataset/``) holds PF-WILLOW class folders."""
-    return _data_dir(root) is not None
-
-
-def _read_image(root: Path, mat: Path, digests: Digests) -> ImageRecord:
-    rel = mat.relative_to(root)
-    pts = np.asarray(load_mat(mat, root, ("pts_coord",), digests)["pts_coord"])
-    if pts.shape != (2, NUM_KEYPOINTS) or pts.dtype.kind != "f":
-        raise SourceError(rel, f"pts_coord must be float (2, {NUM_KEYPOINTS}) (x row, y row), "
-                               f"got {pts.dtype} {pts.shape}")
-    image_path = mat.with_suffix(".png")
-    width, height, depth = image_header(image_path, root, str(rel))
-    return ImageRecord(
-        category=mat.parent.name, name=mat.stem, image_path=image_path, mask_path=None,
-        width=width, height=height, bbox=(np.nan,) * 4, keypoints=pts.T.astype(np.float32), depth=depth,
-    )
-
-
 @dataclass(frozen=True)
 class _Listed:
     """One pair of the pair list: a CSV row, or one of the published list built from the annotations."""
@@ -83,40 +60,7 @@ class _Listed:
     kps: tuple[np.ndarray, np.ndarray] | None  #: (10, 2) source and target keypoints from the CSV, or None
 
 
-def _pair(p: _Listed, src: ImageRecord, trg: ImageRecord) -> PairRecord:
-    """A test pair over the 10 keypoint slots (the CSV's, else the images'), keeping those annotated in both."""
-    src_kps, trg_kps = p.kps if p.kps is not None else (src.keypoints, trg.keypoints)
-    ids = np.flatnonzero(np.isfinite(src_kps).all(1) & np.isfinite(trg_kps).all(1)).astype(np.int16)
-    return PairRecord(
-        split=SPLIT, pair_id=p.pair_id, stem=pair_stem(p.pair_id, src.name, trg.name, src.category),
-        category=src.category, src=src.key, trg=trg.key, kps_ids=ids,
-        src_kps=src_kps[ids].astype(np.float32), trg_kps=trg_kps[ids].astype(np.float32), path=p.path,
-    )
-
-
-def _csv_pairs(root: Path, path: Path, digests: Digests, policy: ErrorPolicy) -> list[_Listed]:
-    """The pairs ``test_pairs_pf.csv`` lists, in its order; a bad row raises or is skipped by ``policy``
-    (a bad header always raises)."""
-    rel = path.relative_to(root)
-    pairs: list[_Listed] = []
-    with source_text(path, root, digests) as f:
-        rows = csv.reader(f)
-        header = next(rows, None)
-        if header is None or len(header) != _COLUMNS or header[:2] != ["imageA", "imageB"]:
-            raise SourceError(rel, f"expected header imageA, imageB, XA1..XA{NUM_KEYPOINTS}, YA.., XB.., YB.. "
-                                   f"({_COLUMNS} columns), got {header!r}")
-        pair_id = 0
-        for line, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            pair_id += 1
-            p = policy.attempt("pair", f"{SPLIT}/line {line}", lambda: _csv_row(row, rel, line, pair_id))
-            if p is not None:
-                pairs.append(p)
-    return pairs
-
-
-def _csv_row(row: list[str], rel: Path, line: int, pair_id: int) -> _Listed:
+def _csv_row(row: list[str], rel: str, line: int, pair_id: int) -> _Listed:
     if len(row) != _COLUMNS:
         raise SourceError(rel, f"line {line}: {len(row)} columns, expected {_COLUMNS} "
                                f"(2 images and {NUM_KEYPOINTS} x, y per image)")
@@ -128,7 +72,7 @@ def _csv_row(row: list[str], rel: Path, line: int, pair_id: int) -> _Listed:
         xa, ya, xb, yb = np.asarray(row[2:], dtype=np.float64).reshape(4, NUM_KEYPOINTS)
     except ValueError:
         raise SourceError(rel, f"line {line}: keypoint coordinates must be numbers") from None
-    return _Listed(pair_id, src, trg, rel.as_posix(), (f"line {line}: {row[0]!r}", f"line {line}: {row[1]!r}"),
+    return _Listed(pair_id, src, trg, rel, (f"line {line}: {row[0]!r}", f"line {line}: {row[1]!r}"),
                    (np.stack([xa, ya], 1), np.stack([xb, yb], 1)))
 
 
@@ -159,55 +103,85 @@ def _duplicates_note(images: list[ImageRecord]) -> str | None:
             f"stored once per (class, name): " + "; ".join(" = ".join(g) for g in dup))
 
 
-def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
-         on_error: OnError = "fail") -> DatasetRecords:
-    """Read a PF-WILLOW root into canonical records (split ``test``).
+class PFWillow(Converter):
+    """PF-WILLOW (split ``test``).
 
-    Pairs are those of ``test_pairs_pf.csv`` (in ``root`` or ``PF-dataset/``) with its keypoints; where
-    the CSV is absent the published list is rebuilt from the annotations (:func:`published_pairs`)
-    and ``notes`` says so. Pair ids are positions in the list. A bad ``.mat``, image or CSV row raises
-    :class:`SourceError` naming the file, or with ``on_error="skip"`` leaves the image or pair (and
-    every pair using a left-out image) out and lists it in ``skipped``; a bad CSV header always raises.
-    ``progress(iterable, description, total)`` wraps the long loops.
+    Pairs are those of ``test_pairs_pf.csv`` (in the root or ``PF-dataset/``) with its keypoints; where
+    the CSV is absent the published list is rebuilt from the annotations (:func:`published_pairs`) and
+    the notes say so. Pair ids are positions in the list. A bad CSV header always raises, whatever the
+    error policy.
     """
-    root = Path(root).resolve()
-    policy = ErrorPolicy(on_error)
-    wrap = progress or (lambda it, desc, total: it)
-    data = _data_dir(root)
-    if data is None:
-        raise SourceError(root, f"not a PF-WILLOW root (needs {DATA_DIR}/<class>(<subset>)/<name>.png + .mat)")
-    classes = _class_dirs(data)
-    mats = [m for c in classes for m in sorted(c.glob("*.mat"))]
-    digests: Digests = {}
-    images = []
-    for m in wrap(mats, "annotations", len(mats)):
-        im = policy.attempt("image", f"{m.parent.name}/{m.stem}", lambda: _read_image(root, m, digests))
-        if im is not None:
-            images.append(im)
-    index = {im.key: im for im in images}
-    skipped = {s.key: s for s in policy.skipped if s.kind == "image"}
-    notes = [n for n in (_duplicates_note(images),) if n]
-    sources = [m for m in mats if (m.parent.name, m.stem) in index]
-    csv_path = next((p for p in (root / PAIR_CSV, data / PAIR_CSV) if p.is_file()), None)
-    if csv_path is not None:
-        listed = _csv_pairs(root, csv_path, digests, policy)
-        sources.append(csv_path)
-    else:
-        listed = published_pairs([(m.parent.name, m.stem) for m in mats])
-        notes.append(f"no {PAIR_CSV}: built the published pair list from the annotations, all {len(listed)} "
-                     f"ordered pairs (source != target) within each of the {len(classes)} class folders, "
-                     "folders and images in name order, pair ids 1.. in that order")
-    pairs = []
-    for p in listed:
-        found = policy.attempt(
-            "pair", f"{SPLIT}/{pair_stem(p.pair_id, p.src[1], p.trg[1], p.src[0])}",
-            lambda: [named_image(index, skipped, k, p.path or None, w) for k, w in zip((p.src, p.trg), p.where)])
-        if found is not None:
-            pairs.append(_pair(p, *found))
-    if not pairs:
-        raise SourceError(csv_path.relative_to(root) if csv_path else root, "no pairs")
-    sources += [im.image_path for im in images]
-    return DatasetRecords(
-        dataset=NAME, root=root, categories=[c.name for c in classes], num_keypoints=NUM_KEYPOINTS,
-        images=images, pairs={SPLIT: pairs}, sources=sources, notes=notes, skipped=policy.skipped, digests=digests,
-    )
+
+    name = "pfwillow"
+    title = "PF-WILLOW"
+    layout = ("<class>(<subset>)/<name>.mat",)
+    data_dirs = (DATA_DIR, "")
+    num_keypoints = NUM_KEYPOINTS
+
+    def image_items(self) -> list[Item[ImageRecord]]:
+        classes = _class_dirs(self.data)
+        if not classes:  # the layout's folders only look like PF-WILLOW's: their names have no subset
+            raise SourceError(self.root, f"not a {self.title} root (needs {self.needs()})")
+        self.categories = [c.name for c in classes]
+        self._mats = [m for c in classes for m in sorted(c.glob("*.mat"))]
+        return [Item(f"{m.parent.name}/{m.stem}", partial(self._read_image, m), self.rel(m)) for m in self._mats]
+
+    def _read_image(self, mat: Path) -> ImageRecord:
+        rel = self.rel(mat)
+        pts = np.asarray(load_mat(self.read_source(rel), rel, ("pts_coord",))["pts_coord"])
+        if pts.shape != (2, NUM_KEYPOINTS) or pts.dtype.kind != "f":
+            raise SourceError(rel, f"pts_coord must be float (2, {NUM_KEYPOINTS}) (x row, y row), "
+                                   f"got {pts.dtype} {pts.shape}")
+        image_path = mat.with_suffix(".png")
+        width, height, depth = image_header(image_path, self.root, rel)
+        return ImageRecord(
+            category=mat.parent.name, name=mat.stem, image_path=image_path, mask_path=None,
+            width=width, height=height, bbox=(np.nan,) * 4, keypoints=pts.T.astype(np.float32), depth=depth,
+        )
+
+    def _csv_pairs(self, path: Path) -> list[_Listed]:
+        """The pairs ``test_pairs_pf.csv`` lists, in its order; a bad row raises or is skipped by the
+        policy (a bad header always raises)."""
+        rel = self.rel(path)
+        pairs: list[_Listed] = []
+        with self.source_text(rel) as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None or len(header) != _COLUMNS or header[:2] != ["imageA", "imageB"]:
+                raise SourceError(rel, f"expected header imageA, imageB, XA1..XA{NUM_KEYPOINTS}, YA.., XB.., YB.. "
+                                       f"({_COLUMNS} columns), got {header!r}")
+            pair_id = 0
+            for line, row in enumerate(rows, start=2):
+                if not row:
+                    continue
+                pair_id += 1
+                p = self.policy.attempt("pair", f"{SPLIT}/line {line}", lambda: _csv_row(row, rel, line, pair_id))
+                if p is not None:
+                    pairs.append(p)
+        return pairs
+
+    def pair_items(self) -> Iterator[tuple[str, list[Item[PairRecord]]]]:
+        self.notes += [n for n in (_duplicates_note(list(self.images.values())),) if n]
+        csv_path = next((p for p in (self.root / PAIR_CSV, self.data / PAIR_CSV) if p.is_file()), None)
+        if csv_path is not None:
+            listed = self._csv_pairs(csv_path)
+            self.sources.append(csv_path)
+        else:
+            listed = published_pairs([(m.parent.name, m.stem) for m in self._mats])
+            self.notes.append(f"no {PAIR_CSV}: built the published pair list from the annotations, all {len(listed)} "
+                              f"ordered pairs (source != target) within each of the {len(self.categories)} class "
+                              "folders, folders and images in name order, pair ids 1.. in that order")
+        yield SPLIT, [Item(f"{SPLIT}/{pair_stem(p.pair_id, p.src[1], p.trg[1], p.src[0])}",
+                           partial(self._pair, p), p.path) for p in listed]
+
+    def _pair(self, p: _Listed) -> PairRecord:
+        """A test pair over the 10 keypoint slots (the CSV's, else the images'), keeping those annotated in both."""
+        src, trg = (named_image(self.images, self.skipped_images, k, p.path or None, w)
+                    for k, w in zip((p.src, p.trg), p.where))
+        src_kps, trg_kps = p.kps if p.kps is not None else (src.keypoints, trg.keypoints)
+        ids = np.flatnonzero(np.isfinite(src_kps).all(1) & np.isfinite(trg_kps).all(1)).astype(np.int16)
+        return PairRecord(
+            split=SPLIT, pair_id=p.pair_id, stem=pair_stem(p.pair_id, src.name, trg.name, src.category),
+            category=src.category, src=src.key, trg=trg.key, kps_ids=ids,
+            src_kps=src_kps[ids].astype(np.float32), trg_kps=trg_kps[ids].astype(np.float32), path=p.path,
+        )

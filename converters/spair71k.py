@@ -6,36 +6,31 @@
     ImageAnnotation/<cat>/<name>.json    PairAnnotation/{trn,val,test}/<pair stem>.json
     Layout/{large,small}/{trn,val,test}.txt
 
-This module knows the file formats and the dataset's own rules (difficulty labels, pair files); it
-reads a root into :class:`~spairstore.core.records.DatasetRecords` and validates as it goes, naming the file
-at fault. Nothing else in spairstore parses SPair files.
+This module knows the file formats and the dataset's own rules (difficulty labels, pair files);
+:class:`SPair71k` reads a root into :class:`~spairstore.core.records.DatasetRecords` and validates as it
+goes, naming the file at fault. Nothing else in spairstore parses SPair files.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from spairstore.core.errors import SourceError
-from spairstore.core.manifest import sha256_bytes
-from spairstore.core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord
+from spairstore.core.records import ImageRecord, PairRecord
 
-NAME = "spair71k"
-CATEGORIES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
-)
-#: PASCAL VOC class index of each category, as written in the Segmentation PNGs.
-VOC_CLASS_INDEX = {
-    "aeroplane": 1, "bicycle": 2, "bird": 3, "boat": 4, "bottle": 5, "bus": 6, "car": 7, "cat": 8,
-    "chair": 9, "cow": 10, "diningtable": 11, "dog": 12, "horse": 13, "motorbike": 14, "person": 15,
-    "pottedplant": 16, "sheep": 17, "sofa": 18, "train": 19, "tvmonitor": 20,
-}
+from ._common import NUMBER, file_name, integer, points, require, string
+from .base import Converter, Item
+from .voc import CLASSES, pair_stem
+
+#: The 18 VOC classes of SPair-71k (all but diningtable and sofa), in the dataset's sorted order; the
+#: Segmentation PNGs hold their VOC class indices (:data:`converters.voc.CLASS_INDEX`).
+CATEGORIES = tuple(c for c in CLASSES if c not in ("diningtable", "sofa"))
 SPLITS = ("trn", "val", "test")
 NUM_KEYPOINTS = 30
 #: Mirror-image keypoint slots of each category as (right, left) pairs, the object's own sides (a frontal
@@ -111,10 +106,6 @@ def flag_pair(src_flag: int, trg_flag: int) -> int:
     return int(src_flag) + 2 * int(trg_flag)
 
 
-def pair_stem(pair_id: int, src_name: str, trg_name: str, category: str) -> str:
-    return f"{pair_id:06d}-{src_name}-{trg_name}:{category}"
-
-
 def common_keypoint_ids(src_kps: Mapping[str, Any], trg_kps: Mapping[str, Any]) -> list[str]:
     """Ids visible in both images, ascending."""
     return [k for k in sorted(src_kps, key=int) if src_kps[k] is not None and trg_kps.get(k) is not None]
@@ -154,83 +145,10 @@ def pair_annotation(src: Mapping[str, Any], trg: Mapping[str, Any], pair_id: int
 # ----------------------------------------------------------------------------------------------
 # Reading a root
 # ----------------------------------------------------------------------------------------------
-def detect(root: Path) -> bool:
-    """True when ``root`` looks like a SPair-71k root."""
-    return (root / "ImageAnnotation").is_dir() and (root / "PairAnnotation").is_dir()
-
-
-Digests = dict[str, tuple[int, str]]  #: see ``DatasetRecords.digests``
-
-
-def _load_json(path: Path | str, rel: Path | str, digests: Digests) -> dict[str, Any]:
-    """Parse a JSON object, recording the size and SHA-256 of the very bytes parsed for the manifest."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        digests[str(rel)] = (len(raw), sha256_bytes(raw))
-        data = json.loads(raw.decode("utf-8"))  # str: skips json's encoding detection
-    except FileNotFoundError:
-        raise SourceError(rel, "file not found") from None
-    except OSError as e:
-        raise SourceError(rel, f"cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise SourceError(rel, f"malformed JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise SourceError(rel, "expected a JSON object")
-    return data
-
-
-def _require(data: Mapping[str, Any], keys: Iterable[str], rel: Path | str) -> None:
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise SourceError(rel, f"missing key(s) {', '.join(missing)}")
-
-
-def _int(value: Any, what: str, rel: Path | str, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SourceError(rel, f"{what} must be an integer, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"at least {lo}" if hi is None else f"in {lo}..{hi}"
-        raise SourceError(rel, f"{what} must be {bounds}, got {value}")
-    return value
-
-
-#: JSON number types (``bool`` is not one of them, although it subclasses int).
-_NUMBER = (int, float)
-
-
-def _str(value: Any, what: str, rel: Path | str) -> str:
-    if not isinstance(value, str):
-        raise SourceError(rel, f"{what} must be a string, got {value!r}")
-    return value
-
-
-def _file_name(value: Any, what: str, rel: Path | str) -> str:
-    """A bare file name: anything with a path component could reach outside the dataset root."""
-    name = _str(value, what, rel)
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise SourceError(rel, f"{what} {name!r} is not a plain file name (path components could escape "
-                               f"the dataset root)")
-    return name
-
-
-def _points(value: Any, what: str, rel: Path | str, width: int, height: int) -> np.ndarray:
-    """A list of [x, y] points (original pixels) inside a ``width x height`` image: 0 <= x <= width.
-    (Plain Python: for a few points per file it is several times faster than numpy.)"""
-    if type(value) is not list:
-        raise SourceError(rel, f"{what} must be a list of [x, y] points, got {value!r:.80}")
-    for p in value:
-        if type(p) is not list or len(p) != 2 or type(p[0]) not in _NUMBER or type(p[1]) not in _NUMBER:
-            raise SourceError(rel, f"{what} must be a list of [x, y] number pairs, got {p!r:.80} in it")
-        if not (0 <= p[0] <= width and 0 <= p[1] <= height):  # NaN fails too
-            raise SourceError(rel, f"{what}: point {p} lies outside the {width}x{height} image")
-    return np.array(value, dtype=np.float32).reshape(-1, 2)
-
-
-def _bbox(value: Any, what: str, rel: Path | str, width: int, height: int) -> tuple[float, float, float, float]:
+def _bbox(value: Any, what: str, rel: str, width: int, height: int) -> tuple[float, float, float, float]:
     """``[x1, y1, x2, y2]`` (VOC, 1-based inclusive: x2 may equal the width) inside the image."""
     if type(value) is not list or len(value) != 4 or not all(
-            type(v) in _NUMBER and math.isfinite(v) for v in value):
+            type(v) in NUMBER and math.isfinite(v) for v in value):
         raise SourceError(rel, f"{what} must be [x1, y1, x2, y2] numbers, got {value!r}")
     x1, y1, x2, y2 = (float(v) for v in value)
     if x1 > x2 or y1 > y2:
@@ -244,209 +162,177 @@ def _stem(filename: str) -> str:
     return filename.rsplit(".", 1)[0]
 
 
-def _read_image(root: Path, category: str, ann_path: Path, has_masks: bool, digests: Digests) -> ImageRecord:
-    rel = ann_path.relative_to(root).as_posix()
-    ann = _load_json(ann_path, rel, digests)
-    _require(ann, IMAGE_KEYS, rel)
-    if ann["category"] != category:
-        raise SourceError(rel, f"category {ann['category']!r} does not match its folder {category!r}")
-    filename = _file_name(ann["filename"], "filename", rel)
-    name = _stem(filename)
-    if name != ann_path.stem:
-        raise SourceError(rel, f"filename {filename!r} does not match the annotation file name")
-    width = _int(ann["image_width"], "image_width", rel, lo=1)
-    height = _int(ann["image_height"], "image_height", rel, lo=1)
-    kps = ann["kps"]
-    if not isinstance(kps, dict) or set(kps) != {str(i) for i in range(NUM_KEYPOINTS)}:
-        raise SourceError(rel, f"kps must be a dict with keys '0'..'{NUM_KEYPOINTS - 1}'")
-    points = np.full((NUM_KEYPOINTS, 2), np.nan, dtype=np.float32)
-    shown = [int(k) for k, v in kps.items() if v is not None]
-    points[shown] = _points([kps[str(k)] for k in shown], "kps", rel, width, height)
-    image_path = root / "JPEGImages" / category / filename
-    if not image_path.is_file():
-        raise SourceError(image_path.relative_to(root), f"image file not found (annotated in {rel})")
-    mask_path = root / "Segmentation" / category / f"{name}.png"
-    if has_masks and not mask_path.is_file():
-        raise SourceError(mask_path.relative_to(root), f"segmentation mask not found (annotated in {rel})")
-    return ImageRecord(
-        category=category,
-        name=name,
-        image_path=image_path,
-        mask_path=mask_path if has_masks else None,
-        width=width,
-        height=height,
-        bbox=_bbox(ann["bndbox"], "bndbox", rel, width, height),
-        keypoints=points,
-        azimuth=_int(ann["azimuth_id"], "azimuth_id", rel, 0, 7),
-        pose=_str(ann["pose"], "pose", rel),
-        truncated=_int(ann["truncated"], "truncated", rel, 0, 1),
-        occluded=_int(ann["occluded"], "occluded", rel, 0, 1),
-        difficult=_int(ann["difficult"], "difficult", rel, 0, 1),
-        depth=_int(ann["image_depth"], "image_depth", rel, lo=1),
-    )
-
-
-def _read_layout(path: Path, root: Path) -> list[str] | None:
-    if not path.is_file():
-        return None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(path.relative_to(root), f"unreadable layout file ({e})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _read_pair(root: Path, split: str, stem: str, index: Mapping[tuple[str, str], ImageRecord],
-               skipped_images: Mapping[str, str], small: set[str], digests: Digests) -> PairRecord:
-    # 71k of these per pack: plain strings here, pathlib's overhead would dominate the parse.
-    rel = f"PairAnnotation/{split}/{stem}.json"
-    ann = _load_json(f"{root}/{rel}", rel, digests)
-    _require(ann, PAIR_KEYS, rel)
-    category = ann["category"]
-    if category not in CATEGORIES:
-        raise SourceError(rel, f"unknown category {category!r}")
-    images = []
-    for side in ("src", "trg"):
-        name = _stem(_file_name(ann[f"{side}_imname"], f"{side}_imname", rel))
-        image = index.get((category, name))
-        if image is None:
-            why = skipped_images.get(f"{category}/{name}")
-            raise SourceError(rel, f"{side}_imname {ann[f'{side}_imname']!r} names "
-                                   + (f"image {category}/{name}, which was skipped: {why}" if why else
-                                      f"no image annotation in ImageAnnotation/{category}/"))
-        size = ann[f"{side}_imsize"]
-        if not isinstance(size, list) or len(size) != 3 or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in size):
-            raise SourceError(rel, f"{side}_imsize must be [width, height, depth] integers, got {size!r}")
-        if size[:2] != [image.width, image.height]:
-            raise SourceError(rel, f"{side}_imsize {size} disagrees with the image annotation "
-                                   f"({image.width}x{image.height})")
-        if ann[f"{side}_bndbox"] != list(image.bbox):  # equal to the checked image bbox: valid
-            _bbox(ann[f"{side}_bndbox"], f"{side}_bndbox", rel, image.width, image.height)
-        images.append(image)
-    ids = ann["kps_ids"]
-    if not isinstance(ids, list) or not all(isinstance(i, str) and i.isdigit() for i in ids):
-        raise SourceError(rel, "kps_ids must be a list of keypoint id strings")
-    kps_ids = np.array([int(i) for i in ids], dtype=np.int16)
-    if kps_ids.size and kps_ids.max() >= NUM_KEYPOINTS:
-        raise SourceError(rel, f"kps_ids {ids} name a keypoint id >= {NUM_KEYPOINTS}")
-    src_kps = _points(ann["src_kps"], "src_kps", rel, images[0].width, images[0].height)
-    trg_kps = _points(ann["trg_kps"], "trg_kps", rel, images[1].width, images[1].height)
-    if not (len(src_kps) == len(trg_kps) == len(kps_ids)):
-        raise SourceError(rel, f"{len(kps_ids)} kps_ids but {len(src_kps)} src_kps and {len(trg_kps)} trg_kps")
-    return PairRecord(
-        split=split,
-        pair_id=_int(ann["pair_id"], "pair_id", rel, lo=0),
-        stem=stem,
-        category=category,
-        src=images[0].key,
-        trg=images[1].key,
-        kps_ids=kps_ids,
-        src_kps=src_kps,
-        trg_kps=trg_kps,
-        viewpoint=_int(ann["viewpoint_variation"], "viewpoint_variation", rel, 0, 2),
-        scale=_int(ann["scale_variation"], "scale_variation", rel, 0, 2),
-        truncation=_int(ann["truncation"], "truncation", rel, 0, 3),
-        occlusion=_int(ann["occlusion"], "occlusion", rel, 0, 3),
-        mirror=_int(ann["mirror"], "mirror", rel, 0, 1),
-        small=stem in small,
-        path=rel,
-    )
-
-
-def _pair_stems(root: Path, split: str, policy: ErrorPolicy) -> tuple[list[str], Path | None]:
-    """The pair file stems of a split, in Layout order (by pair id without a layout), and the layout file."""
-    split_dir = root / "PairAnnotation" / split
-    layout_path = root / "Layout" / "large" / f"{split}.txt"
-    present = {f[:-5] for f in os.listdir(split_dir) if f.endswith(".json")}
-    stems = _read_layout(layout_path, root)
-    if stems is None:
-        return sorted(present, key=lambda s: (int(s.split("-", 1)[0]), s)), None
-    layout_rel = layout_path.relative_to(root)
-    kept = []
-    for stem in stems:
-        if policy.attempt("pair", f"{split}/{stem}", lambda: _file_name(stem, f"line {stem!r}", layout_rel)) is None:
-            continue
-        if stem in present:
-            kept.append(stem)
-        else:
-            policy.skip("pair", f"{split}/{stem}", SourceError(
-                layout_rel, f"line {stem!r} names no file in PairAnnotation/{split}/"))
-    return kept, layout_path
-
-
-def read(root: Path, progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
-         on_error: OnError = "fail") -> DatasetRecords:
-    """Read a SPair-71k root into canonical records, validating every file it reads.
+class SPair71k(Converter):
+    """SPair-71k in its native layout, every file it reads validated (a bad one named in the error).
 
     Pairs of a split are the files its ``Layout/large/<split>.txt`` lists, in that order (all files of
-    ``PairAnnotation/<split>/`` sorted by pair id where the layout is absent). Splits whose
-    ``PairAnnotation`` folder is absent are skipped and named in ``notes``.
-
-    A bad file raises :class:`SourceError` naming it, or with ``on_error="skip"`` leaves its image or
-    pair out (with every pair using a left-out image) and lists it in ``skipped``.
-    ``progress(iterable, description, total)`` wraps the long loops (e.g. a tqdm bar).
+    ``PairAnnotation/<split>/`` sorted by pair id where the layout is absent); a pair is in the small
+    layout when ``Layout/small/<split>.txt`` lists it. Splits whose ``PairAnnotation`` folder is absent
+    are left out and named in the notes; so is a missing ``Segmentation/`` (the store then has no masks).
     """
-    root = Path(root).resolve()
-    policy = ErrorPolicy(on_error)
-    wrap = progress or (lambda it, desc, total: it)
-    if not detect(root):
-        raise SourceError(root, "not a SPair-71k root (needs ImageAnnotation/ and PairAnnotation/)")
-    notes: list[str] = []
-    has_masks = (root / "Segmentation").is_dir()
-    if not has_masks:
-        notes.append("no Segmentation/ folder: the store has no masks")
 
-    ann_dir = root / "ImageAnnotation"
-    for folder in sorted(p for p in ann_dir.iterdir() if p.is_dir() and p.name not in CATEGORIES):
-        error = SourceError(folder.relative_to(root), "unknown category folder")
-        if policy.on_error == "fail":
-            raise error
-        for p in sorted(folder.glob("*.json")):
-            policy.skip("image", f"{folder.name}/{p.stem}", SourceError(p.relative_to(root), error.reason))
-    categories = [c for c in CATEGORIES if (ann_dir / c).is_dir()]
-    ann_files = [p for c in categories for p in sorted((ann_dir / c).glob("*.json"))]
-    images, sources, digests = [], [], {}
-    for p in wrap(ann_files, "image annotations", len(ann_files)):
-        im = policy.attempt("image", f"{p.parent.name}/{p.stem}",
-                            lambda: _read_image(root, p.parent.name, p, has_masks, digests))
-        if im is not None:
-            images.append(im)
-            sources.append(p)
-    index = {im.key: im for im in images}
-    skipped_images = {s.key: s.reason for s in policy.skipped if s.kind == "image"}
+    name = "spair71k"
+    title = "SPair-71k"
+    layout = ("ImageAnnotation/<category>/<name>.json", "PairAnnotation/")
+    num_keypoints = NUM_KEYPOINTS
 
-    pairs: dict[str, list[PairRecord]] = {}
-    for split in SPLITS:
-        if not (root / "PairAnnotation" / split).is_dir():
-            notes.append(f"split {split!r} absent (no PairAnnotation/{split}/): not packed")
-            continue
-        stems, layout_path = _pair_stems(root, split, policy)
-        small_path = root / "Layout" / "small" / f"{split}.txt"
-        small_stems = _read_layout(small_path, root)
-        sources += [p for p in (layout_path, small_path if small_stems is not None else None) if p is not None]
-        small = set(small_stems or ())
-        recs: list[PairRecord] = []
-        seen: dict[int, str] = {}
-        for stem in wrap(stems, f"{split} pairs", len(stems)):
-            r = policy.attempt("pair", f"{split}/{stem}",
-                               lambda: _read_pair(root, split, stem, index, skipped_images, small, digests))
-            if r is None:
+    def image_items(self) -> list[Item[ImageRecord]]:
+        self.has_masks = (self.root / "Segmentation").is_dir()
+        if not self.has_masks:
+            self.notes.append("no Segmentation/ folder: the store has no masks")
+        ann_dir = self.root / "ImageAnnotation"
+        for folder in sorted(p for p in ann_dir.iterdir() if p.is_dir() and p.name not in CATEGORIES):
+            error = SourceError(self.rel(folder), "unknown category folder")
+            if self.policy.on_error == "fail":
+                raise error
+            for p in sorted(folder.glob("*.json")):
+                self.policy.skip("image", f"{folder.name}/{p.stem}", SourceError(self.rel(p), error.reason))
+        self.categories = [c for c in CATEGORIES if (ann_dir / c).is_dir()]
+        return [Item(f"{c}/{p.stem}", partial(self._read_image, c, p), self.rel(p))
+                for c in self.categories for p in sorted((ann_dir / c).glob("*.json"))]
+
+    def keypoint_flip(self) -> dict[str, list[int]]:
+        return {c: flip_permutation(c) for c in self.categories}
+
+    def _read_image(self, category: str, ann_path: Path) -> ImageRecord:
+        root, rel = self.root, self.rel(ann_path)
+        ann = self.load_json(rel)
+        require(ann, IMAGE_KEYS, rel)
+        if ann["category"] != category:
+            raise SourceError(rel, f"category {ann['category']!r} does not match its folder {category!r}")
+        filename = file_name(ann["filename"], "filename", rel)
+        name = _stem(filename)
+        if name != ann_path.stem:
+            raise SourceError(rel, f"filename {filename!r} does not match the annotation file name")
+        width = integer(ann["image_width"], "image_width", rel, lo=1)
+        height = integer(ann["image_height"], "image_height", rel, lo=1)
+        kps = ann["kps"]
+        if not isinstance(kps, dict) or set(kps) != {str(i) for i in range(NUM_KEYPOINTS)}:
+            raise SourceError(rel, f"kps must be a dict with keys '0'..'{NUM_KEYPOINTS - 1}'")
+        pts = np.full((NUM_KEYPOINTS, 2), np.nan, dtype=np.float32)
+        shown = [int(k) for k, v in kps.items() if v is not None]
+        pts[shown] = points([kps[str(k)] for k in shown], "kps", rel, width, height)
+        image_path = root / "JPEGImages" / category / filename
+        if not image_path.is_file():
+            raise SourceError(self.rel(image_path), f"image file not found (annotated in {rel})")
+        mask_path = root / "Segmentation" / category / f"{name}.png"
+        if self.has_masks and not mask_path.is_file():
+            raise SourceError(self.rel(mask_path), f"segmentation mask not found (annotated in {rel})")
+        return ImageRecord(
+            category=category,
+            name=name,
+            image_path=image_path,
+            mask_path=mask_path if self.has_masks else None,
+            width=width,
+            height=height,
+            bbox=_bbox(ann["bndbox"], "bndbox", rel, width, height),
+            keypoints=pts,
+            azimuth=integer(ann["azimuth_id"], "azimuth_id", rel, 0, 7),
+            pose=string(ann["pose"], "pose", rel),
+            truncated=integer(ann["truncated"], "truncated", rel, 0, 1),
+            occluded=integer(ann["occluded"], "occluded", rel, 0, 1),
+            difficult=integer(ann["difficult"], "difficult", rel, 0, 1),
+            depth=integer(ann["image_depth"], "image_depth", rel, lo=1),
+        )
+
+    def _read_layout(self, path: Path) -> list[str] | None:
+        if not path.is_file():
+            return None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SourceError(self.rel(path), f"unreadable layout file ({e})") from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def _pair_stems(self, split: str) -> tuple[list[str], Path | None]:
+        """The pair file stems of a split, in Layout order (by pair id without a layout), and the layout file."""
+        split_dir = self.root / "PairAnnotation" / split
+        layout_path = self.root / "Layout" / "large" / f"{split}.txt"
+        present = {f[:-5] for f in os.listdir(split_dir) if f.endswith(".json")}
+        stems = self._read_layout(layout_path)
+        if stems is None:
+            return sorted(present, key=lambda s: (int(s.split("-", 1)[0]), s)), None
+        layout_rel = self.rel(layout_path)
+        kept = []
+        for stem in stems:
+            if self.policy.attempt("pair", f"{split}/{stem}",
+                                   lambda: file_name(stem, f"line {stem!r}", layout_rel)) is None:
                 continue
-            if r.pair_id in seen:
-                policy.skip("pair", f"{split}/{r.stem}", SourceError(
-                    r.path, f"duplicate pair_id {r.pair_id} in split {split!r} (also in {seen[r.pair_id]}.json)"))
+            if stem in present:
+                kept.append(stem)
+            else:
+                self.policy.skip("pair", f"{split}/{stem}", SourceError(
+                    layout_rel, f"line {stem!r} names no file in PairAnnotation/{split}/"))
+        return kept, layout_path
+
+    def pair_items(self) -> Iterator[tuple[str, list[Item[PairRecord]]]]:
+        found = False
+        for split in SPLITS:
+            if not (self.root / "PairAnnotation" / split).is_dir():
+                self.notes.append(f"split {split!r} absent (no PairAnnotation/{split}/): not packed")
                 continue
-            seen[r.pair_id] = r.stem
-            recs.append(r)
-            sources.append(root / r.path)
-        pairs[split] = recs
-    if not pairs:
-        raise SourceError(root / "PairAnnotation", "no split folder (trn, val, test) found")
-    sources += [im.image_path for im in images]
-    sources += [im.mask_path for im in images if im.mask_path is not None]
-    return DatasetRecords(
-        dataset=NAME, root=root, categories=categories, num_keypoints=NUM_KEYPOINTS,
-        images=images, pairs=pairs, sources=sources, notes=notes, skipped=policy.skipped, digests=digests,
-        keypoint_flip={c: flip_permutation(c) for c in categories},
-    )
+            found = True
+            stems, layout_path = self._pair_stems(split)
+            small_path = self.root / "Layout" / "small" / f"{split}.txt"
+            small_stems = self._read_layout(small_path)
+            self.sources += [p for p in (layout_path, small_path if small_stems is not None else None) if p is not None]
+            small = set(small_stems or ())
+            yield split, [Item(f"{split}/{stem}", partial(self._read_pair, split, stem, small),
+                               f"PairAnnotation/{split}/{stem}.json") for stem in stems]
+        if not found:
+            raise SourceError(self.rel(self.root / "PairAnnotation"), "no split folder (trn, val, test) found")
+
+    def _read_pair(self, split: str, stem: str, small: set[str]) -> PairRecord:
+        rel = f"PairAnnotation/{split}/{stem}.json"  # 71k of these per pack: plain strings, no pathlib
+        ann = self.load_json(rel)
+        require(ann, PAIR_KEYS, rel)
+        category = ann["category"]
+        if category not in CATEGORIES:
+            raise SourceError(rel, f"unknown category {category!r}")
+        images = []
+        for side in ("src", "trg"):
+            name = _stem(file_name(ann[f"{side}_imname"], f"{side}_imname", rel))
+            image = self.images.get((category, name))
+            if image is None:
+                why = self.skipped_images.get(f"{category}/{name}")
+                raise SourceError(rel, f"{side}_imname {ann[f'{side}_imname']!r} names "
+                                       + (f"image {category}/{name}, which was skipped: {why.reason}" if why else
+                                          f"no image annotation in ImageAnnotation/{category}/"))
+            size = ann[f"{side}_imsize"]
+            if not isinstance(size, list) or len(size) != 3 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in size):
+                raise SourceError(rel, f"{side}_imsize must be [width, height, depth] integers, got {size!r}")
+            if size[:2] != [image.width, image.height]:
+                raise SourceError(rel, f"{side}_imsize {size} disagrees with the image annotation "
+                                       f"({image.width}x{image.height})")
+            if ann[f"{side}_bndbox"] != list(image.bbox):  # equal to the checked image bbox: valid
+                _bbox(ann[f"{side}_bndbox"], f"{side}_bndbox", rel, image.width, image.height)
+            images.append(image)
+        ids = ann["kps_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, str) and i.isdigit() for i in ids):
+            raise SourceError(rel, "kps_ids must be a list of keypoint id strings")
+        kps_ids = np.array([int(i) for i in ids], dtype=np.int16)
+        if kps_ids.size and kps_ids.max() >= NUM_KEYPOINTS:
+            raise SourceError(rel, f"kps_ids {ids} name a keypoint id >= {NUM_KEYPOINTS}")
+        src_kps = points(ann["src_kps"], "src_kps", rel, images[0].width, images[0].height)
+        trg_kps = points(ann["trg_kps"], "trg_kps", rel, images[1].width, images[1].height)
+        if not (len(src_kps) == len(trg_kps) == len(kps_ids)):
+            raise SourceError(rel, f"{len(kps_ids)} kps_ids but {len(src_kps)} src_kps and {len(trg_kps)} trg_kps")
+        return PairRecord(
+            split=split,
+            pair_id=integer(ann["pair_id"], "pair_id", rel, lo=0),
+            stem=stem,
+            category=category,
+            src=images[0].key,
+            trg=images[1].key,
+            kps_ids=kps_ids,
+            src_kps=src_kps,
+            trg_kps=trg_kps,
+            viewpoint=integer(ann["viewpoint_variation"], "viewpoint_variation", rel, 0, 2),
+            scale=integer(ann["scale_variation"], "scale_variation", rel, 0, 2),
+            truncation=integer(ann["truncation"], "truncation", rel, 0, 3),
+            occlusion=integer(ann["occlusion"], "occlusion", rel, 0, 3),
+            mirror=integer(ann["mirror"], "mirror", rel, 0, 1),
+            small=stem in small,
+            path=rel,
+        )

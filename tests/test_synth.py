@@ -10,8 +10,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from converters import spair71k
-from converters.spair71k import IMAGE_KEYS, NUM_KEYPOINTS, SPLITS, VOC_CLASS_INDEX, pair_annotation
+from converters.spair71k import IMAGE_KEYS, NUM_KEYPOINTS, SPLITS, pair_annotation
 from converters.synth import SynthSummary, synthesize
+from converters.voc import CLASS_INDEX as VOC_CLASS_INDEX
 from spairstore.core.errors import SpairstoreError
 
 CATS = ("bird", "car", "cow", "tvmonitor")
@@ -191,7 +192,7 @@ def test_duplicate_names_across_categories(synth):
 
 def test_converter_reads_synthetic_root(synth):
     root, summary = synth
-    records = spair71k.read(root)
+    records = spair71k.SPair71k(root).read()
     assert len(records.images) == summary.images
     assert {s: len(v) for s, v in records.pairs.items()} == summary.pairs
 

@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from converters.spair71k import CATEGORIES, NUM_KEYPOINTS, SPLITS, VOC_CLASS_INDEX, pair_annotation
+from converters.spair71k import CATEGORIES, NUM_KEYPOINTS, SPLITS, pair_annotation
+from converters.voc import CLASS_INDEX, palette
 from spairstore.core.errors import SpairstoreError
 
 __all__ = ["SynthSummary", "synthesize", "MIN_IMAGES_PER_CATEGORY", "MAX_IMAGES_PER_CATEGORY"]
@@ -174,22 +175,6 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
-@lru_cache(maxsize=None)
-def _voc_palette() -> list[int]:
-    """The PASCAL VOC colour map, so the masks look like VOC's when viewed."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= (c & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
 def _rotation(yaw: float, elevation: float) -> np.ndarray:
     cy, sy = math.cos(yaw), math.sin(yaw)
     ce, se = math.cos(elevation), math.sin(elevation)
@@ -296,7 +281,7 @@ def _render(category: str, name: str, year: int, seed: int) -> tuple[bytes, byte
     limb = tuple(int(c) for c in body_rgb * 0.55)
     head_col = tuple(int(c) for c in np.clip(body_rgb * 1.2 + 10, 0, 255))
     background = _background(rng, w, h)
-    cls = VOC_CLASS_INDEX[category]
+    cls = CLASS_INDEX[category]
     difficult = int(rng.random() < _P_DIFFICULT)
     pose = "Unspecified" if rng.random() < _P_UNSPECIFIED else _POSE_OF_AZIMUTH[azimuth]
 
@@ -391,7 +376,7 @@ def _render(category: str, name: str, year: int, seed: int) -> tuple[bytes, byte
     jpg = io.BytesIO()
     img.save(jpg, "JPEG", quality=_JPEG_QUALITY)
     mask_p = Image.frombytes("P", mask.size, mask.tobytes())
-    mask_p.putpalette(_voc_palette())
+    mask_p.putpalette(palette())
     png = io.BytesIO()
     mask_p.save(png, "PNG")
 

@@ -5,8 +5,9 @@ annotation gives them (SPair-71k bounding boxes stay VOC 1-based inclusive). Mis
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -64,7 +65,13 @@ class PairRecord:
     mirror: int = 0
     flip: int = 0  #: PF-PASCAL training flag
     small: bool = False  #: member of the dataset's small layout
+    #: index into ``DatasetRecords.subset_names`` (AP-10K: intra-species, cross-species, cross-family); -1 none
+    subset: int = -1
     path: str = ""  #: the file that defines the pair, relative to the dataset root (for messages)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.split, self.pair_id)
 
 
 @dataclass
@@ -86,6 +93,10 @@ class DatasetRecords:
     #: category -> slot permutation under a horizontal flip (slot k of the mirrored image shows the part
     #: of slot ``perm[k]``); None where the dataset has no left/right keypoint semantics.
     keypoint_flip: dict[str, list[int]] | None = None
+    #: grouping name -> the group of each category, in ``categories`` order (AP-10K: ``family``)
+    category_groups: dict[str, list[str]] = field(default_factory=dict)
+    #: names of the pair subsets ``PairRecord.subset`` indexes; empty where the dataset has none
+    subset_names: list[str] = field(default_factory=list)
 
     def image_index(self) -> dict[tuple[str, str], int]:
         return {im.key: i for i, im in enumerate(self.images)}
@@ -108,13 +119,21 @@ class DatasetRecords:
                                            f"uses image {hit.key}, which was skipped: {hit.reason}"))
         dropped = {im.image_path for im in self.images if im.key in bad}
         dropped |= {im.mask_path for im in self.images if im.key in bad and im.mask_path is not None}
-        return DatasetRecords(
-            dataset=self.dataset, root=self.root, categories=self.categories, num_keypoints=self.num_keypoints,
-            images=[im for im in self.images if im.key not in bad], pairs=pairs,
-            sources=[p for p in self.sources if p not in dropped], notes=self.notes, skipped=skipped,
+        return replace(
+            self, images=[im for im in self.images if im.key not in bad], pairs=pairs, skipped=skipped,
+            sources=[p for p in self.sources if p not in dropped],
             digests={k: v for k, v in self.digests.items() if self.root / k not in dropped},
-            keypoint_flip=self.keypoint_flip,
         )
+
+
+def pair_list_sha256(split: str, pairs: Iterable[tuple[int, tuple[str, str], tuple[str, str]]]) -> str:
+    """SHA-256 of a split's ordered pair list: one UTF-8 line ``<split>\\t<pair id>\\t<src category>/<src
+    name>\\t<trg category>/<trg name>\\n`` per ``(pair_id, src key, trg key)``, in the split's order. Equal
+    hashes mean the same pairs of the same images in the same order (``pair_list_sha256`` attribute)."""
+    h = hashlib.sha256()
+    for pair_id, (sc, sn), (tc, tn) in pairs:
+        h.update(f"{split}\t{int(pair_id)}\t{sc}/{sn}\t{tc}/{tn}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
