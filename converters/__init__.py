@@ -12,13 +12,14 @@ from pathlib import Path
 from spairstore.core.errors import SourceError
 from spairstore.core.records import DatasetRecords, OnError
 
+from .ap10k import AP10K
 from .base import Converter, Progress
 from .pfpascal import PFPascal
 from .pfwillow import PFWillow
 from .spair71k import SPair71k
 
 #: Every converter by dataset name, in detection order.
-CONVERTERS: dict[str, type[Converter]] = {c.name: c for c in (SPair71k, PFPascal, PFWillow)}
+CONVERTERS: dict[str, type[Converter]] = {c.name: c for c in (SPair71k, PFPascal, PFWillow, AP10K)}
 
 
 def detect(root: str | Path) -> str:

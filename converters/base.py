@@ -75,6 +75,7 @@ class Converter(ABC):
 
     name: ClassVar[str]  #: e.g. ``spair71k``
     title: ClassVar[str]  #: e.g. ``SPair-71k``
+    article: ClassVar[str] = "a"  #: before the title in messages: "not a SPair-71k root", "not an AP-10K root"
     layout: ClassVar[tuple[str, ...]]  #: paths a root must have, e.g. ``ImageAnnotation/<category>/<name>.json``
     data_dirs: ClassVar[tuple[str, ...]] = ("",)  #: where the layout may lie: "" the root, else a sub-folder
     #: names of the pair ``subset`` labels (``PairRecord.subset`` indexes them); empty where there are none
@@ -87,7 +88,7 @@ class Converter(ABC):
         self.progress: Progress = progress or _no_progress
         data = self.locate(self.root) if self.root.is_dir() else None
         if data is None:
-            raise SourceError(self.root, f"not a {self.title} root (needs {self.needs()})")
+            raise SourceError(self.root, f"not {self.article} {self.title} root (needs {self.needs()})")
         self.data: Path = data  #: the folder the layout was found in (the root or one of ``data_dirs``)
         self.categories: list[str] = []
         self.category_groups: dict[str, list[str]] = {}

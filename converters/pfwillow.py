@@ -121,7 +121,7 @@ class PFWillow(Converter):
     def image_items(self) -> list[Item[ImageRecord]]:
         classes = _class_dirs(self.data)
         if not classes:  # the layout's folders only look like PF-WILLOW's: their names have no subset
-            raise SourceError(self.root, f"not a {self.title} root (needs {self.needs()})")
+            raise SourceError(self.root, f"not {self.article} {self.title} root (needs {self.needs()})")
         self.categories = [c.name for c in classes]
         self._mats = [m for c in classes for m in sorted(c.glob("*.mat"))]
         return [Item(f"{m.parent.name}/{m.stem}", partial(self._read_image, m), self.rel(m)) for m in self._mats]

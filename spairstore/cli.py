@@ -142,8 +142,11 @@ def store_info(path: Path | str) -> dict:
 
     with open_store(path) as s:
         sizes = s.field_bytes()
-        counts = {split: {"pairs": s.pairs(split).rows,
-                          "images": int(((s.images.splits >> j) & 1).sum())} for j, split in enumerate(s.splits)}
+        subsets = s.attrs.get("subset_names", [])
+        counts = {split: {"pairs": s.pairs(split).rows, "images": int(((s.images.splits >> j) & 1).sum()),
+                          **({"subsets": {n: int((s.pairs(split).subset == k).sum()) for k, n in enumerate(subsets)}}
+                             if subsets else {})}
+                  for j, split in enumerate(s.splits)}
         per_cat = {c: {"images": int((s.images.category == k).sum()),
                        **{split: int((s.pairs(split).category == k).sum()) for split in s.splits}}
                    for k, c in enumerate(s.categories)}
@@ -160,6 +163,8 @@ def store_info(path: Path | str) -> dict:
             "field_bytes": sizes,
             "splits": counts,
             "categories": per_cat,
+            "category_groups": s.attrs.get("category_groups", {}),
+            "pair_list_sha256": s.attrs.get("pair_list_sha256", {}),
             "build_config": s.attrs.get("build_config"),
             "notes": s.attrs.get("notes", []),
             "manifest_files": s.manifest.rows,
@@ -186,6 +191,11 @@ def info(
         f"  source files {d['manifest_files']:,} in the manifest",
         "  splits       " + "; ".join(f"{k}: {v['pairs']:,} pairs, {v['images']:,} images"
                                       for k, v in d["splits"].items()),
+        *(f"  subsets      {k}: " + ", ".join(f"{n} {c:,}" for n, c in v["subsets"].items())
+          for k, v in d["splits"].items() if "subsets" in v),
+        *(f"  pair list    {k} sha256 {h}" for k, h in d["pair_list_sha256"].items()),
+        *(f"  groups       {g}: {len(set(v))} groups of the {len(v)} categories ({', '.join(sorted(set(v)))})"
+          for g, v in d["category_groups"].items()),
         "  fields",
     ]
     big = sorted(d["field_bytes"].items(), key=lambda kv: -kv[1])
@@ -231,7 +241,7 @@ def bench(
 
 
 _METHOD_HELP = "Predictions from a method: identity (the dataset paper's baseline) or nn (needs --features)."
-_PROTOCOL_HELP = "Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy (default: the store's dataset's)."
+_PROTOCOL_HELP = "Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy, ap10k (default: the store's dataset's)."
 
 
 def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed):  # noqa: ANN001, ANN202

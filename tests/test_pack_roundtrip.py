@@ -131,7 +131,9 @@ def test_cli_synth_pack_info(tmp_path: Path) -> None:
     info = json.loads(res.output)
     assert info["dataset"] == "spair71k" and info["images"] == 12 and info["image_size"] == 64
     res = r.invoke(app, ["info", str(tmp_path / "d.h5")])
-    assert res.exit_code == 0 and "spairstore 1.0" in res.output
+    from spairstore.core.schema import FORMAT_VERSION
+
+    assert res.exit_code == 0 and "spairstore %d.%d" % FORMAT_VERSION in res.output
 
 
 def test_pack_refuses_to_replace_without_overwrite(synth_root: Path, tmp_path: Path) -> None:

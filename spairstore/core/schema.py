@@ -27,6 +27,7 @@ Layout (identical for every backend; ``N`` images, ``P`` pairs of a split, ``S``
     pairs/<split>/n_kps int16 (P,)  kps_ids int16 (P, M) (-1 padded)
     pairs/<split>/src_kps, trg_kps float32 (P, M, 2) original pixels, NaN padded
     pairs/<split>/viewpoint, scale, truncation, occlusion, mirror, flip int8 (P,)  small bool (P,)
+    pairs/<split>/subset int8 (P,)                   index into ``subset_names``; -1 = none (since 1.1)
     manifest/path S (F,)  manifest/size int64 (F,)  manifest/sha256 S64 (F,)
     categories S (C,)
     features/<name>/data float16 (N, C, h, w) hot    one feature set per name (see geometry.py)
@@ -44,6 +45,13 @@ Root attributes (JSON values): ``format``, ``format_version``, ``dataset``, ``im
 ``pack --on-error skip`` left out: ``{kind, key, path, reason}`` each) and, where the dataset defines
 left/right keypoints, ``keypoint_flip`` (category -> permutation of the K slots under a horizontal
 flip: slot k of the mirrored image shows the part of slot ``perm[k]``).
+Since 1.1: ``pair_list_sha256`` (split -> SHA-256 of its ordered pair list, one line
+``<split>\\t<pair id>\\t<src category>/<src name>\\t<trg category>/<trg name>\\n`` per pair in table
+order: :func:`spairstore.core.records.pair_list_sha256`; equal hashes, the same pairs evaluated) and,
+where the dataset has them, ``subset_names`` (names of the ``subset`` labels, e.g. AP-10K's
+``intra-species``, ``cross-species``, ``cross-family``) and ``category_groups`` (grouping name -> the
+group of each category in ``categories`` order, e.g. AP-10K's ``family`` of each species). Evaluation
+reports PCK per subset and per group of each grouping.
 """
 from __future__ import annotations
 
@@ -52,8 +60,9 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_NAME = "spairstore"
-#: (major, minor). Readers refuse a newer major version; minor versions only add fields.
-FORMAT_VERSION = (1, 0)
+#: (major, minor). Readers refuse a newer major version; minor versions only add fields (1.1: the pair
+#: ``subset`` column and the ``pair_list_sha256``, ``subset_names``, ``category_groups`` attributes).
+FORMAT_VERSION = (1, 1)
 
 #: Hot per-image arrays of ``images/`` (each record CRC-32'd at pack time), and the blobs among them
 #: whose records are byte ranges ``<b>_blob[<b>_offsets[i]:<b>_offsets[i + 1]]``.
@@ -106,8 +115,19 @@ def image_fields(size: int, num_keypoints: int) -> list[Field]:
     ]
 
 
-#: int8 label columns of a pair table.
-PAIR_LABELS = ("viewpoint", "scale", "truncation", "occlusion", "mirror", "flip")
+#: int8 label columns of a pair table (``subset`` since format 1.1).
+PAIR_LABELS = ("viewpoint", "scale", "truncation", "occlusion", "mirror", "flip", "subset")
+#: Label of a pair table column that a store of an older minor version lacks: column -> (version, value).
+ADDED_PAIR_LABELS = {"subset": ((1, 1), -1)}
+
+
+def format_version(attrs: dict) -> tuple[int, int]:
+    """``(major, minor)`` of a store's ``format_version`` attribute (``(0, 0)`` where unreadable)."""
+    try:
+        major, minor = str(attrs.get("format_version", "")).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
 
 #: A byte-string field of any length (names, stems, paths).
 BYTES = np.dtype("S")
@@ -147,7 +167,8 @@ def store_fields(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dic
                    Field(p + "src", i32, ()), Field(p + "trg", i32, ()), Field(p + "n_kps", i16, ()),
                    Field(p + "kps_ids", i16, m), Field(p + "src_kps", np.dtype("float32"), (*m, 2)),
                    Field(p + "trg_kps", np.dtype("float32"), (*m, 2)), Field(p + "small", np.dtype(bool), ()),
-                   *(Field(p + label, i8, ()) for label in PAIR_LABELS)]
+                   *(Field(p + label, i8, ()) for label in PAIR_LABELS
+                     if format_version(attrs) >= ADDED_PAIR_LABELS.get(label, ((0, 0),))[0])]
     for name in sorted({k.split("/")[1] for k in shapes if k.startswith("features/") and k.count("/") == 2}):
         data = shapes.get(f"features/{name}/data", ((), None))[0]
         fields.append(Field(f"features/{name}/data", np.dtype("float16"),
@@ -176,6 +197,10 @@ def _check_attrs(attrs: dict) -> list[str]:
         "feature_sets": lambda v: isinstance(v, dict),
         "table_crc32": lambda v: isinstance(v, dict) and all(is_int(c) and 0 <= c < 1 << 32 for c in v.values()),
         "skipped": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+        "pair_list_sha256": lambda v: isinstance(v, dict) and all(
+            isinstance(h, str) and len(h) == 64 for h in v.values()),
+        "subset_names": is_list_of_str,
+        "category_groups": lambda v: isinstance(v, dict) and all(is_list_of_str(g) for g in v.values()),
     }
     problems = [f"attribute {k!r} is missing" for k in checks if k not in attrs]
     problems += [f"attribute {k!r} has an invalid value {attrs[k]!r:.60}"
@@ -231,14 +256,15 @@ def check_tables(tables: dict[str, np.ndarray], shapes: dict[str, tuple[tuple[in
 
 
 def check_pair_table(split: str, table: dict[str, np.ndarray], images: int, categories: int,
-                     num_keypoints: int) -> list[str]:
+                     num_keypoints: int, subsets: int = 0) -> list[str]:
     """What is wrong with the indices of split ``split``'s pair table (columns by name): image rows,
-    categories, keypoint counts and slots must lie inside what they index."""
+    categories, keypoint counts, slots and subsets (``subsets`` names) must lie inside what they index."""
     p = f"pairs/{split}/"
     return [*_outside(table["src"], p + "src", 0, images), *_outside(table["trg"], p + "trg", 0, images),
             *_outside(table["category"], p + "category", 0, categories),
             *_outside(table["n_kps"], p + "n_kps", 0, table["kps_ids"].shape[1] + 1),
-            *_outside(table["kps_ids"], p + "kps_ids", -1, max(1, num_keypoints))]
+            *_outside(table["kps_ids"], p + "kps_ids", -1, max(1, num_keypoints)),
+            *(_outside(table["subset"], p + "subset", -1, subsets) if "subset" in table else [])]
 
 
 def _outside(a: np.ndarray, path: str, lo: int, hi: int) -> list[str]:

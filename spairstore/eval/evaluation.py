@@ -3,7 +3,9 @@
 Everything is vectorised over all pairs of a split: keypoints are the split's padded ``(P, M, 2)`` table,
 so 12k pairs at three α with every breakdown take milliseconds. A :class:`Report` holds the per-keypoint
 results and renders the dataset paper's tables (per category; by viewpoint, scale, truncation and
-occlusion; the controlled analysis) as terminal text, Markdown, CSV or JSON.
+occlusion; the controlled analysis) as terminal text, Markdown, CSV or JSON, plus a table per grouping
+the store declares (each pair subset of ``subset_names``; the groups of each ``category_groups``
+grouping, e.g. AP-10K's families) and the SHA-256 of the pair list evaluated.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from ..core.errors import StoreError
+from ..core.records import pair_list_sha256
 from ..core.schema import LEVELS
 from ..core.tables import markdown_table, text_table
 from ..store.reader import Store
@@ -113,12 +117,34 @@ def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol
         for k in _SIDED:
             if k in labels:
                 labels[k] = np.where(labels[k] >= 0, _SWAP_SIDES[labels[k].clip(0)], labels[k])
+    keys = lambda i: zip(np.asarray(store.categories)[im.category[i]], im.name[i])  # noqa: E731
     return Report(
         protocol=protocol, split=split, dataset=store.dataset, store=str(store.path), method=method,
         categories=list(store.categories), rows=rows, pair_id=t.pair_id[rows], category=t.category[rows].astype(np.int64),
         labels=labels, valid=valid, distance=distance, base=base, correct=correct,
-        missing=int((valid & ~np.isfinite(pred).all(-1)).sum()),
+        missing=int((valid & ~np.isfinite(pred).all(-1)).sum()), groups=pair_groups(store, split, rows),
+        pair_list_sha256=pair_list_sha256(split, zip(t.pair_id[rows].tolist(), keys(t.src[rows]), keys(t.trg[rows]))),
     )
+
+
+def pair_groups(store: Store, split: str, rows: np.ndarray) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """The breakdowns a store declares beyond categories, for pair ``rows`` of ``split``: ``subset`` (the
+    pair column, named by the ``subset_names`` attribute) and each grouping of ``category_groups`` (a
+    pair in the group of its category). Name -> (group index per pair, -1 none; group names, sorted for
+    category groupings)."""
+    t = store.pairs(split)
+    out: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for name, of_category in store.attrs.get("category_groups", {}).items():
+        if len(of_category) != len(store.categories):
+            raise StoreError(f"{store.path}: category_groups[{name!r}] names {len(of_category)} groups for "
+                             f"{len(store.categories)} categories")
+        levels = sorted(set(of_category))
+        index = np.array([levels.index(g) for g in of_category], dtype=np.int64)
+        out[name] = (index[t.category[rows]], levels)
+    names = store.attrs.get("subset_names", [])
+    if names:
+        out["subset"] = (t.subset[rows].astype(np.int64), list(names))
+    return out
 
 
 def _grouped(groups: np.ndarray, n: int, ncorrect: np.ndarray, nvalid: np.ndarray
@@ -157,6 +183,10 @@ class Report:
         labels: difficulty labels per pair as evaluated (for ``trg->src``, truncation/occlusion are those
             of the reversed pair); -1 = unknown.
         missing: keypoints whose prediction was NaN (counted wrong).
+        groups: the store's further breakdowns (:func:`pair_groups`): name -> (group per pair, names).
+        pair_list_sha256: SHA-256 of the pairs evaluated, in order
+            (:func:`~spairstore.core.records.pair_list_sha256`); with every pair of the split evaluated it
+            equals the store's ``pair_list_sha256`` attribute of the split.
     """
 
     protocol: Protocol
@@ -174,6 +204,8 @@ class Report:
     base: np.ndarray
     correct: np.ndarray
     missing: int = 0
+    groups: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict)
+    pair_list_sha256: str = ""
     _results: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- numbers -------------------------------------------------------------------------------------
@@ -201,9 +233,10 @@ class Report:
         return {"per_image": per_image[:, 0], "per_point": per_point[:, 0]}
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON contract: ``protocol``, ``pairs``, ``pck``, ``by_category``, ``by_factor``,
-        ``controlled`` (values in percent, None where no pair), plus ``category_mean`` (unweighted mean
-        over categories), ``counts`` (pairs per group), ``keypoints``, ``missing_predictions``."""
+        """The JSON contract: ``protocol``, ``pairs``, ``pck``, ``by_category``, ``by_group`` (per
+        grouping of :attr:`groups`), ``by_factor``, ``controlled`` (values in percent, None where no
+        pair), plus ``category_mean`` (unweighted mean over categories), ``counts`` (pairs per group),
+        ``keypoints``, ``missing_predictions``, ``pair_list_sha256``."""
         if self._results:
             return self._results
         p = self.protocol
@@ -211,7 +244,7 @@ class Report:
         out: dict[str, Any] = {
             "protocol": p.to_dict(), "protocol_line": str(p), "dataset": self.dataset, "store": self.store,
             "split": self.split, "method": self.method, "pairs": self.pairs, "keypoints": int(nv.sum()),
-            "missing_predictions": self.missing,
+            "missing_predictions": self.missing, "pair_list_sha256": self.pair_list_sha256,
         }
         pi, pp, _ = _grouped(np.zeros(self.pairs, dtype=np.int64), 1, nc, nv)
         out["pck"] = _cells(pi, pp, 0, p)
@@ -222,7 +255,12 @@ class Report:
                               else np.full((len(p.alphas), 1), np.nan) for v in (pi, pp))
         out["category_mean"] = _cells(mean_i, mean_p, 0, p)
         counts: dict[str, Any] = {"by_category": {c: int(n[j]) for j, c in enumerate(self.categories)},
-                                  "by_factor": {}, "controlled": {}}
+                                  "by_group": {}, "by_factor": {}, "controlled": {}}
+        out["by_group"] = {}
+        for g, (ids, levels) in self.groups.items():
+            pi, pp, n = _grouped(ids, len(levels), nc, nv)
+            out["by_group"][g] = {lv: _cells(pi, pp, j, p) for j, lv in enumerate(levels)}
+            counts["by_group"][g] = {lv: int(n[j]) for j, lv in enumerate(levels)}
         # Factors with no known label (e.g. PF datasets) are left out rather than shown empty.
         known = {k: v for k, v in self.labels.items() if (v >= 0).any()}
         out["by_factor"], out["controlled"] = {}, {}
@@ -255,6 +293,11 @@ class Report:
         rows += [(label(a, agg), [d["by_category"][c][a][agg] for c in cats] + [d["pck"][a][agg], d["category_mean"][a][agg]])
                  for a, agg in keys]
         tables.append(("PCK (%) per category (mean = unweighted mean over categories)", cols, rows))
+        for g, levels in d["by_group"].items():
+            shown = [lv for lv in levels if d["counts"]["by_group"][g][lv] > 0]
+            rows = [("pairs", [d["counts"]["by_group"][g][lv] for lv in shown] + [d["pairs"]])]
+            rows += [(label(a, agg), [levels[lv][a][agg] for lv in shown] + [d["pck"][a][agg]]) for a, agg in keys]
+            tables.append((f"PCK (%) by {g}", [("", lv) for lv in shown] + [("", "all")], rows))
         controlled = "Controlled analysis: PCK (%) by one factor, the others easy / none"
         for section, title, with_all in (("by_factor", "PCK (%) by variation factor", True),
                                          ("controlled", controlled, False)):
@@ -272,7 +315,7 @@ class Report:
         method = f", method {self.method}" if self.method else ""
         miss = f", {self.missing:,} keypoints without a prediction (counted wrong)" if self.missing else ""
         return (f"{self.dataset} {self.split}: {self.pairs:,} pairs, {int(self.valid.sum()):,} keypoints{method}{miss}\n"
-                f"{self.protocol}")
+                f"{self.protocol}\npair list sha256 {self.pair_list_sha256}")
 
     def to_text(self) -> str:
         """Terminal tables, laid out like the dataset paper (category names abbreviated)."""
@@ -298,6 +341,9 @@ class Report:
         put("category_mean", "", "mean", d["category_mean"], "")
         for c, cells in d["by_category"].items():
             put("category", "category", c, cells, d["counts"]["by_category"][c])
+        for g, levels in d["by_group"].items():
+            for lv, cells in levels.items():
+                put("group", g, lv, cells, d["counts"]["by_group"][g][lv])
         for section in ("by_factor", "controlled"):
             for k, levels in d[section].items():
                 for lv, cells in levels.items():

@@ -11,6 +11,9 @@ every report prints its protocol line. Built-in protocols (:data:`PROTOCOLS`):
 ``pfwillow``              α · max side of the extent of the target's real keypoints (tight)
 ``pfwillow-legacy``       the same extent with the padding point (-1, -1) inside min/max, as the
                           CATs/DHPF lineage computed it (inflates the threshold)
+``ap10k``                 α · max(w, h) of the target bbox, ``<`` (strict), α 0.1 / 0.05 / 0.01: the
+                          AP-10K benchmark as GeoAware-SC evaluates it (``utils/utils_dataset.py``
+                          thresholds on the target's COCO box, ``pck_train.py`` counts ``dist < α·thr``)
 ========================  ============================================================================
 
 Custom protocols compose the same fields: ``Protocol(name="mine", threshold="image", ...)`` or
@@ -146,10 +149,11 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("pfpascal", threshold="image", alphas=(0.05, 0.1, 0.15)),
     Protocol("pfwillow", threshold="kp-extent", alphas=(0.05, 0.1, 0.15)),
     Protocol("pfwillow-legacy", threshold="kp-extent-padded", alphas=(0.05, 0.1, 0.15)),
+    Protocol("ap10k", comparison="<"),
 )}
 
 #: The protocol a store's ``dataset`` attribute implies.
-DEFAULT_FOR_DATASET = {"spair71k": "spair", "pfpascal": "pfpascal", "pfwillow": "pfwillow"}
+DEFAULT_FOR_DATASET = {"spair71k": "spair", "pfpascal": "pfpascal", "pfwillow": "pfwillow", "ap10k": "ap10k"}
 
 
 def get_protocol(protocol: str | Protocol | None, dataset: str | None = None) -> Protocol:

@@ -29,7 +29,15 @@ import numpy as np
 
 from ..core import geometry
 from ..core.errors import StoreError
-from ..core.schema import FORMAT_NAME, FORMAT_VERSION, check_layout, check_pair_table, check_tables, is_hot
+from ..core.schema import (
+    ADDED_PAIR_LABELS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    check_layout,
+    check_pair_table,
+    check_tables,
+    is_hot,
+)
 from .backends import ArrayReader, RawExtent, is_url, reader_for
 
 
@@ -400,7 +408,10 @@ class Store:
             columns = {k[len(prefix):]: self._library().read(k) for k in names}
             if prefix.startswith("pairs/"):
                 self._refuse(check_pair_table(prefix.split("/")[1], columns, len(self), len(self.categories),
-                                              int(self.attrs["num_keypoints"])))
+                                              int(self.attrs["num_keypoints"]),
+                                              len(self.attrs.get("subset_names", []))))
+                for label, (_, value) in ADDED_PAIR_LABELS.items():  # a store of an older minor version
+                    columns.setdefault(label, np.full(len(columns["pair_id"]), value, dtype=np.int8))
             try:
                 t = self._tables[prefix] = Table({k: _decode_strings(v) for k, v in columns.items()})
             except UnicodeDecodeError as e:
@@ -413,7 +424,8 @@ class Store:
     def pairs(self, split: str) -> Table:
         """The pair table of ``split``: ``pair_id``, ``stem``, ``category``, ``src``/``trg`` image rows,
         ``n_kps``, ``kps_ids`` (-1 padded), ``src_kps``/``trg_kps`` (original pixels, NaN padded),
-        ``viewpoint``, ``scale``, ``truncation``, ``occlusion``, ``mirror``, ``flip``, ``small``."""
+        ``viewpoint``, ``scale``, ``truncation``, ``occlusion``, ``mirror``, ``flip``, ``small``, ``subset``
+        (index into the ``subset_names`` attribute, -1 none)."""
         if split not in self.splits:
             raise StoreError(f"{self.path}: no split {split!r} (store has {', '.join(self.splits)})")
         return self._table(f"pairs/{split}/")

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from ..core.errors import SourceError, SpairstoreError
 from ..core.geometry import letterbox, letterbox_params
 from ..core.manifest import build_manifest, sha256_bytes
-from ..core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord, Skipped
+from ..core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord, Skipped, pair_list_sha256
 from ..core.schema import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, PAIR_LABELS, PAYLOAD_FIELDS, crc_array, image_fields
 from ..core.version import __version__
 from .backends import (
@@ -399,6 +399,10 @@ def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on
         "table_crc32": {k: zlib.crc32(np.ascontiguousarray(v)) for k, v in tables.items()},
         "skipped": [s.to_json() for s in records.skipped],
         **({"keypoint_flip": records.keypoint_flip} if records.keypoint_flip else {}),
+        "pair_list_sha256": {s: pair_list_sha256(s, ((p.pair_id, p.src, p.trg) for p in records.pairs[s]))
+                             for s in splits},
+        **({"subset_names": records.subset_names} if records.subset_names else {}),
+        **({"category_groups": records.category_groups} if records.category_groups else {}),
     }
     return _Structure(hot, tables, attrs, offsets)
 
