@@ -170,6 +170,7 @@ def store_info(path: Path | str) -> dict:
             "categories": per_cat,
             "build_config": s.attrs.get("build_config"),
             "notes": s.attrs.get("notes", []),
+            "skipped": s.attrs.get("skipped", []),
             "manifest_files": s.manifest.rows,
             "feature_sets": {k: {**v, "bytes": sizes[f"features/{k}/data"]} for k, v in s.feature_sets.items()},
             "incomplete_feature_sets": {} if is_url(s.path) else partial_feature_sets(s.path),
@@ -180,11 +181,20 @@ def store_info(path: Path | str) -> dict:
 def info(
     store: Annotated[str, typer.Argument(help="Store to describe: .h5 file, .zarr directory or Zarr URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    skipped: Annotated[bool, typer.Option("--skipped", help="List every source item pack --on-error skip "
+                                                            "left out, with its file and reason.")] = False,
 ) -> None:
-    """Describe a store: format, dataset, sizes per field, counts per split and category, build config."""
+    """Describe a store: format, dataset, sizes per field, counts per split and category, build config,
+    notes, and what pack left out."""
+    from .core.records import Skipped, report_skipped
+
     d = store_info(store)
     if as_json:
         typer.echo(json.dumps(d, indent=2))
+        return
+    left_out = [Skipped.from_json(x) for x in d["skipped"]]
+    if skipped:
+        typer.echo("\n".join(map(str, left_out)) if left_out else f"{d['path']}: pack left nothing out")
         return
     out = [
         f"{d['path']}",
@@ -212,6 +222,9 @@ def info(
                    f"(re-run `spairstore features` to resume; staged in {v['path']})")
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]
+    if left_out:
+        out.append(f"  skipped      {len(left_out):,} source items (--skipped lists each)")
+        out += [f"    {ln}" for ln in report_skipped(left_out, every=0, examples=1)]
     typer.echo("\n".join(out))
 
 
