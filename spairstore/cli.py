@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,11 +61,15 @@ def pack(
     from PIL import Image
 
     from .sources import pack as pack_
+    from .store.backends import format_of
 
     # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
-    summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
-                    shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume)  # type: ignore[arg-type]
+    kept = (f"{out} is unchanged; the images packed so far are kept: run the same command with --resume "
+            "to continue" if format_of(out, format) == "hdf5" else f"{out} is unchanged (a Zarr pack starts over)")
+    with _on_interrupt(kept):
+        summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
+                        shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume)  # type: ignore[arg-type]
     typer.echo(str(summary))
 
 
@@ -118,9 +124,11 @@ def features(
     from .features import extract_features
 
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
-    summary = extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
-                               batch_size=batch_size, device=device, weights=weights, name=name,
-                               overwrite=overwrite, progress=True)
+    with _on_interrupt(f"{store} is unchanged; the maps extracted so far are kept: run the same command "
+                       "again to resume"):
+        summary = extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
+                                   batch_size=batch_size, device=device, weights=weights, name=name,
+                                   overwrite=overwrite, progress=True)
     if _first_process():
         typer.echo(str(summary))
 
@@ -167,6 +175,7 @@ def store_info(path: Path | str) -> dict:
             "pair_list_sha256": s.attrs.get("pair_list_sha256", {}),
             "build_config": s.attrs.get("build_config"),
             "notes": s.attrs.get("notes", []),
+            "skipped": s.attrs.get("skipped", []),
             "manifest_files": s.manifest.rows,
             "feature_sets": {k: {**v, "bytes": sizes[f"features/{k}/data"]} for k, v in s.feature_sets.items()},
             "incomplete_feature_sets": {} if is_url(s.path) else partial_feature_sets(s.path),
@@ -177,11 +186,20 @@ def store_info(path: Path | str) -> dict:
 def info(
     store: Annotated[str, typer.Argument(help="Store to describe: .h5 file, .zarr directory or Zarr URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    skipped: Annotated[bool, typer.Option("--skipped", help="List every source item pack --on-error skip "
+                                                            "left out, with its file and reason.")] = False,
 ) -> None:
-    """Describe a store: format, dataset, sizes per field, counts per split and category, build config."""
+    """Describe a store: format, dataset, sizes per field, counts per split and category, build config,
+    notes, and what pack left out."""
+    from .core.records import Skipped, report_skipped
+
     d = store_info(store)
     if as_json:
         typer.echo(json.dumps(d, indent=2))
+        return
+    left_out = [Skipped.from_json(x) for x in d["skipped"]]
+    if skipped:
+        typer.echo("\n".join(map(str, left_out)) if left_out else f"{d['path']}: pack left nothing out")
         return
     out = [
         f"{d['path']}",
@@ -214,6 +232,9 @@ def info(
                    f"(re-run `spairstore features` to resume; staged in {v['path']})")
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]
+    if left_out:
+        out.append(f"  skipped      {len(left_out):,} source items (--skipped lists each)")
+        out += [f"    {ln}" for ln in report_skipped(left_out, every=0, examples=1)]
     typer.echo("\n".join(out))
 
 
@@ -287,6 +308,8 @@ def eval_(
     fmt = "json" if as_json else fmt
     if fmt not in ("text", "markdown", "csv", "json"):
         raise SpairstoreError(f"--format must be text, markdown, csv or json, not {fmt!r}")
+    output = output and _output(output)
+    plot = plot and _output(plot, ".png")
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed)
         source = get_method(method, features, device, batch_size, progress=True) if method else predictions
@@ -344,6 +367,7 @@ def show(
 
     if method is not None and predictions is not None:
         raise SpairstoreError("give at most one of --method and --predictions")
+    output = _output(output, ".png")
     with open_store(store) as s:
         proto = _protocol(s, protocol, None, direction, None, None, None, None, None)
         row = s.pair_row(split, pair)
@@ -378,15 +402,44 @@ def verify(
                               "(listed above)")
 
 
+def _output(path: Path, suffix: str | None = None) -> Path:
+    """Where a command will write ``path`` (with ``suffix`` added if it has none), checked before the work."""
+    if suffix and not path.suffix:
+        path = path.with_name(path.name + suffix)
+    if not path.parent.is_dir():
+        raise SpairstoreError(f"{path.parent}: output folder does not exist")
+    return path
+
+
+@contextmanager
+def _on_interrupt(kept: str) -> Iterator[None]:
+    """Ctrl-C says what of the interrupted work was kept (and how to go on), not just that it stopped."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if _first_process():
+            typer.secho(f"\ninterrupted: {kept}", err=True)
+        sys.exit(130)
+
+
+def _error(message: str) -> None:
+    if _first_process():  # under torchrun every process raises it; the first names the failed ones
+        # Start on a fresh line: an interrupted progress bar leaves the cursor mid-line.
+        typer.secho(f"\nerror: {message}", err=True, fg=typer.colors.RED)
+    sys.exit(1)
+
+
 def main() -> None:
-    """Console entry point: user errors print one line and exit 1, without a traceback."""
+    """Console entry point: user errors, and what the machine refuses (a folder that cannot be written, a
+    full disk, memory), print one line and exit 1, without a traceback."""
     try:
         app()
     except SpairstoreError as e:
-        if _first_process():  # under torchrun every process raises it; the first names the failed ones
-            # Start on a fresh line: an interrupted progress bar leaves the cursor mid-line.
-            typer.secho(f"\nerror: {e}", err=True, fg=typer.colors.RED)
-        sys.exit(1)
+        _error(str(e))
+    except OSError as e:
+        _error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}")
+    except MemoryError:
+        _error("out of memory (the store or the batch is too big for this machine's RAM)")
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)

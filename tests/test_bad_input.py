@@ -247,10 +247,18 @@ def test_skip_lists_every_bad_item(root: Path, tmp_path: Path, capsys: pytest.Ca
     out = tmp_path / "out.h5"
     code, summary, err = run_main(["pack", root, out, "--size", "16", "--on-error", "skip"], capsys)
     assert code == 0, err
-    listed = [ln.strip() for ln in summary.splitlines() if ln.startswith("    ")]
     s = spairstore.open(out)
     stored = [f"{d['kind']} {d['key']}: {d['path']}: {d['reason']}" for d in s.attrs["skipped"]]
-    assert listed == stored  # the summary and the store list the same items
+    code, listing, _ = run_main(["info", out, "--skipped"], capsys)
+    listed = listing.splitlines()
+    assert code == 0 and listed == stored  # info lists every item the store keeps
+    # The summary counts them per kind and cause, with the first few of each: every item in one group.
+    groups = [ln.strip() for ln in summary.splitlines() if ln.startswith("    ") and not ln.startswith("      ")]
+    counts = [int(g.split()[0].replace(",", "")) if g.endswith(", e.g.") else 1 for g in groups]
+    assert sum(counts) == len(stored) > 10 and len(summary.splitlines()) < 4 * len(groups) + 10
+    assert any(g.endswith("pairs: uses an image that was skipped, e.g.") for g in groups)
+    code, described, _ = run_main(["info", out], capsys)
+    assert code == 0 and f"  skipped      {len(stored)} source items (--skipped lists each)" in described
     for bad, reason in expected:
         assert any(bad in ln and reason in ln for ln in listed), (bad, reason)
     # an image left out takes its pairs with it, each saying why

@@ -401,13 +401,19 @@ def test_zarr_store_gets_the_same_features(lite_store: Path, tmp_path: Path) -> 
     ({"input_size": 100}, "input size 100 must be a positive multiple of 32"),
     ({"name": "a/b"}, "feature set name 'a/b'"),
     ({"batch_size": 0}, "batch size must be at least 1"),
-    ({"device": "tpu"}, "unknown device 'tpu'"),
     ({"weights": "/nonexistent/w.pth"}, "/nonexistent/w.pth: weights file not found"),
 ])
 def test_bad_options(store_copy: Path, kwargs: dict, message: str) -> None:
     digest = sha256(store_copy)
     with pytest.raises(FeatureError, match=message):
         extract_features(store_copy, **kwargs)
+    assert sha256(store_copy) == digest
+
+
+def test_unknown_device(store_copy: Path) -> None:
+    digest = sha256(store_copy)
+    with pytest.raises(spairstore.SpairstoreError, match="unknown device 'tpu'"):
+        extract_features(store_copy, device="tpu")
     assert sha256(store_copy) == digest
 
 

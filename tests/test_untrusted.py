@@ -179,3 +179,94 @@ def test_fuzz_never_crashes(synth_store: Path, tmp_path: Path) -> None:
     found = [outcomes[(str(p), "open")] == "error" or outcomes[(str(p), "verify")] != "ok" for p in files]
     assert sum(found) >= 0.95 * len(files)
     assert all(f for f, p in zip(found, files) if "truncate" in p.name)
+
+
+def _redeclare(f: h5py.File, name: str, rows: int | None = None, dtype: str | None = None,
+               width: int | None = None) -> None:
+    """``name`` re-declared bigger than the file: chunked and compressed, never written."""
+    old = f[name]
+    shape = list(old.shape)
+    if rows is not None:
+        shape[0] = rows
+    if width is not None:
+        shape[1] = width
+    del f[name]
+    f.create_dataset(name, shape=tuple(shape), dtype=dtype or old.dtype, compression="gzip",
+                     chunks=(1, *(min(n, 4096) for n in shape[1:])))
+
+
+def _image_table_rows(f: h5py.File, rows: int) -> None:
+    for name in [k for k, v in f["images"].items() if isinstance(v, h5py.Dataset) and not k.endswith("_blob")]:
+        _redeclare(f, f"images/{name}", rows=rows + name.endswith("_offsets"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: _image_table_rows(f, 200_000_000), r"images/\w+ declares \(200000001?.*may take at most"),
+    (lambda f: [_redeclare(f, f"pairs/trn/{k}", width=10**8) for k in ("kps_ids", "src_kps", "trg_kps")],
+     "pairs/trn/kps_ids declares 100,000,000 keypoint columns"),
+    (lambda f: _redeclare(f, "images/name", dtype="S150000000"), "images/name declares strings of 150,000,000 bytes"),
+], ids=["image-rows", "keypoint-columns", "string-width"])
+def test_refuses_memory_bombs(copy: Path, change: Callable, message: str) -> None:
+    """Declarations that cost nothing on disk but would be allocated whole by open, info, verify and eval
+    are refused before anything is read, naming the array."""
+    with h5py.File(copy, "a") as f:
+        change(f)
+    assert copy.stat().st_size < 50 * 2**20
+    with pytest.raises(spairstore.StoreError, match=message):
+        spairstore.open(copy)
+    res = subprocess.run(["python", "-m", "spairstore", "info", str(copy)], capture_output=True, text=True,
+                         env=cli_env())
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0 and message.split()[0][:6] in res.stderr
+
+
+def test_refuses_zarr_v2(tmp_path: Path) -> None:
+    import zarr
+
+    g = zarr.open_group(tmp_path / "old.zarr", mode="w", zarr_format=2)
+    g.attrs["format"] = "spairstore"
+    for i in range(20):
+        g.create_array(f"images/a{i}", shape=(3,), dtype="int32")
+    res = subprocess.run(["python", "-m", "spairstore", "info", str(tmp_path / "old.zarr")], capture_output=True,
+                         text=True, env=cli_env())
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"error: {tmp_path / 'old.zarr'}: a Zarr v2 store; spairstore reads Zarr v3 only"
+
+
+def test_fuzz_declared_shapes(synth_store: Path, tmp_path: Path) -> None:
+    """40 random re-declarations of one array each (rows, widths, dtypes; chunked and never written, so
+    they cost nothing on disk): opening, reading every table and verifying either refuses the store with
+    a StoreError or reads it, and then verify finds the change or the data equal the clean store's."""
+    from spairstore.store.verify import verify
+
+    rng = np.random.default_rng(7)
+    with h5py.File(synth_store, "r") as f:
+        names = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    with spairstore.open(synth_store) as s:
+        clean = {k: s.pairs(k) for k in s.splits}
+    dtypes = ["int8", "int64", "float16", "S7", "S100000", "uint32"]
+    for i in range(40):
+        p = tmp_path / f"shape{i}.h5"
+        shutil.copy(synth_store, p)
+        name = names[int(rng.integers(len(names)))]
+        with h5py.File(p, "a") as f:
+            shape = list(f[name].shape)
+            what = rng.choice(["rows", "width", "dtype"])
+            if what == "rows":
+                shape[0] = int(rng.choice([0, max(0, shape[0] - 1), shape[0] + 1, shape[0] * 10**6 + 3]))
+            elif what == "width" and len(shape) > 1:
+                shape[1] = int(rng.choice([0, shape[1] + 1, 10**7]))
+            dtype = str(rng.choice(dtypes)) if what == "dtype" else f[name].dtype
+            del f[name]
+            f.create_dataset(name, shape=tuple(shape), dtype=dtype, compression="gzip",
+                             chunks=tuple(max(1, min(n, 4096)) for n in shape) if all(shape) else None)
+        try:
+            with spairstore.open(p) as s:
+                tables = {k: s.pairs(k) for k in s.splits}
+                _ = s.manifest
+                report = verify(p)
+        except spairstore.StoreError:
+            continue
+        same = all(np.array_equal(tables[k][c], clean[k][c], equal_nan=clean[k][c].dtype.kind == "f")
+                   for k in clean for c in clean[k])
+        assert not report.ok or same, f"{name} {what} {shape} {dtype}: read differently, verify found nothing"

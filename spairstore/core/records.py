@@ -6,6 +6,8 @@ annotation gives them (SPair-71k bounding boxes stay VOC 1-based inclusive). Mis
 from __future__ import annotations
 
 import hashlib
+import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -150,6 +152,37 @@ class Skipped:
 
     def to_json(self) -> dict[str, str]:
         return {"kind": self.kind, "key": self.key, "path": self.path, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Skipped:
+        """The inverse of :meth:`to_json`, tolerant of what an untrusted store's attribute holds."""
+        return cls(*(str(d.get(k, "")) for k in ("kind", "key", "path", "reason")))
+
+    @property
+    def cause(self) -> str:
+        """The reason less its particulars (names, numbers, quoted values, details in parentheses), so
+        that items left out for the same cause count together."""
+        if "which was skipped" in self.reason:
+            return "uses an image that was skipped"
+        text = re.sub(r"\s*\(.*\)|'[^']*'|\"[^\"]*\"", "", self.reason)
+        return re.sub(r"\s+", " ", re.sub(r"-?\d+(\.\d+)?", "N", text)).strip(" ,:")
+
+
+def report_skipped(skipped: list[Skipped], every: int = 10, examples: int = 3) -> list[str]:
+    """Lines saying what was left out: each item when there are at most ``every``, else a count per kind
+    and cause (most frequent first) with its first ``examples`` items."""
+    if len(skipped) <= every:
+        return [str(s) for s in skipped]
+    groups = Counter((s.kind, s.cause) for s in skipped)
+    lines = []
+    for (kind, cause), n in groups.most_common():
+        items = [s for s in skipped if (s.kind, s.cause) == (kind, cause)]
+        if n == 1:
+            lines.append(str(items[0]))
+            continue
+        lines.append(f"{n:,} {kind}s: {cause}, e.g.")
+        lines += [f"  {s}" for s in items[:examples]]
+    return lines
 
 
 class ErrorPolicy:

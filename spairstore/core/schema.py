@@ -131,6 +131,9 @@ def format_version(attrs: dict) -> tuple[int, int]:
 
 #: A byte-string field of any length (names, stems, paths).
 BYTES = np.dtype("S")
+#: Widest text a table may declare, in bytes: names, stems and source paths are short (PATH_MAX is 4096),
+#: and each string of a table costs its declared width in memory, written or not.
+MAX_TEXT_BYTES = 4096
 
 
 def crc_array(path: str) -> str:
@@ -216,6 +219,12 @@ def check_layout(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dic
     if problems:
         return problems
     n = shapes.get("images/name", ((-1,), None))[0][0] if "images/name" in shapes else -1
+    for split in attrs["splits"]:
+        # A pair lists each keypoint slot at most once, so no pair table is wider than the slots.
+        width = shapes.get(f"pairs/{split}/kps_ids", ((0, 0),))[0]
+        if len(width) == 2 and width[1] > max(1, attrs["num_keypoints"]):
+            problems.append(f"pairs/{split}/kps_ids declares {width[1]:,} keypoint columns, more than the "
+                            f"{attrs['num_keypoints']} keypoint slots")
     for f in store_fields(shapes, attrs):
         if f.path not in shapes:
             problems.append(f"{f.path} is missing")
@@ -224,6 +233,8 @@ def check_layout(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dic
         ok_dtype = dtype.kind == "S" if f.dtype == BYTES else dtype == f.dtype
         if not ok_dtype:
             problems.append(f"{f.path} has dtype {dtype}, expected {f.dtype}")
+        elif f.dtype == BYTES and dtype.itemsize > MAX_TEXT_BYTES:
+            problems.append(f"{f.path} declares strings of {dtype.itemsize:,} bytes (at most {MAX_TEXT_BYTES})")
         if tuple(shape[1:]) != f.row_shape or len(shape) != 1 + len(f.row_shape):
             problems.append(f"{f.path} has shape {shape}, expected (rows, {', '.join(map(str, f.row_shape))})")
             continue

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core import geometry
+from ..core.device import resolve_device
 from ..core.errors import SpairstoreError, StoreError
 from ..store.reader import Store
 
@@ -62,7 +63,7 @@ class NearestNeighbour:
             raise StoreError(f"{store.path}: no feature set {self.features!r} "
                              f"(store has {', '.join(store.feature_sets) or 'none'})")
         geom, size = store.feature_sets[self.features], store.image_size
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(self.device)
         h, w = int(geom["height"]), int(geom["width"])
         a, b, kps = _sides(store, split, rows, direction)
         q_store = store.to_store(kps, a[:, None])

@@ -5,6 +5,7 @@ Predictions are keypoints in the *original pixels* of the image they are predict
 """
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,16 @@ def _read_file(path: Path) -> Any:
         if suffix in (".pt", ".pth"):
             import torch
 
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                if "Weights only load failed" not in str(e):
+                    raise
+                # Never unpickled beyond tensors: a predictions file may come from anyone.
+                raise PredictionsError(f"{path}: holds objects other than tensors, numbers, lists and dicts "
+                                       "(numpy arrays?); save torch tensors (torch.from_numpy) or a .npz") from None
+    except PredictionsError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's error, said in one line
         raise PredictionsError(f"{path}: cannot read predictions ({type(e).__name__}: {e})") from None
     raise PredictionsError(f"{path}: predictions must be a .npz, .pt or .npy file")

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..core.device import resolve_device
 from ..core.errors import FeatureError
 from ..store.backends import format_of, is_url, reader_for, remove, staged, writer_for
 from ..store.backends.zarr import UnlistedArray, publish, shard_rows_of, unpublish
@@ -526,10 +527,6 @@ class FeatureSummary:
                 f"  run    {self.extracted:,} images extracted in {self.seconds:.1f} s{rate}{resumed}")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0",
                      layers: Sequence[str | int] | None = None, input_size: int | None = None,
                      batch_size: int = 16, device: str | None = None, weights: str | Path | None = None,
@@ -553,13 +550,7 @@ def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0
         raise FeatureError(f"feature set name {name!r}: use letters, digits, '_', '-' and '.' (at most 64)")
     if batch_size < 1:
         raise FeatureError(f"batch size must be at least 1, got {batch_size}")
-    device = device or default_device()
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise FeatureError(f"unknown device {device!r} (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatureError("--device cuda: no CUDA device is available here")
+    dev = resolve_device(device)
     world = World.from_env(dev.type)
     if dev.type == "cuda" and world.size > 1:
         if dev.index is not None:

@@ -38,7 +38,12 @@ from ..core.schema import (
     check_tables,
     is_hot,
 )
-from .backends import ArrayReader, RawExtent, is_url, reader_for
+from .backends import ArrayReader, RawExtent, disk_bytes, is_url, reader_for
+
+#: Bound on what a store's tables may declare (see :meth:`Store._check_table_sizes`): generous for real
+#: stores, whose tables are a small share of their bytes and compress less than 10x.
+TABLE_RATIO = 16
+TABLE_FLOOR = 256 * 2**20
 
 
 class Table(Mapping[str, np.ndarray]):
@@ -202,7 +207,7 @@ class Store:
             raise StoreError(f"{self.path}: store format {version} is newer than this spairstore reads "
                              f"({FORMAT_VERSION[0]}.x); upgrade spairstore")
         self.shapes = backend.shapes()
-        problems = check_layout(self.shapes, attrs)
+        problems = check_layout(self.shapes, attrs) or self._check_table_sizes()
         if not problems:
             lazy = ("pairs/", "manifest/")
             tables = {k: backend.read(k) for k in self.shapes if not is_hot(k) and not k.startswith(lazy)}
@@ -226,6 +231,24 @@ class Store:
         self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
+
+    def _check_table_sizes(self) -> list[str]:
+        """Tables are read whole into memory, so what they declare must fit what the store can hold: a
+        chunked, compressed array never written costs nothing on disk but its full size in RAM. Their
+        decoded size (text as ``str``: 4 bytes a character) may be at most ``TABLE_RATIO`` times the
+        store's bytes on disk (at least ``TABLE_FLOOR``; a URL store gets ``TABLE_FLOOR``)."""
+        def decoded(shape: tuple[int, ...], dtype: np.dtype) -> int:
+            return math.prod(shape) * dtype.itemsize * (5 if dtype.kind == "S" else 1)
+
+        tables = {k: decoded(*v) for k, v in self.shapes.items() if not is_hot(k)}
+        on_disk = disk_bytes(self.path) if isinstance(self.path, Path) else 0
+        budget = max(TABLE_FLOOR, TABLE_RATIO * on_disk)
+        if sum(tables.values()) <= budget:
+            return []
+        name = max(tables, key=tables.__getitem__)
+        return [f"{name} declares {self.shapes[name][0]} {self.shapes[name][1]} ({tables[name] / 2**20:,.0f} MiB "
+                f"in memory); the tables of a store of {on_disk / 2**20:,.1f} MiB may take at most "
+                f"{budget / 2**20:,.0f} MiB, so it is damaged or hostile"]
 
     def _refuse(self, problems: list[str]) -> None:
         if problems:

@@ -43,7 +43,16 @@ from tqdm import tqdm
 from ..core.errors import SourceError, SpairstoreError
 from ..core.geometry import letterbox, letterbox_params
 from ..core.manifest import build_manifest, sha256_bytes
-from ..core.records import DatasetRecords, ErrorPolicy, ImageRecord, OnError, PairRecord, Skipped, pair_list_sha256
+from ..core.records import (
+    DatasetRecords,
+    ErrorPolicy,
+    ImageRecord,
+    OnError,
+    PairRecord,
+    Skipped,
+    pair_list_sha256,
+    report_skipped,
+)
 from ..core.schema import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, PAIR_LABELS, PAYLOAD_FIELDS, crc_array, image_fields
 from ..core.version import __version__
 from .backends import (
@@ -91,8 +100,8 @@ class PackSummary:
         if self.skipped:
             kinds = {k: sum(s.kind == k for s in self.skipped) for k in ("image", "pair")}
             lines.append(f"  skipped {kinds['image']:,} images and {kinds['pair']:,} pairs "
-                         "(also in the store's 'skipped' attribute):")
-            lines += [f"    {s}" for s in self.skipped]
+                         f"(`spairstore info {self.path} --skipped` lists each):")
+            lines += [f"    {ln}" for ln in report_skipped(self.skipped)]
         return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..core.device import resolve_device
 from ..core.errors import SpairstoreError
 from .collate import Batch, collate
 from .memory import BufferPool
@@ -104,9 +105,7 @@ class Loader:
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         if batch_size < 1 or prefetch < 1 or num_workers < 0:
             raise SpairstoreError("batch_size and prefetch must be >= 1 and num_workers >= 0")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise SpairstoreError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+        self.device = resolve_device(device)
         self.dataset = dataset
         self.sampler = ShardSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=pad)
         self.batch_size, self.drop_last = int(batch_size), drop_last

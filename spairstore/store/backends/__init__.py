@@ -109,7 +109,7 @@ def format_of(path: str | Path, format: str | None = None) -> str:
             raise StoreError(f"{path}: remote stores must be Zarr; convert it with `spairstore convert`")
         return "zarr"
     p = Path(path)
-    if (p / "zarr.json").is_file():
+    if (p / "zarr.json").is_file() or (p / ".zgroup").is_file():
         return "zarr"
     if p.is_file():
         with open(p, "rb") as f:

@@ -160,9 +160,12 @@ class ZarrReader:
     def __init__(self, path: str | Path):
         self.remote = is_url(path)
         self.path = str(path) if self.remote else Path(path)
+        if not self.remote and (self.path / ".zgroup").is_file() and not (self.path / "zarr.json").is_file():
+            # Refused before zarr walks it: its v2 reader's failures leave asyncio tasks warning at exit.
+            raise StoreError(f"{self.path}: a Zarr v2 store; spairstore reads Zarr v3 only")
         try:
             with _quiet():
-                self._g = zarr.open_group(str(self.path), mode="r")
+                self._g = zarr.open_group(str(self.path), mode="r", zarr_format=3)
                 self.attrs = dict(self._g.attrs)
                 self._arrays = {k: v for k, v in self._g.members(max_depth=None) if isinstance(v, zarr.Array)}
         except ImportError as e:
