@@ -35,10 +35,11 @@ def detect(root: str | Path) -> str:
 
 
 def read(root: str | Path, dataset: str | None = None, progress: Progress | None = None,
-         on_error: OnError = "fail") -> DatasetRecords:
+         on_error: OnError = "fail", follow_links: bool = False) -> DatasetRecords:
     """Read a dataset root into canonical records, with the named converter or the detected one.
-    ``progress(iterable, description, total)`` wraps the long loops (e.g. a tqdm bar)."""
+    ``progress(iterable, description, total)`` wraps the long loops (e.g. a tqdm bar); files that
+    symbolic links lead to outside the root are bad items unless ``follow_links``."""
     name = dataset or detect(root)
     if name not in CONVERTERS:
         raise SourceError(root, f"unknown dataset {name!r} (known: {', '.join(CONVERTERS)})")
-    return CONVERTERS[name](root, progress=progress, on_error=on_error).read()
+    return CONVERTERS[name](root, progress=progress, on_error=on_error, follow_links=follow_links).read()

@@ -6,7 +6,7 @@ Every failure is a :class:`~spairstore.core.errors.SourceError` naming the file 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,31 @@ def require(data: Mapping[str, Any], keys: Iterable[str], rel: str) -> None:
         raise SourceError(rel, f"missing key(s) {', '.join(missing)}")
 
 
+#: The widest integer column a store holds (image rows, pair ids, sizes): int32.
+INT32 = (-(2**31), 2**31 - 1)
+
+
 def integer(value: Any, what: str, rel: str, lo: int | None = None, hi: int | None = None) -> int:
-    """A JSON integer (not a bool), within ``lo..hi`` where given."""
+    """A JSON integer (not a bool), within ``lo..hi`` where given and always within int32, so that no
+    value overflows (or wraps in) the column it is stored in."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SourceError(rel, f"{what} must be an integer, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"at least {lo}" if hi is None else f"in {lo}..{hi}"
-        raise SourceError(rel, f"{what} must be {bounds}, got {value}")
+        raise SourceError(rel, f"{what} must be an integer, got {value!r:.40}")
+    lo_, hi_ = max(INT32[0], INT32[0] if lo is None else lo), min(INT32[1], INT32[1] if hi is None else hi)
+    if not lo_ <= value <= hi_:
+        bounds = f"at least {lo_}" if hi is None and value < lo_ else f"in {lo_}..{hi_}"
+        raise SourceError(rel, f"{what} must be {bounds}, got {value if len(str(value)) < 24 else 'a huge number'}")
     return value
+
+
+def keypoint_id(value: Any, what: str, rel: str, slots: int) -> int:
+    """A keypoint id written as a decimal string (``"7"``), naming one of ``slots`` slots. Only ASCII
+    digits: ``str.isdigit`` also accepts superscripts and other scripts' digits, which ``int`` rejects."""
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6):
+        raise SourceError(rel, f"{what} must be keypoint id strings like '7', got {value!r:.40}")
+    k = int(value)
+    if k >= slots:
+        raise SourceError(rel, f"{what} names keypoint id {k}, but there are {slots} slots (0..{slots - 1})")
+    return k
 
 
 def string(value: Any, what: str, rel: str) -> str:
@@ -59,16 +76,29 @@ def plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
-def points(value: Any, what: str, rel: str, width: int, height: int) -> np.ndarray:
-    """A list of [x, y] points (original pixels) inside a ``width x height`` image: 0 <= x <= width.
+def border(width: int, height: int) -> float:
+    """How far outside its image (original pixels) a keypoint may lie and still be kept, with a note:
+    annotators click on the edge (x = width), or a pixel or two past it; further out is not a point of
+    this image."""
+    return max(2.0, 0.01 * max(width, height))
+
+
+def points(value: Any, what: str, rel: str, width: int, height: int,
+           note: Callable[[str, str], None] | None = None) -> np.ndarray:
+    """A list of finite [x, y] points (original pixels) of a ``width x height`` image: 0 <= x <= width,
+    or at most :func:`border` outside, which is kept and reported through ``note(what, rel)``.
     (Plain Python: for a few points per file it is several times faster than numpy.)"""
     if type(value) is not list:
         raise SourceError(rel, f"{what} must be a list of [x, y] points, got {value!r:.80}")
+    m = border(width, height)
     for p in value:
         if type(p) is not list or len(p) != 2 or type(p[0]) not in NUMBER or type(p[1]) not in NUMBER:
             raise SourceError(rel, f"{what} must be a list of [x, y] number pairs, got {p!r:.80} in it")
         if not (0 <= p[0] <= width and 0 <= p[1] <= height):  # NaN fails too
-            raise SourceError(rel, f"{what}: point {p} lies outside the {width}x{height} image")
+            if not (-m <= p[0] <= width + m and -m <= p[1] <= height + m):
+                raise SourceError(rel, f"{what}: point {p} lies outside the {width}x{height} image")
+            if note is not None:
+                note(f"keypoints up to {m:g} px outside their image (kept as annotated)", rel)
     return np.array(value, dtype=np.float32).reshape(-1, 2)
 
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -82,8 +84,12 @@ class Converter(ABC):
     subset_names: ClassVar[tuple[str, ...]] = ()
     num_keypoints: int  #: keypoint slots per image
 
-    def __init__(self, root: str | Path, progress: Progress | None = None, on_error: OnError = "fail"):
+    def __init__(self, root: str | Path, progress: Progress | None = None, on_error: OnError = "fail",
+                 follow_links: bool = False):
         self.root = Path(root).resolve()
+        #: read files that symbolic links lead to outside the root (else they are bad items)
+        self.follow_links = follow_links
+        self._remarks: dict[str, list[str]] = {}  # what -> files it was seen in
         self.policy = ErrorPolicy(on_error)
         self.progress: Progress = progress or _no_progress
         data = self.locate(self.root) if self.root.is_dir() else None
@@ -141,14 +147,32 @@ class Converter(ABC):
         return None
 
     # -- reading sources -------------------------------------------------------------------------
+    def remark(self, what: str, rel: str) -> None:
+        """Something the user should hear about, but not an error (e.g. a keypoint on the image's edge):
+        counted per ``what`` into one note of the store (with the first file), not one per file."""
+        self._remarks.setdefault(what, []).append(rel)
+
+    def inside(self, path: Path | str) -> None:
+        """Refuse a source file that a symbolic link (of the file or of a folder above it) leads to
+        outside the root: a store may be shared, and must not carry files from elsewhere on this machine.
+        ``follow_links`` allows it."""
+        real = os.path.realpath(path)
+        root = str(self.root)
+        if not self.follow_links and real != root and not real.startswith(root + os.sep):
+            rel = os.path.relpath(path, root)
+            raise SourceError(rel, f"is a symbolic link to {real}, outside the dataset root "
+                                   "(pack --follow-links reads such files)")
+
     def rel(self, path: Path) -> str:
         """``path`` relative to the root, POSIX: how messages and the manifest name a file."""
         return path.relative_to(self.root).as_posix()
 
     def read_source(self, rel: str) -> bytes:
         """The bytes of the source file ``rel`` (relative to the root), recording their size and SHA-256."""
+        path = f"{self.root}/{rel}"  # plain strings: tens of thousands of files per pack
+        self.inside(path)
         try:
-            with open(f"{self.root}/{rel}", "rb") as f:  # plain strings: tens of thousands of files per pack
+            with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise SourceError(rel, "file not found") from None
@@ -186,6 +210,9 @@ class Converter(ABC):
             bad = [s for s in self.policy.skipped if s.kind == "pair"]
             raise SourceError(self.root, f"no pairs left: all {len(bad)} were skipped, the first as {bad[0]}"
                               if bad else "the dataset lists no pairs")
+        self.notes += [f"{len(files):,} {what}, e.g. {files[0]}" for what, files in self._remarks.items()]
+        for p in self.sources:
+            self.inside(p)
         sources = [*(self.root / p for p in self._kept), *self.sources, *(im.image_path for im in images),
                    *(im.mask_path for im in images if im.mask_path is not None)]
         return DatasetRecords(
@@ -195,13 +222,22 @@ class Converter(ABC):
             category_groups=self.category_groups, subset_names=list(self.subset_names),
         )
 
+    def _read_item(self, item: Item[R]) -> R | None:
+        """The item's record, its image files (which the writer reads) checked to lie inside the root."""
+        rec = item.read()
+        if isinstance(rec, ImageRecord):
+            for path in (rec.image_path, rec.mask_path):
+                if path is not None:
+                    self.inside(path)
+        return rec
+
     def _collect(self, kind: str, items: Iterable[Item[R]], description: str) -> list[R]:
         """The records of ``items`` under the error policy, each key once (a repeat is a bad item)."""
         items = items if isinstance(items, Sequence) else list(items)
         records: list[R] = []
         first: dict[tuple[Any, ...], str] = {}
         for item in self.progress(items, description, len(items)):
-            rec = self.policy.attempt(kind, item.label, item.read)
+            rec = self.policy.attempt(kind, item.label, partial(self._read_item, item))
             if rec is None:
                 continue
             key = rec.key

@@ -61,9 +61,12 @@ class _Row:
 
 def _floats(cell: str, column: str, where: str, rel: str) -> np.ndarray:
     try:
-        return np.array([float(v) for v in cell.split(";")], dtype=np.float64)
+        values = np.array([float(v) for v in cell.split(";")], dtype=np.float64)
     except ValueError:
         raise SourceError(rel, f"{where}: {column} must be ';'-separated numbers, got {cell[:40]!r}") from None
+    if not np.isfinite(values).all():
+        raise SourceError(rel, f"{where}: {column} holds a value that is not a finite number ({cell[:40]!r})")
+    return values
 
 
 def _parse_row(r: dict[str, str], rel: str, line: int, pair_id: int, columns: int, has_kps: bool) -> _Row:
@@ -71,7 +74,7 @@ def _parse_row(r: dict[str, str], rel: str, line: int, pair_id: int, columns: in
     if None in r or None in r.values():
         raise SourceError(rel, f"{where}: expected {columns} columns")
     cls = r["class"].strip()
-    if not (cls.isdigit() and 1 <= int(cls) <= len(CATEGORIES)):
+    if not (cls.isascii() and cls.isdigit() and 1 <= int(cls) <= len(CATEGORIES)):
         raise SourceError(rel, f"{where}: class must be 1..{len(CATEGORIES)} (VOC order), got {cls!r}")
     flip = r.get("flip", "0").strip()
     if flip not in ("0", "1"):

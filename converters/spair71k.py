@@ -24,7 +24,7 @@ import numpy as np
 from spairstore.core.errors import SourceError
 from spairstore.core.records import ImageRecord, PairRecord
 
-from ._common import NUMBER, file_name, integer, points, require, string
+from ._common import NUMBER, file_name, integer, keypoint_id, points, require, string
 from .base import Converter, Item
 from .voc import CLASSES, pair_stem
 
@@ -211,7 +211,7 @@ class SPair71k(Converter):
             raise SourceError(rel, f"kps must be a dict with keys '0'..'{NUM_KEYPOINTS - 1}'")
         pts = np.full((NUM_KEYPOINTS, 2), np.nan, dtype=np.float32)
         shown = [int(k) for k, v in kps.items() if v is not None]
-        pts[shown] = points([kps[str(k)] for k in shown], "kps", rel, width, height)
+        pts[shown] = points([kps[str(k)] for k in shown], "kps", rel, width, height, self.remark)
         image_path = root / "JPEGImages" / category / filename
         if not image_path.is_file():
             raise SourceError(self.rel(image_path), f"image file not found (annotated in {rel})")
@@ -238,8 +238,9 @@ class SPair71k(Converter):
     def _read_layout(self, path: Path) -> list[str] | None:
         if not path.is_file():
             return None
+        self.inside(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM, as Windows editors write, is not a stem
         except (OSError, UnicodeDecodeError) as e:
             raise SourceError(self.rel(path), f"unreadable layout file ({e})") from None
         return [line.strip() for line in text.splitlines() if line.strip()]
@@ -309,13 +310,15 @@ class SPair71k(Converter):
                 _bbox(ann[f"{side}_bndbox"], f"{side}_bndbox", rel, image.width, image.height)
             images.append(image)
         ids = ann["kps_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, str) and i.isdigit() for i in ids):
-            raise SourceError(rel, "kps_ids must be a list of keypoint id strings")
-        kps_ids = np.array([int(i) for i in ids], dtype=np.int16)
-        if kps_ids.size and kps_ids.max() >= NUM_KEYPOINTS:
-            raise SourceError(rel, f"kps_ids {ids} name a keypoint id >= {NUM_KEYPOINTS}")
-        src_kps = points(ann["src_kps"], "src_kps", rel, images[0].width, images[0].height)
-        trg_kps = points(ann["trg_kps"], "trg_kps", rel, images[1].width, images[1].height)
+        if not isinstance(ids, list):
+            raise SourceError(rel, f"kps_ids must be a list of keypoint id strings, got {ids!r:.40}")
+        kps_ids = np.array([keypoint_id(i, "kps_ids", rel, NUM_KEYPOINTS) for i in ids], dtype=np.int16)
+        if len(set(kps_ids.tolist())) < len(kps_ids):
+            self.remark("pairs that list a keypoint id twice (kept as annotated)", rel)
+        if images[0].key == images[1].key:
+            self.remark("pairs of an image with itself (kept)", rel)
+        src_kps = points(ann["src_kps"], "src_kps", rel, images[0].width, images[0].height, self.remark)
+        trg_kps = points(ann["trg_kps"], "trg_kps", rel, images[1].width, images[1].height, self.remark)
         if not (len(src_kps) == len(trg_kps) == len(kps_ids)):
             raise SourceError(rel, f"{len(kps_ids)} kps_ids but {len(src_kps)} src_kps and {len(trg_kps)} trg_kps")
         return PairRecord(

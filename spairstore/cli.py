@@ -52,6 +52,8 @@ def pack(
                                                "images and pairs out, listing each with its reason.")] = "fail",
     resume: Annotated[bool, typer.Option(help="HDF5: continue an interrupted pack of the same SRC and options "
                                               "into OUT from its staging folder (.OUT.staging/).")] = False,
+    follow_links: Annotated[bool, typer.Option("--follow-links", help="Also pack files that symbolic links "
+                                               "lead to outside SRC (by default each is a bad item).")] = False,
 ) -> None:
     """Pack a dataset folder into one store: decoded, letterboxed pixels and masks, original bytes,
     annotations, pair tables and a SHA-256 manifest of every source file. A killed pack leaves the
@@ -69,7 +71,8 @@ def pack(
             "to continue" if format_of(out, format) == "hdf5" else f"{out} is unchanged (a Zarr pack starts over)")
     with _on_interrupt(kept):
         summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
-                        shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume)  # type: ignore[arg-type]
+                        shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume,  # type: ignore[arg-type]
+                        follow_links=follow_links)
     typer.echo(str(summary))
 
 

@@ -23,11 +23,14 @@ DATASETS = tuple(converters.CONVERTERS)
 
 def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None = None,
          overwrite: bool = False, progress: bool = False, format: str | None = None,
-         shard_bytes: int | None = None, on_error: OnError = "fail", resume: bool = False) -> PackSummary:
+         shard_bytes: int | None = None, on_error: OnError = "fail", resume: bool = False,
+         follow_links: bool = False) -> PackSummary:
     """Read the dataset at ``src`` (layout detected unless ``dataset`` names one of :data:`DATASETS`) and
-    pack it into a store at ``out``; see :func:`spairstore.store.writer.write` for the other arguments."""
+    pack it into a store at ``out``. A source file that a symbolic link leads to outside ``src`` is a
+    bad item (see ``on_error``) unless ``follow_links``. See :func:`spairstore.store.writer.write` for
+    the other arguments."""
     def read(wrap, policy):  # noqa: ANN001, ANN202 - a SourceReader
-        return converters.read(Path(src), dataset, progress=wrap, on_error=policy)
+        return converters.read(Path(src), dataset, progress=wrap, on_error=policy, follow_links=follow_links)
 
     return write(read, out, size=size, overwrite=overwrite, progress=progress, format=format,
                  shard_bytes=shard_bytes, on_error=on_error, resume=resume)

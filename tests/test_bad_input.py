@@ -3,6 +3,7 @@
 ``--on-error skip`` it leaves every bad image and pair out and lists each with its reason."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -98,7 +99,7 @@ missing_key = annotation_edit("missing_key", lambda a: a.pop("kps"), "missing ke
 wrong_type = annotation_edit("wrong_type", lambda a: a.update(image_width=str(a["image_width"])),
                              "image_width must be an integer")
 keypoint_outside = annotation_edit(
-    "keypoint_outside", lambda a: a["kps"].update({first_point(a): [a["image_width"] + 5, 1]}), "lies outside the")
+    "keypoint_outside", lambda a: a["kps"].update({first_point(a): [a["image_width"] + 50, 1]}), "lies outside the")
 bbox_outside = annotation_edit("bbox_outside", lambda a: a["bndbox"].__setitem__(3, a["image_height"] + 10),
                                "bndbox")
 bbox_inverted = annotation_edit(
@@ -160,6 +161,31 @@ def decompression_bomb(root: Path, k: int) -> tuple[str, str]:
     return rel(root, f), "too large to decode safely"
 
 
+def linked_outside(target: Callable[[Path, int], Path]) -> Callable[[Path, int], tuple[str, str]]:
+    """A breaker that moves ``target(root, k)`` out of the root and leaves a symbolic link to it."""
+    def breaker(root: Path, k: int) -> tuple[str, str]:
+        p = target(root, k)
+        outside = root.parent / f"outside-{k}{p.suffix}"
+        shutil.move(p, outside)
+        p.symlink_to(outside)
+        return rel(root, p), "is a symbolic link to"
+
+    breaker.__name__ = f"{target.__name__}_linked_outside"
+    return breaker
+
+
+def annotation_file(root: Path, k: int) -> Path:
+    return image_ann(root, k)
+
+
+def jpeg_file(root: Path, k: int) -> Path:
+    return image_file(root, image_ann(root, k))
+
+
+annotation_linked_outside = linked_outside(annotation_file)
+jpeg_linked_outside = linked_outside(jpeg_file)
+
+
 def unknown_category_folder(root: Path, k: int) -> tuple[str, str]:
     folder = root / "ImageAnnotation" / "unicorn"
     folder.mkdir()
@@ -177,7 +203,7 @@ pair_wrong_type = pair_edit("pair_wrong_type", lambda a: a.update(mirror="no"), 
 imsize_disagrees = pair_edit(
     "imsize_disagrees", lambda a: a["src_imsize"].__setitem__(0, a["src_imsize"][0] + 7), "src_imsize")
 pair_keypoint_outside = pair_edit(
-    "pair_keypoint_outside", lambda a: a["trg_kps"].__setitem__(0, [1, a["trg_imsize"][1] + 4]), "trg_kps: point")
+    "pair_keypoint_outside", lambda a: a["trg_kps"].__setitem__(0, [1, a["trg_imsize"][1] + 40]), "trg_kps: point")
 pair_bbox_outside = pair_edit(
     "pair_bbox_outside", lambda a: a["src_bndbox"].__setitem__(2, a["src_imsize"][0] + 9), "src_bndbox")
 unknown_category = pair_edit("unknown_category", lambda a: a.update(category="unicorn"),
@@ -185,6 +211,13 @@ unknown_category = pair_edit("unknown_category", lambda a: a.update(category="un
 pair_names_missing_image = pair_edit("pair_names_missing_image", lambda a: a.update(trg_imname="2099_999999.jpg"),
                                      "names no image annotation")
 absolute_imname = pair_edit("absolute_imname", lambda a: a.update(src_imname="/etc/passwd"), "not a plain file name")
+
+
+huge_pair_id = pair_edit("huge_pair_id", lambda a: a.update(pair_id=10**30), "pair_id must be in 0..2147483647")
+superscript_kps_id = pair_edit("superscript_kps_id", lambda a: a["kps_ids"].__setitem__(0, "\u00b2"),
+                               "kps_ids must be keypoint id strings like '7', got '²'")
+long_kps_id = pair_edit("long_kps_id", lambda a: a["kps_ids"].__setitem__(0, "9" * 40),
+                        "kps_ids must be keypoint id strings")
 
 
 def duplicate_pair_id(root: Path, k: int) -> tuple[str, str]:
@@ -208,10 +241,11 @@ def layout_line_escapes_root(root: Path, k: int) -> tuple[str, str]:
 
 IMAGE_BREAKERS = [malformed_json, missing_key, wrong_type, keypoint_outside, bbox_outside, bbox_inverted,
                   annotated_size_differs_from_file, truncated_jpeg, not_a_jpeg, missing_image_file,
-                  mask_size_mismatch, filename_escapes_root, decompression_bomb, unknown_category_folder]
+                  mask_size_mismatch, filename_escapes_root, decompression_bomb, unknown_category_folder,
+                  annotation_linked_outside, jpeg_linked_outside]
 PAIR_BREAKERS = [pair_missing_key, pair_wrong_type, imsize_disagrees, pair_keypoint_outside, pair_bbox_outside,
                  unknown_category, pair_names_missing_image, absolute_imname, duplicate_pair_id,
-                 layout_line_without_file, layout_line_escapes_root]
+                 layout_line_without_file, layout_line_escapes_root, huge_pair_id, superscript_kps_id, long_kps_id]
 
 
 def run_main(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -314,3 +348,61 @@ def test_open_refuses_newer_major_version(synth_store: Path, tmp_path: Path) -> 
         f.attrs["format_version"] = np.bytes_(json.dumps("2.0"))
     with pytest.raises(spairstore.StoreError, match="newer"):
         spairstore.open(p)
+
+
+def test_linked_category_folder_is_refused_unless_followed(root: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A whole category folder that a link leads to outside the root: every file in it is refused (one
+    line under fail), and --follow-links packs it byte for byte."""
+    folder = root / "ImageAnnotation" / "dog"
+    outside = root.parent / "dog-annotations"
+    shutil.move(folder, outside)
+    folder.symlink_to(outside, target_is_directory=True)
+    code, _, err = run_main(["pack", root, tmp_path / "a.h5", "--size", "16"], capsys)
+    assert code == 1 and "ImageAnnotation/dog/" in err and f"is a symbolic link to {outside}/" in err
+    assert not (tmp_path / "a.h5").exists()
+    code, _, err = run_main(["pack", root, tmp_path / "b.h5", "--size", "16", "--follow-links"], capsys)
+    assert code == 0, err
+    with spairstore.open(tmp_path / "b.h5") as s:
+        assert "dog" in {s.categories[c] for c in s.images.category}
+        packed = dict(zip(s.manifest.path, s.manifest.sha256))
+    ann = sorted(outside.glob("*.json"))[0]
+    assert packed[f"ImageAnnotation/dog/{ann.name}"] == hashlib.sha256(ann.read_bytes()).hexdigest()
+
+
+def test_oddities_are_kept_with_a_note(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What can be a real annotation is packed as annotated, and the summary and the store say so once
+    per kind: keypoints a pixel past the image's edge, a pair listing a keypoint twice, a pair of an image
+    with itself, an EXIF-rotated JPEG, an image_depth unlike the file's channels; a Layout file that
+    starts with a UTF-8 byte-order mark is read."""
+    ann = image_ann(root, 0)
+    edit(ann, lambda a: a["kps"].update({first_point(a): [a["image_width"] + 1.5, 0]}))
+    dup = cat_pair(root, 0)
+    edit(dup, lambda a: (a["kps_ids"].append(a["kps_ids"][0]), a["src_kps"].append(a["src_kps"][0]),
+                         a["trg_kps"].append(a["trg_kps"][0])))
+    same = cat_pair(root, 1)
+    edit(same, lambda a: a.update(trg_imname=a["src_imname"], trg_imsize=a["src_imsize"], trg_bndbox=a["src_bndbox"],
+                                  trg_kps=a["src_kps"]))
+    layout = root / "Layout" / "large" / "trn.txt"
+    layout.write_bytes(b"\xef\xbb\xbf" + layout.read_bytes())
+    rotated = image_file(root, image_ann(root, 1))
+    img, exif = Image.open(rotated), Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees by viewers that honour EXIF
+    img.save(rotated, "JPEG", quality=95, exif=exif)
+    edit(image_ann(root, 2), lambda a: a.update(image_depth=1))
+    code, summary, err = run_main(["pack", root, tmp_path / "s.h5", "--size", "16"], capsys)
+    assert code == 0, err
+    notes = [ln.strip() for ln in summary.splitlines() if ln.strip().startswith("note:")]
+    assert f"note: 1 keypoints up to 5 px outside their image (kept as annotated), e.g. {rel(root, ann)}" in notes
+    assert f"note: 1 pairs that list a keypoint id twice (kept as annotated), e.g. {rel(root, dup)}" in notes
+    assert f"note: 1 pairs of an image with itself (kept), e.g. {rel(root, same)}" in notes
+    assert f"note: 1 images with an EXIF rotation (packed as stored, unrotated, as annotated), e.g. " \
+           f"{rel(root, rotated)}" in notes
+    assert f"note: 1 images whose channels differ from their image_depth (kept), e.g. " \
+           f"{rel(root, image_file(root, image_ann(root, 2)))}" in notes
+    with spairstore.open(tmp_path / "s.h5") as s:
+        assert [f"note: {n}" for n in s.attrs["notes"]] == notes
+        t = s.pairs("trn")
+        assert t.rows == len(layout.read_text(encoding="utf-8-sig").split())  # the BOM line's pair too
+        row = s.image_row(ann.parent.name, ann.stem)
+        assert np.nanmax(s.images.keypoints[row, :, 0]) == s.images.size[row, 0] + 1.5

@@ -187,6 +187,23 @@ class _FileCheck:
 class _ImageCheck:
     image: _FileCheck
     mask: _FileCheck | None
+    remarks: tuple[str, ...] = ()  #: oddities the user should hear of, not errors (see ``_remarks``)
+
+
+#: EXIF tag of the orientation a viewer rotates the stored pixels by (1: as stored).
+_ORIENTATION = 0x0112
+
+
+def _remarks(img: Image.Image, rec: ImageRecord) -> tuple[str, ...]:
+    """What is odd about an image that opened well: the store keeps its pixels as stored, like the
+    annotations do, which a viewer honouring EXIF would show rotated; a channel count unlike the
+    annotated ``image_depth``."""
+    out = []
+    if img.getexif().get(_ORIENTATION, 1) != 1:
+        out.append("images with an EXIF rotation (packed as stored, unrotated, as annotated)")
+    if len(img.getbands()) != rec.depth:
+        out.append("images whose channels differ from their image_depth (kept)")
+    return tuple(out)
 
 
 def _check_image(rec: ImageRecord, root: Path, decode: bool) -> _ImageCheck:
@@ -203,8 +220,9 @@ def _check_image(rec: ImageRecord, root: Path, decode: bool) -> _ImageCheck:
             img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
         _load(img, rel)
     image = _FileCheck(len(data), zlib.crc32(data), sha256_bytes(data))
+    remarks = _remarks(img, rec)
     if rec.mask_path is None:
-        return _ImageCheck(image, None)
+        return _ImageCheck(image, None, remarks)
     mrel = rec.mask_path.relative_to(root)
     mdata = _read(rec.mask_path, root)
     m = _open_image(mdata, mrel)
@@ -214,7 +232,7 @@ def _check_image(rec: ImageRecord, root: Path, decode: bool) -> _ImageCheck:
         raise SourceError(mrel, f"mask is {m.width}x{m.height} but its image is {rec.width}x{rec.height}")
     if decode:
         _load(m, mrel)
-    return _ImageCheck(image, _FileCheck(len(mdata), zlib.crc32(mdata), sha256_bytes(mdata)))
+    return _ImageCheck(image, _FileCheck(len(mdata), zlib.crc32(mdata), sha256_bytes(mdata)), remarks)
 
 
 @dataclass
@@ -332,7 +350,14 @@ def _check_images(records: DatasetRecords, on_error: OnError, progress: bool
     records = records.without_images(bad)
     if not records.images:
         raise SpairstoreError(f"{records.root}: nothing to pack, every image was skipped")
-    return records, [checks[im.key] for im in records.images]
+    kept = [checks[im.key] for im in records.images]
+    seen: dict[str, list[ImageRecord]] = {}
+    for rec, check in zip(records.images, kept):
+        for r in check.remarks:
+            seen.setdefault(r, []).append(rec)
+    records.notes += [f"{len(recs):,} {what}, e.g. {recs[0].image_path.relative_to(records.root).as_posix()}"
+                      for what, recs in seen.items()]
+    return records, kept
 
 
 @dataclass
@@ -352,7 +377,8 @@ class _Structure:
         for k in sorted(self.tables):
             v = np.ascontiguousarray(self.tables[k])
             h.update(f"{k} {v.dtype.str} {v.shape}".encode())
-            h.update(memoryview(v).cast("B"))
+            if v.size:  # an empty table (a split all of whose pairs were skipped) has no bytes to view
+                h.update(memoryview(v).cast("B"))
         return h.hexdigest()
 
     #: The per-record CRC-32 arrays, filled in step 4.
