@@ -83,6 +83,7 @@ class Converter(ABC):
     #: names of the pair ``subset`` labels (``PairRecord.subset`` indexes them); empty where there are none
     subset_names: ClassVar[tuple[str, ...]] = ()
     num_keypoints: int  #: keypoint slots per image
+    mask_classes: ClassVar[int] = 0  #: see ``DatasetRecords.mask_classes``
 
     def __init__(self, root: str | Path, progress: Progress | None = None, on_error: OnError = "fail",
                  follow_links: bool = False):
@@ -220,6 +221,7 @@ class Converter(ABC):
             images=images, pairs=pairs, sources=list(dict.fromkeys(sources)), notes=self.notes,
             skipped=self.policy.skipped, digests=self.digests, keypoint_flip=self.keypoint_flip(),
             category_groups=self.category_groups, subset_names=list(self.subset_names),
+            mask_classes=self.mask_classes,
         )
 
     def _read_item(self, item: Item[R]) -> R | None:

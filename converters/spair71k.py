@@ -171,6 +171,8 @@ class SPair71k(Converter):
     are left out and named in the notes; so is a missing ``Segmentation/`` (the store then has no masks).
     """
 
+    mask_classes = len(CLASSES) + 1  # Segmentation PNGs hold VOC class indices, 0 the background
+
     name = "spair71k"
     title = "SPair-71k"
     layout = ("ImageAnnotation/<category>/<name>.json", "PairAnnotation/")

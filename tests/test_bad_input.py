@@ -373,7 +373,7 @@ def test_linked_category_folder_is_refused_unless_followed(root: Path, tmp_path:
 def test_oddities_are_kept_with_a_note(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """What can be a real annotation is packed as annotated, and the summary and the store say so once
     per kind: keypoints a pixel past the image's edge, a pair listing a keypoint twice, a pair of an image
-    with itself, an EXIF-rotated JPEG, an image_depth unlike the file's channels; a Layout file that
+    with itself, an EXIF-rotated JPEG, an image_depth unlike the file's channels, a mask value outside the classes; a Layout file that
     starts with a UTF-8 byte-order mark is read."""
     ann = image_ann(root, 0)
     edit(ann, lambda a: a["kps"].update({first_point(a): [a["image_width"] + 1.5, 0]}))
@@ -390,6 +390,10 @@ def test_oddities_are_kept_with_a_note(root: Path, tmp_path: Path, capsys: pytes
     exif[0x0112] = 6  # shown rotated 90 degrees by viewers that honour EXIF
     img.save(rotated, "JPEG", quality=95, exif=exif)
     edit(image_ann(root, 2), lambda a: a.update(image_depth=1))
+    mask_path = root / "Segmentation" / image_ann(root, 3).parent.name / f"{image_ann(root, 3).stem}.png"
+    mask = Image.open(mask_path)
+    mask.putpixel((0, 0), 77)
+    mask.save(mask_path)
     code, summary, err = run_main(["pack", root, tmp_path / "s.h5", "--size", "16"], capsys)
     assert code == 0, err
     notes = [ln.strip() for ln in summary.splitlines() if ln.strip().startswith("note:")]
@@ -400,6 +404,8 @@ def test_oddities_are_kept_with_a_note(root: Path, tmp_path: Path, capsys: pytes
            f"{rel(root, rotated)}" in notes
     assert f"note: 1 images whose channels differ from their image_depth (kept), e.g. " \
            f"{rel(root, image_file(root, image_ann(root, 2)))}" in notes
+    assert f"note: 1 masks with values outside the dataset's classes 0..20 and 255 (kept), e.g. " \
+           f"{rel(root, image_file(root, image_ann(root, 3)))}" in notes
     with spairstore.open(tmp_path / "s.h5") as s:
         assert [f"note: {n}" for n in s.attrs["notes"]] == notes
         t = s.pairs("trn")

@@ -99,6 +99,9 @@ class DatasetRecords:
     category_groups: dict[str, list[str]] = field(default_factory=dict)
     #: names of the pair subsets ``PairRecord.subset`` indexes; empty where the dataset has none
     subset_names: list[str] = field(default_factory=list)
+    #: mask values ``0..mask_classes - 1`` are the dataset's classes (255 too: VOC's void outline); other
+    #: values get a note. 0: not checked.
+    mask_classes: int = 0
 
     def image_index(self) -> dict[tuple[str, str], int]:
         return {im.key: i for i, im in enumerate(self.images)}

@@ -206,7 +206,7 @@ def _remarks(img: Image.Image, rec: ImageRecord) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _check_image(rec: ImageRecord, root: Path, decode: bool) -> _ImageCheck:
+def _check_image(rec: ImageRecord, root: Path, decode: bool, mask_classes: int = 0) -> _ImageCheck:
     """Step 1 for one image: its file and mask must open as what they claim and have the annotated size;
     with ``decode`` they must also decode (JPEGs at 1/8 scale: every byte is still parsed, so
     truncation shows). Without it a file that does not decode fails step 3 instead."""
@@ -230,8 +230,12 @@ def _check_image(rec: ImageRecord, root: Path, decode: bool) -> _ImageCheck:
         raise SourceError(mrel, f"mask must be a class-index PNG (mode L or P), got mode {m.mode}")
     if m.size != (rec.width, rec.height):
         raise SourceError(mrel, f"mask is {m.width}x{m.height} but its image is {rec.width}x{rec.height}")
-    if decode:
+    if decode or mask_classes:
         _load(m, mrel)
+    if mask_classes:
+        values = np.unique(np.asarray(m))
+        if ((values >= mask_classes) & (values != 255)).any():
+            remarks += (f"masks with values outside the dataset's classes 0..{mask_classes - 1} and 255 (kept)",)
     return _ImageCheck(image, _FileCheck(len(mdata), zlib.crc32(mdata), sha256_bytes(mdata)), remarks)
 
 
@@ -332,7 +336,7 @@ def _check_images(records: DatasetRecords, on_error: OnError, progress: bool
     failing pack can just as well fail when step 3 decodes."""
     def attempt(rec: ImageRecord) -> _ImageCheck | SourceError:
         try:
-            return _check_image(rec, records.root, decode=on_error == "skip")
+            return _check_image(rec, records.root, decode=on_error == "skip", mask_classes=records.mask_classes)
         except SourceError as e:
             return e
 
