@@ -196,7 +196,10 @@ def _redeclare(f: h5py.File, name: str, rows: int | None = None, dtype: str | No
 
 
 def _image_table_rows(f: h5py.File, rows: int) -> None:
-    for name in [k for k, v in f["images"].items() if isinstance(v, h5py.Dataset) and not k.endswith("_blob")]:
+    # every array of a row per image (the blobs' rows are bytes; their CRC arrays have a row per image)
+    per_image = [k for k, v in f["images"].items() if isinstance(v, h5py.Dataset)
+                 and (not k.endswith("_blob") or k.startswith("crc32_"))]
+    for name in per_image:
         _redeclare(f, f"images/{name}", rows=rows + name.endswith("_offsets"))
 
 
