@@ -121,3 +121,33 @@ def test_layout_check_names_a_missing_declared_array(synth_store: Path, path: st
         shapes, attrs = _shapes(f), spairstore.open(synth_store).attrs
     del shapes[path]
     assert f"{path} is missing" in schema.check_layout(shapes, attrs)
+
+
+def test_verify_lists_arrays_outside_the_schema_and_missing_fields(synth_store: Path, tmp_path: Path) -> None:
+    from spairstore.store.verify import verify
+
+    assert verify(synth_store).unknown == [] and verify(synth_store).missing == []
+    path = tmp_path / "odd.h5"
+    path.write_bytes(synth_store.read_bytes())
+    with h5py.File(path, "a") as f:
+        f["images/extra"] = np.zeros(3)
+        f["features/lite/data"] = np.zeros((len(f["images/name"]), 2, 1, 1), np.float16)  # no crc32 beside it
+    report = verify(path)
+    assert report.unknown == ["images/extra"] and report.missing == ["features/lite/crc32"]
+    assert "not in the schema: images/extra" in str(report)
+    assert "missing from the store: features/lite/crc32" in str(report)
+
+
+def test_repr_reads_nothing(synth_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = spairstore.open(synth_store)
+    counts = {split: s.shapes[f"pairs/{split}/pair_id"][0][0] for split in s.splits}
+
+    def no_io(*args: object, **kwargs: object) -> None:
+        raise AssertionError("repr did I/O")
+
+    monkeypatch.setattr(s, "_library", no_io)
+    monkeypatch.setattr(s, "_rows", no_io)
+    text = repr(s)
+    assert s._tables == {}  # no pair table loaded
+    assert text == (f"<spairstore.Store synth.h5: spair71k, {len(s)} images, pairs "
+                    f"{{{', '.join(f'{k}: {v}' for k, v in counts.items())}}}>")
