@@ -2,6 +2,7 @@
 the datasets follow it, and a packed store holds exactly the arrays it declares."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -151,3 +152,101 @@ def test_repr_reads_nothing(synth_store: Path, monkeypatch: pytest.MonkeyPatch) 
     assert s._tables == {}  # no pair table loaded
     assert text == (f"<spairstore.Store synth.h5: spair71k, {len(s)} images, pairs "
                     f"{{{', '.join(f'{k}: {v}' for k, v in counts.items())}}}>")
+
+
+# -- a self-describing store: attributes any HDF5 / Zarr reader parses -----------------------------------
+def test_plain_h5py_parses_every_root_attribute(synth_store: Path) -> None:
+    attrs = spairstore.open(synth_store).attrs
+    assert set(attrs) <= set(schema.ROOT_ATTRS)
+    with h5py.File(synth_store, "r") as f:
+        listed = json.loads(f.attrs["json_attributes"])
+        assert listed == sorted(k for k in attrs if schema.ROOT_ATTRS[k].dtype == "json")
+        plain = {}
+        for k, v in f.attrs.items():
+            if k == "json_attributes":
+                continue
+            if k in listed:
+                plain[k] = json.loads(v)
+            elif schema.ROOT_ATTRS[k].dtype == "int":
+                assert isinstance(v, np.integer), k
+                plain[k] = int(v)
+            else:
+                assert isinstance(v, bytes) and f.attrs.get_id(k).get_type().get_cset() == h5py.h5t.CSET_UTF8, k
+                plain[k] = v.decode()
+    assert plain == attrs
+    assert plain["format"] == "spairstore" and plain["format_version"] == "{}.{}".format(*schema.FORMAT_VERSION)
+
+
+def test_every_array_carries_its_description(synth_store: Path, tmp_path: Path) -> None:
+    from spairstore.store.convert import convert
+
+    attrs = spairstore.open(synth_store).attrs
+    with h5py.File(synth_store, "r") as f:
+        names: list[str] = []
+        f.visititems(lambda k, v: names.append(k) if isinstance(v, h5py.Dataset) else None)
+        described = {k: {a: v.decode() for a, v in f[k].attrs.items()} for k in names}
+    assert all(described[k] == schema.describe(k, attrs) and described[k]["doc"] for k in names)
+    assert described["images/splits"]["bits"] == "1: trn, 2: val, 4: test"
+    assert described["images/keypoints"] == {"doc": "x, y of each keypoint slot", "frame": "original px",
+                                             "units": "pixels", "padding": "NaN"}
+    assert described["images/pixels"]["frame"] == "store px"
+
+    z = tmp_path / "s.zarr"
+    convert(synth_store, z)
+    root = json.loads((z / "zarr.json").read_text())
+    assert root["attributes"] == attrs  # native JSON, nothing encoded twice
+    for k in names:
+        assert json.loads((z / k / "zarr.json").read_text())["attributes"] == described[k], k
+
+
+def test_feature_sets_are_described(synth_store: Path, tmp_path: Path) -> None:
+    from spairstore.features import extract_features
+    from spairstore.store.convert import convert
+
+    z = tmp_path / "s.zarr"
+    convert(synth_store, z)
+    h = tmp_path / "s.h5"
+    h.write_bytes(synth_store.read_bytes())
+    for path in (h, z):
+        extract_features(path, layers=["_blocks.2"], name="lite", input_size=64, batch_size=32)
+    with h5py.File(h, "r") as f:
+        assert f["features/lite/data"].attrs["doc"].decode() == schema.describe("features/x/data", {})["doc"]
+        assert f["features/lite/crc32"].attrs["doc"].decode().startswith("CRC-32")
+    for name in ("data", "crc32"):
+        meta = json.loads((z / "features" / "lite" / name / "zarr.json").read_text())
+        assert meta["attributes"] == schema.describe(f"features/lite/{name}", {})
+    assert spairstore.open(z).feature_sets.keys() == {"lite"}
+
+
+def test_store_before_format_1_2_still_opens(synth_store: Path, tmp_path: Path) -> None:
+    """A 1.1 HDF5 store: every root attribute JSON text, no json_attributes, no array descriptions."""
+    new = spairstore.open(synth_store)
+    old = tmp_path / "old.h5"
+    old.write_bytes(synth_store.read_bytes())
+    with h5py.File(old, "a") as f:
+        for k in list(f.attrs):
+            del f.attrs[k]
+        for k, v in {**new.attrs, "format_version": "1.1"}.items():
+            f.attrs[k] = np.bytes_(json.dumps(v).encode())
+        f.visititems(lambda k, v: [v.attrs.__delitem__(a) for a in list(v.attrs)] if isinstance(v, h5py.Dataset)
+                     else None)
+    s = spairstore.open(old)
+    assert s.attrs == {**new.attrs, "format_version": "1.1"}
+    np.testing.assert_array_equal(s.pairs("test").src_kps, new.pairs("test").src_kps)
+
+
+def test_attribute_of_no_known_kind_is_refused(synth_store: Path, tmp_path: Path) -> None:
+    p = tmp_path / "odd.h5"
+    p.write_bytes(synth_store.read_bytes())
+    with h5py.File(p, "a") as f:
+        f.attrs["mystery"] = np.arange(3.0)
+    with pytest.raises(spairstore.StoreError, match="attribute 'mystery' holds ndarray"):
+        spairstore.open(p)
+
+
+def test_readme_layout_table_is_the_schemas() -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin = "<!-- schema table: generated by spairstore.core.schema.markdown_table() -->\n"
+    assert text.count(begin) == 1, "README needs one generated schema table"
+    table = text.split(begin)[1].split("\n<!-- end of schema table -->")[0]
+    assert table == schema.markdown_table(), "README table is stale: paste markdown_table()'s output"

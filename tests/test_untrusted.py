@@ -75,7 +75,7 @@ def test_refuses_references_to_other_files(copy: Path, make: Callable, message: 
     (lambda f: f.attrs.__setitem__("image_size", np.bytes_(json.dumps("big"))), "'image_size' has an invalid value"),
     (lambda f: f.attrs.__setitem__("splits", np.bytes_(json.dumps(["../x"]))), "'splits' has an invalid value"),
     (lambda f: f.attrs.__delitem__("dataset"), "'dataset' is missing"),
-    (lambda f: f.attrs.__setitem__("format_version", np.bytes_(b"{not json")), "unreadable metadata"),
+    (lambda f: f.attrs.__setitem__("splits", np.bytes_(b"{not json")), "unreadable metadata"),
 ], ids=["dtype", "pixels-shape", "rows", "pair-shape", "missing", "offsets", "image-index", "category-index",
         "attr-type", "split-name", "attr-missing", "attr-json"])
 def test_validates_layout_before_mapping(copy: Path, change: Callable, message: str) -> None:

@@ -30,9 +30,11 @@ from .geometry import letterbox_params
 from .records import DatasetRecords
 
 FORMAT_NAME = "spairstore"
-#: (major, minor). Readers refuse a newer major version; minor versions only add fields (1.1: the pair
-#: ``subset`` column and the ``pair_list_sha256``, ``subset_names``, ``category_groups`` attributes).
-FORMAT_VERSION = (1, 1)
+#: (major, minor). Readers refuse a newer major version; minor versions only add (1.1: the pair
+#: ``subset`` column and the ``pair_list_sha256``, ``subset_names``, ``category_groups`` attributes;
+#: 1.2: description attributes on every array, and HDF5 root attributes stored as plain text, integers
+#: or JSON text named by ``json_attributes`` instead of JSON text throughout).
+FORMAT_VERSION = (1, 2)
 
 #: Difficulty level names, indexed by the stored label.
 LEVELS = {
