@@ -255,7 +255,7 @@ class AP10K(Converter):
                                    f"got {kps!r:.80}")
         xyv = np.array(kps, dtype=np.float64).reshape(NUM_KEYPOINTS, 3)
         if not np.isin(xyv[:, 2], (0, 1, 2)).all():
-            raise SourceError(rel, f"keypoint visibility v must be 0, 1 or 2, got {sorted(set(xyv[:, 2]))}")
+            raise SourceError(rel, f"keypoint visibility v must be 0, 1 or 2, got {sorted(set(xyv[:, 2].tolist()))}")
         shown = xyv[:, 2] > 0
         kx, ky = xyv[:, 0], xyv[:, 1]
         # Annotators click on the edge or a pixel past it: kept with a note, as in the other datasets.
@@ -345,8 +345,8 @@ class AP10K(Converter):
                                    f"{planned.stem!r}")
         same_species, same_family = src[0] == trg[0], self.family[src[0]] == self.family[trg[0]]
         if (same_species, same_family) != ((True, True), (False, True), (False, False))[subset]:
-            raise SourceError(rel, f"a {SUBSETS[subset]} pair, but it joins {src[0]} ({self.family[src[0]]}) and "
-                                   f"{trg[0]} ({self.family[trg[0]]})")
+            raise SourceError(rel, f"a pair of the {SUBSETS[subset]} subset (its folder), but it joins {src[0]} "
+                                   f"({self.family[src[0]]}) and {trg[0]} ({self.family[trg[0]]})")
         return self._pair(split, pair_id, planned, rel)
 
     def _pair(self, split: str, pair_id: int, p: Planned, path: str = "") -> PairRecord:
