@@ -51,7 +51,7 @@ def pack(
     out: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
     dataset: Annotated[Optional[str], typer.Option(
-        help="Source layout: spair71k, pfpascal or pfwillow; detected when omitted.")] = None,
+        help="Source layout: spair71k, pfpascal, pfwillow or ap10k; detected when omitted.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
     format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of OUT decides.")] = None,
     shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
