@@ -202,6 +202,27 @@ def test_trn_intra_species_cap_is_fifty_per_image():
     assert benchmark_pairs(visible, {"cat": "Felidae"}) == plan  # seeded: the same list every time
 
 
+def test_threshold_is_the_target_box_and_strict(tmp_path, jpeg_bytes):
+    """Errors of exactly α·max(w, h) of the target's COCO box are wrong under ``ap10k`` (``<``) and right
+    under ``spair`` (``<=``); the two images' boxes differ, so a source-box threshold would score otherwise."""
+    from spairstore import pack
+    from spairstore.eval.evaluation import evaluate
+
+    boxes = {"a": [2.0, 3.0, 30.0, 20.0], "b": [2.0, 3.0, 20.0, 25.0]}  # max(w, h): 30 and 25
+    for name, box in boxes.items():
+        write_image(tmp_path / "root", "Felidae", "cat", name, annotation(range(17), bbox=box), jpeg_bytes)
+    pack(tmp_path / "root", tmp_path / "s.h5", size=32)
+    true = np.array([[1 + 2 * k, 1 + k] for k in range(17)], dtype=np.float64)
+    preds = {}
+    for pair_id, trg in ((1, "b"), (2, "a")):  # a-b:cat, then b-a:cat
+        limit = 0.1 * max(boxes[trg][2:])
+        dx = np.where(np.arange(17) < 5, limit, 0.99 * limit)  # the first 5 exactly on the threshold
+        preds[pair_id] = true + np.stack([dx, np.zeros(17)], 1)
+    strict = evaluate(tmp_path / "s.h5", "test", preds)
+    assert strict.protocol.name == "ap10k" and strict.per_pair()[0].tolist() == [12 / 17, 12 / 17]
+    assert evaluate(tmp_path / "s.h5", "test", preds, "spair").per_pair()[0].tolist() == [1.0, 1.0]
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 def test_not_an_ap10k_root(tmp_path, jpeg_bytes):
     write_image(tmp_path, "Felidae", "cat", "a", annotation(range(17)), jpeg_bytes)
