@@ -104,7 +104,9 @@ class Field:
     rows: str = ""  #: rows of the array where not its table's (``N + 1``, ``bytes``, ``N or 0``)
     since: tuple[int, int] = (1, 0)  #: format version that added it
     optional: bool = False  #: a store may lack it (root attrs: not refused when absent)
-    encode: Encoder | None = field(default=None, compare=False, repr=False)  #: None: written otherwise
+    #: the value of one row from its record; None where the writer computes the array otherwise
+    #: (payloads and their offsets and CRC-32s while decoding, the manifest while hashing)
+    encode: Encoder | None = field(default=None, compare=False, repr=False)
     check: Callable[[Any], bool] | None = field(default=None, compare=False, repr=False)  #: attr validity
 
     @property
@@ -132,7 +134,7 @@ class Field:
         return self.np_dtype.type(float(self.padding))
 
 
-def _ints(*xs: str) -> Encoder:
+def _tuple(*xs: str) -> Encoder:
     return lambda r, e: tuple(getattr(r, x) for x in xs)
 
 
@@ -159,7 +161,7 @@ _IMAGES = [
           encode=lambda r, e: r.name.encode()),
     Field("images/category", "int16", doc="index into categories", encode=lambda r, e: e.category[r.category]),
     Field("images/size", "int32", (2,), doc="original width, height", units="pixels", frame="original px",
-          encode=_ints("width", "height")),
+          encode=_tuple("width", "height")),
     Field("images/scale", "float64", (2,), doc="sx, sy: p_store = p_orig * scale + offset",
           units="store px per original px", encode=lambda r, e: letterbox_params(r.width, r.height, e.size).scale),
     Field("images/offset", "float64", (2,), doc="ox, oy: where the letterboxed image starts",
