@@ -62,6 +62,36 @@ FLIP_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
     # screen frame: outer corners/sides 0-7 and inner 8-15, clockwise from the top-left seen from the front
     "tvmonitor": ((0, 2), (6, 4), (7, 3), (8, 10), (14, 12), (15, 11)),
 }
+#: Same-type keypoint slots of each category (a car's four wheels, a bird's two wing tips ...), the
+#: groups of GeoAware-SC's ``SPAIR_GEO_AWARE`` table (``utils/utils_geoware.py``) of two or more members,
+#: in the dataset's own slot numbering (its ``11+2`` for bicycle is slot 13; bus ``8+2`` is slot 10). The
+#: geometry-aware subset scores a keypoint when one of its groups shows two or more members in the target.
+#: Checked against the real annotations: every slot is used, each group is closed under the flip.
+GEO_AWARE_GROUPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    # landing gear, engines, wing tips and roots, tailplane tips and roots: left/right twins
+    "aeroplane": ((4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19), (20, 21)),
+    "bicycle": ((2, 3), (6, 7), (9, 10)),  # handles, seat-back ends, pedals
+    "bird": ((1, 2), (10, 11), (12, 13), (14, 15)),  # wing tips, feet, knees, hips
+    "boat": ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)),
+    "bottle": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)),  # cap, neck, shoulder, body, base: two sides each
+    # mirrors, lights, plates, front fenders, wheels, rear fenders, window top and bottom corners
+    "bus": ((0, 1), (2, 3, 5, 6), (4, 7), (10, 13, 20, 23), (11, 14, 21, 24), (12, 15, 22, 25), (16, 17, 26, 27),
+            (18, 19, 28, 29)),
+    # mirrors, lights, plates, logos, rear fenders, wheels, front fenders, window bottom and top corners
+    "car": ((0, 1), (2, 3, 6, 7), (4, 8), (5, 9), (10, 13, 20, 23), (11, 14, 21, 24), (12, 15, 22, 25),
+            (16, 17, 26, 27), (18, 19, 28, 29)),
+    "cat": ((2, 3), (9, 10, 11, 12)),  # ears, paws
+    "chair": ((0, 1), (2, 3), (4, 5, 6, 7), (8, 9), (10, 11), (12, 13)),  # cushion, legs, backrest, armrests
+    "cow": ((2, 3), (9, 10, 11, 12), (15, 16, 17, 18), (19, 20)),  # ears, hooves, knees, horns
+    "dog": ((2, 3), (9, 10, 11, 12)),
+    "horse": ((2, 3), (10, 11, 12, 13), (16, 17, 18, 19)),
+    "motorbike": ((0, 1), (2, 3)),  # mirrors, handles
+    "person": ((8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19)),  # shoulders ... feet
+    "pottedplant": ((0, 1, 2, 3), (4, 5), (6, 8)),  # pot rim, side walls, bottom
+    "sheep": ((2, 3), (9, 10, 11, 12), (15, 16, 17, 18), (19, 20)),
+    "train": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17)),
+    "tvmonitor": ((0, 2, 4, 6), (1, 3, 5, 7), (8, 10, 12, 14), (9, 11, 13, 15)),  # outer/inner corners, sides
+}
 IMAGE_KEYS = (
     "filename", "src_database", "src_annotation", "src_image", "image_width", "image_height",
     "image_depth", "category", "pose", "truncated", "occluded", "difficult", "bndbox", "kps", "azimuth_id",
@@ -195,6 +225,9 @@ class SPair71k(Converter):
 
     def keypoint_flip(self) -> dict[str, list[int]]:
         return {c: flip_permutation(c) for c in self.categories}
+
+    def keypoint_groups(self) -> dict[str, list[list[int]]]:
+        return {c: [list(g) for g in GEO_AWARE_GROUPS[c]] for c in self.categories}
 
     def _read_image(self, category: str, ann_path: Path) -> ImageRecord:
         root, rel = self.root, self.rel(ann_path)

@@ -265,14 +265,17 @@ def bench(
 
 
 _METHOD_HELP = "Predictions from a method: identity (the dataset paper's baseline) or nn (needs --features)."
-_PROTOCOL_HELP = "Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy, ap10k (default: the store's dataset's)."
+_PROTOCOL_HELP = ("Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy, pfwillow-cats, pfwillow-dhpf, ap10k, "
+                  "geoaware, geoaware-sampled (default: the store's dataset's).")
 
 
-def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed):  # noqa: ANN001, ANN202
+def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,  # noqa: ANN001, ANN202
+              aggregation=None, subset=None):
     from .eval.protocols import resolve_protocol
 
     return resolve_protocol(protocol, store.dataset, alphas=alpha, direction=direction, threshold=threshold,
-                            comparison=comparison, frame=frame, subsample=subsample, seed=seed)
+                            comparison=comparison, frame=frame, subsample=subsample, seed=seed,
+                            aggregation=aggregation, keypoints=subset)
 
 
 @app.command("eval")
@@ -293,6 +296,16 @@ def eval_(
     frame: Annotated[Optional[str], typer.Option(help="Override: original or square.")] = None,
     subsample: Annotated[Optional[int], typer.Option(help="Evaluate this many random pairs per category.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of --subsample.")] = None,
+    aggregation: Annotated[Optional[str], typer.Option(
+        help="Override: per-image, per-point or both (comma-separated; the first is the headline).")] = None,
+    subset: Annotated[Optional[str], typer.Option(
+        help="Score only a keypoint subset: geo-aware (GeoAware-SC's geometry-aware keypoints).")] = None,
+    dagger: Annotated[bool, typer.Option("--dagger", help="Also report PCK† (correct and nearest to its own "
+                                         "true keypoint among the target's annotated ones).")] = False,
+    per_keypoint: Annotated[bool, typer.Option("--per-keypoint", help="Also print PCK per category and keypoint "
+                                               "slot (with --plot: a heat map beside the plot).")] = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Score the predictions under each published "
+                                              "convention instead: one row per protocol.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="text, markdown, csv or json.")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the report here, not stdout.")] = None,
@@ -314,18 +327,30 @@ def eval_(
     output = output and _output(output)
     plot = plot and _output(plot, ".png")
     with open_store(store) as s:
-        proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed)
+        proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,
+                          aggregation, subset)
         source = get_method(method, features, device, batch_size, progress=True) if method else predictions
-        report = evaluate(s, split, source, proto)
-    text = report.render(fmt)
+        if sensitivity:
+            from .eval.sensitivity import sensitivity_table
+
+            table = sensitivity_table(s, split, source, proto)
+            text = table.render(fmt)
+        else:
+            report = evaluate(s, split, source, proto, dagger=dagger)
+            text = report.render(fmt)
+            if per_keypoint:
+                text = (json.dumps({"report": report.to_dict(), "per_keypoint": report.per_keypoint()}, indent=2)
+                        if fmt == "json" else f"{text}\n\n{report.per_keypoint_table()}")
     if output:
         output.write_text(text + "\n")
     else:
         typer.echo(text)
-    if plot:
-        from .eval.viz import plot_reports
+    if plot and not sensitivity:
+        from .eval.viz import plot_per_keypoint, plot_reports
 
         plot_reports(report, plot)
+        if per_keypoint:
+            plot_per_keypoint(report, plot.with_name(f"{plot.stem}-keypoints.png"))
 
 
 @app.command()

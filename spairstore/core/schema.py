@@ -51,7 +51,9 @@ order: :func:`spairstore.core.records.pair_list_sha256`; equal hashes, the same 
 where the dataset has them, ``subset_names`` (names of the ``subset`` labels, e.g. AP-10K's
 ``intra-species``, ``cross-species``, ``cross-family``) and ``category_groups`` (grouping name -> the
 group of each category in ``categories`` order, e.g. AP-10K's ``family`` of each species). Evaluation
-reports PCK per subset and per group of each grouping.
+reports PCK per subset and per group of each grouping. Where the dataset has them, ``keypoint_groups``
+(category -> lists of two or more same-type keypoint slots, e.g. a car's four wheels: the geometry-aware
+subset of ``eval --subset geo-aware``).
 """
 from __future__ import annotations
 
@@ -204,6 +206,9 @@ def _check_attrs(attrs: dict) -> list[str]:
             isinstance(h, str) and len(h) == 64 for h in v.values()),
         "subset_names": is_list_of_str,
         "category_groups": lambda v: isinstance(v, dict) and all(is_list_of_str(g) for g in v.values()),
+        "keypoint_groups": lambda v: isinstance(v, dict) and all(
+            isinstance(gs, list) and all(isinstance(g, list) and len(g) >= 2 and all(is_int(k) for k in g) for g in gs)
+            for gs in v.values()),
     }
     problems = [f"attribute {k!r} is missing" for k in checks if k not in attrs]
     problems += [f"attribute {k!r} has an invalid value {attrs[k]!r:.60}"

@@ -442,6 +442,7 @@ def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on
                              for s in splits},
         **({"subset_names": records.subset_names} if records.subset_names else {}),
         **({"category_groups": records.category_groups} if records.category_groups else {}),
+        **({"keypoint_groups": records.keypoint_groups} if records.keypoint_groups else {}),
     }
     return _Structure(hot, tables, attrs, offsets)
 

@@ -1,0 +1,284 @@
+"""Evaluation as current papers report it (issue 16): the geo-aware subset, GeoAware-SC's protocol and
+its sampling, the CATs/DHPF PF-WILLOW protocols, PCK†, per-keypoint PCK and the sensitivity table --
+each against an independent per-pair computation written here, on the real annotations where they exist."""
+from __future__ import annotations
+
+import json
+import math
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+
+import spairstore
+from converters.spair71k import CATEGORIES, GEO_AWARE_GROUPS, flip_permutation
+from spairstore.eval.evaluation import select_pairs
+from spairstore.eval.methods import Identity
+from spairstore.eval.protocols import Protocol, ProtocolError, get_protocol
+from spairstore.eval.sensitivity import conventions, sensitivity_table
+
+
+@pytest.fixture(scope="module")
+def real(real_store: Path) -> spairstore.Store:
+    return spairstore.open(real_store)
+
+
+@pytest.fixture(scope="module")
+def synth(synth_store: Path) -> spairstore.Store:
+    return spairstore.open(synth_store)
+
+
+def scattered(store: spairstore.Store, split: str, seed: int) -> np.ndarray:
+    """Predictions around the truth: every α sees right and wrong ones, some land on other keypoints."""
+    t = store.pairs(split)
+    rng = np.random.default_rng(seed)
+    true = t.trg_kps.astype(np.float64)
+    return true + rng.normal(size=true.shape) * rng.choice([1.0, 10.0, 40.0], size=true.shape[:2])[..., None]
+
+
+# ------------------------------------------------------------------------------------------------
+# The geo-aware groups against the real annotations
+# ------------------------------------------------------------------------------------------------
+def test_geo_aware_groups_fit_the_real_annotations(real_spair_root: tuple[Path, Path]) -> None:
+    _, root = real_spair_root
+    assert set(GEO_AWARE_GROUPS) == set(CATEGORIES)
+    never_together = set()
+    for c, groups in GEO_AWARE_GROUPS.items():
+        used, pairs_shown = set(), {g: 0 for g in groups}
+        for f in (root / "ImageAnnotation" / c).glob("*.json"):
+            kps = json.loads(f.read_text())["kps"]
+            shown = {int(k) for k, v in kps.items() if v is not None}
+            used |= shown
+            for g in groups:
+                pairs_shown[g] += len(shown & set(g)) >= 2
+        slots = [k for g in groups for k in g]
+        assert len(slots) == len(set(slots)), f"{c}: groups overlap"
+        assert set(slots) <= used, f"{c}: slots {sorted(set(slots) - used)} never annotated"
+        perm = flip_permutation(c)
+        for g in groups:
+            assert len(g) >= 2 and {perm[k] for k in g} == set(g), f"{c}: group {g} is not closed under the flip"
+            if not pairs_shown[g]:
+                never_together.add((c, g))
+    # front and back parts (licence plates, a boat's lower front/side, a train's back): no real image shows
+    # two at once, so these groups never make a keypoint geo-aware -- as in GeoAware-SC's own table
+    assert never_together == {("boat", (7, 8)), ("boat", (9, 10)), ("bus", (4, 7)), ("car", (4, 8)),
+                              ("car", (5, 9)), ("train", (6, 7))}
+
+
+def geo_reference(root: Path, store: spairstore.Store, pred: np.ndarray, alpha: float) -> tuple[int, int, int, float]:
+    """Per pair from the pair JSON and the target's image JSON: (pairs with a geo keypoint, geo keypoints,
+    all keypoints, pooled PCK in percent with ``<``)."""
+    t = store.pairs("test")
+    pairs_in = n_geo = n_all = correct = 0
+    for j in range(t.rows):
+        stem = t.stem[j].decode() if isinstance(t.stem[j], bytes) else str(t.stem[j])
+        pair = json.loads((root / "PairAnnotation" / "test" / f"{stem}.json").read_text())
+        trg = json.loads((root / "ImageAnnotation" / pair["category"] / f"{pair['trg_imname'][:-4]}.json").read_text())
+        shown = {int(k) for k, v in trg["kps"].items() if v is not None}
+        x1, y1, x2, y2 = pair["trg_bndbox"]
+        base = max(x2 - x1, y2 - y1)
+        hit = False
+        for m, kid in enumerate(int(k) for k in pair["kps_ids"]):
+            n_all += 1
+            if any(kid in g and len(shown & set(g)) >= 2 for g in GEO_AWARE_GROUPS[pair["category"]]):
+                hit = True
+                n_geo += 1
+                tx, ty = pair["trg_kps"][m]
+                correct += math.hypot(pred[j, m, 0] - tx, pred[j, m, 1] - ty) < alpha * base
+        pairs_in += hit
+    return pairs_in, n_geo, n_all, 100 * correct / n_geo
+
+
+def test_geo_aware_subset_on_real_annotations(real: spairstore.Store, real_spair_root: tuple[Path, Path]) -> None:
+    root, _ = real_spair_root
+    pred = scattered(real, "test", 3)
+    proto = get_protocol("geoaware").replace(keypoints="geo-aware", aggregation=("per_point",))
+    rep = spairstore.evaluate(real, "test", pred, proto)
+    d = rep.to_dict()
+    pairs_in, n_geo, n_all, pck = geo_reference(root, real, pred, 0.1)
+    assert (rep.pairs, int(rep.valid.sum())) == (pairs_in, n_geo)
+    sub = d["keypoint_subset"]
+    assert (sub["of_pairs"], sub["of_keypoints"]) == (real.pairs("test").rows, n_all)
+    assert sub["pairs"] == pytest.approx(100 * pairs_in / 12234) and sub["keypoints"] == pytest.approx(100 * n_geo / n_all)
+    assert d["pck"]["0.1"]["per_point"] == pytest.approx(pck)
+    assert "geo-aware keypoints only" in str(rep.protocol) and "geo-aware subset:" in rep.to_text()
+    assert set(d["by_factor"]) == {"viewpoint", "scale", "truncation", "occlusion"}  # every breakdown still there
+
+
+def test_geo_aware_needs_the_groups(synth_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import h5py
+
+    copy = tmp_path / "old.h5"
+    shutil.copy(synth_store, copy)
+    with h5py.File(copy, "r+") as f:
+        del f.attrs["keypoint_groups"]
+        f.attrs["table_crc32"] = f.attrs["table_crc32"]
+    s = spairstore.open(copy)
+    with pytest.raises(spairstore.StoreError, match="no keypoint_groups attribute.*repack"):
+        spairstore.evaluate(s, "test", Identity(), get_protocol("spair").replace(keypoints="geo-aware"))
+
+
+# ------------------------------------------------------------------------------------------------
+# GeoAware-SC's protocol and its sampling
+# ------------------------------------------------------------------------------------------------
+def test_geoaware_sampling_reproduces_its_draw(real: spairstore.Store, real_spair_root: tuple[Path, Path]) -> None:
+    root, _ = real_spair_root
+    proto = get_protocol("geoaware-sampled")
+    rows = select_pairs(real, "test", proto)
+    t = real.pairs("test")
+    got = [str(t.stem[j].decode() if isinstance(t.stem[j], bytes) else t.stem[j]) for j in rows]
+    want = []
+    for c in CATEGORIES:  # GeoAware-SC's load_spair_data, one category at a time
+        np.random.seed(42)
+        files = sorted(glob(f"{root}/PairAnnotation/test/*:{c}.json"))
+        want += [Path(files[i]).name[:-5] for i in np.random.choice(len(files), 20)]
+    assert got == want
+    rep = spairstore.evaluate(real, "test", Identity(), proto)
+    assert rep.pairs == 360 and "with replacement" in str(proto) and "np.random.seed(42)" in str(proto)
+    # per image = mean over the drawn pairs, a repeated pair counted each time it was drawn
+    pred = Identity()(real, "test", np.arange(t.rows))
+    fr = []
+    for j in rows:
+        n = int(t.n_kps[j])
+        x1, y1, x2, y2 = real.images.bbox[t.trg[j]]
+        d = np.hypot(*(pred[j, :n] - t.trg_kps[j, :n]).T)
+        fr.append(np.mean(d < 0.1 * max(x2 - x1, y2 - y1)))
+    assert rep.pck(0.1, "per_image") == pytest.approx(100 * np.mean(fr))
+
+
+def test_geoaware_protocol_fields() -> None:
+    p = get_protocol("geoaware")
+    assert (p.comparison, p.threshold, p.aggregation[0], p.subsample) == ("<", "bbox", "per_image", None)
+    assert get_protocol("geoaware-sampled").replace(aggregation=("per_point",)).aggregation == ("per_point",)
+    with pytest.raises(ProtocolError, match="sampling 'numpy' is not one of rng, geoaware-sc"):
+        Protocol("x", sampling="numpy")
+    with pytest.raises(ProtocolError, match="square_side needs frame 'square'"):
+        Protocol("x", square_side=256)
+
+
+# ------------------------------------------------------------------------------------------------
+# PF-WILLOW as the CATs and DHPF code compute it
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def willow(tmp_path_factory: pytest.TempPathFactory) -> spairstore.Store:
+    root = SHARED_DATA / "pf-willow-real"
+    if not (root / "PF-dataset").is_dir():
+        pytest.skip("../shared/data/pf-willow-real is absent")
+    out = tmp_path_factory.mktemp("willow") / "willow.h5"
+    spairstore.pack(root, out, size=32)
+    return spairstore.open(out)
+
+
+def legacy_loop(store: spairstore.Store, pred_side: str, side: int, alpha: float) -> float:
+    """Their dataset and evaluator, one pair at a time: points squashed to side x side, padded with
+    (-1, -1) to 40 in that frame, threshold the max side of the padded extent of the image predicted in,
+    ``<=``, identity predictions (the other image's squashed points), mean of per-pair PCK."""
+    t = store.pairs("test")
+    out = []
+    for j in range(t.rows):
+        n = int(t.n_kps[j])
+        sq = {}
+        for s, kps, img in (("src", t.src_kps, t.src), ("trg", t.trg_kps, t.trg)):
+            W, H = store.images.size[img[j]]
+            pts = np.full((2, 40), -1.0, dtype=np.float32)
+            pts[0, :n], pts[1, :n] = kps[j, :n, 0] * (side / W), kps[j, :n, 1] * (side / H)
+            sq[s] = pts
+        other = "src" if pred_side == "trg" else "trg"
+        thres = max(sq[pred_side].max(1) - sq[pred_side].min(1))
+        d = np.sqrt(((sq[other][:, :n] - sq[pred_side][:, :n]) ** 2).sum(0))
+        out.append(np.sum(d <= thres * alpha) / n * 100)
+    return float(np.mean(out))
+
+
+@pytest.mark.parametrize("name, pred_side, side, want", [
+    ("pfwillow-cats", "src", 256, (12.60, 29.07, 45.94)),
+    ("pfwillow-dhpf", "trg", 240, (12.60, 29.10, 45.97)),
+])
+def test_pfwillow_lineages_exactly(willow: spairstore.Store, name: str, pred_side: str, side: int,
+                                   want: tuple[float, ...]) -> None:
+    rep = spairstore.evaluate(willow, "test", Identity(), name)
+    got = [rep.pck(a, "per_image") for a in (0.05, 0.1, 0.15)]
+    assert [round(v, 2) for v in got] == list(want)
+    for a, v in zip((0.05, 0.1, 0.15), got):
+        assert v == pytest.approx(legacy_loop(willow, pred_side, side, a), abs=1e-9)
+    assert f"squashed to {side} x {side}" in str(rep.protocol)
+
+
+# ------------------------------------------------------------------------------------------------
+# PCK†, per keypoint, sensitivity
+# ------------------------------------------------------------------------------------------------
+def test_pck_dagger_matches_loop(synth: spairstore.Store) -> None:
+    pred = scattered(synth, "test", 5)
+    alphas = (0.5, 0.1, 0.05)  # a wide α, so some correct predictions lie nearer another keypoint
+    rep = spairstore.evaluate(synth, "test", pred, get_protocol("spair").replace(alphas=alphas), dagger=True)
+    t = synth.pairs("test")
+    hits = [0, 0, 0]
+    hits_plain = [0, 0, 0]
+    total = 0
+    for j in range(t.rows):
+        shown = synth.images.keypoints[t.trg[j]]
+        x1, y1, x2, y2 = synth.images.bbox[t.trg[j]]
+        base = max(x2 - x1, y2 - y1)
+        for m in range(int(t.n_kps[j])):
+            total += 1
+            own = int(t.kps_ids[j, m])
+            d = {k: math.dist(pred[j, m], shown[k]) for k in range(len(shown)) if np.isfinite(shown[k]).all()}
+            for i, a in enumerate(alphas):
+                ok = math.dist(pred[j, m], t.trg_kps[j, m]) <= a * base
+                hits_plain[i] += ok
+                hits[i] += ok and all(v >= d[own] for v in d.values())
+    d = rep.to_dict()
+    for i, a in enumerate(("0.5", "0.1", "0.05")):
+        assert d["pck_dagger"][a]["per_point"] == pytest.approx(100 * hits[i] / total)
+        assert d["pck"][a]["per_point"] == pytest.approx(100 * hits_plain[i] / total)
+    assert hits[0] < hits_plain[0]  # some predictions sit nearer another keypoint
+    assert "PCK†@0.5" in rep.to_text() and "all_dagger" in rep.to_csv()
+
+
+def test_per_keypoint_matches_loop(synth: spairstore.Store) -> None:
+    pred = scattered(synth, "test", 6)
+    rep = spairstore.evaluate(synth, "test", pred, "spair")
+    t = synth.pairs("test")
+    tally: dict[tuple[str, int], list[int]] = {}
+    for j in range(t.rows):
+        x1, y1, x2, y2 = synth.images.bbox[t.trg[j]]
+        for m in range(int(t.n_kps[j])):
+            cell = tally.setdefault((synth.categories[t.category[j]], int(t.kps_ids[j, m])), [0, 0])
+            cell[0] += math.dist(pred[j, m], t.trg_kps[j, m]) <= 0.1 * max(x2 - x1, y2 - y1)
+            cell[1] += 1
+    d = rep.per_keypoint()
+    got = {(c, int(k)): (v["0.1"]["per_point"], d["counts"][c][k]) for c, ks in d["pck"].items() for k, v in ks.items()}
+    assert got.keys() == tally.keys()
+    for key, (hit, n) in tally.items():
+        assert got[key] == (pytest.approx(100 * hit / n), n)
+    assert "per keypoint slot" in rep.per_keypoint_table()
+
+
+def test_sensitivity_rows_are_their_protocols(synth: spairstore.Store) -> None:
+    pred = scattered(synth, "test", 7)
+    table = sensitivity_table(synth, "test", pred)
+    d = table.to_dict()
+    assert [r["change"] for r in d["rows"]] == [c for c, _ in conventions(get_protocol("spair"))]
+    assert len(d["rows"]) == 5
+    for row in d["rows"]:
+        proto = Protocol(**row["protocol"])
+        want = spairstore.evaluate(synth, "test", pred, proto).to_dict()
+        assert row["protocol_line"] == str(proto)
+        for a, cells in row["pck"].items():
+            assert cells["per_image"] == pytest.approx(want["pck"][a]["per_image"])
+            assert cells["per_point"] == pytest.approx(want["pck"][a]["per_point"])
+            assert cells["category_mean"] == pytest.approx(want["category_mean"][a]["per_image"])
+    # the source-bbox row by hand: threshold from the query image's bbox
+    t = synth.pairs("test")
+    fr = []
+    for j in range(t.rows):
+        x1, y1, x2, y2 = synth.images.bbox[t.src[j]]
+        n = int(t.n_kps[j])
+        fr.append(np.mean(np.hypot(*(pred[j, :n] - t.trg_kps[j, :n]).T) <= 0.1 * max(x2 - x1, y2 - y1)))
+    row = next(r for r in d["rows"] if r["change"] == "source bbox")
+    assert row["pck"]["0.1"]["per_image"] == pytest.approx(100 * np.mean(fr))
+    assert "source bbox" in table.to_text() and table.render("csv").startswith("change,alpha")
