@@ -353,6 +353,47 @@ def eval_(
             plot_per_keypoint(report, plot.with_name(f"{plot.stem}-keypoints.png"))
 
 
+def _source(spec: str, device: Optional[str], batch_size: int):  # noqa: ANN202
+    """``identity``, ``nn:FEATURES`` or a predictions file, as ``compare`` names A and B."""
+    from .eval.methods import get_method
+
+    if spec == "identity" or spec.startswith("nn:"):
+        name, _, feats = spec.partition(":")
+        return get_method(name, feats or None, device, batch_size)
+    if not Path(spec).is_file():
+        raise SpairstoreError(f"{spec}: neither a method (identity, nn:FEATURES) nor a predictions file")
+    return Path(spec)
+
+
+@app.command()
+def compare(
+    store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
+    a: Annotated[str, typer.Argument(help="A: a predictions file, identity, or nn:FEATURES.")],
+    b: Annotated[str, typer.Argument(help="B: likewise; the report gives A - B.")],
+    split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
+    protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
+    aggregation: Annotated[Optional[str], typer.Option(help="Override: per-image, per-point or both.")] = None,
+    subset: Annotated[Optional[str], typer.Option(help="Score only a keypoint subset: geo-aware.")] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples of the pairs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    confidence: Annotated[float, typer.Option(help="Interval, percent.")] = 95.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Device for nn (default: cuda if available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch for nn.")] = 32,
+) -> None:
+    """PCK of A minus PCK of B on the same pairs -- overall, per category and per variation factor -- with
+    paired bootstrap confidence intervals (pairs resampled) and p-values."""
+    from .eval.compare import compare as run_compare
+    from .store.reader import open as open_store
+
+    with open_store(store) as s:
+        proto = _protocol(s, protocol, alpha, None, None, None, None, None, None, aggregation, subset)
+        result = run_compare(s, split, _source(a, device, batch_size), _source(b, device, batch_size), proto,
+                             resamples=resamples, seed=seed, confidence=confidence, names=(a, b))
+    typer.echo(result.render("json" if as_json else "text"))
+
+
 @app.command()
 def stats(
     store: Annotated[str, typer.Argument(help="Store to describe (path, or URL of a Zarr store).")],

@@ -282,3 +282,74 @@ def test_sensitivity_rows_are_their_protocols(synth: spairstore.Store) -> None:
     row = next(r for r in d["rows"] if r["change"] == "source bbox")
     assert row["pck"]["0.1"]["per_image"] == pytest.approx(100 * np.mean(fr))
     assert "source bbox" in table.to_text() and table.render("csv").startswith("change,alpha")
+
+
+# ------------------------------------------------------------------------------------------------
+# compare: paired bootstrap
+# ------------------------------------------------------------------------------------------------
+def per_pair_fraction(store: spairstore.Store, pred: np.ndarray, alpha: float) -> np.ndarray:
+    t = store.pairs("test")
+    out = []
+    for j in range(t.rows):
+        n = int(t.n_kps[j])
+        x1, y1, x2, y2 = store.images.bbox[t.trg[j]]
+        out.append(np.mean([math.dist(pred[j, m], t.trg_kps[j, m]) <= alpha * max(x2 - x1, y2 - y1) for m in range(n)]))
+    return np.array(out)
+
+
+def test_compare_bootstrap_matches_loop(synth: spairstore.Store) -> None:
+    from spairstore.eval.compare import compare
+
+    a, b = scattered(synth, "test", 11), scattered(synth, "test", 12)
+    res = compare(synth, "test", a, b, resamples=300, seed=4).to_dict()
+    fa, fb = per_pair_fraction(synth, a, 0.1), per_pair_fraction(synth, b, 0.1)
+    cell = res["overall"]["all"]["0.1"]["per_image"]
+    assert cell["diff"] == pytest.approx(100 * (fa.mean() - fb.mean()))
+    assert (cell["a"], cell["b"]) == (pytest.approx(100 * fa.mean()), pytest.approx(100 * fb.mean()))
+    rng = np.random.default_rng(4)  # the documented draw: R x P pair indices with replacement
+    draws = rng.integers(0, len(fa), size=(300, len(fa)))
+    boot = np.array([100 * (fa[d].mean() - fb[d].mean()) for d in draws])
+    assert cell["ci"] == [pytest.approx(np.percentile(boot, 2.5)), pytest.approx(np.percentile(boot, 97.5))]
+    k = min((boot <= 0).sum(), (boot >= 0).sum())
+    assert cell["p"] == pytest.approx(min(1.0, 2 * (k + 1) / 301))
+    t = synth.pairs("test")
+    for j, c in enumerate(synth.categories):
+        rows = t.category == j
+        if rows.any():
+            got = res["by_category"][c]["0.1"]["per_image"]["diff"]
+            assert got == pytest.approx(100 * (fa[rows].mean() - fb[rows].mean()))
+    assert res["resamples"] == 300 and res["seed"] == 4 and set(res["by_factor"]) >= {"viewpoint", "scale"}
+
+
+def test_compare_identical_is_exactly_zero(synth_store: Path, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    s = spairstore.open(synth_store)
+    np.save(tmp_path / "ident.npy", Identity()(s, "test", np.arange(s.pairs("test").rows)))
+    r = run_cli("compare", synth_store, "identity", tmp_path / "ident.npy", "--json", "--resamples", "50")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for section in ("overall", "by_category"):
+        for cells in d[section].values():
+            for aggs in cells.values():
+                for c in aggs.values():
+                    assert (c["diff"], c["ci"], c["p"]) == (0.0, [0.0, 0.0], 1.0)
+    r = run_cli("compare", synth_store, "identity", tmp_path / "nope.npy")
+    assert r.returncode != 0 and "nope.npy: neither a method (identity, nn:FEATURES) nor a predictions file" in r.stderr
+    r = run_cli("compare", synth_store, "identity", "identity", "--resamples", "20")
+    assert r.returncode == 0 and "20 resamples, seed 0, 95 % interval" in r.stdout
+
+
+def test_cli_eval_paper_options(synth_store: Path, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    r = run_cli("eval", synth_store, "--method", "identity", "--protocol", "geoaware", "--subset", "geo-aware",
+                "--dagger", "--per-keypoint", "--aggregation", "per-point", "--plot", tmp_path / "p.png")
+    assert r.returncode == 0, r.stderr
+    assert "geo-aware subset:" in r.stdout and "PCK†@0.1 per point" in r.stdout and "per keypoint slot" in r.stdout
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p-keypoints.png").stat().st_size > 0
+    r = run_cli("eval", synth_store, "--method", "identity", "--sensitivity", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [row["change"] for row in json.loads(r.stdout)["rows"]][:2] == ["base", "strict <"]
+    r = run_cli("eval", synth_store, "--method", "identity", "--subset", "left-only")
+    assert r.returncode != 0 and "keypoints 'left-only' is not one of all, geo-aware" in r.stderr
