@@ -28,13 +28,15 @@ def synth(
                                                            "SPair-71k scale (1,800 images, ~71k pairs).")] = 12,
     categories: Annotated[Optional[str], typer.Option(help="Comma-separated subset of the 18 categories.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same bytes.")] = 0,
+    unseen: Annotated[bool, typer.Option("--unseen", help="Also write an SPair-U layer (ExtraImageAnnotation/, "
+                                         "ExtraPairAnnotation/test/): new keypoints on the same images.")] = False,
 ) -> None:
     """Write a synthetic dataset in the native SPair-71k layout (images, masks, annotations, pairs, layouts)."""
     from .sources import synthesize
 
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     summary = synthesize(out_dir, images_per_category=images_per_category, categories=cats, seed=seed,
-                         progress=True)
+                         progress=True, unseen=unseen)
     typer.echo(str(summary))
 
 
@@ -270,12 +272,12 @@ _PROTOCOL_HELP = ("Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy, p
 
 
 def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,  # noqa: ANN001, ANN202
-              aggregation=None, subset=None):
+              aggregation=None, subset=None, keypoints=None):
     from .eval.protocols import resolve_protocol
 
     return resolve_protocol(protocol, store.dataset, alphas=alpha, direction=direction, threshold=threshold,
                             comparison=comparison, frame=frame, subsample=subsample, seed=seed,
-                            aggregation=aggregation, keypoints=subset)
+                            aggregation=aggregation, keypoints=subset, keypoint_set=keypoints)
 
 
 @app.command("eval")
@@ -300,6 +302,8 @@ def eval_(
         help="Override: per-image, per-point or both (comma-separated; the first is the headline).")] = None,
     subset: Annotated[Optional[str], typer.Option(
         help="Score only a keypoint subset: geo-aware (GeoAware-SC's geometry-aware keypoints).")] = None,
+    keypoints: Annotated[Optional[str], typer.Option(
+        help="Keypoint annotations scored: annotated (default) or unseen (SPair-U's, split <split>-unseen).")] = None,
     dagger: Annotated[bool, typer.Option("--dagger", help="Also report PCK† (correct and nearest to its own "
                                          "true keypoint among the target's annotated ones).")] = False,
     per_keypoint: Annotated[bool, typer.Option("--per-keypoint", help="Also print PCK per category and keypoint "
@@ -328,7 +332,7 @@ def eval_(
     plot = plot and _output(plot, ".png")
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,
-                          aggregation, subset)
+                          aggregation, subset, keypoints)
         source = get_method(method, features, device, batch_size, progress=True) if method else predictions
         if sensitivity:
             from .eval.sensitivity import sensitivity_table
@@ -375,6 +379,7 @@ def compare(
     alpha: Annotated[Optional[str], typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="Override: per-image, per-point or both.")] = None,
     subset: Annotated[Optional[str], typer.Option(help="Score only a keypoint subset: geo-aware.")] = None,
+    keypoints: Annotated[Optional[str], typer.Option(help="annotated (default) or unseen (SPair-U).")] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples of the pairs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     confidence: Annotated[float, typer.Option(help="Interval, percent.")] = 95.0,
@@ -388,7 +393,7 @@ def compare(
     from .store.reader import open as open_store
 
     with open_store(store) as s:
-        proto = _protocol(s, protocol, alpha, None, None, None, None, None, None, aggregation, subset)
+        proto = _protocol(s, protocol, alpha, None, None, None, None, None, None, aggregation, subset, keypoints)
         result = run_compare(s, split, _source(a, device, batch_size), _source(b, device, batch_size), proto,
                              resamples=resamples, seed=seed, confidence=confidence, names=(a, b))
     typer.echo(result.render("json" if as_json else "text"))

@@ -353,3 +353,64 @@ def test_cli_eval_paper_options(synth_store: Path, tmp_path: Path) -> None:
     assert [row["change"] for row in json.loads(r.stdout)["rows"]][:2] == ["base", "strict <"]
     r = run_cli("eval", synth_store, "--method", "identity", "--subset", "left-only")
     assert r.returncode != 0 and "keypoints 'left-only' is not one of all, geo-aware" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# SPair-U: unseen keypoints as their own set
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def unseen_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converters.synth import synthesize
+
+    root = tmp_path_factory.mktemp("spairu") / "SPair-71k"
+    synthesize(root, images_per_category=12, categories=["car", "cat", "dog"], seed=2, unseen=True)
+    return root
+
+
+def test_spair_u_round_trip(unseen_root: Path, tmp_path: Path) -> None:
+    for fmt in ("h5", "zarr"):
+        out = tmp_path / f"u.{fmt}"
+        spairstore.pack(unseen_root, out, size=32)
+        s = spairstore.open(out)
+        for i, (c, name) in enumerate(zip(np.asarray(s.categories)[s.images.category], s.images.name)):
+            kps = json.loads((unseen_root / "ExtraImageAnnotation" / c / f"{name}.json").read_text())["kps"]
+            want = np.array([v if v is not None else [np.nan, np.nan] for v in (kps[str(k)] for k in range(30))])
+            np.testing.assert_array_equal(s.images.extra_keypoints[i], want)
+        files = sorted((unseen_root / "ExtraPairAnnotation" / "test").glob("*.json"))
+        t = s.pairs("test-unseen")
+        assert t.rows == len(files) > 0
+        by_id = {int(pid): j for j, pid in enumerate(t.pair_id)}
+        for f in files:
+            pair = json.loads(f.read_text())
+            j = by_id[pair["pair_id"]]
+            ids, src, trg = s.pair_keypoints("test-unseen", j)
+            assert ids.tolist() == [int(k) for k in pair["kps_ids"]] and t.stem[j] == f.stem
+            np.testing.assert_array_equal(src, pair["src_kps"])
+            np.testing.assert_array_equal(trg, pair["trg_kps"])
+        assert set(t.stem) <= set(s.pairs("test").stem)  # a relabelling of the test pairs
+
+
+def test_eval_unseen_matches_loop(unseen_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "u.h5"
+    spairstore.pack(unseen_root, out, size=32)
+    s = spairstore.open(out)
+    proto = get_protocol("geoaware").replace(keypoint_set="unseen")
+    rep = spairstore.evaluate(s, "test", Identity(), proto)
+    fractions = []
+    for f in sorted((unseen_root / "ExtraPairAnnotation" / "test").glob("*.json")):
+        pair = json.loads(f.read_text())
+        (sw, sh, _), (tw, th, _) = pair["src_imsize"], pair["trg_imsize"]
+        x1, y1, x2, y2 = pair["trg_bndbox"]
+        ok = [math.dist((sx * tw / sw, sy * th / sh), (tx, ty)) < 0.1 * max(x2 - x1, y2 - y1)
+              for (sx, sy), (tx, ty) in zip(pair["src_kps"], pair["trg_kps"])]
+        fractions.append(np.mean(ok))
+    assert rep.split == "test-unseen" and rep.pairs == len(fractions)
+    assert rep.pck(0.1, "per_image") == pytest.approx(100 * np.mean(fractions))
+    assert "SPair-U's unseen keypoints" in str(rep.protocol)
+    with pytest.raises(ProtocolError, match="geo-aware groups name annotated keypoint slots"):
+        proto.replace(keypoints="geo-aware")
+
+
+def test_eval_unseen_needs_the_layer(synth: spairstore.Store) -> None:
+    with pytest.raises(spairstore.StoreError, match="no SPair-U layer for split 'test'.*ExtraImageAnnotation"):
+        spairstore.evaluate(synth, "test", Identity(), get_protocol("spair").replace(keypoint_set="unseen"))

@@ -41,6 +41,9 @@ class ImageRecord:
     occluded: int = -1
     difficult: int = -1
     depth: int = 3  #: channels as annotated
+    #: (K, 2) float32 keypoints of a second annotation of the image (SPair-U's unseen keypoints), original
+    #: pixels, NaN absent; None where the dataset has no such layer
+    extra_keypoints: np.ndarray | None = None
 
     @property
     def key(self) -> tuple[str, str]:

@@ -19,6 +19,7 @@ Layout (identical for every backend; ``N`` images, ``P`` pairs of a split, ``S``
     images/offset        float64 (N, 2)              ox, oy   (x, y order, pixels)
     images/bbox          float32 (N, 4)              x1, y1, x2, y2, original pixels (as annotated)
     images/keypoints     float32 (N, K, 2)           original pixels, NaN = absent
+    images/extra_keypoints float32 (N, K, 2)         optional: SPair-U's unseen keypoints (split ``<s>-unseen``)
     images/azimuth, pose, truncated, occluded, difficult, depth   int8 (N,)  (-1 = unknown)
     images/splits        uint8   (N,)                bit s set when split s uses the image
     images/crc32_<field> uint32  (N,)                CRC-32 of each payload record, at pack time

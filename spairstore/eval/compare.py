@@ -19,7 +19,7 @@ import numpy as np
 from ..core.schema import LEVELS
 from ..core.tables import text_table
 from ..store.reader import Store
-from .evaluation import Predictions, Report, score, select_pairs
+from .evaluation import Predictions, Report, score, select_pairs, table_split
 from .protocols import Protocol, alpha_key, get_protocol
 from .sensitivity import all_predictions
 
@@ -100,6 +100,7 @@ def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: 
     if not 0 < confidence < 100:
         raise ValueError(f"confidence must be a percentage between 0 and 100, got {confidence}")
     proto = get_protocol(protocol, store.dataset)
+    split = table_split(store, split, proto)
     rows = select_pairs(store, split, proto)
     reps = [score(store, split, rows, all_predictions(store, split, p, proto.direction)[rows], proto) for p in (a, b)]
     nv = reps[0].valid.sum(-1).astype(np.float64)  # the same keypoints in both (same pairs, same subset)

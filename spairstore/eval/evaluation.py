@@ -38,6 +38,17 @@ _SWAP_SIDES = np.array([0, 2, 1, 3], dtype=np.int8)
 _SIDED = ("truncation", "occlusion")
 
 
+def table_split(store: Store, split: str, protocol: Protocol) -> str:
+    """The pair table the protocol scores for ``split``: itself, or SPair-U's ``<split>-unseen``."""
+    if protocol.keypoint_set == "annotated" or split.endswith("-unseen"):
+        return split
+    name = f"{split}-unseen"
+    if name not in store.splits or "extra_keypoints" not in store.images:
+        raise StoreError(f"{store.path}: no SPair-U layer for split {split!r} (split {name!r}); pack a root "
+                         "holding ExtraImageAnnotation/ and ExtraPairAnnotation/")
+    return name
+
+
 def select_pairs(store: Store, split: str, protocol: Protocol) -> np.ndarray:
     """Pair rows of ``split`` the protocol evaluates: every row, ascending, or ``subsample`` per category.
 
@@ -79,6 +90,7 @@ def evaluate(store: Store | str | Path, split: str, predictions: Predictions,
 
         store = open_store(store)
     proto = get_protocol(protocol, store.dataset)
+    split = table_split(store, split, proto)
     rows = select_pairs(store, split, proto)
     if callable(predictions):
         method = getattr(predictions, "name", getattr(predictions, "__name__", "method"))
@@ -97,8 +109,11 @@ def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol
     on the pairs holding at least one such keypoint; the report keeps the share of pairs and keypoints.
     ``dagger``: PCK† too -- a keypoint counts only if correct *and* no other annotated keypoint of the
     predicted-in image (``images/keypoints``, every visible slot) lies strictly nearer the prediction."""
+    split = table_split(store, split, protocol)
     t = store.pairs(split)
     im = store.images
+    # every annotated keypoint of each image, of the set scored (PCK†'s rivals)
+    shown_kps = im.extra_keypoints if protocol.keypoint_set == "unseen" else im.keypoints
     forward = protocol.direction == "src->trg"
     share = None
     pred = np.asarray(pred, dtype=np.float64)
@@ -149,7 +164,7 @@ def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol
     correct = within & valid[None]
     nearest_ok = None
     if dagger:
-        nearest_ok = _nearest_is_own(pred, t.kps_ids[rows], im.keypoints[img].astype(np.float64), f, valid)
+        nearest_ok = _nearest_is_own(pred, t.kps_ids[rows], shown_kps[img].astype(np.float64), f, valid)
 
     labels = {k: t[k][rows].copy() for k in LEVELS if k in t}
     if not forward:

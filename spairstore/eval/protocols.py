@@ -56,6 +56,9 @@ FRAMES = ("original", "square")
 SAMPLINGS = ("rng", "geoaware-sc")
 #: Keypoints scored. ``geo-aware``: GeoAware-SC's geometry-aware subset (:mod:`spairstore.eval.subsets`).
 KEYPOINTS = ("all", "geo-aware")
+#: Keypoint annotations scored. ``unseen``: SPair-U's new keypoints on the same pairs (the store's split
+#: ``<split>-unseen`` and ``images/extra_keypoints``), for a model trained on the ``annotated`` ones.
+KEYPOINT_SETS = ("annotated", "unseen")
 
 
 class ProtocolError(SpairstoreError):
@@ -84,6 +87,7 @@ class Protocol:
         seed: random seed of the sub-sampling.
         sampling: how ``subsample`` draws, one of :data:`SAMPLINGS`.
         keypoints: which pair keypoints are scored, one of :data:`KEYPOINTS`.
+        keypoint_set: which annotation's keypoints, one of :data:`KEYPOINT_SETS`.
     """
 
     name: str
@@ -98,6 +102,7 @@ class Protocol:
     square_side: int | None = None
     sampling: str = "rng"
     keypoints: str = "all"
+    keypoint_set: str = "annotated"
 
     def __post_init__(self) -> None:
         # Coerce lists (from JSON or the CLI) so the record stays hashable and comparable.
@@ -108,7 +113,8 @@ class Protocol:
                                       ("comparison", self.comparison, COMPARISONS),
                                       ("frame", self.frame, FRAMES),
                                       ("sampling", self.sampling, SAMPLINGS),
-                                      ("keypoints", self.keypoints, KEYPOINTS)):
+                                      ("keypoints", self.keypoints, KEYPOINTS),
+                                      ("keypoint_set", self.keypoint_set, KEYPOINT_SETS)):
             if value not in allowed:
                 raise ProtocolError(f"protocol {self.name!r}: {field} {value!r} is not one of {', '.join(allowed)}")
         if not self.alphas or any(not 0 < a < 10 for a in self.alphas):
@@ -123,6 +129,9 @@ class Protocol:
             raise ProtocolError(f"protocol {self.name!r}: subsample must be a positive number of pairs per category")
         if self.square_side is not None and (self.frame != "square" or self.square_side < 1):
             raise ProtocolError(f"protocol {self.name!r}: square_side needs frame 'square' and a positive side")
+        if self.keypoint_set == "unseen" and self.keypoints == "geo-aware":
+            raise ProtocolError(f"protocol {self.name!r}: the geo-aware groups name annotated keypoint slots, "
+                                "not SPair-U's unseen ones")
 
     @property
     def predicted_image(self) -> str:
@@ -160,6 +169,7 @@ class Protocol:
         frame = ("original pixels" if self.frame == "original" else
                  f"images squashed to {self.square_side} x {self.square_side}" if self.square_side else "squashed-square frame")
         kps = "" if self.keypoints == "all" else f", {self.keypoints} keypoints only"
+        kps += ", SPair-U's unseen keypoints" if self.keypoint_set == "unseen" else ""
         return (f"protocol {self.name}: {self.direction}, correct if distance {self.comparison} "
                 f"alpha * {THRESHOLDS[self.threshold].format(img=img, query=query)}, {frame}, "
                 f"alpha {'/'.join(_fmt(a) for a in self.alphas)}, "

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..core.tables import markdown_table, text_table
 from ..store.reader import Store
-from .evaluation import Predictions, Report, score, select_pairs
+from .evaluation import Predictions, Report, score, select_pairs, table_split
 from .predictions import load_predictions
 from .protocols import Protocol, alpha_key, get_protocol
 
@@ -110,6 +110,7 @@ def sensitivity_table(store: Store, split: str, predictions: Predictions,
     """Score ``predictions`` (see :func:`~spairstore.eval.evaluation.evaluate`) under each row of
     :func:`conventions` of ``protocol`` (default: the store's dataset's)."""
     base = get_protocol(protocol, store.dataset)
+    split = table_split(store, split, base)
     pred = all_predictions(store, split, predictions, base.direction)
     rows = []
     for change, proto in conventions(base):

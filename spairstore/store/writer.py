@@ -298,6 +298,10 @@ def _image_tables(records: DatasetRecords, size: int, splits: list[str], pose_na
         "difficult": np.array([im.difficult for im in ims], dtype=np.int8),
         "depth": np.array([im.depth for im in ims], dtype=np.int8),
         "splits": used,
+        # SPair-U's unseen keypoints, where the source has that layer (NaN for an image without them)
+        **({"extra_keypoints": np.stack([np.full_like(im.keypoints, np.nan) if im.extra_keypoints is None
+                                         else im.extra_keypoints for im in ims]).astype(np.float32)}
+           if any(im.extra_keypoints is not None for im in ims) else {}),
     }
 
 
