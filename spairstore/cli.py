@@ -286,6 +286,9 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
     features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
+    flip: Annotated[Optional[str], typer.Option(
+        help="Test-time flip for nn (needs the feature set <features>-flip): adaptive (GeoAware-SC: masked "
+             "nearest-cell distance) or adaptive-mutual (mask-free, mutual nearest neighbours).")] = None,
     predictions: Annotated[Optional[Path], typer.Option(
         help="Predictions file (.npz keyed by pair id, .pt, .npy): keypoints in original pixels of the "
              "image predicted in (the target for src->trg).")] = None,
@@ -333,7 +336,7 @@ def eval_(
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,
                           aggregation, subset, keypoints)
-        source = get_method(method, features, device, batch_size, progress=True) if method else predictions
+        source = get_method(method, features, device, batch_size, progress=True, flip=flip) if method else predictions
         if sensitivity:
             from .eval.sensitivity import sensitivity_table
 
@@ -358,12 +361,13 @@ def eval_(
 
 
 def _source(spec: str, device: Optional[str], batch_size: int):  # noqa: ANN202
-    """``identity``, ``nn:FEATURES`` or a predictions file, as ``compare`` names A and B."""
+    """``identity``, ``nn:FEATURES[:FLIP_RULE]`` or a predictions file, as ``compare`` names A and B."""
     from .eval.methods import get_method
 
     if spec == "identity" or spec.startswith("nn:"):
-        name, _, feats = spec.partition(":")
-        return get_method(name, feats or None, device, batch_size)
+        name, _, rest = spec.partition(":")
+        feats, _, flip = rest.partition(":")
+        return get_method(name, feats or None, device, batch_size, flip=flip or None)
     if not Path(spec).is_file():
         raise SpairstoreError(f"{spec}: neither a method (identity, nn:FEATURES) nor a predictions file")
     return Path(spec)
@@ -372,7 +376,7 @@ def _source(spec: str, device: Optional[str], batch_size: int):  # noqa: ANN202
 @app.command()
 def compare(
     store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
-    a: Annotated[str, typer.Argument(help="A: a predictions file, identity, or nn:FEATURES.")],
+    a: Annotated[str, typer.Argument(help="A: a predictions file, identity, nn:FEATURES or nn:FEATURES:FLIP_RULE.")],
     b: Annotated[str, typer.Argument(help="B: likewise; the report gives A - B.")],
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,

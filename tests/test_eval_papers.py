@@ -414,3 +414,135 @@ def test_eval_unseen_matches_loop(unseen_root: Path, tmp_path: Path) -> None:
 def test_eval_unseen_needs_the_layer(synth: spairstore.Store) -> None:
     with pytest.raises(spairstore.StoreError, match="no SPair-U layer for split 'test'.*ExtraImageAnnotation"):
         spairstore.evaluate(synth, "test", Identity(), get_protocol("spair").replace(keypoint_set="unseen"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Test-time flip for NN (GeoAware-SC's adaptive rule and its mask-free variant)
+# ------------------------------------------------------------------------------------------------
+FLIP_STRIDE = 8
+
+
+@pytest.fixture(scope="module")
+def flip_store(synth_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic store plus random feature sets ``rand`` and ``rand-flip`` (flip_of rand, flipped)."""
+    import shutil
+
+    import h5py
+
+    out = tmp_path_factory.mktemp("flip") / "flip.h5"
+    shutil.copy(synth_store, out)
+    s = spairstore.open(out)
+    side = s.image_size // FLIP_STRIDE
+    geom = {"input_size": s.image_size, "stride": FLIP_STRIDE, "cell_offset": 0.5, "width": side, "height": side,
+            "channels": 8, "backbone": "random"}
+    rng = np.random.default_rng(0)
+    with h5py.File(out, "a") as f:
+        for name in ("rand", "rand-flip"):
+            f.create_dataset(f"features/{name}/data", data=rng.normal(size=(len(s), 8, side, side)).astype(np.float16))
+        f.attrs["feature_sets"] = json.dumps({"rand": geom, "rand-flip": {**geom, "flip_of": "rand", "flipped": True}})
+    return out
+
+
+def flip_reference(s: spairstore.Store, split: str, rule: str) -> tuple[np.ndarray, int]:
+    """One pair at a time, plain numpy: (predictions, pairs whose mirrored source won)."""
+    from spairstore.core import geometry
+
+    geom, S = s.feature_sets["rand"], s.image_size
+    n = int(geom["width"])
+    centres = np.array([[(c + 0.5) * FLIP_STRIDE, (r + 0.5) * FLIP_STRIDE] for r in range(n) for c in range(n)])
+
+    def unit(name: str, i: int) -> np.ndarray:
+        f = s.read(f"features/{name}", [i])[0].astype(np.float64).reshape(8, -1).T
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    def on_image(i: int) -> np.ndarray:
+        lo, hi = s.images.offset[i], s.images.offset[i] + s.images.size[i] * s.images.scale[i]
+        return ((centres >= lo) & (centres <= hi)).all(1)
+
+    def fg(i: int, pts: np.ndarray) -> np.ndarray:
+        m = s.read("mask", [i])[0]
+        v = m[np.clip(pts[:, 1].astype(int), 0, S - 1), np.clip(pts[:, 0].astype(int), 0, S - 1)]
+        return (v != 0) & (v != 255)
+
+    def cell(p: np.ndarray) -> int:
+        c = geometry.store_to_cell(p, geom, S)
+        return int(c[1] * n + c[0])
+
+    def dist(fa: np.ndarray, fb: np.ndarray, a_ok: np.ndarray, b_ok: np.ndarray) -> float:
+        d = np.sqrt(np.clip(((fa[:, None, :] - fb[None, :, :]) ** 2).sum(-1), 0, None))  # (a, b) Euclidean
+        if rule == "adaptive":
+            a_ok = a_ok if a_ok.any() else np.ones_like(a_ok)
+            b_ok = b_ok if b_ok.any() else np.ones_like(b_ok)
+            return float(np.where(b_ok[None], d, np.inf).min(1)[a_ok].mean())
+        dd = np.where(a_ok[:, None] & b_ok[None], d, np.inf)
+        ab, ba = dd.argmin(1), dd.argmin(0)
+        mutual = np.array([a_ok[i] and ba[ab[i]] == i for i in range(len(ab))])
+        return float(dd.min(1)[mutual].mean()) if mutual.any() else math.inf
+
+    t = s.pairs(split)
+    out = np.full(t.src_kps.shape, np.nan)
+    won = 0
+    for j in range(t.rows):
+        a, b, k = int(t.src[j]), int(t.trg[j]), int(t.n_kps[j])
+        A, Af, B = unit("rand", a), unit("rand-flip", a), unit("rand", b)
+        okb = on_image(b)
+        q = s.to_store(t.src_kps[j, :k].astype(np.float64), a)
+        perm = s.keypoint_flip[t.category[j]]
+        ids = [int(x) for x in t.kps_ids[j, :k]]
+
+        def predict(query: np.ndarray) -> np.ndarray:
+            best = int(np.argmax(np.where(okb, B @ query, -np.inf)))
+            return s.to_original(centres[best], b)
+
+        for m in range(k):
+            out[j, m] = predict(A[cell(q[m])])
+        if rule == "adaptive":
+            d0 = dist(A, B, fg(a, centres) & on_image(a), fg(b, centres) & okb)
+            d1 = dist(Af, B, fg(a, centres * [-1, 1] + [S, 0]) & on_image(a), fg(b, centres) & okb)
+        else:
+            d0, d1 = dist(A, B, on_image(a), okb), dist(Af, B, on_image(a), okb)
+        if d1 < d0:
+            won += 1
+            for m in range(k):
+                if perm[ids[m]] in ids:  # its mirror partner is a keypoint of the pair
+                    src = q[ids.index(perm[ids[m]])]
+                    out[j, m] = predict(Af[cell(np.array([S - src[0], src[1]]))])
+    return out, won
+
+
+@pytest.mark.parametrize("rule", ["adaptive", "adaptive-mutual"])
+def test_nn_flip_matches_loop(flip_store: Path, rule: str) -> None:
+    from spairstore.eval.methods import NearestNeighbour
+
+    s = spairstore.open(flip_store)
+    rows = np.arange(s.pairs("trn").rows)
+    got = NearestNeighbour("rand", device="cpu", batch_size=5, flip=rule)(s, "trn", rows)
+    want, won = flip_reference(s, "trn", rule)
+    assert 0 < won < len(rows)  # both outcomes occur
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    plain = NearestNeighbour("rand", device="cpu")(s, "trn", rows)
+    assert (np.nan_to_num(got) != np.nan_to_num(plain)).any()
+
+
+def test_nn_flip_needs_its_set(flip_store: Path) -> None:
+    from spairstore.eval.methods import NearestNeighbour, get_method
+
+    s = spairstore.open(flip_store)
+    with pytest.raises(spairstore.StoreError, match="needs the feature set 'rand-flip-flip' with attributes flip_of"):
+        NearestNeighbour("rand-flip", flip="adaptive")(s, "trn", np.arange(2))
+    with pytest.raises(spairstore.SpairstoreError, match="unknown flip rule 'always'"):
+        NearestNeighbour("rand", flip="always")
+    with pytest.raises(spairstore.SpairstoreError, match="--flip applies to method nn only"):
+        get_method("identity", flip="adaptive")
+
+
+def test_cli_flip(flip_store: Path) -> None:
+    from conftest import run_cli
+
+    r = run_cli("eval", flip_store, "--split", "trn", "--method", "nn", "--features", "rand", "--flip",
+                "adaptive-mutual", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["method"] == "nn[rand,flip=adaptive-mutual]"
+    r = run_cli("compare", flip_store, "nn:rand:adaptive", "nn:rand", "--split", "trn", "--resamples", "20",
+                "--device", "cpu")
+    assert r.returncode == 0 and "A = nn:rand:adaptive" in r.stdout, r.stderr
