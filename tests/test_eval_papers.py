@@ -490,7 +490,7 @@ def flip_reference(s: spairstore.Store, split: str, rule: str) -> tuple[np.ndarr
         perm = s.keypoint_flip[t.category[j]]
         ids = [int(x) for x in t.kps_ids[j, :k]]
 
-        def predict(query: np.ndarray) -> np.ndarray:
+        def predict(query: np.ndarray, B: np.ndarray = B, okb: np.ndarray = okb, b: int = b) -> np.ndarray:
             best = int(np.argmax(np.where(okb, B @ query, -np.inf)))
             return s.to_original(centres[best], b)
 

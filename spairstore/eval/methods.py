@@ -7,7 +7,7 @@ target keypoints from source ones) or ``trg->src``.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -16,6 +16,9 @@ from ..core import geometry
 from ..core.device import resolve_device
 from ..core.errors import SpairstoreError, StoreError
 from ..store.reader import Store
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Method(Protocol):
@@ -151,7 +154,7 @@ def _flat_cell(points: np.ndarray, geom: dict, size: int) -> np.ndarray:
     return cell[..., 1] * int(geom["width"]) + cell[..., 0]
 
 
-def _unit_cells(store: Store, name: str, rows: np.ndarray, device: str):  # noqa: ANN202 - torch.Tensor
+def _unit_cells(store: Store, name: str, rows: np.ndarray, device: str) -> torch.Tensor:
     """(U, h*w, C) unit-length cell features of feature set ``name`` for image ``rows``, on ``device``."""
     import torch
 
@@ -159,7 +162,8 @@ def _unit_cells(store: Store, name: str, rows: np.ndarray, device: str):  # noqa
     return torch.nn.functional.normalize(fmap.flatten(2), dim=1).transpose(1, 2)
 
 
-def _best_cells(query_maps, query_cells: np.ndarray, target_maps, target_ok) -> np.ndarray:  # noqa: ANN001
+def _best_cells(query_maps: torch.Tensor, query_cells: np.ndarray, target_maps: torch.Tensor,
+                target_ok: torch.Tensor) -> np.ndarray:
     """Per pair and query keypoint, the most cosine-similar allowed target cell: (B, M) indices."""
     import torch
 
@@ -179,7 +183,7 @@ def _foreground(store: Store, rows: np.ndarray, points: np.ndarray, size: int) -
     return (m != 0) & (m != 255)
 
 
-def _masked_distance(fa, fb, a_ok: np.ndarray, b_ok: np.ndarray, device: str) -> np.ndarray:  # noqa: ANN001
+def _masked_distance(fa: torch.Tensor, fb: torch.Tensor, a_ok: np.ndarray, b_ok: np.ndarray, device: str) -> np.ndarray:
     """GeoAware-SC's flip distance: mean over ``a_ok`` cells of the distance to the nearest ``b_ok`` cell
     (unit features: ``sqrt(2 - 2 cos)``); all cells stand in for an empty mask."""
     import torch
@@ -191,7 +195,7 @@ def _masked_distance(fa, fb, a_ok: np.ndarray, b_ok: np.ndarray, device: str) ->
     return np.where(a_ok, d, 0).sum(1) / a_ok.sum(1)
 
 
-def _mutual_distance(fa, fb, a_ok: np.ndarray, b_ok: np.ndarray, device: str) -> np.ndarray:  # noqa: ANN001
+def _mutual_distance(fa: torch.Tensor, fb: torch.Tensor, a_ok: np.ndarray, b_ok: np.ndarray, device: str) -> np.ndarray:
     """The mask-free flip distance: mean distance between mutual nearest-neighbour cells (on-image cells)."""
     import torch
 
