@@ -342,6 +342,10 @@ def eval_(
     fmt = "json" if as_json else fmt
     if fmt not in ("text", "markdown", "csv", "json"):
         raise SpairstoreError(f"--format must be text, markdown, csv or json, not {fmt!r}")
+    if per_keypoint and fmt == "csv":
+        raise SpairstoreError("--per-keypoint adds a table: use --format text, markdown or json with it")
+    if sensitivity and (dagger or per_keypoint or plot):
+        raise SpairstoreError("--sensitivity makes its own table: leave out --dagger, --per-keypoint and --plot")
     output = output and _output(output)
     plot = plot and _output(plot, ".png")
     with open_store(store) as s:
