@@ -7,11 +7,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from .core.errors import SpairstoreError
+
+if TYPE_CHECKING:
+    from .eval.methods import Method
 
 app = typer.Typer(
     help="Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW, AP-10K) in one fast, checksummed store.",
@@ -297,7 +300,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
     features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
-    flip: Annotated[Optional[str], typer.Option(
+    flip: Annotated[str | None, typer.Option(
         help="Test-time flip for nn (needs the feature set <features>-flip): adaptive (GeoAware-SC: masked "
              "nearest-cell distance) or adaptive-mutual (mask-free, mutual nearest neighbours).")] = None,
     predictions: Annotated[Optional[Path], typer.Option(
@@ -312,11 +315,11 @@ def eval_(
     frame: Annotated[Optional[str], typer.Option(help="Override: original or square.")] = None,
     subsample: Annotated[Optional[int], typer.Option(help="Evaluate this many random pairs per category.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of --subsample.")] = None,
-    aggregation: Annotated[Optional[str], typer.Option(
+    aggregation: Annotated[str | None, typer.Option(
         help="Override: per-image, per-point or both (comma-separated; the first is the headline).")] = None,
-    subset: Annotated[Optional[str], typer.Option(
+    subset: Annotated[str | None, typer.Option(
         help="Score only a keypoint subset: geo-aware (GeoAware-SC's geometry-aware keypoints).")] = None,
-    keypoints: Annotated[Optional[str], typer.Option(
+    keypoints: Annotated[str | None, typer.Option(
         help="Keypoint annotations scored: annotated (default) or unseen (SPair-U's, split <split>-unseen).")] = None,
     dagger: Annotated[bool, typer.Option("--dagger", help="Also report PCK† (correct and nearest to its own "
                                          "true keypoint among the target's annotated ones).")] = False,
@@ -375,7 +378,7 @@ def eval_(
             plot_per_keypoint(report, plot.with_name(f"{plot.stem}-keypoints.png"))
 
 
-def _source(spec: str, device: Optional[str], batch_size: int):  # noqa: ANN202
+def _source(spec: str, device: str | None, batch_size: int) -> Method | Path:
     """``identity``, ``nn:FEATURES[:FLIP_RULE]`` or a predictions file, as ``compare`` names A and B."""
     from .eval.methods import get_method
 
@@ -394,16 +397,16 @@ def compare(
     a: Annotated[str, typer.Argument(help="A: a predictions file, identity, nn:FEATURES or nn:FEATURES:FLIP_RULE.")],
     b: Annotated[str, typer.Argument(help="B: likewise; the report gives A - B.")],
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
-    protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
-    alpha: Annotated[Optional[str], typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
-    aggregation: Annotated[Optional[str], typer.Option(help="Override: per-image, per-point or both.")] = None,
-    subset: Annotated[Optional[str], typer.Option(help="Score only a keypoint subset: geo-aware.")] = None,
-    keypoints: Annotated[Optional[str], typer.Option(help="annotated (default) or unseen (SPair-U).")] = None,
+    protocol: Annotated[str | None, typer.Option(help=_PROTOCOL_HELP)] = None,
+    alpha: Annotated[str | None, typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
+    aggregation: Annotated[str | None, typer.Option(help="Override: per-image, per-point or both.")] = None,
+    subset: Annotated[str | None, typer.Option(help="Score only a keypoint subset: geo-aware.")] = None,
+    keypoints: Annotated[str | None, typer.Option(help="annotated (default) or unseen (SPair-U).")] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples of the pairs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     confidence: Annotated[float, typer.Option(help="Interval, percent.")] = 95.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="Device for nn (default: cuda if available).")] = None,
+    device: Annotated[str | None, typer.Option(help="Device for nn (default: cuda if available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per batch for nn.")] = 32,
 ) -> None:
     """PCK of A minus PCK of B on the same pairs -- overall, per category and per variation factor -- with
