@@ -101,7 +101,8 @@ def convert(
 def features(
     store: Annotated[Path, typer.Argument(help="Store to add the feature set to (.h5 file or .zarr directory).")],
     backbone: Annotated[str, typer.Option(help="efficientnet-lite0 (weights ship with spairstore: works offline), "
-                                               "resnet50, resnet101, dinov2-vits14 or dinov2-vitb14.")]
+                                               "resnet50, resnet101, dinov2-vits14 or dinov2-vitb14; or your own "
+                                               "network as MODULE:FACTORY (pkg.mod:make or path/to/file.py:make).")]
     = "efficientnet-lite0",
     layers: Annotated[Optional[str], typer.Option(
         help="Comma-separated layers to tap: unit indices (ResNets: HPF hyperpixel ids, 0 = stem) or module "
@@ -115,10 +116,13 @@ def features(
     weights: Annotated[Optional[str], typer.Option(
         help="Weights file (.pth/.safetensors). Default: the shipped or cached weights; 'random' builds the "
              "architecture with seeded random weights (pipeline tests only).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Feature set name (default: the backbone's).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Feature set name (default: the backbone's; MODULE:FACTORY gives <module>.<factory>).")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace an existing feature set of this name, and discard an unfinished run of it made with "
              "other settings.")] = False,
+    flip: Annotated[bool, typer.Option(
+        help="Also store the maps of every image mirrored left to right, as the set NAME-flip.")] = False,
 ) -> None:
     """Run a backbone over every image of a store and add its float16 feature maps (N, C, h, w) as a named
     feature set. An interrupted run leaves the store readable without the set; running the same command
@@ -131,7 +135,7 @@ def features(
                        "again to resume"):
         summary = extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
                                    batch_size=batch_size, device=device, weights=weights, name=name,
-                                   overwrite=overwrite, progress=True)
+                                   overwrite=overwrite, progress=True, flip=flip)
     if _first_process():
         typer.echo(str(summary))
 
