@@ -66,8 +66,7 @@ def original_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int) -
     B, N, _ = t.shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     for i in range(depth):
-        def w(name: str) -> torch.Tensor:
-            return sd[f"blocks.{i}.{name}"]
+        w = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}.__getitem__
         h = F.layer_norm(t, (dim,), w("norm1.weight"), w("norm1.bias"), eps=1e-6)
         q, k, v = F.linear(h, w("attn.qkv.weight"), w("attn.qkv.bias")).reshape(
             B, N, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
@@ -75,7 +74,7 @@ def original_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int) -
         t = t + w("ls1.gamma") * F.linear(a.transpose(1, 2).reshape(B, N, dim), w("attn.proj.weight"),
                                           w("attn.proj.bias"))
         h = F.layer_norm(t, (dim,), w("norm2.weight"), w("norm2.bias"), eps=1e-6)
-        if f"blocks.{i}.mlp.w12.weight" in sd:
+        if f"blocks.{i}.mlp.w12.weight" in sd:  # SwiGLU
             x1, x2 = F.linear(h, w("mlp.w12.weight"), w("mlp.w12.bias")).chunk(2, dim=-1)
             h = F.linear(F.silu(x1) * x2, w("mlp.w3.weight"), w("mlp.w3.bias"))
         else:
@@ -84,6 +83,17 @@ def original_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int) -
         t = t + w("ls2.gamma") * h
     t = F.layer_norm(t, (dim,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)[:, 1 + n_reg:]
     return t.transpose(1, 2).reshape(B, dim, side, side)
+
+
+@pytest.fixture()
+def tiny_archs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's ViT-S and ViT-B shrunk (dims 64 and 32, 2 blocks) to keep the tests fast: the registry
+    path (config, key mapping, loading) is the same at any size."""
+    from spairstore.features import dinov2
+
+    monkeypatch.setitem(dinov2._DINOV2, "s", ("small", 64, 2, 2, False))
+    monkeypatch.setitem(dinov2._DINOV2, "b", ("base", 32, 2, 2, False))
+    monkeypatch.setitem(dinov2._DINOV3, "s", ("small", 64, 2, 2))
 
 
 @pytest.fixture()
@@ -138,18 +148,19 @@ def test_tokens_become_a_map_in_raster_order(backbone: str, layer: str) -> None:
 
 
 @pytest.mark.parametrize("backbone, registers", [("dinov2-vits14", 0), ("dinov2-vits14-reg", 4)])
-def test_original_checkpoint_maps_onto_the_transformers_model(backbone: str, registers: int, tmp_path: Path) -> None:
+def test_original_checkpoint_maps_onto_the_transformers_model(backbone: str, registers: int, tmp_path: Path,
+                                                               tiny_archs: None) -> None:
     """A checkpoint under the original key names (fused qkv, ls1.gamma, ...) loads through --weights FILE and
     gives the maps of the original architecture written out above."""
-    sd = original_state_dict(384, 6, 12, registers, grid=37)
+    sd = original_state_dict(64, 2, 2, registers, grid=37)
     path = tmp_path / "dinov2_pretrain.pth"
     torch.save(sd, path)
     fe = FeatureExtractor(backbone, input_size=518, weights=path)
     x = torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         got = fe.maps(x)
-        ref = original_forward(sd, x, heads=6)
-    assert got.shape == (1, 384, 37, 37)
+        ref = original_forward(sd, x, heads=2)
+    assert got.shape == (1, 64, 37, 37)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert fe.attrs()["weights"] == str(path.resolve()) and len(fe.attrs()["weights_sha256"]) == 64
 
@@ -167,7 +178,7 @@ def test_original_swiglu_mapping_vit_g_style() -> None:
     torch.testing.assert_close(got, original_forward(sd, x, heads=2), rtol=1e-4, atol=1e-4)
 
 
-def test_hf_folder_weights(tmp_path: Path) -> None:
+def test_hf_folder_weights(tmp_path: Path, tiny_archs: None) -> None:
     """--weights FOLDER (save_pretrained layout) loads that model; a folder of another size is refused."""
     torch.manual_seed(5)
     model = transformers.Dinov2WithRegistersModel(get_backbone("dinov2-vits14-reg").config()).eval()
@@ -178,15 +189,15 @@ def test_hf_folder_weights(tmp_path: Path) -> None:
     with torch.no_grad():
         tokens = model(pixel_values=by_hand(x, 56)).last_hidden_state
     assert tokens.shape[1] == 1 + 4 + 16  # class, 4 registers, 4 x 4 patches: the registers are dropped
-    ref = tokens[:, 5:].transpose(1, 2).reshape(2, 384, 4, 4)
+    ref = tokens[:, 5:].transpose(1, 2).reshape(2, 64, 4, 4)
     torch.testing.assert_close(fe(x), ref, rtol=1e-4, atol=1e-4)
     assert fe.attrs()["weights"] == str(folder.resolve())
-    with pytest.raises(FeatureError, match=f"^{folder}: holds a dinov2_with_registers ViT with hidden size 384, 12 "
+    with pytest.raises(FeatureError, match=f"^{folder}: holds a dinov2_with_registers ViT with hidden size 64, 2 "
                                            f"blocks and 4 registers, not dinov2-vitb14-reg$"):
         FeatureExtractor("dinov2-vitb14-reg", input_size=56, weights=folder)
 
 
-def test_dinov3_folder_weights(tmp_path: Path) -> None:
+def test_dinov3_folder_weights(tmp_path: Path, tiny_archs: None) -> None:
     torch.manual_seed(6)
     model = transformers.DINOv3ViTModel(get_backbone("dinov3-vits16").config()).eval()
     model.save_pretrained(tmp_path / "v3")
@@ -194,22 +205,22 @@ def test_dinov3_folder_weights(tmp_path: Path) -> None:
     x = np.random.default_rng(1).integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
     with torch.no_grad():
         tokens = model(pixel_values=by_hand(x, 64)).last_hidden_state
-    torch.testing.assert_close(fe(x), tokens[:, 5:].transpose(1, 2).reshape(1, 384, 4, 4), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fe(x), tokens[:, 5:].transpose(1, 2).reshape(1, 64, 4, 4), rtol=1e-4, atol=1e-4)
     with pytest.raises(FeatureError, match=r"w.pth: give dinov3-vits16's Hugging Face model folder"):
         path = tmp_path / "w.pth"
         torch.save({}, path)
         FeatureExtractor("dinov3-vits16", input_size=64, weights=path)
 
 
-def test_bad_checkpoints(tmp_path: Path) -> None:
+def test_bad_checkpoints(tmp_path: Path, tiny_archs: None) -> None:
     with pytest.raises(FeatureError, match=r"^not an original DINOv2 checkpoint: unknown keys head.weight$"):
         from_original({"head.weight": torch.zeros(1), "cls_token": torch.zeros(1, 1, 8)})
     path = tmp_path / "b.pth"
-    torch.save(original_state_dict(384, 6, 12, 0, grid=37), path)
+    torch.save(original_state_dict(64, 2, 2, 0, grid=37), path)
     with pytest.raises(FeatureError, match=f"^{path}: not dinov2-vitb14 weights \\(Error\\(s\\) in loading"):
         FeatureExtractor("dinov2-vitb14", input_size=56, weights=path)
     with pytest.raises(FeatureError, match=r"cannot tap 'embeddings' \(choose encoder.layer.0 .. "
-                                           r"encoder.layer.11, layernorm, or an index\)"):
+                                           r"encoder.layer.1, layernorm, or an index\)"):
         FeatureExtractor("dinov2-vits14", ["embeddings"], input_size=56, weights=RANDOM_WEIGHTS)
     with pytest.raises(FeatureError, match="input size 50 must be a positive multiple of 14"):
         FeatureExtractor("dinov2-vits14", input_size=50, weights=RANDOM_WEIGHTS)
