@@ -131,7 +131,8 @@ def _import(module: str, backbone: str, extra: str = "backbones") -> Any:
             f"backbone {backbone} needs {module}, which does not import here ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); install the '{extra}' extra "
             f"(pip install 'spairstore[{extra}]')"
-            + (f" with a torchvision built for your torch {torch.__version__}" if extra == "backbones" else "")) from None
+            + (f" with a torchvision built for your torch {torch.__version__}" if extra == "backbones" else "")
+        ) from None
 
 
 class EfficientNetLite0(Backbone):
@@ -252,7 +253,8 @@ def get_backbone(name: str) -> Backbone:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise FeatureError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})") from None
+        raise FeatureError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)}; or your own network as "
+                           f"MODULE:FACTORY)") from None
 
 
 class _Stop(Exception):

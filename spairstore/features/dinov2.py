@@ -184,7 +184,8 @@ class HFDinoV2(_HFViT):
     def config(self) -> Any:
         tr = _transformers(self.name)
         _, hidden, heads, depth, swiglu = _DINOV2[self.size]
-        cls, extra = (tr.Dinov2WithRegistersConfig, {"num_register_tokens": 4}) if self.registers else (tr.Dinov2Config, {})
+        cls, extra = ((tr.Dinov2WithRegistersConfig, {"num_register_tokens": 4}) if self.registers
+                      else (tr.Dinov2Config, {}))
         # the original models' settings: 518 px training size (37 x 37 position embeddings), LayerNorm eps 1e-6
         return cls(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=depth, mlp_ratio=4,
                    use_swiglu_ffn=swiglu, image_size=518, patch_size=14, layer_norm_eps=1e-6, layerscale_value=1e-5,
