@@ -137,7 +137,9 @@ class UserExtractor(Extractor):
             if isinstance(backbone, str):
                 factory, self.spec = _load_factory(backbone)
             else:
-                factory, self.spec = backbone, f"{backbone.__module__}.{getattr(backbone, '__qualname__', '?')}"
+                factory = backbone
+                qualname = getattr(backbone, "__qualname__", type(backbone).__name__)  # a partial has none
+                self.spec = f"{getattr(backbone, '__module__', '?')}.{qualname}"
             try:
                 module = factory()
             except Exception as e:  # noqa: BLE001 - the user's code
