@@ -117,24 +117,30 @@ def convert(
 def features(
     store: Annotated[Path, typer.Argument(help="Store to add the feature set to (.h5 file or .zarr directory).")],
     backbone: Annotated[str, typer.Option(help="efficientnet-lite0 (weights ship with spairstore: works offline), "
-                                               "resnet50, resnet101, dinov2-vits14 or dinov2-vitb14.")]
+                                               "resnet50, resnet101, dinov2-vit{s,b,l,g}14[-reg], "
+                                               "dinov3-vit{s,b,l}16; or your own network as MODULE:FACTORY "
+                                               "(pkg.mod:make or path/to/file.py:make).")]
     = "efficientnet-lite0",
     layers: Annotated[Optional[str], typer.Option(
         help="Comma-separated layers to tap: unit indices (ResNets: HPF hyperpixel ids, 0 = stem) or module "
-             "names (e.g. layer3, _blocks.10, blocks.11, norm). All are resampled onto the finest tapped grid "
-             "and concatenated. Default: the backbone's.")] = None,
+             "names (e.g. layer3, _blocks.10, encoder.layer.11, layernorm). All are resampled onto the finest "
+             "tapped grid and concatenated. Default: the backbone's.")] = None,
     input_size: Annotated[Optional[int], typer.Option(
         help="Side the S x S store frame is resized to before the backbone, in pixels; a multiple of 32 "
-             "(CNNs) or 14 (ViTs). Default: S rounded down to one.")] = None,
+             "(CNNs), 14 (DINOv2) or 16 (DINOv3). Default: S rounded down to one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     weights: Annotated[Optional[str], typer.Option(
-        help="Weights file (.pth/.safetensors). Default: the shipped or cached weights; 'random' builds the "
-             "architecture with seeded random weights (pipeline tests only).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Feature set name (default: the backbone's).")] = None,
+        help="Weights file (.pth), or for DINOv2/v3 a Hugging Face model folder. Default: the shipped or "
+             "cached weights; 'random' builds the architecture with seeded random weights (pipeline tests "
+             "only).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Feature set name (default: the backbone's; MODULE:FACTORY gives <module>.<factory>).")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace an existing feature set of this name, and discard an unfinished run of it made with "
              "other settings.")] = False,
+    flip: Annotated[bool, typer.Option(
+        help="Also store the maps of every image mirrored left to right, as the set NAME-flip.")] = False,
 ) -> None:
     """Run a backbone over every image of a store and add its float16 feature maps (N, C, h, w) as a named
     feature set. An interrupted run leaves the store readable without the set; running the same command
@@ -147,7 +153,7 @@ def features(
                        "again to resume"):
         summary = extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
                                    batch_size=batch_size, device=device, weights=weights, name=name,
-                                   overwrite=overwrite, progress=True)
+                                   overwrite=overwrite, progress=True, flip=flip)
     if _first_process():
         typer.echo(str(summary))
 
