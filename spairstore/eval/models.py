@@ -140,6 +140,8 @@ class BatchMethod:
     batch's ``trg_`` image: a tensor or array; padding slots (``kps_valid`` False) are ignored. For
     ``trg->src`` the batch's sides are swapped first (:func:`reversed_pairs`), so ``src_`` is always the
     query. Predictions are mapped back to original pixels with the batch's ``trg_scale``/``trg_offset``.
+    ``device`` is ``cpu`` unless given (``cuda`` puts the batch there): only the caller knows where ``fn``'s
+    model lives.
     """
 
     def __init__(self, fn: Callable[[Batch], Any], fields: Sequence[str] = ("keypoints",), *, name: str | None = None,
