@@ -54,10 +54,11 @@ class NearestNeighbour:
     matmul, on ``device`` (CUDA when available unless given), under ``torch.no_grad``.
 
     ``transform`` (e.g. a trained head, :func:`spairstore.eval.models.load_head`) is a ``torch.nn.Module``
-    applied to the stored maps first, float32 ``(B, C, h, w)`` -> ``(B, C', h', w')``, in eval mode. It
-    keeps the cell grid unless it declares an attribute ``cell_stride`` (input cells per output cell and
-    side, e.g. 2 for a stride-2 conv, 0.5 for a 2x upsampling): then its grid covers the same store pixels
-    with the geometry :func:`spairstore.core.geometry.regrid` gives, and ``(h', w')`` must match it.
+    applied to the stored maps first, float32 ``(B, C, h, w)`` -> ``(B, C', h', w')``, moved to ``device``
+    and in eval mode for the call (its train/eval mode is restored after). It keeps the cell grid unless
+    it declares an attribute ``cell_stride`` (input cells per output cell and side, e.g. 2 for a stride-2
+    conv, 0.5 for a 2x upsampling): then its grid covers the same store pixels with the geometry
+    :func:`spairstore.core.geometry.regrid` gives, and ``(h', w')`` must match it.
     """
 
     def __init__(self, features: str, device: str | None = None, batch_size: int = 32, progress: bool = False,

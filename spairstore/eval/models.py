@@ -100,11 +100,10 @@ def load_head(path: str | Path) -> Head:
         meta = json.loads(extra[HEAD_META])
         if meta.get("format") != HEAD_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
-        Head(torch.nn.Identity(), meta, path.name)  # the declared fields parse
-    except (ValueError, KeyError, TypeError) as e:
+        return Head(program.module(), meta, path.name)
+    except (ValueError, KeyError, TypeError) as e:  # no entry, not JSON, or a declared field missing
         raise SpairstoreError(f"{path}: exported program without a spairstore head description ({HEAD_META}: "
                               f"{e}); write it with spairstore.eval.models.save_head") from None
-    return Head(program.module(), meta, path.name)
 
 
 class _Rows:
