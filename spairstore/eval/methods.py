@@ -65,10 +65,10 @@ class NearestNeighbour:
 
     ``transform`` (e.g. a trained head, :func:`spairstore.eval.models.load_head`) is a ``torch.nn.Module``
     applied to the stored maps first (the flipped set's too), float32 ``(B, C, h, w)`` -> ``(B, C', h', w')``,
-    in eval mode. It keeps the cell grid unless it declares an attribute ``cell_stride`` (input cells per
-    output cell and side, e.g. 2 for a stride-2 conv, 0.5 for a 2x upsampling): then its grid covers the
-    same store pixels with the geometry :func:`spairstore.core.geometry.regrid` gives, and ``(h', w')``
-    must match it.
+    moved to ``device`` and in eval mode for the call (its mode is restored after). It keeps the cell grid
+    unless it declares an attribute ``cell_stride`` (input cells per output cell and side, e.g. 2 for a
+    stride-2 conv, 0.5 for a 2x upsampling): then its grid covers the same store pixels with the geometry
+    :func:`spairstore.core.geometry.regrid` gives, and ``(h', w')`` must match it.
 
     ``flip`` (one of :data:`FLIP_RULES`) adds GeoAware-SC's test-time flip. It needs the feature set
     ``<features>-flip`` (attributes ``flip_of: <features>``, ``flipped: true``): features of each image's
