@@ -42,7 +42,7 @@ def test_bench_rejects_bad_arguments(synth_store: Path, tmp_path: Path) -> None:
 
 def test_smaps_memory_counts_store_pages_apart(synth_store: Path) -> None:
     ds = PairDataset(synth_store, "trn", fields=("pixels", "mask"))
-    ds.__getitems__(list(range(len(ds))))
+    ds.fetch(list(range(len(ds))))
     mem = smaps_memory(spairstore.open(synth_store).path)
     assert mem["store_mapped"] > 0  # the payload pages are the store file's, mapped from the page cache
     assert 0 < mem["private"] <= mem["uss"] + mem["store_mapped"]

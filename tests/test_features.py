@@ -111,7 +111,7 @@ def test_pair_dataset_serves_an_extracted_set(lite_store: Path) -> None:
     from spairstore.torch.datasets import PairDataset
 
     ds = PairDataset(lite_store, "test", fields=(f"features:{LITE}",))
-    b = ds.__getitems__([0, 3])
+    b = ds.fetch([0, 3])
     s = spairstore.open(lite_store)
     t = s.pairs("test")
     for side in ("src", "trg"):

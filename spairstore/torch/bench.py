@@ -124,6 +124,7 @@ class _RawFiles(Dataset):
 
     def __init__(self, source: Path, store: Store, split: str):
         self.root, self.split, self.size = Path(source), split, store.image_size
+        self.num_keypoints = store.images.keypoints.shape[1]
         self.stems = list(store.pairs(split).stem)
         probe = self.root / "PairAnnotation" / split / f"{self.stems[0]}.json"
         if not probe.is_file():
@@ -153,7 +154,7 @@ class _RawFiles(Dataset):
                 points = np.asarray(ann[f"{side}_kps"], dtype=np.float64).reshape(-1, 2)
                 kps[side].append(points * box.scale + box.offset)
         return {"src_pixels": pixels[:b], "trg_pixels": pixels[b:], "src_mask": masks[:b], "trg_mask": masks[b:],
-                **pad_keypoints(ids, kps["src"], kps["trg"])}
+                **{k: torch.from_numpy(v) for k, v in pad_keypoints(ids, kps["src"], kps["trg"], self.num_keypoints).items()}}
 
 
 class _Probe(Dataset):
@@ -166,8 +167,9 @@ class _Probe(Dataset):
         return len(self.inner)  # type: ignore[arg-type]
 
     def __getitems__(self, idx: Sequence[int]) -> Batch:
-        out = self.inner.__getitems__(idx)  # type: ignore[attr-defined]
-        return {"_memory": [{"pid": os.getpid(), **smaps_memory(self.store_file)}], **out}
+        out = collate(self.inner.__getitems__(idx))  # type: ignore[attr-defined]
+        out["_memory"] = [{"pid": os.getpid(), **smaps_memory(self.store_file)}]
+        return out
 
 
 @dataclass
@@ -202,8 +204,8 @@ class BenchResult:
                  "store": "spairstore PairDataset"}
         modes = list(self.seconds)
         head = {"single": "1 process", "workers": f"{self.workers} DataLoader workers"}
-        lines = [f"{self.store}: {self.split}, random batches of {self.batch_size} pairs (pixels + masks + keypoints "
-                 f"of both images at {self.image_size}x{self.image_size}), {self.batches} batches, warm cache", "",
+        lines = [(f"{self.store}: {self.split}, random batches of {self.batch_size} pairs (pixels + masks + keypoints "
+                 f"of both images at {self.image_size}x{self.image_size}), {self.batches} batches, warm cache"), "",
                  "| method | " + " | ".join(f"{head[m]}: ms/batch | CPU ms/batch | pairs/s" for m in modes) + " |",
                  "|---|" + "---:|---:|---:|" * len(modes)]
         for k in ("raw", "memmap", "store"):
@@ -230,8 +232,8 @@ class BenchResult:
 
 
 def _same(a: Batch, b: Batch, keys: Sequence[str]) -> bool:
-    return all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) if a[k].is_floating_point() else torch.equal(a[k], b[k])
-               for k in keys)
+    return all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3, equal_nan=True) if a[k].is_floating_point()
+               else torch.equal(a[k], b[k]) for k in keys)
 
 
 def _cpu_seconds() -> float:
@@ -275,7 +277,7 @@ def run(store: str | Path, source: str | Path | None = None, split: str = "trn",
     bar = tqdm(total=len(methods) * (rounds + 1) * modes + 2 * (modes - 1), desc="bench", unit="pass",
                disable=not progress, leave=False)
 
-    first = {k: m.__getitems__(batch_list[0]) for k, m in methods.items()}  # type: ignore[attr-defined]
+    first = {k: collate(m.__getitems__(batch_list[0])) for k, m in methods.items()}  # type: ignore[attr-defined]
     if "raw" in first:
         result.identical = (_same(first["raw"], first["store"], [k for k in first["raw"]])
                             and _same(first["memmap"], first["store"], list(first["memmap"])))
