@@ -66,3 +66,84 @@ def test_wrapped_datasets_collate_alike(synth_store: Path) -> None:
     cat = next(iter(DataLoader(ConcatDataset([ds]), batch_size=4, sampler=idx, collate_fn=spairstore.collate)))
     for got in (sub, cat):
         assert_batches_equal(got, want)
+
+
+def _slot_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("spairstore-*")}
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm: workers use fresh shared memory")
+def test_worker_slots_are_reused_and_never_overwritten_while_held(synth_store: Path) -> None:
+    """Batches kept alive (more than a worker's ring holds) keep their values; the ring stays bounded
+    and its files are gone once the workers have exited."""
+    from spairstore.torch.memory import RING
+
+    ds = PairDataset(synth_store, "trn", fields=("pixels", "mask", "keypoints"))
+    batches = [[i, (i + 7) % len(ds)] for i in range(RING * 2 + 6)]
+    before = _slot_files()
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=2, collate_fn=spairstore.collate,
+                        multiprocessing_context="fork", persistent_workers=True)
+    kept = list(loader)  # every batch held: the workers may not reuse their slots
+    assert 0 < len(_slot_files() - before) <= 2 * RING  # slots made on demand, at most RING a worker
+    for b, idx in zip(kept, batches, strict=True):
+        assert_batches_equal(b, ds.fetch(idx))
+    del kept
+    for _ in range(2):  # released: reused, no new files
+        files = _slot_files()
+        for b, idx in zip(loader, batches, strict=True):
+            assert_batches_equal(b, ds.fetch(idx))
+        assert _slot_files() <= files
+    del loader, b
+    import gc
+
+    gc.collect()
+    assert _slot_files() <= before
+
+
+def _matches_schema(batch: dict, ds: torch.utils.data.Dataset, b: int) -> None:
+    from spairstore.torch.batch import expected
+
+    want = expected(ds, b)
+    assert set(batch) == set(want), set(batch) ^ set(want)
+    for k, (dtype, shape) in want.items():
+        if dtype is bytes:
+            assert isinstance(batch[k], list) and len(batch[k]) == b and all(isinstance(x, bytes) for x in batch[k]), k
+        else:
+            assert (batch[k].dtype, tuple(batch[k].shape)) == (dtype, shape), k
+
+
+def test_batches_match_the_documented_schema(synth_store: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    store = tmp_path / "feat.h5"
+    shutil.copy(synth_store, store)
+    n = len(spairstore.open(store))
+    with h5py.File(store, "a") as f:
+        f.create_dataset("features/tiny/data", data=np.zeros((n, 4, 3, 2), np.float16))
+        f.attrs["feature_sets"] = json.dumps({"tiny": {"input_size": 96, "stride": 32, "cell_offset": 0.5,
+                                                        "width": 2, "height": 3, "channels": 4}})
+    aug = Compose(HFlip(0.5), RandomCrop(0.5))
+    cases = [PairDataset(store, "trn"), PairDataset(store, "trn", fields=ALL), PairDataset(store, "trn", augment=aug),
+             PairDataset(store, "trn", fields=("keypoints", "features:tiny")), ImageDataset(store),
+             ImageDataset(store, fields=("pixels", "mask", "keypoints", "image_bytes"), augment=aug)]
+    for ds in cases:
+        _matches_schema(ds.fetch([1, 0, 2]), ds, 3)
+        _matches_schema(default_collate([ds[1], ds[0]]), ds, 2)
+    assert "src_flipped" in expected_keys(cases[2]) and "src_flipped" not in expected_keys(cases[0])
+
+
+def expected_keys(ds: torch.utils.data.Dataset) -> set[str]:
+    from spairstore.torch.batch import expected
+
+    return set(expected(ds, 1))
+
+
+def test_readme_table_is_the_generated_one() -> None:
+    from spairstore.torch.batch import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "README's batch table is stale: paste spairstore.torch.batch.markdown_table()"

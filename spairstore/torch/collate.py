@@ -16,6 +16,7 @@ import numpy as np
 from torch.utils.data import default_collate
 
 from ..core.errors import SpairstoreError
+from .memory import ship
 
 Batch = dict[str, Any]
 
@@ -64,13 +65,14 @@ def pad_keypoints(ids: Sequence[np.ndarray], src: Sequence[np.ndarray], trg: Seq
 def collate(samples: Samples | Batch | Sequence[Batch]) -> Batch:
     """``collate_fn`` for a DataLoader over a spairstore dataset: the fast path.
 
-    :class:`Samples` (what ``__getitems__`` returns) gives its pre-read batch without a copy; a batch dict
+    :class:`Samples` (what ``__getitems__`` returns) gives its pre-read batch without a copy (in a worker,
+    by reference to the worker's shared memory: :func:`~spairstore.torch.memory.ship`); a batch dict
     passes through; a list of single samples (``dataset[i]``, e.g. through a ``ConcatDataset``) is
     stacked by ``default_collate``, to the same keys, dtypes and shapes."""
     if isinstance(samples, Samples):
-        return samples.block
+        return ship(samples.block)
     if isinstance(samples, dict):
-        return samples
+        return ship(samples)
     if not samples:
         raise SpairstoreError("cannot collate an empty list of samples")
     return default_collate(list(samples))

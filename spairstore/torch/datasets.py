@@ -119,7 +119,7 @@ class _StoreDataset(Dataset):
     def _read_images(self, rows: np.ndarray, alloc: Alloc | None) -> Batch:
         """Image-level payload fields of image ``rows``: pixels, mask, features, original bytes."""
         s = self.store()
-        alloc = alloc or self.alloc
+        alloc = alloc or self.alloc.batch()
         out: Batch = {}
         for f in self.fields:
             if f in _PAYLOAD or f.startswith("features:"):
@@ -175,7 +175,11 @@ class _StoreDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Samples:
         """The batch ``indices`` read whole (what ``DataLoader`` calls): the sequence of its samples for
-        ``default_collate``, the batch itself for :func:`spairstore.collate`."""
+        ``default_collate``, the batch itself for :func:`spairstore.collate`. An ``indices`` with an
+        ``epoch`` (a Loader's :class:`~spairstore.torch.loader.EpochBatch`) sets the epoch first."""
+        epoch = getattr(indices, "epoch", None)
+        if epoch is not None:
+            self.set_epoch(epoch)
         return Samples(self.fetch(indices))
 
     def fetch(self, indices: Sequence[int], alloc: Alloc | None = None) -> Batch:
