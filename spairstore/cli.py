@@ -147,6 +147,7 @@ def _mib(n: int) -> str:
 
 def store_info(path: Path | str) -> dict:
     """Everything ``spairstore info`` shows, as JSON-able data (``file_bytes`` is None for a URL)."""
+    from .core.schema import field_of_array
     from .features import partial_feature_sets
     from .store.backends import disk_bytes, format_of, is_url
     from .store.reader import open as open_store
@@ -172,6 +173,7 @@ def store_info(path: Path | str) -> dict:
             "images": len(s),
             "file_bytes": None if is_url(s.path) else disk_bytes(s.path),
             "field_bytes": sizes,
+            "fields": {f: n for k, n in sizes.items() if (f := field_of_array(k))},  # by the names read() takes
             "splits": counts,
             "categories": per_cat,
             "category_groups": s.attrs.get("category_groups", {}),
@@ -200,6 +202,8 @@ def info(
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return
+    from .core.schema import field_of_array
+
     left_out = [Skipped.from_json(x) for x in d["skipped"]]
     if skipped:
         typer.echo("\n".join(map(str, left_out)) if left_out else f"{d['path']}: pack left nothing out")
@@ -220,7 +224,8 @@ def info(
         "  fields",
     ]
     big = sorted(d["field_bytes"].items(), key=lambda kv: -kv[1])
-    out += [f"    {k:<36} {_mib(v):>12}" for k, v in big if v >= 2**20 or k.startswith("images/")][:12]
+    out += [f"    {field_of_array(k) or k:<36} {_mib(v):>12}" for k, v in big
+            if v >= 2**20 or k.startswith("images/")][:12]
     splits = list(d["splits"])
     w = max([11, *map(len, d["categories"])])  # PF-WILLOW folders like winebottle(woC) are longer
     out.append(f"  {'per category':<{w + 1}} " + " ".join(f"{h:>8}" for h in ["images", *splits]))

@@ -128,7 +128,7 @@ def test_batches_match_the_documented_schema(synth_store: Path, tmp_path: Path) 
                                                         "width": 2, "height": 3, "channels": 4}})
     aug = Compose(HFlip(0.5), RandomCrop(0.5))
     cases = [PairDataset(store, "trn"), PairDataset(store, "trn", fields=ALL), PairDataset(store, "trn", augment=aug),
-             PairDataset(store, "trn", fields=("keypoints", "features:tiny")), ImageDataset(store),
+             PairDataset(store, "trn", fields=("keypoints", "features/tiny")), ImageDataset(store),
              ImageDataset(store, fields=("pixels", "mask", "keypoints", "image_bytes"), augment=aug)]
     for ds in cases:
         _matches_schema(ds.fetch([1, 0, 2]), ds, 3)

@@ -120,17 +120,17 @@ def test_features_field_reads_the_feature_set(synth_store: Path, tmp_path: Path)
         f.create_dataset("features/tiny/data", data=data)
         f.attrs["feature_sets"] = json.dumps({"tiny": {"input_size": 96, "stride": 32, "cell_offset": 0.5,
                                                         "width": 3, "height": 3, "channels": 4}})
-    ds = PairDataset(store, "trn", fields=("features:tiny", "keypoints"))
+    ds = PairDataset(store, "trn", fields=("features/tiny", "keypoints"))
     b = ds.fetch([3, 1])
     s = spairstore.open(store)
     for side in ("src", "trg"):
         rows = b[f"{side}_row"].numpy()
-        np.testing.assert_array_equal(b[f"{side}_features:tiny"].numpy(), s.read("features/tiny", rows))
-        np.testing.assert_array_equal(b[f"{side}_features:tiny"].numpy(), data[rows])
+        np.testing.assert_array_equal(b[f"{side}_features/tiny"].numpy(), s.read("features/tiny", rows))
+        np.testing.assert_array_equal(b[f"{side}_features/tiny"].numpy(), data[rows])
     with pytest.raises(SpairstoreError, match="no feature set 'nope'"):
         PairDataset(store, "trn", fields=("features:nope",))
     with pytest.raises(SpairstoreError, match="features cannot follow"):
-        PairDataset(store, "trn", fields=("features:tiny",), augment=RandomCrop())
+        PairDataset(store, "trn", fields=("features/tiny",), augment=RandomCrop())
 
 
 def test_bad_arguments_raise_clear_errors(synth_store: Path) -> None:
@@ -327,3 +327,23 @@ def test_pair_dataset_over_zarr_equals_hdf5(synth_store: Path, tmp_path: Path) -
     assert_batches_equal(_dataloader_batches(z, [idx], 2, "fork")[0], a)
     r = run(zarr, batch_size=4, batches=2, workers=0, rounds=1, progress=False)  # memmap ceiling over shard files
     assert set(r.seconds["single"]) == {"memmap", "store"}
+
+
+def test_one_name_per_field_old_spellings_warn(synth_store: Path) -> None:
+    s = spairstore.open(synth_store)
+    t = s.pairs("trn")
+    assert len(t) == t.rows == len(t.pair_id) and "pair_id" in t.columns and len(t.columns) > 10
+    assert list(t) == list(t.columns) == list(t.keys()) and dict(t.items())["src"] is t.src
+    rows = [2, 0]
+    want = s.read("pixels", rows)
+    with pytest.warns(DeprecationWarning, match="'images/pixels' is now called 'pixels'"):
+        np.testing.assert_array_equal(s.read("images/pixels", rows), want)
+    with pytest.raises(StoreError, match="no field 'image_bytes' to read by rows; the store has pixels, mask"):
+        s.read("image_bytes", rows)
+    with pytest.warns(DeprecationWarning, match="'image_blob' is now called 'image_bytes'"):
+        ds = PairDataset(synth_store, "trn", fields=("image_blob",))
+    assert ds.fields == ("image_bytes",) and "src_image_bytes" in ds.fetch([0])
+    from spairstore.cli import store_info
+
+    info = store_info(synth_store)
+    assert set(info["fields"]) == {"pixels", "mask", "image_bytes", "mask_bytes"}

@@ -81,7 +81,7 @@ BATCH_KEYS: tuple[BatchKey, ...] = (
     *(BatchKey(label, _I64, (), "labels", "pair label (SPair-71k; -1 unknown)", "pair") for label in PAIR_LABELS),
     BatchKey("{side}image_bytes", bytes, ("len",), "image_bytes", "the original image file, byte for byte (a list)"),
     BatchKey("{side}mask_bytes", bytes, ("len",), "mask_bytes", "the original mask file (a list)"),
-    BatchKey("{side}features:<name>", torch.float16, ("C", "h", "w"), "features:<name>",
+    BatchKey("{side}features/<name>", torch.float16, ("C", "h", "w"), "features/<name>",
              "feature set <name>: cell (col, row) <-> store pixels by `core.geometry`"),
     BatchKey("{side}flipped", torch.bool, (), "augment", "mirrored by the augmentation"),
 )
@@ -121,8 +121,8 @@ def expected(dataset: Any, batch_size: int) -> dict[str, tuple[torch.dtype | typ
     for k in BATCH_KEYS:
         if k.kind != "both" and (k.kind == "pair") != pair:
             continue
-        if k.field == "features:<name>":  # one key per feature set read
-            sets = [f[len("features:"):] for f in dataset.fields if f.startswith("features:")]
+        if k.field == "features/<name>":  # one key per feature set read
+            sets = [f[len("features/"):] for f in dataset.fields if f.startswith("features/")]
         elif k.field is None or k.field in dataset.fields or (k.field == "augment" and dataset.augment is not None):
             sets = [""]
         else:

@@ -18,7 +18,7 @@ Batch keys (B samples; ``S`` the store size; every coordinate in *store pixels*,
     src_kps, trg_kps                "keypoints"     float32 (B, K, 2)   NaN where not kps_valid
     viewpoint, scale, truncation, occlusion, mirror, flip   "labels"  int64 (B,)
     src_image_bytes, ...            "image_bytes", "mask_bytes"   lists of the original files' bytes
-    src_features:<name>, ...        "features:<name>"   float16 (B, C, h, w)
+    src_features/<name>, ...        "features/<name>"   float16 (B, C, h, w)
     src_bbox, trg_bbox                                  float32 (B, 4)  x1, y1, x2, y2
     src_scale, src_offset, trg_...                      float64 (B, 2)  p_store = p_orig * scale + offset
     src_size, trg_size                                  int64 (B, 2)    original W, H
@@ -40,14 +40,14 @@ from torch.utils.data import Dataset
 
 from ..core import geometry
 from ..core.errors import SpairstoreError
-from ..core.schema import PAIR_LABELS
+from ..core.schema import FIELD_ARRAYS, PAIR_LABELS, field_name
 from ..store.backends import is_url
 from ..store.reader import Store
 from .augment import Augment, View, needs_keypoint_flip
 from .collate import Batch, Samples, pad_keypoints
 from .memory import Alloc, BatchMemory
 
-#: Field names a dataset can read; plus ``features:<name>`` for each stored feature set.
+#: Field names a dataset can read; plus ``features/<name>`` for each stored feature set.
 FIELDS = ("pixels", "mask", "keypoints", "labels", "image_bytes", "mask_bytes")
 _PAYLOAD = ("pixels", "mask")
 _BYTES = ("image_bytes", "mask_bytes")
@@ -71,18 +71,18 @@ class _StoreDataset(Dataset):
         self._store: Store | None = s
         self._identity = s.identity  # of the file the tables below come from
         self.alloc = BatchMemory()
-        fields = tuple(fields)
-        unknown = [f for f in fields if f not in FIELDS and not f.startswith("features:")]
+        fields = tuple(field_name(f) for f in fields)
+        unknown = [f for f in fields if f not in FIELDS and not f.startswith("features/")]
         if unknown:
             raise SpairstoreError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                                  f"known: {', '.join(FIELDS)}, features:<name>")
+                                  f"known: {', '.join(FIELDS)}, features/<name>")
         for f in fields:
-            if f.startswith("features:") and f[len("features:"):] not in s.feature_sets:
-                raise SpairstoreError(f"{self.path}: no feature set {f[len('features:'):]!r} "
+            if f.startswith("features/") and f[len("features/"):] not in s.feature_sets:
+                raise SpairstoreError(f"{self.path}: no feature set {f[len('features/'):]!r} "
                                       f"(store has {', '.join(s.feature_sets) or 'none'})")
         if "mask" in fields and s.shapes["images/mask"][0][0] == 0:
             raise SpairstoreError(f"{self.path}: this store has no masks; drop the 'mask' field")
-        if augment is not None and any(f.startswith("features:") for f in fields):
+        if augment is not None and any(f.startswith("features/") for f in fields):
             raise SpairstoreError("augmentations move pixels; precomputed features cannot follow them -- "
                                   "read features without an augmentation")
         if augment is not None and needs_keypoint_flip(augment) and s.keypoint_flip is None:
@@ -122,11 +122,10 @@ class _StoreDataset(Dataset):
         alloc = alloc or self.alloc.batch()
         out: Batch = {}
         for f in self.fields:
-            if f in _PAYLOAD or f.startswith("features:"):
-                name = f"features/{f[len('features:'):]}" if f.startswith("features:") else f
-                shape, dtype = s.shapes[f"{name}/data" if f.startswith("features:") else f"images/{f}"]
+            if f in _PAYLOAD or f.startswith("features/"):
+                shape, dtype = s.shapes[f"{f}/data" if f.startswith("features/") else FIELD_ARRAYS[f]]
                 t = alloc((len(rows), *shape[1:]), torch.from_numpy(np.empty(0, dtype)).dtype)
-                s.read(name, rows, out=t.numpy())
+                s.read(f, rows, out=t.numpy())
                 out[f] = t
             elif f in _BYTES:
                 get = s.image_bytes if f == "image_bytes" else s.mask_bytes
@@ -193,7 +192,7 @@ class PairDataset(_StoreDataset):
         store: path or URL of the store (or an open :class:`~spairstore.Store`; only its path is kept).
         split: ``trn``, ``val``, ``test`` (the store's splits).
         fields: what to read, by name: ``pixels``, ``mask``, ``keypoints``, ``labels``, ``image_bytes``,
-            ``mask_bytes``, ``features:<name>``. Indices, categories, boxes and the per-image geometry
+            ``mask_bytes``, ``features/<name>`` (old spellings such as ``features:<name>`` warn and work). Indices, categories, boxes and the per-image geometry
             (``scale``/``offset``, original ``size``) always come with a sample.
         augment: a hook ``augment(view, rng)`` applied to each image of a pair (see
             :mod:`spairstore.torch.augment`); None (the default) reads the store as it is.
