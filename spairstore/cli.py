@@ -18,7 +18,27 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: flags read --overwrite / --no-overwrite, with no <bool> value
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .core.version import __version__
+
+        typer.echo(f"spairstore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW) in one fast, checksummed store."""
+
+
+def _deprecated(old: str, new: str) -> None:
+    """One line on stderr for an option spelling kept for old scripts."""
+    typer.secho(f"warning: {old} is deprecated here; use {new}", err=True, fg=typer.colors.YELLOW)
 
 
 @app.command()
@@ -298,8 +318,9 @@ def eval_(
     frame: Annotated[Optional[str], typer.Option(help="Override: original or square.")] = None,
     subsample: Annotated[Optional[int], typer.Option(help="Evaluate this many random pairs per category.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of --subsample.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="text, markdown, csv or json.")] = "text",
-    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    report_format: Annotated[str, typer.Option("--report", help="Report format: text, markdown, csv or json.")] = "text",
+    old_format: Annotated[Optional[str], typer.Option("--format", hidden=True, help="Deprecated: --report.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --report json.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the report here, not stdout.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also save a PCK-vs-alpha and per-category plot (PNG).")] = None,
     device: Annotated[Optional[str], typer.Option(help="Device for --method nn (default: cuda if available).")] = None,
@@ -313,9 +334,12 @@ def eval_(
 
     if (method is None) == (predictions is None):
         raise SpairstoreError("give exactly one of --method and --predictions")
-    fmt = "json" if as_json else fmt
+    if old_format is not None:  # --format is the container format in pack and convert
+        _deprecated("eval --format", "--report")
+        report_format = old_format
+    fmt = "json" if as_json else report_format
     if fmt not in ("text", "markdown", "csv", "json"):
-        raise SpairstoreError(f"--format must be text, markdown, csv or json, not {fmt!r}")
+        raise SpairstoreError(f"--report must be text, markdown, csv or json, not {fmt!r}")
     output = output and _output(output)
     plot = plot and _output(plot, ".png")
     with open_store(store) as s:
@@ -336,8 +360,9 @@ def eval_(
 @app.command()
 def stats(
     store: Annotated[str, typer.Argument(help="Store to describe (path, or URL of a Zarr store).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
+    report_format: Annotated[str, typer.Option("--report", help="Report format: text, markdown or json.")] = "text",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --report json.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", hidden=True, help="Deprecated: --report markdown.")] = False,
 ) -> None:
     """Dataset statistics in the dataset paper's layout: pairs per split and difficulty level, pairs per
     category and split, images per split."""
@@ -346,7 +371,13 @@ def stats(
 
     with open_store(store) as s:
         d = dataset_stats(s)
-    typer.echo(json.dumps(d, indent=2) if as_json else render_stats(d, "markdown" if markdown else "text"))
+    if markdown:
+        _deprecated("stats --markdown", "--report markdown")
+        report_format = "markdown"
+    fmt = "json" if as_json else report_format
+    if fmt not in ("text", "markdown", "json"):
+        raise SpairstoreError(f"--report must be text, markdown or json, not {fmt!r}")
+    typer.echo(json.dumps(d, indent=2) if fmt == "json" else render_stats(d, fmt))
 
 
 @app.command()
@@ -393,17 +424,21 @@ def show(
 @app.command()
 def verify(
     store: Annotated[str, typer.Argument(help="Store to check: .h5 file, .zarr directory or Zarr URL.")],
-    sources: Annotated[Optional[Path], typer.Option(help="Dataset root: also compare every source file's "
-                                                         "SHA-256 with the store's manifest.")] = None,
+    source: Annotated[Optional[Path], typer.Option(help="Dataset root the store was packed from: also compare "
+                                                        "every source file's SHA-256 with the store's manifest.")] = None,
+    sources: Annotated[Optional[Path], typer.Option(hidden=True, help="Deprecated: --source.")] = None,
     sample: Annotated[Optional[float], typer.Option(help="Check only this random fraction (0-1] of the "
                                                          "records and source files.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the --sample draw.")] = None,
 ) -> None:
-    """Check every payload record's CRC-32, every table's CRC-32 and (with --sources) every source file's
+    """Check every payload record's CRC-32, every table's CRC-32 and (with --source) every source file's
     SHA-256; name each record or file that differs. Exit code 1 on any difference."""
     from .store.verify import verify as verify_
 
-    report = verify_(store, sources=sources, sample=sample, seed=seed, progress=True)
+    if sources is not None:  # one name with bench's --source
+        _deprecated("verify --sources", "--source")
+        source = sources
+    report = verify_(store, sources=source, sample=sample, seed=seed, progress=True)
     typer.echo(str(report))
     if not report.ok:
         raise SpairstoreError(f"{report.path}: {len(report.differences):,} records, tables or files differ "
