@@ -53,7 +53,7 @@ import numpy as np
 from spairstore.core.errors import SourceError
 from spairstore.core.records import ImageRecord, PairRecord
 
-from ._common import NUMBER, image_header, integer, plain_name, require
+from ._common import NUMBER, border, image_header, integer, plain_name, require
 from .base import Converter, Item
 
 #: AP-10K's 17 keypoints in its annotation order (0-based here; the AP-10K README numbers them from 1).
@@ -66,12 +66,18 @@ NUM_KEYPOINTS = len(KEYPOINTS)
 #: Mirror-image keypoints as (left, right) slot pairs; the others (nose, neck, root of tail) lie on the
 #: symmetry plane. The pairs of ``AP10K_FLIP`` in GeoAware-SC's ``utils/utils_geoware.py``.
 FLIP_PAIRS = ((0, 1), (5, 8), (6, 9), (7, 10), (11, 14), (12, 15), (13, 16))
-#: Groups of same-type parts for the geometry-aware subset (a keypoint counts when a group holding it has
-#: at least 2 members visible in the target; singletons never count): ``AP10K_GEO_AWARE`` of GeoAware-SC's
-#: ``utils/utils_geoware.py``, in this converter's (AP-10K's) numbering: eyes, nose, neck, root of tail,
-#: shoulders, elbows and knees, paws, hips.
+#: Groups of same-type parts for the geometry-aware subset, in AP-10K's slot numbering: ``AP10K_GEO_AWARE``
+#: of GeoAware-SC's ``utils/utils_geoware.py``. A keypoint counts when a group holding it has at least 2
+#: members visible in the target, so singletons never count. The eyes are two singletons there (written
+#: ``0,1,`` in the list, not ``[0,1]``), as in its SPair-71k groups: kept so, to match its numbers.
 GEO_AWARE_GROUPS: tuple[tuple[int, ...], ...] = (
-    (0, 1), (2,), (3,), (4,), (5, 8), (6, 9, 12, 15), (7, 10, 13, 16), (11, 14))
+    (0,), (1,),  # eyes
+    (2,), (3,), (4,),  # nose, neck, root of tail
+    (5, 8),  # shoulders
+    (6, 9, 12, 15),  # elbows and knees
+    (7, 10, 13, 16),  # front and back paws
+    (11, 14),  # hips
+)
 SPLITS = ("trn", "val", "test")
 #: The pair subsets, in pair-id order: ``PairRecord.subset`` indexes them.
 SUBSETS = ("intra-species", "cross-species", "cross-family")
@@ -86,21 +92,6 @@ TRN_PAIRS_PER_IMAGE = 50
 CAPS = {"cross-species": {"val": 400, "test": 900}, "cross-family": {"val": 20, "test": 30}}
 SEED = 42
 IMAGE_KEYS = ("width", "height", "bbox", "keypoints")
-
-
-class _GeoAware(dict):
-    """Category -> keypoint groups, the same for every species (AP-10K's 17 keypoints are shared)."""
-
-    def __missing__(self, category: str) -> list[list[int]]:
-        return [list(g) for g in GEO_AWARE_GROUPS]
-
-    def get(self, category: str, default: Any = None) -> list[list[int]]:  # noqa: ARG002 - every species has them
-        return self[category]
-
-
-#: ``GEO_AWARE[species]``: the geometry-aware keypoint groups of a species (:data:`GEO_AWARE_GROUPS`,
-#: as lists), for any species name. Look up the store's categories; the mapping lists none itself.
-GEO_AWARE: dict[str, list[list[int]]] = _GeoAware()
 
 
 def flip_permutation() -> list[int]:
@@ -162,25 +153,27 @@ def benchmark_pairs(visible: Mapping[tuple[str, str], np.ndarray], family: Mappi
     out = {}
     for split in SPLITS:
         members = {s: [(s, n) for n in parts[split]] for s, parts in sorted(splits.items()) if parts[split]}
-        pairs = _sampled(visible, [(s, keys, keys) for s, keys in members.items()], 0, split,
-                         lambda n_src: TRN_PAIRS_PER_IMAGE * n_src if split == "trn" else None)
+        intra = [(s, keys, keys) for s, keys in members.items()]
+        pairs = (_sampled(visible, intra, 0, split, TRN_PAIRS_PER_IMAGE, per_source=True) if split == "trn"
+                 else _sampled(visible, intra, 0, split, None))
         if split != "trn":
             families: dict[str, list[str]] = {}
             for s in members:
                 families.setdefault(family[s], []).append(s)
             groups = [(f, [k for s in species for k in members[s]]) for f, species in sorted(families.items())]
             cross = [(f, keys, keys) for f, keys in groups if len(families[f]) > 1]
-            pairs += _sampled(visible, cross, 1, split, lambda n: CAPS["cross-species"][split])
+            pairs += _sampled(visible, cross, 1, split, CAPS["cross-species"][split])
             both = [("all", a, b) for fa, a in groups for fb, b in groups if fa != fb]
-            pairs += _sampled(visible, both, 2, split, lambda n: CAPS["cross-family"][split])
+            pairs += _sampled(visible, both, 2, split, CAPS["cross-family"][split])
         out[split] = canonical_order(pairs)
     return out
 
 
 def _sampled(visible: Mapping[tuple[str, str], np.ndarray], groups: list[tuple[str, list, list]], subset: int,
-             split: str, cap: Any) -> list[Planned]:
+             split: str, cap: int | None, per_source: bool = False) -> list[Planned]:
     """The valid pairs of each group ``(suffix, sources, targets)`` (different images of different species
-    for the cross subsets, at least 3 shared keypoints), at most ``cap(len(sources))`` of them (None: all)."""
+    for the cross subsets, at least 3 shared keypoints): all of them where ``cap`` is None, else at most
+    ``cap`` per group, or ``cap`` per source image with ``per_source``."""
     rng = np.random.default_rng([SEED, SPLITS.index(split), subset])
     out = []
     for suffix, srcs, trgs in groups:
@@ -192,7 +185,7 @@ def _sampled(visible: Mapping[tuple[str, str], np.ndarray], groups: list[tuple[s
         elif subset == 1:
             ok &= np.array([s[0] for s in srcs])[:, None] != np.array([t[0] for t in trgs])[None, :]
         hits = np.flatnonzero(ok)
-        limit = cap(len(srcs))
+        limit = None if cap is None else cap * len(srcs) if per_source else cap
         if limit is not None and len(hits) > limit:
             hits = np.sort(rng.choice(hits, limit, replace=False))
         out += [Planned(subset, suffix, srcs[i], trgs[j]) for i, j in zip(*np.unravel_index(hits, ok.shape))]
@@ -262,19 +255,26 @@ class AP10K(Converter):
                                    f"got {kps!r:.80}")
         xyv = np.array(kps, dtype=np.float64).reshape(NUM_KEYPOINTS, 3)
         if not np.isin(xyv[:, 2], (0, 1, 2)).all():
-            raise SourceError(rel, f"keypoint visibility v must be 0, 1 or 2, got {sorted(set(xyv[:, 2]))}")
+            raise SourceError(rel, f"keypoint visibility v must be 0, 1 or 2, got {sorted(set(xyv[:, 2].tolist()))}")
         shown = xyv[:, 2] > 0
-        outside = shown & ~((xyv[:, 0] >= 0) & (xyv[:, 0] <= width) & (xyv[:, 1] >= 0) & (xyv[:, 1] <= height))
-        if outside.any():
-            k = int(np.flatnonzero(outside)[0])
+        kx, ky = xyv[:, 0], xyv[:, 1]
+        # Annotators click on the edge or a pixel past it: kept with a note, as in the other datasets.
+        m = border(width, height)
+        far = shown & ~((kx >= -m) & (kx <= width + m) & (ky >= -m) & (ky <= height + m))
+        if far.any():
+            k = int(np.flatnonzero(far)[0])
             raise SourceError(rel, f"keypoint {k} ({KEYPOINTS[k]}) at {xyv[k, :2].tolist()} lies outside the "
                                    f"{width}x{height} image")
+        if (shown & ~((kx >= 0) & (kx <= width) & (ky >= 0) & (ky <= height))).any():
+            self.remark(f"keypoints up to {m:g} px outside their image (kept as annotated)", rel)
         box = ann["bbox"]
         if type(box) is not list or len(box) != 4 or not all(type(v) in NUMBER and math.isfinite(v) for v in box):
             raise SourceError(rel, f"bbox must be [x, y, w, h] numbers (COCO), got {box!r}")
         x, y, w, h = (float(v) for v in box)
-        if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width or y + h > height:
+        if w <= 0 or h <= 0 or x < -m or y < -m or x + w > width + m or y + h > height + m:
             raise SourceError(rel, f"bbox {box} ([x, y, w, h]) is empty or reaches outside the {width}x{height} image")
+        if x < 0 or y < 0 or x + w > width or y + h > height:
+            self.remark(f"bboxes up to {m:g} px outside their image (kept as annotated)", rel)
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1) or isinstance(crowd, float):
             raise SourceError(rel, f"iscrowd must be 0 or 1, got {crowd!r}")
@@ -336,6 +336,8 @@ class AP10K(Converter):
                                      "the benchmark leaves out (crowd, or fewer than 3 keypoints) or does not have"))
             keys.append((species, name))
         src, trg = keys
+        if src == trg:
+            self.remark("pairs of an image with itself (kept)", rel)
         suffix = (src[0], self.family[src[0]], "all")[subset]
         planned = Planned(subset, suffix, src, trg)
         if path.stem != planned.stem:
@@ -343,8 +345,8 @@ class AP10K(Converter):
                                    f"{planned.stem!r}")
         same_species, same_family = src[0] == trg[0], self.family[src[0]] == self.family[trg[0]]
         if (same_species, same_family) != ((True, True), (False, True), (False, False))[subset]:
-            raise SourceError(rel, f"a {SUBSETS[subset]} pair, but it joins {src[0]} ({self.family[src[0]]}) and "
-                                   f"{trg[0]} ({self.family[trg[0]]})")
+            raise SourceError(rel, f"a pair of the {SUBSETS[subset]} subset (its folder), but it joins {src[0]} "
+                                   f"({self.family[src[0]]}) and {trg[0]} ({self.family[trg[0]]})")
         return self._pair(split, pair_id, planned, rel)
 
     def _pair(self, split: str, pair_id: int, p: Planned, path: str = "") -> PairRecord:

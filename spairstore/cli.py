@@ -14,7 +14,7 @@ import typer
 from .core.errors import SpairstoreError
 
 app = typer.Typer(
-    help="Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW) in one fast, checksummed store.",
+    help="Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW, AP-10K) in one fast, checksummed store.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -44,27 +44,34 @@ def _deprecated(old: str, new: str) -> None:
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create; must not exist or be empty.")],
-    images_per_category: Annotated[int, typer.Option(help="Images per category; 100 gives the full "
-                                                           "SPair-71k scale (1,800 images, ~71k pairs).")] = 12,
-    categories: Annotated[Optional[str], typer.Option(help="Comma-separated subset of the 18 categories.")] = None,
+    dataset: Annotated[str, typer.Option(help="Layout to write: spair71k or ap10k (AP-10K as GeoAware-SC "
+                                              "builds it).")] = "spair71k",
+    images_per_category: Annotated[Optional[int], typer.Option(
+        help="Images per category (AP-10K: per species); default 12 for SPair-71k (100 gives its full "
+             "scale: 1,800 images, ~71k pairs), 60 for AP-10K.")] = None,
+    categories: Annotated[Optional[str], typer.Option(help="Comma-separated subset of the categories (SPair-71k's "
+                                                           "18; AP-10K: species, e.g. cat,lion,wolf).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same bytes.")] = 0,
 ) -> None:
-    """Write a synthetic dataset in the native SPair-71k layout (images, masks, annotations, pairs, layouts)."""
-    from .sources import synthesize
+    """Write a synthetic dataset in a native layout: SPair-71k (images, masks, annotations, pairs, layouts)
+    or AP-10K (images, COCO-style annotations, the pair files of each subset)."""
+    from .sources import SYNTHESIZERS
 
+    if dataset not in SYNTHESIZERS:
+        raise SpairstoreError(f"--dataset must be one of {', '.join(SYNTHESIZERS)}, not {dataset!r}")
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
-    summary = synthesize(out_dir, images_per_category=images_per_category, categories=cats, seed=seed,
-                         progress=True)
+    size = {} if images_per_category is None else {"images_per_category": images_per_category}
+    summary = SYNTHESIZERS[dataset](out_dir, categories=cats, seed=seed, progress=True, **size)
     typer.echo(str(summary))
 
 
 @app.command()
 def pack(
-    src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (SPair-71k/, PF-PASCAL/, PF-WILLOW/).")],
+    src: Annotated[Path, typer.Argument(help="Dataset root in its native layout (SPair-71k/, PF-PASCAL/, PF-WILLOW/, AP-10K/).")],
     out: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
     dataset: Annotated[Optional[str], typer.Option(
-        help="Source layout: spair71k, pfpascal or pfwillow; detected when omitted.")] = None,
+        help="Source layout: spair71k, pfpascal, pfwillow or ap10k; detected when omitted.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
     format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of OUT decides.")] = None,
     shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
@@ -309,6 +316,9 @@ def eval_(
     predictions: Annotated[Optional[Path], typer.Option(
         help="Predictions file (.npz keyed by pair id, .pt, .npy): keypoints in original pixels of the "
              "image predicted in (the target for src->trg).")] = None,
+    head: Annotated[Path | None, typer.Option(
+        help="Head file (spairstore.eval.models.save_head, e.g. examples/train_head.py's head.pt): nn on "
+             "the maps it makes of its feature set (--features overrides).")] = None,
     protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
     direction: Annotated[Optional[str], typer.Option(help="Override: src->trg or trg->src.")] = None,
@@ -332,8 +342,10 @@ def eval_(
     from .eval.methods import get_method
     from .store.reader import open as open_store
 
-    if (method is None) == (predictions is None):
-        raise SpairstoreError("give exactly one of --method and --predictions")
+    if head is not None and (predictions is not None or method not in (None, "nn")):
+        raise SpairstoreError("--head evaluates nn on the head's maps: drop --predictions and --method")
+    if head is None and (method is None) == (predictions is None):
+        raise SpairstoreError("give exactly one of --method and --predictions (or --head FILE)")
     if old_format is not None:  # --format is the container format in pack and convert
         _deprecated("eval --format", "--report")
         report_format = old_format
@@ -344,7 +356,14 @@ def eval_(
     plot = plot and _output(plot, ".png")
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed)
-        source = get_method(method, features, device, batch_size, progress=True) if method else predictions
+        if head is not None:
+            from .eval.methods import NearestNeighbour
+            from .eval.models import load_head
+
+            h = load_head(head)
+            source = NearestNeighbour(features or h.features, device, batch_size, progress=True, transform=h)
+        else:
+            source = get_method(method, features, device, batch_size, progress=True) if method else predictions
         report = evaluate(s, split, source, proto)
     text = report.render(fmt)
     if output:

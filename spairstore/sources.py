@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import converters
-from converters.synth import SynthSummary, synthesize
+from converters.synth import SYNTHESIZERS, SynthSummary, synthesize
 
 from .core.records import OnError
 from .store.writer import PackSummary, write
 
-__all__ = ["pack", "synthesize", "PackSummary", "SynthSummary", "DATASETS"]
+__all__ = ["DATASETS", "SYNTHESIZERS", "PackSummary", "SynthSummary", "pack", "synthesize"]
 
 #: Names of the source layouts ``pack`` reads (``dataset=``).
 DATASETS = tuple(converters.CONVERTERS)

@@ -22,11 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.schema import PAIR_LABELS, image_fields
+from ..core.schema import PAIR_LABELS, field_of
 from .datasets import PairDataset
-
-_S, _K = 1_000_003, 1_000_033  # stand-ins for S and K in the store schema's shapes
-_STORE = {f.path: f for f in image_fields(_S, _K)}
 
 
 def _torch_dtype(dt: np.dtype) -> torch.dtype:
@@ -34,10 +31,11 @@ def _torch_dtype(dt: np.dtype) -> torch.dtype:
 
 
 def _from_store(name: str, widen: bool = False) -> tuple[torch.dtype, tuple[int | str, ...]]:
-    """dtype and per-sample shape of store field ``images/<name>``, S and K symbolic."""
-    f = _STORE[f"images/{name}"]
-    dtype = torch.int64 if widen and f.dtype.kind in "iu" else _torch_dtype(f.dtype)
-    return dtype, tuple({_S: "S", _K: "K"}.get(d, d) for d in f.row_shape)
+    """dtype and per-sample shape (sizes by name: ``S``, ``K``) of store field ``images/<name>``."""
+    f = field_of(f"images/{name}")
+    assert f is not None, name
+    dt = np.dtype(f.dtype)
+    return (torch.int64 if widen and dt.kind in "iu" else _torch_dtype(dt)), tuple(f.shape)
 
 
 @dataclass(frozen=True)
