@@ -52,10 +52,11 @@ class ResidualHead(torch.nn.Module):
         return x + self.body(x)
 
 
-def flat_cells(points: torch.Tensor, geom: dict, image_size: int) -> torch.Tensor:
-    """Store pixels (B, K, 2) x, y -> row-major index ``row * width + col`` of the nearest cell (B, K)."""
-    cells = geometry.store_to_cell(points.cpu().numpy(), geom, image_size)
-    return torch.from_numpy(cells[..., 1] * int(geom["width"]) + cells[..., 0]).to(points.device)
+def flat_cells(points: torch.Tensor, valid: torch.Tensor, geom: dict, image_size: int) -> torch.Tensor:
+    """Store pixels (B, K, 2) x, y -> row-major index ``row * width + col`` of the nearest cell (B, K), on the
+    points' device. Padding slots (NaN, ``valid`` False) get cell 0; the loss masks them out."""
+    cells = geometry.store_to_cell(torch.where(valid[..., None], points, 0.0), geom, image_size)
+    return cells[..., 1] * int(geom["width"]) + cells[..., 0]
 
 
 def at_cells(maps: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{args.store}: no feature set {args.features!r} "
                          f"(store has {', '.join(store.feature_sets) or 'none'}; run spairstore features first)")
     geom = store.feature_sets[args.features]
-    field = f"features:{args.features}"
+    field = f"features/{args.features}"
     data = spairstore.PairDataset(store, "trn", fields=("keypoints", field))
     loader = spairstore.Loader(data, args.batch_size, shuffle=True, seed=args.seed, drop_last=True,
                                device=args.device, rank=0, world_size=1)
@@ -109,8 +110,8 @@ def train(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            cs = flat_cells(batch["src_kps"], geom, store.image_size)
-            ct = flat_cells(batch["trg_kps"], geom, store.image_size)
+            cs = flat_cells(batch["src_kps"], batch["kps_valid"], geom, store.image_size)
+            ct = flat_cells(batch["trg_kps"], batch["kps_valid"], geom, store.image_size)
             query = head(at_cells(batch[f"src_{field}"].float(), cs)[..., None])[..., 0]  # a (B, C, K, 1) "map"
             loss = matching_loss(query, head(batch[f"trg_{field}"].float()), ct, batch["kps_valid"], args.temperature)
             opt.zero_grad(set_to_none=True)

@@ -109,12 +109,12 @@ def test_default_set_equals_fresh_forward_pass(lite_store: Path) -> None:
 def test_pair_dataset_serves_an_extracted_set(lite_store: Path) -> None:
     from spairstore.torch.datasets import PairDataset
 
-    ds = PairDataset(lite_store, "test", fields=(f"features:{LITE}",))
-    b = ds.__getitems__([0, 3])
+    ds = PairDataset(lite_store, "test", fields=(f"features/{LITE}",))
+    b = ds.fetch([0, 3])
     s = spairstore.open(lite_store)
     t = s.pairs("test")
     for side in ("src", "trg"):
-        np.testing.assert_array_equal(b[f"{side}_features:{LITE}"].numpy(),
+        np.testing.assert_array_equal(b[f"{side}_features/{LITE}"].numpy(),
                                       s.read(f"features/{LITE}", getattr(t, side)[[0, 3]]))
 
 

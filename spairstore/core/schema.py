@@ -19,6 +19,7 @@ whole-array CRC-32 in ``table_crc32``.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -509,3 +510,33 @@ def check_pair_table(split: str, table: dict[str, np.ndarray], images: int, cate
 
 def _outside(a: np.ndarray, path: str, lo: int, hi: int) -> list[str]:
     return [f"{path} holds values outside {lo}..{hi - 1}"] if a.size and (a.min() < lo or a.max() >= hi) else []
+
+
+#: The one name of each per-image field, everywhere (``Store.read``, dataset ``fields=``, batch keys, ``info``,
+#: ``verify``) -> the array holding it. A feature set is the field ``features/<name>`` (array ``features/<name>/data``).
+FIELD_ARRAYS = {"pixels": "images/pixels", "mask": "images/mask", "image_bytes": "images/image_blob",
+                "mask_bytes": "images/mask_blob"}
+_ARRAY_FIELDS = {a: f for f, a in FIELD_ARRAYS.items()}
+
+
+def field_of_array(path: str) -> str | None:
+    """The field name of a store array (``images/pixels`` -> ``pixels``, ``features/x/data`` ->
+    ``features/x``); None for an array that is no per-image field (tables, CRCs, offsets)."""
+    if path.startswith("features/") and path.endswith("/data"):
+        return path[:-len("/data")]
+    return _ARRAY_FIELDS.get(path)
+
+
+def field_name(name: str) -> str:
+    """``name`` in its one spelling. Old spellings (``features:<n>``, ``features/<n>/data``,
+    ``images/pixels``, ``image_blob`` ...) are accepted with a DeprecationWarning naming the new one."""
+    new = name
+    if name.startswith("features:"):
+        new = "features/" + name[len("features:"):]
+    elif name.startswith("images/") or (name.startswith("features/") and name.endswith("/data")):
+        new = field_of_array(name) or name
+    elif f"images/{name}" in _ARRAY_FIELDS:
+        new = _ARRAY_FIELDS[f"images/{name}"]
+    if new != name:
+        warnings.warn(f"field {name!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
+    return new

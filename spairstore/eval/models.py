@@ -170,6 +170,7 @@ class BatchMethod:
                 scale, offset = (batch[f"trg_{k}"].cpu().numpy()[:, None] for k in ("scale", "offset"))
                 pts = geometry.to_original(pred.astype(np.float64), scale, offset)
                 n = len(valid)
-                out[at:at + n, :valid.shape[1]] = np.where(valid[..., None], pts, np.nan)
+                # batches pad to the store's K slots; the split's table is M <= K wide, its pairs' keypoints first
+                out[at:at + n] = np.where(valid[..., None], pts, np.nan)[:, :out.shape[1]]
                 at += n
         return out
