@@ -9,7 +9,7 @@ Several processes: ``torchrun --nproc-per-node N -m spairstore features spair.za
 from __future__ import annotations
 
 from .backbones import BACKBONES, RANDOM_WEIGHTS, FeatureExtractor
-from .extract import FeatureSummary, Staging, StagingPart, commit, extract_features, extract_rows, partial_feature_sets
+from .extract import FeatureSummary, Staging, drop_feature_set, extract_features, extract_rows, partial_feature_sets
 
-__all__ = ["BACKBONES", "RANDOM_WEIGHTS", "FeatureExtractor", "FeatureSummary", "Staging", "StagingPart", "commit",
+__all__ = ["BACKBONES", "RANDOM_WEIGHTS", "FeatureExtractor", "FeatureSummary", "Staging", "drop_feature_set",
            "extract_features", "extract_rows", "partial_feature_sets"]
