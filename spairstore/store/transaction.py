@@ -191,11 +191,15 @@ class Transaction:
             raise (refuse or (lambda d: SpairstoreError(
                 f"{self.dir}: an unfinished {self.purpose} of {self.target} used other settings ({d}); "
                 f"re-run with those settings to resume it, or restart it")))(why)
-        (self.dir / "settings.json").unlink(missing_ok=True)  # "nothing staged" until it exists again
-        self.reset()
+        self.discard()  # "nothing staged" until the settings exist again
         write_atomic(self.dir / "settings.json", json.dumps(settings, indent=1).encode())
         self.settings = settings
         return False
+
+    def discard(self) -> None:
+        """Forget the staged work and its settings: the next :meth:`begin` starts afresh."""
+        (self.dir / "settings.json").unlink(missing_ok=True)
+        self.reset()
 
     def reset(self) -> None:
         """Forget every staged part (keep the lock and the settings)."""
