@@ -13,7 +13,7 @@ warm page cache (every source is read once first), on the same random image rows
 * store:    ``Store.read("features/<name>", rows)``, batches of ``--batch`` rows (the reader's hot path);
 * .pt:      one ``torch.save`` file per image, loaded with ``torch.load`` and stacked (the practice of
             published correspondence pipelines);
-* memmap:   ``np.memmap`` of the same bytes in the store file, rows copied into a preallocated batch
+* memmap:   ``np.memmap`` of the same bytes in the set's file, rows copied into a preallocated batch
             (the ceiling).
 """
 from __future__ import annotations
@@ -27,26 +27,27 @@ import numpy as np
 import torch
 
 import spairstore
-from spairstore.features import FeatureExtractor, Staging, commit, extract_features, extract_rows
-from spairstore.features.extract import staging_dir, store_fingerprint
+from spairstore.features import FeatureExtractor, Staging, extract_features, extract_rows
+from spairstore.features.extract import set_writer
 
 
 def fill_random(store_path: Path, name: str, fe: FeatureExtractor) -> None:
     """Commit feature set ``name`` with random float16 maps of ``fe``'s shape, through the real staging."""
     s = spairstore.open(store_path)
     shape = (fe.channels, fe.size, fe.size)
-    meta = {"name": name, "store": store_fingerprint(s), "rows": len(s), "row_shape": list(shape),
+    meta = {"name": name, "store": s.fingerprint, "rows": len(s), "row_shape": list(shape),
             "attrs": {**fe.attrs(), "note": "random maps of the real shape (benchmark)"}}
-    st = Staging.open(staging_dir(store_path.resolve(), name), meta, restart=True)
-    part = st.part(0)
+    st = Staging.open(store_path.resolve(), meta, restart=True)
+    target = set_writer(store_path.resolve(), st.meta, batch_size=64)
+    target.prepare(st.tx, replace=name in s.feature_sets)
+    sink = target.sink(st.tx, 0, st.sync_seconds)
     rng = np.random.default_rng(0)
     for start in range(0, len(s), 64):
         rows = np.arange(start, min(start + 64, len(s)))
-        part.write(rows, rng.standard_normal((len(rows), *shape), dtype=np.float32).astype(np.float16))
-    part.close()
-    commit(store_path.resolve(), name, meta["attrs"], st)
-    shutil.rmtree(st.path)
-    st.close()
+        sink(rows, rng.standard_normal((len(rows), *shape), dtype=np.float32).astype(np.float16))
+    sink.close()
+    target.commit(st.tx)
+    st.finish()
 
 
 def timed(fns: list, repeat: int = 7) -> list[float]:
@@ -113,7 +114,8 @@ def main() -> None:
             torch.save(torch.from_numpy(s.features(name, i)), pt_dir / f"{i}.pt")
     ext = s.extents[f"features/{name}/data"]
     if ext is None or len(ext.files) != 1:
-        raise SystemExit(f"{store_path}: the memmap ceiling needs a contiguous feature array (an HDF5 store)")
+        raise SystemExit(f"{store_path}: the memmap ceiling needs a contiguous feature array (an HDF5 store's "
+                         "feature-set file)")
     mm = np.asarray(np.memmap(ext.files[0], dtype=ext.dtype, mode="r", offset=int(ext.offsets[0]),
                               shape=ext.shape))
     rng = np.random.default_rng(0)

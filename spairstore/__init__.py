@@ -21,7 +21,8 @@ from .eval.predictions import load_predictions
 from .eval.protocols import PROTOCOLS, Protocol, get_protocol
 from .store.reader import Store, Table, open
 
-_LAZY = {"pack": "sources", "PackSummary": "sources", "PairDataset": "torch.datasets", "ImageDataset": "torch.datasets", "collate": "torch.collate",
+_LAZY = {"pack": "sources", "PackSummary": "sources", "add_feature_set": "features.precomputed",
+         "PairDataset": "torch.datasets", "ImageDataset": "torch.datasets", "collate": "torch.collate",
          "ShardSampler": "torch.sampler", "Loader": "torch.loader",
          "BatchMethod": "eval.models", "load_head": "eval.models", "save_head": "eval.models"}
 

@@ -87,7 +87,7 @@ def pack(
     on_error: Annotated[str, typer.Option(help="fail: stop at the first bad source file; skip: leave bad "
                                                "images and pairs out, listing each with its reason.")] = "fail",
     resume: Annotated[bool, typer.Option(help="HDF5: continue an interrupted pack of the same SRC and options "
-                                              "into OUT from its staging folder (.OUT.staging/).")] = False,
+                                              "into OUT from its staging folder (.OUT.pack.staging/).")] = False,
     follow_links: Annotated[bool, typer.Option("--follow-links", help="Also pack files that symbolic links "
                                                "lead to outside SRC (by default each is a bad item).")] = False,
 ) -> None:

@@ -46,7 +46,7 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 def staging_of(out: Path) -> Path:
-    return out.with_name(f".{out.name}.staging")
+    return out.with_name(f".{out.name}.pack.staging")
 
 
 def test_interrupted_pack_resumes_from_its_last_commit(synth_root: Path, reference: Path, tmp_path: Path,
@@ -204,3 +204,74 @@ def _phase(out: Path) -> str:
         return "reading/checking" if st.exists() else "start"
     rows = (st / "rows.crc").stat().st_size // 16 if (st / "rows.crc").exists() else 0
     return f"payload after {rows} rows" if (st / "store.h5").exists() else "renamed"
+
+
+# -- feature sets: adding or replacing one, killed at any moment --------------------------------------
+SET_GEOMETRY = {"stride": 16, "cell_offset": 0.5, "input_size": SIZE}
+
+
+def set_maps(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 3, 3)).astype(np.float16)
+
+
+def _add_set_child(store: Path, seed: int) -> None:
+    from spairstore.features.extract import Staging
+
+    Staging.sync_seconds = 0  # flag rows as they come, so that kills land between flags
+    maps = set_maps(len(spairstore.open(store)), seed)
+    spairstore.add_feature_set(store, "s", lambda row: (time.sleep(0.01), maps[row])[1], source=f"seed{seed}",
+                               overwrite=True, **SET_GEOMETRY)
+
+
+@pytest.mark.slow
+def test_sigkill_while_adding_or_replacing_a_set(synth_root: Path, tmp_path: Path) -> None:
+    """SIGKILL a run that replaces feature set "s" of an HDF5 store at random moments: after every kill
+    the set reads back whole as the old maps or the new ones, the store file is untouched, and only the
+    set's folder and the run's fixed staging folder lie beside it; the next run resumes and completes."""
+    from spairstore.features import partial_feature_sets
+    from spairstore.store.feature_sets import sidecar_dir
+    from spairstore.store.verify import verify
+
+    store = tmp_path / "s.h5"
+    spairstore.pack(synth_root, store, size=SIZE)
+    n = len(spairstore.open(store))
+    _add_set_child(store, 0)
+    digest = store.read_bytes()
+    fork = multiprocessing.get_context("forkserver")
+    fork.set_forkserver_preload(["spairstore", "spairstore.features.precomputed"])  # if not started yet
+
+    def run(seed: int, kill_after: float | None) -> bool:
+        """Run a replace with the maps of ``seed``, killed after ``kill_after`` s; whether it was killed."""
+        c = fork.Process(target=_add_set_child, args=(store, seed))
+        c.start()
+        c.join(kill_after)
+        c.kill()
+        c.join()
+        return c.exitcode != 0
+
+    rng = np.random.default_rng(7)
+    t0 = time.perf_counter()
+    assert not run(100, None)  # how long a run takes in a child (a replace, as every round's)
+    work = time.perf_counter() - t0
+    _add_set_child(store, 0)
+    current, kills = 0, 0
+    for seed in range(1, 40):
+        if kills >= 6:
+            break
+        for attempt in range(6):  # kill this round's run until one completes (the last is not killed)
+            killed = run(seed, rng.uniform(0, 1.2 * work) if attempt < 5 else None)
+            kills += killed
+            s = spairstore.open(store)
+            got = s.read("features/s", np.arange(n))
+            seeds = [k for k in (current, seed) if np.array_equal(got, set_maps(n, k))]
+            assert seeds and s.feature_sets["s"]["backbone"] == f"seed{seeds[0]}", f"kill {kills}: half a set"
+            assert store.read_bytes() == digest
+            assert {p.name for p in tmp_path.iterdir()} <= {store.name, sidecar_dir(store).name,
+                                                             f".{store.name}.features-s.staging"}
+            assert verify(store).ok
+            current = seeds[0]  # killed after the switch: new in place, the staging still there
+            if not killed:
+                assert current == seed and partial_feature_sets(store) == {}
+                break
+    assert kills >= 6
+    assert partial_feature_sets(store) == {} and [p.name for p in sidecar_dir(store).iterdir()] == ["s.h5"]

@@ -20,10 +20,19 @@ import spairstore
 from spairstore.cli import store_info
 from spairstore.core import geometry
 from spairstore.core.errors import FeatureError
-from spairstore.features import RANDOM_WEIGHTS, FeatureExtractor, extract_features, partial_feature_sets
+from spairstore.features import (
+    RANDOM_WEIGHTS,
+    FeatureExtractor,
+    drop_feature_set,
+    extract_features,
+    partial_feature_sets,
+)
 from spairstore.features import extract as extract_mod
 from spairstore.features.backbones import get_backbone
 from spairstore.features.extract import staging_dir
+from spairstore.store.feature_sets import sidecar_dir, sidecar_path
+from spairstore.store.transaction import Transaction
+from spairstore.store.verify import verify
 
 LITE = "efficientnet-lite0"
 
@@ -126,11 +135,20 @@ def test_info_lists_feature_sets(lite_store: Path) -> None:
     assert r.returncode == 0 and f"features     {LITE}: {LITE} _blocks.7,_blocks.10 at 96 px" in r.stdout
 
 
+def copy_store(src: Path, dst: Path) -> Path:
+    """A copy of an HDF5 store with its feature-set files."""
+    shutil.copyfile(src, dst)
+    if sidecar_dir(src).is_dir():
+        shutil.copytree(sidecar_dir(src), sidecar_dir(dst))
+    return dst
+
+
 def test_other_sets_and_pixels_survive_adding_and_replacing(lite_store: Path, tmp_path: Path) -> None:
-    p = tmp_path / "two.h5"
-    shutil.copyfile(lite_store, p)
+    p = copy_store(lite_store, tmp_path / "two.h5")
+    digest = sha256(p)
     before = spairstore.open(p)
     b10, pixels = before.read("features/b10", [0, 1]), before.read("pixels", np.arange(len(before)))
+    old_lite = before.read(f"features/{LITE}", [0, 1])
     test_pairs = before.pairs("test").rows
     extract_features(p, backbone=LITE, layers=["_blocks.4"], name=LITE, overwrite=True)
     after = spairstore.open(p)
@@ -138,12 +156,43 @@ def test_other_sets_and_pixels_survive_adding_and_replacing(lite_store: Path, tm
     np.testing.assert_array_equal(after.read("pixels", np.arange(len(after))), pixels)
     assert after.feature_sets[LITE]["layers"] == ["_blocks.4"] and after.feature_sets[LITE]["stride"] == 8
     assert after.attrs["dataset"] == before.attrs["dataset"] and after.pairs("test").rows == test_pairs
-    # the replaced set's space is not kept: the file is the old one minus the old set plus the new one
-    old_bytes = before.field_bytes()[f"features/{LITE}/data"]
+    np.testing.assert_array_equal(before.read(f"features/{LITE}", [0, 1]), old_lite)  # opened before: old set
+    # the store file is not rewritten; the set is one file beside it, about the size of its maps
+    assert sha256(p) == digest
+    assert sorted(f.name for f in sidecar_dir(p).iterdir()) == ["b10.h5", f"{LITE}.h5"]
     new_bytes = after.field_bytes()[f"features/{LITE}/data"]
-    assert p.stat().st_size < lite_store.stat().st_size - old_bytes + new_bytes + 2**20
+    assert new_bytes < sidecar_path(p, LITE).stat().st_size < new_bytes + 2**16
     with pytest.raises(FeatureError, match="exists; pass --overwrite"):
         extract_features(p, backbone=LITE, name="b10")
+
+
+def test_drop_feature_set(lite_store: Path, tmp_path: Path) -> None:
+    p = copy_store(lite_store, tmp_path / "d.h5")
+    digest = sha256(p)
+    drop_feature_set(p, "b10")
+    s = spairstore.open(p)
+    assert sorted(s.feature_sets) == [LITE] and sha256(p) == digest and not sidecar_path(p, "b10").exists()
+    with pytest.raises(spairstore.StoreError, match="no feature set 'b10'"):
+        drop_feature_set(p, "b10")
+
+
+def test_stale_or_foreign_set_is_refused(lite_store: Path, synth_root: Path, tmp_path: Path) -> None:
+    """A set file beside a store whose images differ (repacked at another size) is refused by name."""
+    p = tmp_path / "other.h5"
+    spairstore.pack(synth_root, p, size=64)
+    sidecar_dir(p).mkdir()
+    shutil.copyfile(sidecar_path(lite_store, "b10"), sidecar_path(p, "b10"))
+    s = spairstore.open(p)
+    assert "b10" not in s.feature_sets and "b10" in s.stale_feature_sets
+    with pytest.raises(spairstore.StoreError, match=r"feature set 'b10' refused: .*b10.h5: made from other "
+                                                    r"images than this store's .*--overwrite"):
+        s.features("b10", 0)
+    with pytest.raises(spairstore.StoreError, match="feature set 'b10' refused"):
+        s.read("features/b10", [0])
+    report = verify(p)
+    assert not report.ok and "b10.h5: made from other images" in str(report)
+    extract_features(p, layers=["_blocks.4"], name="b10", overwrite=True, input_size=64)  # replaces it
+    assert "b10" in spairstore.open(p).feature_sets and verify(p).ok
 
 
 def test_readers_opened_before_a_commit(store_copy: Path) -> None:
@@ -305,57 +354,47 @@ def test_kill_mid_extraction_leaves_store_unchanged_and_resumes(store_copy: Path
 
 def test_crash_during_commit_keeps_store_and_staging(store_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     digest = sha256(store_copy)
-    real_writer_for = extract_mod.writer_for
 
-    def crashing_writer(*a: object, **k: object) -> object:
-        w = real_writer_for(*a, **k)
+    def crash(*a: object, **k: object) -> None:  # the set file is complete by now, not yet in place
+        raise KeyboardInterrupt
 
-        def crash(attrs: object) -> None:  # the copy holds every array by now, not yet the attributes
-            raise KeyboardInterrupt
-        w.set_attrs = crash
-        return w
-
-    monkeypatch.setattr(extract_mod, "writer_for", crashing_writer)
+    monkeypatch.setattr(Transaction, "switch", crash)
     with pytest.raises(KeyboardInterrupt):
         extract_features(store_copy, layers=["_blocks.4"], name="c", batch_size=8)
     monkeypatch.undo()
-    assert sha256(store_copy) == digest
-    assert not list(store_copy.parent.glob(".*.partial-*"))  # the half-built copy is gone
+    assert sha256(store_copy) == digest and not sidecar_path(store_copy, "c").exists()
     assert partial_feature_sets(store_copy)["c"]["done"] == len(spairstore.open(store_copy))
-    # a copy left by a commit that was killed (its process is gone) is cleared by the next commit
-    dead = subprocess.Popen([sys.executable, "-c", ""])
-    dead.wait()
-    left = store_copy.with_name(f".{store_copy.name}.partial-{dead.pid}")
-    left.write_bytes(b"half a store")
-    summary = extract_features(store_copy, layers=["_blocks.4"], name="c", batch_size=8)
+    summary = extract_features(store_copy, layers=["_blocks.4"], name="c", batch_size=8)  # commits the staged set
     assert summary.extracted == 0 and "c" in spairstore.open(store_copy).feature_sets
-    assert not left.exists()
+    assert sorted(p.name for p in store_copy.parent.iterdir()) == [store_copy.name, sidecar_dir(store_copy).name]
 
 
-def stage_ones(st: extract_mod.Staging, rows: list[int], part: int = 0) -> None:
+def stage_ones(store: Path, st: extract_mod.Staging, rows: list[int], part: int = 0) -> None:
     """Stage maps of ones for ``rows`` as part ``part`` and close the staging."""
-    p = st.part(part)
-    p.write(np.array(rows), np.ones((len(rows), *st.row_shape), dtype=np.float16))
-    p.close()
+    target = extract_mod.set_writer(store, st.meta, batch_size=16)
+    target.prepare(st.tx, replace=False)
+    sink = target.sink(st.tx, part, sync_seconds=0)
+    sink(np.array(rows), np.ones((len(rows), *st.row_shape), dtype=np.float16))
+    sink.close()
     st.close()
 
 
 def test_resume_refuses_other_settings_unless_overwrite(store_copy: Path) -> None:
-    stage = staging_dir(store_copy.resolve(), "r")
+    store = store_copy.resolve()
     n = len(spairstore.open(store_copy))
     fe = FeatureExtractor(LITE, image_size=96)
-    meta = {"name": "r", "store": extract_mod.store_fingerprint(spairstore.open(store_copy)), "rows": n,
+    meta = {"name": "r", "store": spairstore.open(store_copy).fingerprint, "rows": n,
             "row_shape": [fe.channels, fe.size, fe.size], "attrs": fe.attrs()}
-    st = extract_mod.Staging.open(stage, meta)
+    st = extract_mod.Staging.open(store, meta)
     with pytest.raises(FeatureError, match="another `spairstore features` run"):
-        extract_mod.Staging.open(stage, meta)  # locked while open
-    stage_ones(st, [0, 1, 2])
+        extract_mod.Staging.open(store, meta)  # locked while open
+    stage_ones(store, st, [0, 1, 2])
     with pytest.raises(FeatureError, match=r"other settings \(layers .*_blocks.7.* there, .*_blocks.4.* now"):
         extract_features(store_copy, layers=["_blocks.4"], name="r")
     s = extract_features(store_copy, layers=["_blocks.4"], name="r", overwrite=True)
     assert s.extracted == n
     # a matching staging is resumed: rows 0..2 stay as staged (ones), the rest are extracted
-    stage_ones(extract_mod.Staging.open(staging_dir(store_copy.resolve(), "r2"), {**meta, "name": "r2"}), [0, 1, 2])
+    stage_ones(store, extract_mod.Staging.open(store, {**meta, "name": "r2"}), [0, 1, 2])
     assert extract_features(store_copy, name="r2").extracted == n - 3
     assert (spairstore.open(store_copy).features("r2", 1) == 1).all()
 
@@ -425,7 +464,7 @@ def test_cli_error_is_one_line(store_copy: Path) -> None:
 
 def test_staging_meta_is_json(store_copy: Path) -> None:
     """The sidecar says what it holds in plain JSON (for `info` and for people)."""
-    extract_mod.Staging.open(staging_dir(store_copy.resolve(), "m"), {"name": "m", "store": "x", "rows": 2,
-                                                                       "row_shape": [1, 1, 1], "attrs": {}}).close()
+    extract_mod.Staging.open(store_copy.resolve(), {"name": "m", "store": "x", "rows": 2,
+                                                    "row_shape": [1, 1, 1], "attrs": {}}).close()
     meta = json.loads((staging_dir(store_copy.resolve(), "m") / "meta.json").read_text())
     assert meta["rows"] == 2 and partial_feature_sets(store_copy)["m"]["done"] == 0

@@ -143,16 +143,17 @@ def test_user_module_from_sys_path_and_as_object(store_copy: Path, tiny_file: Pa
 def test_user_module_resumes_like_a_builtin(store_copy: Path, tiny_file: Path) -> None:
     """Staged rows of a killed run are kept by a re-run with the same module and weights."""
     from spairstore.features import extract as extract_mod
-    from spairstore.features.extract import staging_dir
 
     s = spairstore.open(store_copy)
     fe = UserExtractor(f"{tiny_file}:make")
-    meta = {"name": "t", "store": extract_mod.store_fingerprint(s), "rows": len(s),
+    meta = {"name": "t", "store": s.fingerprint, "rows": len(s),
             "row_shape": [fe.channels, fe.size, fe.size], "attrs": fe.attrs()}
-    st = extract_mod.Staging.open(staging_dir(store_copy.resolve(), "t"), meta)
-    part = st.part(0)
-    part.write(np.array([0, 1]), np.ones((2, *st.row_shape), dtype=np.float16))
-    part.close()
+    st = extract_mod.Staging.open(store_copy.resolve(), meta)
+    target = extract_mod.set_writer(store_copy.resolve(), st.meta, batch_size=16)
+    target.prepare(st.tx, replace=False)
+    sink = target.sink(st.tx, 0, sync_seconds=0)
+    sink(np.array([0, 1]), np.ones((2, *st.row_shape), dtype=np.float16))
+    sink.close()
     st.close()
     assert extract_features(store_copy, backbone=f"{tiny_file}:make", name="t").extracted == len(s) - 2
     assert (spairstore.open(store_copy).features("t", 1) == 1).all()

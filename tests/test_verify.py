@@ -130,17 +130,19 @@ def test_feature_maps_are_verified(store: tuple[Path, Path], tmp_path: Path) -> 
     """A feature set's maps are payload records like any other: its CRC array ``features/<name>/crc32``
     is found by the same naming rule, and a corrupted map is named."""
     from spairstore.features import extract_features
+    from spairstore.store.feature_sets import sidecar_path
 
     path = tmp_path / "feat.h5"
     shutil.copy(store[1], path)
     extract_features(path, layers=["_blocks.4"], name="lite", batch_size=16)
     clean = verify(path)
     assert clean.ok and clean.records["features/lite/data"] == (36, 36) and clean.unchecked == []
-    with h5py.File(path, "r") as h:
+    sidecar = sidecar_path(path, "lite")  # the set's own file beside the store
+    with h5py.File(sidecar, "r") as h:
         d = h["features/lite/data"]
         start = d.id.get_offset() + 7 * int(np.prod(d.shape[1:])) * d.dtype.itemsize
     s = spairstore.open(path)
-    with open(path, "r+b") as f:
+    with open(sidecar, "r+b") as f:
         flip(f, start + 3, np.random.default_rng(1))
     assert [d.what for d in verify(path).differences] == [
         f"features/lite row 7 ({s.categories[s.images.category[7]]}/{s.images.name[7]})"]

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from .backbones import BACKBONES, RANDOM_WEIGHTS, Extractor, FeatureExtractor, Flipped
 from .extract import (
-           FeatureSummary,
-           Staging,
-           StagingPart,
-           commit,
-           extract_features,
-           extract_rows,
-           make_extractor,
-           partial_feature_sets,
+    FeatureSummary,
+    Staging,
+    drop_feature_set,
+    extract_features,
+    extract_rows,
+    make_extractor,
+    partial_feature_sets,
 )
 from .user import UserExtractor
 
 __all__ = ["BACKBONES", "RANDOM_WEIGHTS", "Extractor", "FeatureExtractor", "FeatureSummary", "Flipped", "Staging",
-           "StagingPart", "UserExtractor", "commit", "extract_features", "extract_rows", "make_extractor",
+           "UserExtractor", "drop_feature_set", "extract_features", "extract_rows", "make_extractor",
            "partial_feature_sets"]

@@ -9,38 +9,28 @@ The pieces, each reusable on its own:
    batches, whichever process runs them. That matters: on CPU an image's map varies in its last bits
    with the other images of its batch, so equal batches are what makes a run of N processes bitwise
    equal to a run of one.
-2. :class:`Staging` is the resumable sidecar folder beside the store,
-   ``<store>.features-<name>.partial/``: ``meta.json`` (the run's settings) and, per writer process
-   ``k``, ``done-<k>.u8`` (one flag per image row) and, for HDF5 stores, ``data-<k>.f16`` (raw
-   ``(N, C, h, w)`` float16, sparse: only the rows ``k`` wrote). A :class:`StagingPart` writes one
-   process's rows as they come and, every ``sync_seconds`` (and at the end), syncs them to disk and only
-   then flags (and syncs the flags), so after a kill, even of the machine, every flagged row is complete
-   and a re-run with the same settings extracts only the rest, with any number of processes.
-3. The commit. HDF5 (:func:`commit`): a copy of the store with the set added (every other array and
-   attribute copied as they are) replaces the store (:func:`spairstore.store.backends.staged`); the store
-   itself is never written in place. Zarr: the processes write their rows straight into the store's
-   array ``features/<name>/data``, one whole shard at a time (a shard is one file; processes take whole
-   shards, so no two write the same file), while no group node names the array and readers cannot see
-   it; the commit then adds the CRC-32s, the group nodes, the consolidated metadata and, last, the
-   attributes (:func:`spairstore.store.backends.zarr.publish`), so readers see the whole set or none of it.
+2. :class:`Staging` is the run's transaction ``features-<name>`` on the store
+   (:mod:`spairstore.store.transaction`), in the folder ``.<store>.features-<name>.staging/``: its
+   lock, its settings (a re-run with the same settings resumes, one with others is refused unless
+   ``overwrite``), ``meta.json`` (the attributes the set gets) and, per writer process ``k``,
+   ``done-<k>.u8`` (one flag per image row, made durable only after the rows it flags).
+3. The set writer of the store's format (:mod:`spairstore.store.feature_sets`) takes the maps and
+   commits the set: for HDF5 each process writes its rows in place into the staged sidecar file, which
+   the commit renames to ``<store>.features/<name>.h5`` (the store file is never rewritten); for Zarr
+   the processes write whole shards straight into the store's unlisted array, which the commit
+   publishes. Either way readers see the whole set or none of it, and the maps are written once.
 
 Several processes (:mod:`.world`): the first prepares (checks, the staging's lock, the Zarr array) and
-deals the units with missing rows out round robin; each process extracts its units into its own staging
-part (files) or shards (Zarr); the first commits when every part succeeded.
+deals the units with missing rows out round robin; each process extracts its units through its own
+sink; the first commits when every part succeeded.
 """
 from __future__ import annotations
 
-import fcntl
 import glob
-import hashlib
 import json
-import os
 import re
-import shutil
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,17 +41,16 @@ from torch import nn
 from tqdm import tqdm
 
 from ..core.device import resolve_device
-from ..core.errors import FeatureError
-from ..store.backends import format_of, is_url, reader_for, remove, staged, writer_for
-from ..store.backends.zarr import UnlistedArray, publish, shard_rows_of, unpublish
-from ..store.convert import BLOCK_BYTES, copy_arrays
+from ..core.errors import FeatureError, SpairstoreError
+from ..store.backends import format_of, is_url
+from ..store.backends.hdf5 import SidecarSet
+from ..store.backends.zarr import ZarrSet
+from ..store.feature_sets import SetWriter, Sink, sidecar_dir, sidecar_path
 from ..store.reader import Store
+from ..store.transaction import Transaction, fsync_path, staging_path, write_atomic
 from .backbones import Extractor, FeatureExtractor, Flipped
 from .user import UserExtractor, default_set_name, is_factory_spec
 from .world import World
-
-Sink = Callable[[np.ndarray, np.ndarray], None]
-"""Receives ``(rows int64 (B,), maps float16 (B, C, h, w))`` for each extracted batch."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: attributes that must match for a run to resume another one's staged rows
@@ -101,296 +90,125 @@ def extract_rows(store: Store, extractor: Extractor, rows: Sequence[int] | np.nd
 
 
 def staging_dir(store_path: Path, name: str) -> Path:
-    """The sidecar folder of an unfinished feature set ``name`` of the store at ``store_path``."""
-    return store_path.with_name(f"{store_path.name}.features-{name}.partial")
-
-
-def store_fingerprint(store: Store) -> str:
-    """Identifies the store's images (count, frame size, pixel CRCs): staged rows belong to it only."""
-    h = hashlib.sha256(f"{len(store)} {store.image_size}".encode())
-    h.update(np.ascontiguousarray(store.images["crc32_pixels"]).tobytes())
-    return h.hexdigest()[:32]
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _runs(rows: np.ndarray) -> Iterator[tuple[int, int, int]]:
-    """``(position in rows, first row, count)`` of each run of consecutive rows."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-        yield int(a), int(rows[a]), int(b - a)
-
-
-def _crc32_rows(block: np.ndarray) -> list[int]:
-    return [zlib.crc32(row) for row in np.ascontiguousarray(block)]
+    """The staging folder of an unfinished feature set ``name`` of the store at ``store_path``."""
+    return staging_path(store_path, f"features-{name}")
 
 
 class Staging:
-    """The resumable sidecar of one feature set being extracted for a store (see the module doc).
+    """The resumable staging of one feature set being written: the transaction ``features-<name>`` on
+    the store (:mod:`spairstore.store.transaction`), whose settings are the run's (the store's images,
+    rows, map shape and the attributes in :data:`_RESUME_KEYS`), plus ``meta.json``: the name and the
+    full attributes of the run that started it, which a resumed run commits.
 
-    The process that runs the extraction alone, or the first of several, opens it with :meth:`open`
-    and holds an exclusive lock on the folder until :meth:`close`; the others :meth:`attach` to it.
-    Each writing process writes through its own :meth:`part`.
+    The process that runs alone, or the first of several, opens it with :meth:`open` and holds its lock
+    until :meth:`close`; the others :meth:`attach` to it.
     """
 
-    #: seconds between syncs (each sync waits for the disk: once per batch cost ~0.4 s on a busy VM)
+    #: seconds between syncs of each process's done flags (each sync waits for the disk)
     sync_seconds = 2.0
 
-    def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int | None = None):
-        self.path = path
-        self.meta = meta
-        self._lock_fd = lock_fd
+    def __init__(self, tx: Transaction, meta: dict[str, Any]):
+        self.tx, self.meta, self.path = tx, meta, tx.dir
         self.rows = int(meta["rows"])
         self.row_shape = tuple(meta["row_shape"])
-        self.row_bytes = int(np.prod(self.row_shape)) * 2
 
     @classmethod
-    def open(cls, path: Path, meta: dict[str, Any], restart: bool = False) -> Staging:
-        """Resume the staging at ``path`` if its settings equal ``meta``'s, else start it afresh.
+    def open(cls, store_path: Path, meta: dict[str, Any], restart: bool = False) -> Staging:
+        """Resume the staging of ``meta["name"]`` if its settings equal ``meta``'s, else start it afresh.
 
         Staged rows made with other settings are discarded only with ``restart``; otherwise that is an
         error, so a typo in the options cannot throw away hours of extraction.
         """
-        path.mkdir(exist_ok=True)
-        lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        name = meta["name"]
+        tx = Transaction.open(store_path, f"features-{name}", who="`spairstore features` run", error=FeatureError)
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise FeatureError(f"{path}: another `spairstore features` run is extracting this feature set") from None
-        try:
-            old = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else None
-            if old is not None and not _same_run(old, meta) and not restart:
-                raise FeatureError(
-                    f"{path}: an unfinished run of feature set {meta['name']!r} used other settings "
-                    f"({_diff(old, meta)}); re-run with those settings to resume it, or pass --overwrite "
-                    f"to discard it")
-            if old is not None and _same_run(old, meta):
-                return cls(path, old, lock_fd)
-            (path / "meta.json").unlink(missing_ok=True)  # the folder is "fresh" until meta.json exists
-            staging = cls(path, meta, lock_fd)
-            staging.reset()
-            _write_json(path / "meta.json", meta)
-            return staging
+            refuse = lambda d: FeatureError(
+                f"{tx.dir}: an unfinished run of feature set {name!r} used other settings ({d}); re-run with "
+                f"those settings to resume it, or pass --overwrite to discard it")
+            if not tx.begin(_settings(meta), restart, describe=_diff, refuse=refuse) \
+                    or not (tx.dir / "meta.json").is_file():
+                write_atomic(tx.dir / "meta.json", json.dumps(meta, indent=1).encode())
+            return cls(tx, json.loads((tx.dir / "meta.json").read_text()))
         except BaseException:
-            os.close(lock_fd)
+            tx.close()
             raise
 
     @classmethod
-    def attach(cls, path: Path) -> Staging:
+    def attach(cls, store_path: Path, name: str) -> Staging:
         """The staging that the first process of this run opened (and locked) with :meth:`open`."""
-        return cls(path, json.loads((path / "meta.json").read_text()))
-
-    def reset(self) -> None:
-        """Forget every staged row: delete every part's files."""
-        for f in self.path.iterdir():
-            if f.name not in ("lock", "meta.json"):
-                f.unlink()
-
-    def _flag_files(self) -> Iterator[tuple[str, Path]]:
-        for f in sorted(self.path.glob("done-*.u8")):
-            yield f.name[len("done-"):-len(".u8")], f
+        tx = Transaction.attach(store_path, f"features-{name}")
+        return cls(tx, json.loads((tx.dir / "meta.json").read_text()))
 
     def done(self) -> np.ndarray:
-        """Which image rows are staged, by any part: bool (N,), read from the flag files."""
-        done = np.zeros(self.rows, dtype=bool)
-        for _, f in self._flag_files():
-            flags = np.fromfile(f, dtype=np.uint8)
-            if len(flags) != self.rows:
-                raise FeatureError(f"{f}: has {len(flags)} flags for {self.rows} images; delete {self.path} "
-                                   f"to start over")
-            done |= flags.astype(bool)
-        return done
+        """Which image rows are staged, by any process: bool (N,)."""
+        return self.tx.done(self.rows)
 
-    def missing(self) -> np.ndarray:
-        """Image rows not staged yet, ascending."""
-        return np.flatnonzero(~self.done())
-
-    def part(self, index: int, data: bool = True) -> StagingPart:
-        """Part ``index`` (one per writing process; created if new), with a data file unless ``data`` is
-        False (the rows are written elsewhere, e.g. into a Zarr store)."""
-        return StagingPart(self, index, data)
-
-    def staged(self, start: int, stop: int) -> np.ndarray:
-        """The staged maps of rows ``start:stop``, gathered from the parts' data files: float16 (n, C, h, w)."""
-        out = np.zeros((stop - start, *self.row_shape), dtype=np.float16)
-        for k, f in self._flag_files():
-            flags = np.fromfile(f, dtype=np.uint8, count=stop - start, offset=start).astype(bool)
-            if flags.any():
-                data = np.memmap(self.path / f"data-{k}.f16", dtype=np.float16, mode="r",
-                                 shape=(self.rows, *self.row_shape))
-                out[flags] = data[start:stop][flags]
-                del data
-        return out
+    def finish(self) -> None:
+        """The set is committed: remove the staging and release the lock."""
+        self.tx.finish()
 
     def close(self) -> None:
-        """Release the lock (the first process)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Release the lock (the first process), keeping what is staged."""
+        self.tx.close()
 
 
-class StagingPart:
-    """One writing process's files in a :class:`Staging`: ``done-<k>.u8`` and maybe ``data-<k>.f16``."""
-
-    def __init__(self, staging: Staging, index: int, data: bool = True):
-        self.staging = staging
-        files = {"done": (staging.path / f"done-{index}.u8", staging.rows)}
-        if data:
-            files["data"] = (staging.path / f"data-{index}.f16", staging.rows * staging.row_bytes)
-        fds = {}
-        try:
-            for key, (path, size) in files.items():
-                if not path.exists():
-                    tmp = path.with_name(path.name + ".tmp")
-                    with open(tmp, "wb") as f:
-                        f.truncate(size)  # sparse; zero flags
-                        os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                fds[key] = os.open(path, os.O_RDWR)
-                if os.fstat(fds[key]).st_size != size:
-                    raise FeatureError(f"{path}: staged file has the wrong size; delete {staging.path} to "
-                                       f"start over")
-        except BaseException:
-            for fd in fds.values():
-                os.close(fd)
-            raise
-        self._done_fd, self._data_fd = fds["done"], fds.get("data")
-        self._pending: list[np.ndarray] = []  # rows written but not yet synced and flagged
-        self._synced = time.monotonic()
-
-    def write(self, rows: np.ndarray, maps: np.ndarray) -> None:
-        """Stage ``maps`` (float16 (B, C, h, w)) for image ``rows`` in this part's data file; a :data:`Sink`."""
-        st = self.staging
-        if maps.dtype != np.float16 or maps.shape[1:] != st.row_shape:
-            raise FeatureError(f"{st.path}: got maps {maps.dtype} {maps.shape[1:]}, staging holds "
-                               f"float16 {st.row_shape}")
-        rows = np.asarray(rows, dtype=np.int64)
-        maps = np.ascontiguousarray(maps)
-        for pos, row, n in _runs(rows):
-            os.pwrite(self._data_fd, maps[pos:pos + n].data, row * st.row_bytes)
-        self.written(rows)
-
-    def written(self, rows: np.ndarray) -> None:
-        """Flag ``rows`` at the next sync: their maps are in this part's data file, or already durable
-        elsewhere."""
-        self._pending.append(np.asarray(rows, dtype=np.int64))
-        if time.monotonic() - self._synced >= self.staging.sync_seconds:
-            self.sync()
-
-    def sync(self) -> None:
-        """Make the written rows durable, then flag them done."""
-        if self._pending:
-            rows = np.sort(np.concatenate(self._pending))
-            if self._data_fd is not None:
-                os.fdatasync(self._data_fd)  # rows on disk before their flags say so
-            for _, row, n in _runs(rows):
-                os.pwrite(self._done_fd, b"\x01" * n, row)
-            os.fdatasync(self._done_fd)
-            self._pending = []
-        self._synced = time.monotonic()
-
-    def close(self) -> None:
-        """Flag the rows written so far and close the files."""
-        try:
-            self.sync()
-        finally:
-            for fd in (self._done_fd, self._data_fd):
-                if fd is not None:
-                    os.close(fd)
-
-
-def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (a.get("store") == b.get("store") and a.get("row_shape") == b.get("row_shape")
-            and all(a.get("attrs", {}).get(k) == b["attrs"].get(k) for k in _RESUME_KEYS))
+def _settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a run to resume another one's staged rows."""
+    return {"store": meta["store"], "rows": meta["rows"], "row_shape": list(meta["row_shape"]),
+            **{k: meta["attrs"].get(k) for k in _RESUME_KEYS}}
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    if old.get("store") != new.get("store"):
+    if old.get("store") != new.get("store") or old.get("rows") != new.get("rows"):
         return "staged for a store with other images"
-    keys = [k for k in _RESUME_KEYS if old.get("attrs", {}).get(k) != new["attrs"].get(k)]
-    return ", ".join(f"{k} {old.get('attrs', {}).get(k)!r} there, {new['attrs'].get(k)!r} now" for k in keys)
+    keys = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)] or ["row_shape"]
+    return ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
 
 
 def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
     """Unfinished feature sets staged beside the store: name -> ``{"path", "done", "images", "backbone"}``."""
     store_path = Path(store_path).resolve()
     out = {}
-    for d in sorted(store_path.parent.glob(f"{glob.escape(store_path.name)}.features-*.partial")):
+    head = f".{store_path.name}.features-"
+    for d in sorted(store_path.parent.glob(f"{glob.escape(head)}*.staging")):
+        name = d.name[len(head):-len(".staging")]
         try:
             meta = json.loads((d / "meta.json").read_text())
-            done = int(np.count_nonzero(Staging(d, meta).done()))
-        except (OSError, ValueError, KeyError, FeatureError):
+            done = int(np.count_nonzero(Transaction(store_path, f"features-{name}").done(int(meta["rows"]))))
+        except (OSError, ValueError, KeyError, SpairstoreError):
             meta, done = {}, 0
-        name = d.name[len(store_path.name) + len(".features-"):-len(".partial")]
         out[name] = {"path": str(d), "done": done, "images": meta.get("rows"),
                      "backbone": meta.get("attrs", {}).get("backbone")}
     return out
 
 
-@contextmanager
-def _store_lock(store_path: Path) -> Iterator[None]:
-    """Serialise commits to one store (each rewrites the whole store, or its root metadata, so two at
-    once would lose one)."""
-    fd = os.open(store_path.with_name(f".{store_path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+def set_writer(store_path: Path, meta: dict[str, Any], batch_size: int) -> SetWriter:
+    """The writer of the staged set ``meta`` describes, for the store's format."""
+    shape = (int(meta["rows"]), *meta["row_shape"])
+    if format_of(store_path) == "zarr":
+        return ZarrSet(store_path, meta["name"], shape, meta["attrs"])
+    return SidecarSet(store_path, meta["name"], shape, meta["attrs"], meta["store"], batch_size)
+
+
+def drop_feature_set(store_path: str | Path, name: str) -> None:
+    """Remove feature set ``name`` from the local store at ``store_path``. An HDF5 store's file is not
+    rewritten: the set's own file is deleted. Waits for nothing: refused while a run writes the set."""
+    store_path = Path(store_path).resolve()
+    with Store(store_path) as store:
+        if name not in store.feature_sets:
+            store._no_set(name)
+    tx = Transaction.open(store_path, f"features-{name}", who="`spairstore features` run", error=FeatureError)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        if format_of(store_path) == "zarr":
+            ZarrSet(store_path, name, (0,), {}).drop()
+        elif not sidecar_path(store_path, name).is_file():
+            raise FeatureError(f"{store_path}: feature set {name!r} is inside the store file (written by an older "
+                               f"spairstore); `spairstore convert` it to a new store to drop it")
+        else:
+            sidecar_path(store_path, name).unlink()
+            fsync_path(sidecar_dir(store_path))
     finally:
-        os.close(fd)
-
-
-def _remove_dead_partials(store_path: Path) -> None:
-    """Delete copies of the store left half-built by killed processes (``.<store>.partial-<pid>``)."""
-    for p in store_path.parent.glob(f".{glob.escape(store_path.name)}.partial-*"):
-        pid = p.name.rsplit("-", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            remove(p)
-        except PermissionError:  # alive, someone else's
-            pass
-
-
-def commit(store_path: Path, name: str, attrs: dict[str, Any], staging: Staging) -> None:
-    """Write a copy of the store with the fully staged set added as ``features/<name>/data`` (plus
-    per-row CRC-32s in ``features/<name>/crc32``) and ``attrs`` under ``feature_sets[name]``, and move
-    it over the store. An existing set of that name is replaced; every other array and attribute is
-    copied as it is."""
-    missing = int((~staging.done()).sum())
-    if missing:
-        raise FeatureError(f"{staging.path}: {missing} images not extracted yet")
-    shape = (staging.rows, *staging.row_shape)
-    crc = np.zeros(staging.rows, dtype=np.uint32)
-    with _store_lock(store_path):
-        _remove_dead_partials(store_path)
-        r = reader_for(store_path)
-        try:
-            sets = {**r.attrs.get("feature_sets", {}), name: attrs}
-            with staged(store_path, overwrite=True) as tmp:
-                w = writer_for(tmp, format_of(store_path))
-                try:
-                    copy_arrays(r, w, skip=lambda a: a.startswith(f"features/{name}/"))
-                    w.create(f"features/{name}/data", shape, np.dtype(np.float16))
-                    step = max(1, BLOCK_BYTES // staging.row_bytes)
-                    for start in range(0, staging.rows, step):
-                        block = staging.staged(start, min(start + step, staging.rows))
-                        w.write(f"features/{name}/data", start, block)
-                        crc[start:start + len(block)] = _crc32_rows(block)
-                    w.put(f"features/{name}/crc32", crc)
-                    w.set_attrs({**r.attrs, "feature_sets": sets})
-                finally:
-                    w.close()
-        finally:
-            r.close()
+        tx.finish()
 
 
 def _deal(rows: np.ndarray, unit_rows: int, processes: int) -> list[np.ndarray]:
@@ -407,98 +225,6 @@ class _Plan:
     rows: list[np.ndarray]  #: image rows of each process
 
 
-class _CopyTarget:
-    """HDF5 stores (one file takes one writer): each process stages its rows in its own part's data
-    file; the commit writes a copy of the store with the set (:func:`commit`). Units are batches."""
-
-    part_data = True
-
-    def __init__(self, store_path: Path, name: str, batch_size: int):
-        self.store_path, self.name, self.unit_rows = store_path, name, batch_size
-
-    def prepare(self, staging: Staging, replace: bool, processes: int) -> _Plan:
-        return _Plan(self.unit_rows, _deal(staging.missing(), self.unit_rows, processes))
-
-    def sink(self, part: StagingPart) -> Sink:
-        return part.write
-
-    def commit(self, staging: Staging, attrs: dict[str, Any]) -> None:
-        commit(self.store_path, self.name, attrs, staging)
-
-
-class _ZarrTarget:
-    """Zarr stores: processes write whole shards straight into the store's (unlisted) array; the commit
-    publishes it (see the module doc). Units are shards, as many rows as a shard of the pixels."""
-
-    part_data = False
-
-    def __init__(self, store_path: Path, name: str, shape: tuple[int, ...]):
-        self.store_path, self.name, self.shape = store_path, name, shape
-        self.array_name = f"features/{name}/data"
-
-    def prepare(self, staging: Staging, replace: bool, processes: int) -> _Plan:
-        """Hide and delete the set if ``replace`` (it is published) or if a crashed commit left it listed
-        but incomplete; make sure the array is there with the right shape (else create it, forgetting
-        the staged rows); deal out the shards with missing rows, whole."""
-        with _store_lock(self.store_path):
-            listed = (self.store_path / "features" / self.name / "zarr.json").is_file()
-            if replace or (listed and len(staging.missing())):
-                unpublish(self.store_path, f"features/{self.name}", {"feature_sets": self._sets(drop=True)})
-                staging.reset()
-            a = UnlistedArray.find(self.store_path, self.array_name)
-            if a is None or a.shape != self.shape or a.dtype != np.float16:
-                a = UnlistedArray.create(self.store_path, self.array_name, self.shape, np.dtype(np.float16),
-                                         shard_rows_of(self.store_path, "images/pixels"))
-                staging.reset()
-        shards = np.unique(staging.missing() // a.shard_rows)
-        rows = (shards[:, None] * a.shard_rows + np.arange(a.shard_rows)).ravel()
-        return _Plan(a.shard_rows, _deal(rows[rows < self.shape[0]], a.shard_rows, processes))
-
-    def sink(self, part: StagingPart) -> Sink:
-        return _ShardSink(UnlistedArray(self.store_path, self.array_name), part)
-
-    def commit(self, staging: Staging, attrs: dict[str, Any]) -> None:
-        missing = int((~staging.done()).sum())
-        if missing:
-            raise FeatureError(f"{staging.path}: {missing} images not extracted yet")
-        a = UnlistedArray(self.store_path, self.array_name)
-        crc = np.concatenate([_crc32_rows(a.read(start, start + a.shard_rows))
-                              for start in range(0, a.shape[0], a.shard_rows)]).astype(np.uint32)
-        with _store_lock(self.store_path):
-            publish(self.store_path, f"features/{self.name}", {"crc32": crc},
-                    {"feature_sets": {**self._sets(), self.name: attrs}})
-
-    def _sets(self, drop: bool = False) -> dict[str, Any]:
-        r = reader_for(self.store_path)
-        try:
-            sets = dict(r.attrs.get("feature_sets", {}))
-        finally:
-            r.close()
-        if drop:
-            sets.pop(self.name, None)
-        return sets
-
-
-class _ShardSink:
-    """Gathers one process's maps shard by shard (its batches never straddle shards, and it extracts
-    whole shards) and writes each shard whole, then flags its rows."""
-
-    def __init__(self, array: UnlistedArray, part: StagingPart):
-        self.array, self.part = array, part
-        self.shard, self.start, self.filled = -1, 0, 0
-        self.buf = np.empty(0)
-
-    def __call__(self, rows: np.ndarray, maps: np.ndarray) -> None:
-        a = self.array
-        shard = int(rows[0]) // a.shard_rows
-        if shard != self.shard:
-            self.shard, self.start, self.filled = shard, shard * a.shard_rows, 0
-            self.buf = np.empty((min(a.shard_rows, a.shape[0] - self.start), *a.shape[1:]), dtype=a.dtype)
-        self.buf[rows - self.start] = maps
-        self.filled += len(rows)
-        if self.filled == len(self.buf):
-            a.write_shard(shard, self.buf)
-            self.part.written(np.arange(self.start, self.start + len(self.buf)))
 
 
 @dataclass(frozen=True)
@@ -632,7 +358,7 @@ class _SetRun:
         store, store_path, world, batch_size = self.store, self.store_path, self.world, self.batch_size
         attrs = extractor.attrs()
         row_shape = [extractor.channels, extractor.size, extractor.size]
-        meta = {"name": name, "store": store_fingerprint(store), "rows": len(store), "row_shape": row_shape,
+        meta = {"name": name, "store": store.fingerprint, "rows": len(store), "row_shape": row_shape,
                 "attrs": attrs}
         published = store.feature_sets.get(name)
         if keep_same and not overwrite and published is not None \
@@ -641,39 +367,40 @@ class _SetRun:
                                   shape=(len(store), *row_shape), extracted=0, seconds=0.0, device=str(self.device),
                                   processes=world.size)
         staging: Staging | None = None
-        target: _CopyTarget | _ZarrTarget = (
-            _ZarrTarget(store_path, name, (len(store), *row_shape)) if format_of(store_path) == "zarr"
-            else _CopyTarget(store_path, name, batch_size))
+        target: SetWriter | None = None
 
         def prepare() -> _Plan:
-            nonlocal staging
+            nonlocal staging, target
             exists = published is not None
             if exists and not overwrite:
                 raise FeatureError(f"{store_path}: feature set {name!r} exists; pass --overwrite to replace it")
-            staging = Staging.open(staging_dir(store_path, name), meta, restart=overwrite)
-            return target.prepare(staging, replace=exists, processes=world.size)
+            staging = Staging.open(store_path, meta, restart=overwrite)
+            target = set_writer(store_path, staging.meta, batch_size)
+            rows = target.prepare(staging.tx, replace=exists)
+            return _Plan(target.unit_rows, _deal(rows, target.unit_rows, world.size))
 
         try:
             plan = world.first(prepare)
             if staging is None:
-                staging = Staging.attach(staging_dir(store_path, name))
+                staging = Staging.attach(store_path, name)
+                target = set_writer(store_path, staging.meta, batch_size)
             t0 = time.perf_counter()
 
             def extract() -> None:
-                part = staging.part(world.rank, data=target.part_data)
+                sink = target.sink(staging.tx, world.rank, staging.sync_seconds)
                 try:
-                    extract_rows(store, extractor, plan.rows[world.rank], target.sink(part), batch_size=batch_size,
+                    extract_rows(store, extractor, plan.rows[world.rank], sink, batch_size=batch_size,
                                  progress=self.progress and world.rank == 0, unit_rows=plan.unit_rows,
                                  desc=f"features {name}" + (f" (process 0 of {world.size})" if world.size > 1 else ""))
                 finally:
-                    part.close()
+                    sink.close()
 
             world.each(extract)
             seconds = time.perf_counter() - t0
 
             def finish() -> None:
-                target.commit(staging, staging.meta["attrs"])
-                shutil.rmtree(staging.path)
+                target.commit(staging.tx)
+                staging.finish()
 
             world.first(finish)
         finally:

@@ -1,7 +1,9 @@
 """Copy a store into another container format: ``spairstore convert`` (HDF5 <-> Zarr), lossless.
 
 Every array is copied with its dtype and shape, every root attribute with its JSON value; hot arrays
-stay hot (uncompressed, raw-readable) in the new format. The source may be remote (a Zarr URL).
+stay hot (uncompressed, raw-readable) in the new format. The source may be remote (a Zarr URL). The new
+store is built in the staging folder of a ``convert`` transaction (:mod:`.transaction`) and switched
+into place: a kill leaves the old store or the new one at ``dst``.
 """
 from __future__ import annotations
 
@@ -10,12 +12,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from ..core.errors import SpairstoreError, StoreError
 from ..core.schema import FORMAT_NAME, is_hot
-from .backends import ArrayReader, ArrayWriter, disk_bytes, format_of, is_url, reader_for, staged, writer_for
+from .backends import ArrayReader, ArrayWriter, RawExtent, disk_bytes, format_of, is_url, writer_for
+from .feature_sets import set_attrs, sidecar_dir, sidecar_path
+from .reader import Store
+from .transaction import Transaction, remove
 
 #: Rows of a hot array copied per step: bounded memory whatever the store size.
 BLOCK_BYTES = 64 << 20
@@ -36,13 +43,14 @@ class ConvertSummary:
 
 
 def copy_arrays(r: ArrayReader, w: ArrayWriter, skip: Callable[[str], bool] = lambda name: False,
-                progress: Callable[[int], object] | None = None) -> None:
-    """Copy every array of ``r`` that ``skip`` does not name into ``w``: tables whole, hot arrays in
-    blocks of rows (bounded memory). ``progress`` is called with the bytes of each array copied."""
+                progress: Callable[[int], object] | None = None, hot: bool = False) -> None:
+    """Copy every array of ``r`` that ``skip`` does not name into ``w``: tables whole, hot arrays (all
+    arrays, with ``hot``) in blocks of rows (bounded memory). ``progress`` is called with the bytes of
+    each array copied."""
     for name, (shape, dtype) in r.shapes().items():
         if skip(name):
             continue
-        if not is_hot(name):
+        if not (hot or is_hot(name)):
             w.put(name, r.read(name))
         else:
             w.create(name, shape, dtype)
@@ -53,34 +61,95 @@ def copy_arrays(r: ArrayReader, w: ArrayWriter, skip: Callable[[str], bool] = la
             progress(math.prod(shape) * dtype.itemsize)
 
 
+class _StoreArrays:
+    """An opened :class:`Store` as an :class:`ArrayReader`: every array it sees, the feature sets beside
+    an HDF5 store included, with their attributes in ``feature_sets``."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.attrs = dict(store.attrs)
+        if store.feature_sets or "feature_sets" in store.attrs:
+            self.attrs["feature_sets"] = store.feature_sets
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return self.store.shapes
+
+    def read(self, name: str, index: Any = ()) -> np.ndarray:
+        n = self.store.shapes[name][0][0]
+        part = slice(0, n) if index == () else index
+        return np.array(self.store.array(name, *part.indices(n)[:2]))
+
+    def extent(self, name: str) -> RawExtent | None:
+        return self.store.extents.get(name)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _write_sidecars(r: _StoreArrays, store: Path) -> None:
+    """Each feature set of ``r`` as a sidecar file beside the HDF5 store ``store`` (not yet written)."""
+    sets = r.store.feature_sets
+    if not sets:
+        return
+    sidecar_dir(store).mkdir()
+    for name, attrs in sets.items():
+        w = writer_for(sidecar_path(store, name), "hdf5")
+        try:
+            copy_arrays(r, w, skip=lambda a, name=name: not a.startswith(f"features/{name}/"), hot=True)
+            w.set_attrs(set_attrs(name, attrs, r.store.fingerprint))
+        finally:
+            w.close()
+
+
 def convert(src: str | Path, dst: str | Path, format: str | None = None, overwrite: bool = False,
             shard_bytes: int | None = None, progress: bool = False) -> ConvertSummary:
     """Write the store at ``src`` (local path or Zarr URL) as a new store at ``dst``, in ``format``
     (default: from the suffix of ``dst``). Replaces ``dst`` only with ``overwrite=True``, and only once
-    the copy is complete. ``shard_bytes`` is the Zarr shard size of hot arrays."""
+    the copy is complete. ``shard_bytes`` is the Zarr shard size of hot arrays.
+
+    Feature sets come along: into the Zarr store's groups, or (to HDF5) as feature-set files beside the
+    new store (``<dst>.features/<name>.h5``), as ``spairstore features`` writes them.
+    """
     t0 = time.perf_counter()
     if is_url(dst):
         raise SpairstoreError(f"{dst}: convert writes local stores only (remote stores are read-only)")
     dst = Path(dst)
     if not is_url(src) and Path(src).resolve() == dst.resolve():
         raise SpairstoreError(f"{dst}: source and destination are the same store")
-    r = reader_for(src)
+    if dst.exists() and not overwrite:
+        raise SpairstoreError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
+    format = format_of(dst, format)
+    r = _StoreArrays(Store(src))
     try:
         if r.attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{src}: not a spairstore store (format attribute {r.attrs.get('format')!r})")
-        with staged(dst, overwrite) as tmp:
-            format = format_of(dst, format)
+        tx = Transaction.open(dst, "convert", who="convert", error=SpairstoreError)
+        try:
+            tx.begin({"src": str(src)}, restart=True)  # not resumable: a fresh start each time
+            tmp = tx.dir / f"store{dst.suffix}"
+            inline = format != "hdf5"
             shapes = r.shapes()
             total = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
             bar = tqdm(total=total, desc="convert", unit="B", unit_scale=True, disable=not progress,
                        dynamic_ncols=True)
             w = writer_for(tmp, format, shard_bytes)
             try:
-                copy_arrays(r, w, progress=bar.update)
-                w.set_attrs(r.attrs)
+                copy_arrays(r, w, skip=lambda a: not inline and a.startswith("features/"), progress=bar.update)
+                w.set_attrs(r.attrs if inline or "feature_sets" not in r.attrs else {**r.attrs, "feature_sets": {}})
             finally:
                 w.close()
-                bar.close()
+            if not inline:
+                _write_sidecars(r, tmp)
+            bar.close()
+            if sidecar_dir(tmp).is_dir():
+                tx.switch(sidecar_dir(tmp), sidecar_dir(dst))  # sets of these images: valid beside either store
+            tx.switch(tmp, dst)
+            if not sidecar_dir(tmp).is_dir() and not inline:
+                remove(sidecar_dir(dst))  # the old store's sets
+            tx.finish()
+        except BaseException:
+            tx.close()
+            raise
     finally:
         r.close()
     return ConvertSummary(str(src), dst, format, len(shapes), disk_bytes(dst), time.perf_counter() - t0)

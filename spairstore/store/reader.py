@@ -41,6 +41,8 @@ from ..core.schema import (
     is_hot,
 )
 from .backends import ArrayReader, RawExtent, disk_bytes, is_url, reader_for
+from .feature_sets import SIDECAR_FORMAT, fingerprint, sidecar_dir
+from .transaction import recover
 
 #: Bound on what a store's tables may declare (see :meth:`Store._check_table_sizes`): generous for real
 #: stores, whose tables are a small share of their bytes and compress less than 10x.
@@ -171,6 +173,13 @@ class Store:
         self._pid = os.getpid()
         self._maps: dict[str, _RawArray] = {}
         self._backend: ArrayReader | None = None
+        #: feature-set files beside an HDF5 store (path -> open file), see :meth:`_load_sidecars`
+        self._sidecars: dict[Path, io.BufferedReader] = {}
+        if isinstance(self.path, Path) and not self.path.exists():
+            try:
+                recover(self.path)  # a directory switch a killed process left half done
+            except OSError:
+                pass  # cannot write here: the open below says what is missing
         for _ in range(3):
             # Pin the file first, then check the tables came from that same file: a pack may rename
             # a new version into place at any moment.
@@ -237,7 +246,6 @@ class Store:
         self.splits: list[str] = list(attrs["splits"])
         self.pose_names: list[str] = list(attrs["pose_names"])
         self.extents: dict[str, RawExtent | None] = {k: backend.extent(k) for k in self.shapes if is_hot(k)}
-        self._check_extents()
         self.images = Table(_group(tables, "images/"))
         self.categories: list[str] = [str(c) for c in _decode_strings(tables["categories"])]
         self._tables: dict[str, Table] = {}
@@ -246,9 +254,73 @@ class Store:
         #: CRC-32 of each image's feature map per feature set (uint32 (N,)), where the writer stored them
         self.feature_crc32: dict[str, np.ndarray] = {
             k: tables[f"features/{k}/crc32"] for k in self.feature_sets if f"features/{k}/crc32" in tables}
+        #: feature-set files beside the store that belong to other images (name -> why), not listed above
+        self.stale_feature_sets: dict[str, str] = {}
+        if self._file is not None:
+            self._load_sidecars()
+        self._check_extents()
         self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies this store's images (count, frame size, pixel CRC-32s); a feature set made from
+        them carries it (:func:`spairstore.store.feature_sets.fingerprint`)."""
+        return fingerprint(len(self.images["name"]), self.image_size, self.images["crc32_pixels"])
+
+    def _load_sidecars(self) -> None:
+        """Add the feature sets stored in their own files beside an HDF5 store
+        (``<store>.features/<name>.h5``, see :mod:`spairstore.store.feature_sets`). Each file is opened
+        and kept open (readers keep the version they opened, like the store file) and must belong to
+        this store's images; one that does not is listed in :attr:`stale_feature_sets` instead. A
+        sidecar set replaces a set of the same name inside the store file."""
+        folder = sidecar_dir(Path(self.path))
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.h5")):
+            f = io.open(path, "rb")  # noqa: SIM115 - kept open while the Store reads the set
+            try:
+                problem = self._load_sidecar(path, f)
+            except StoreError as e:
+                problem = str(e)
+            if problem:
+                f.close()
+                self.stale_feature_sets[path.stem] = f"{path}: {problem}"
+            else:
+                self._sidecars[path] = f
+
+    def _load_sidecar(self, path: Path, f: io.BufferedReader) -> str | None:
+        """Load one sidecar set (``f`` is ``path`` opened); returns what is wrong with it, if anything."""
+        name = path.stem
+        r = reader_for(_fd_path(f, path))
+        try:
+            if r.attrs.get("format") != SIDECAR_FORMAT or r.attrs.get("name") != name:
+                return f"not a feature-set file of set {name!r} (format {r.attrs.get('format')!r})"
+            if r.attrs.get("store_fingerprint") != self.fingerprint:
+                return ("made from other images than this store's (the store was repacked, or the file comes from "
+                        "another store); delete it, or extract the set again with --overwrite")
+            data, crc = f"features/{name}/data", f"features/{name}/crc32"
+            shapes = r.shapes()
+            n = len(self.images["name"])
+            if (shapes.get(data, ((), None))[1] != np.float16 or len(shapes[data][0]) != 4
+                    or shapes[data][0][0] != n or shapes.get(crc) != ((n,), np.dtype(np.uint32))):
+                return f"holds {shapes.get(data)} maps and {shapes.get(crc)} CRCs, expected float16 ({n}, C, h, w) and ({n},)"
+            attrs = r.attrs.get("feature_set")
+            if not isinstance(attrs, dict):
+                return "has no feature_set attribute"
+            extents = {k: r.extent(k) for k in (data, crc)}
+            if None in extents.values():
+                return "its arrays are not contiguous (spairstore writes them so); extract the set again"
+            crc32 = r.read(crc)
+        finally:
+            r.close()
+        for k, e in extents.items():
+            self.shapes[k] = (e.shape, e.dtype)
+            self.extents[k] = e._replace(files=(path,))
+        self.feature_sets[name] = attrs
+        self.feature_crc32[name] = crc32
+        return None
 
     def _check_table_sizes(self) -> list[str]:
         """Tables are read whole into memory, so what they declare must fit what the store can hold: a
@@ -288,8 +360,8 @@ class Store:
                 if not mine.any():
                     continue
                 if file not in sizes:
-                    pinned = self._file is not None and Path(file) == self.path
-                    sizes[file] = (os.fstat(self._file.fileno()) if pinned else os.stat(file)).st_size
+                    pinned = self._pinned().get(Path(file))
+                    sizes[file] = (os.stat(file) if pinned is None else os.fstat(pinned)).st_size
                 end = int(ends[mine].max())
                 if end > sizes[file]:
                     raise StoreError(f"{self.path}: {name} (up to byte {end:,} of {Path(file).name}) lies past the "
@@ -339,9 +411,15 @@ class Store:
             ext = self.extents.get(name)
             if ext is None:
                 return None
-            pinned = {} if self._file is None else {self.path: self._file.fileno()}
-            a = self._maps[name] = _RawArray(ext, pinned)
+            a = self._maps[name] = _RawArray(ext, self._pinned())
         return a
+
+    def _pinned(self) -> dict[Path, int]:
+        """Descriptors of the files this Store opened (store file, sidecar sets), by path."""
+        out = {p: f.fileno() for p, f in self._sidecars.items()}
+        if self._file is not None:
+            out[Path(self.path)] = self._file.fileno()
+        return out
 
     def _after_fork(self) -> None:
         if self._pid != os.getpid():  # forked: mappings and handles belong to the parent
@@ -351,8 +429,7 @@ class Store:
         self._after_fork()
         if self._backend is None:
             # The very file this Store opened, even where a new version was renamed over its path since.
-            pinned = self._file is not None and os.path.isdir("/proc/self/fd")
-            self._backend = reader_for(f"/proc/self/fd/{self._file.fileno()}" if pinned else self.path)
+            self._backend = reader_for(self.path if self._file is None else _fd_path(self._file, Path(self.path)))
         return self._backend
 
     def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -361,6 +438,11 @@ class Store:
         if a is not None:
             return a.rows(start, stop)
         return self._library().read(name, slice(start, stop))
+
+    @staticmethod
+    def _row_array(field: str) -> str:
+        """The array a per-image field (one spelling, see :func:`field_name`) is read from."""
+        return f"{field}/data" if field.startswith("features/") else FIELD_ARRAYS.get(field, "")
 
     def read(self, field: str, rows: np.ndarray | list[int], out: np.ndarray | None = None) -> np.ndarray:
         """Image rows of a per-image array for a batch, in the given order, into ``out`` if given.
@@ -372,8 +454,10 @@ class Store:
         """
         rows = np.asarray(rows, dtype=np.int64)
         field = field_name(field)
-        name = f"{field}/data" if field.startswith("features/") else FIELD_ARRAYS.get(field, "")
+        name = self._row_array(field)
         if name not in self.shapes or field in ("image_bytes", "mask_bytes"):
+            if field.startswith("features/"):
+                self._no_set(field[len("features/"):])
             raise StoreError(f"{self.path}: no field {field!r} to read by rows; the store has pixels, mask"
                              + "".join(f", features/{n}" for n in self.feature_sets))
         shape = self.shapes[name][0]
@@ -396,6 +480,11 @@ class Store:
                 out[k] = a.rows(r, r + 1)[0]
                 placed[r] = k
         return out
+
+    def _no_set(self, name: str) -> None:
+        if name in self.stale_feature_sets:
+            raise StoreError(f"feature set {name!r} refused: {self.stale_feature_sets[name]}")
+        raise StoreError(f"{self.path}: no feature set {name!r} (store has {', '.join(self.feature_sets) or 'none'})")
 
     def _check_row(self, i: int) -> int:
         if not -len(self) <= i < len(self):
@@ -433,7 +522,7 @@ class Store:
         """Feature map of image row ``i`` from feature set ``name``: float16 (C, h, w). Its geometry
         (cell -> pixels) is ``feature_sets[name]``; see :func:`spairstore.core.geometry.cell_to_store`."""
         if name not in self.feature_sets:
-            raise StoreError(f"{self.path}: no feature set {name!r} (store has {', '.join(self.feature_sets) or 'none'})")
+            self._no_set(name)
         i = self._check_row(i)
         return self._rows(f"features/{name}/data", i, i + 1)[0].copy()
 
@@ -521,6 +610,9 @@ class Store:
         if getattr(self, "_file", None) is not None:
             self._file.close()
             self._file = None
+        for f in self._sidecars.values():
+            f.close()
+        self._sidecars = {}
 
     def __enter__(self) -> Store:
         return self
@@ -533,6 +625,11 @@ class Store:
         pairs = ", ".join(f"{s}: {self.shapes[f'pairs/{s}/pair_id'][0][0]}" for s in self.splits)
         name = self.path.name if isinstance(self.path, Path) else self.path
         return f"<spairstore.Store {name}: {self.dataset}, {len(self)} images, pairs {{{pairs}}}>"
+
+
+def _fd_path(f: io.BufferedReader, path: Path) -> Path:
+    """A path that opens the very file ``f`` has open (where /proc exists), else ``path``."""
+    return Path(f"/proc/self/fd/{f.fileno()}") if os.path.isdir("/proc/self/fd") else path
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

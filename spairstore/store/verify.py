@@ -167,6 +167,7 @@ def verify(path: str | Path, sources: str | Path | None = None, sample: float | 
             for name in payload:
                 _check_records(store, name, picks[name], report, bar)
         _check_tables(store, report)
+        report.differences += [Difference(f"features/{k}", why) for k, why in store.stale_feature_sets.items()]
         covered = set(store.attrs.get("table_crc32", {})) | set(payload) | {crc_array(k) for k in payload}
         report.unchecked = sorted(set(store.shapes) - covered)
         fields = store_fields(store.shapes, store.attrs)

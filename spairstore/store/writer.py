@@ -20,12 +20,10 @@ memory does not grow with the dataset.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import os
-import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -68,16 +66,14 @@ from .backends import (
     ArrayWriter,
     RawExtent,
     RowWriter,
-    commit,
     disk_bytes,
     format_of,
-    fsync_path,
     mark_complete,
     reader_for,
     row_writer_for,
-    staged,
     writer_for,
 )
+from .transaction import Transaction, write_atomic
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -533,69 +529,48 @@ def _pack_hdf5(staging: _Staging, records: DatasetRecords, checks: list[_ImageCh
         journal.close()
         rows.close()
     mark_complete(staging.store, True)
-    commit(staging.store, staging.out)
-    fsync_path(staging.out.parent)
+    staging.tx.switch(staging.store)
 
 
-def _pack_at_once(out: Path, overwrite: bool, fmt: str, shard_bytes: int | None, records: DatasetRecords,
+def _pack_at_once(tx: Transaction, fmt: str, shard_bytes: int | None, records: DatasetRecords,
                   checks: list[_ImageCheck], st: _Structure, size: int, progress: bool) -> None:
-    """A store built in one go at a temporary path and renamed into place (Zarr)."""
-    with staged(out, overwrite) as tmp:
-        w = writer_for(tmp, fmt, shard_bytes)
-        try:
-            _create(w, st, crc_arrays=False)
-            crc = _write_rows(w, records, checks, st, size, progress)
-            for k in PAYLOAD_FIELDS:
-                w.put(crc_array(f"images/{k}"), crc[k].astype(np.uint32))
-        finally:
-            w.close()
+    """A store built in one go in the transaction's staging folder and switched into place (Zarr)."""
+    tmp = tx.dir / f"store{tx.target.suffix}"
+    w = writer_for(tmp, fmt, shard_bytes)
+    try:
+        _create(w, st, crc_arrays=False)
+        crc = _write_rows(w, records, checks, st, size, progress)
+        for k in PAYLOAD_FIELDS:
+            w.put(crc_array(f"images/{k}"), crc[k].astype(np.uint32))
+    finally:
+        w.close()
+    tx.switch(tmp)
 
 
 class _Staging:
-    """The staging folder of one output path, locked for this process while it is open."""
+    """An HDF5 pack's part of its ``pack`` transaction (:mod:`.transaction`): the staged store file
+    ``store.h5``, ``plan.json`` (where its hot arrays lie: the structure is complete once it exists)
+    and the CRC journal ``rows.crc``. The transaction's settings are the structure's digest, build
+    options and source digests, so a resume continues only the very pack that was interrupted."""
 
-    def __init__(self, out: Path):
-        self.out = out
-        self.dir = out.with_name(f".{out.name}.staging")
-        self.store = self.dir / f"store{out.suffix}"
+    def __init__(self, tx: Transaction):
+        self.tx, self.out, self.dir = tx, tx.target, tx.dir
+        self.store = self.dir / f"store{self.out.suffix}"
         self.plan = self.dir / "plan.json"
         self.journal = self.dir / "rows.crc"
-        try:
-            self.dir.mkdir(exist_ok=True)
-            self._lock = open(self.dir / "lock", "a+b")
-        except OSError as e:
-            raise SpairstoreError(f"{self.dir}: cannot create the staging folder ({e.strerror})") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            raise SpairstoreError(f"another pack is writing {out} (its staging folder {self.dir} is locked)") from None
-
-    def has_data(self) -> bool:
-        return self.plan.exists() or self.store.exists()
-
-    def _plan(self) -> dict[str, Any]:
-        try:
-            plan = json.loads(self.plan.read_text())
-            return plan if isinstance(plan, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def plan_digest(self) -> str | None:
-        return self._plan().get("structure")
 
     def extents(self) -> dict[str, RawExtent | None]:
+        plan = json.loads(self.plan.read_text())
         return {k: None if v is None else RawExtent.contiguous(self.store, v[0], tuple(v[1]), np.dtype(v[2]))
-                for k, v in self._plan()["extents"].items()}
+                for k, v in plan.items()}
 
-    def difference(self, st: _Structure) -> str:
-        """What differs between the staged pack and ``st``: a build option or a source file."""
-        plan = self._plan()
-        old, new = plan.get("build_config", {}), st.attrs["build_config"]
-        for k in new:
-            if old.get(k) != new[k]:
-                return f"{k} was {old.get(k)!r}, now {new[k]!r}"
-        changed = sorted(set(plan.get("sources", {}).items()) ^ set(st.sources().items()))
+    def difference(self, old: dict[str, Any], new: dict[str, Any]) -> str:
+        """What differs between the staged pack's settings and these: a build option or a source file."""
+        o, n = old.get("build_config", {}), new["build_config"]
+        for k in n:
+            if o.get(k) != n[k]:
+                return f"{k} was {o.get(k)!r}, now {n[k]!r}"
+        changed = sorted(set(old.get("sources", {}).items()) ^ set(new["sources"].items()))
         if changed:
             return f"source file {changed[0][0]} changed"
         return "the store it would write changed (another spairstore version?)"
@@ -603,41 +578,18 @@ class _Staging:
     def prepare(self, st: _Structure, resume: bool) -> list[str]:
         """Stage the structure ``st``: keep the staged one of an interrupted pack when it is exactly
         ``st`` (resume), else write it. Returns notes for the summary."""
-        staged = self.plan_digest()
-        if staged is not None and staged != st.digest:  # only a resume finds a plan: a fresh pack resets
-            raise SpairstoreError(f"cannot resume the pack into {self.out}: {self.difference(st)} since it was "
-                                  "interrupted; pack again without --resume to start over")
-        if staged is not None and self.store.exists():
+        settings = {"structure": st.digest, "build_config": st.attrs["build_config"], "sources": st.sources()}
+        refuse = lambda d: SpairstoreError(  # noqa: E731
+            f"cannot resume the pack into {self.out}: {d} since it was interrupted; pack again without --resume "
+            "to start over")
+        if self.tx.begin(settings, describe=self.difference, refuse=refuse) and self.plan.exists():
             return [f"resumed an interrupted pack from {self.dir}"]
-        self.reset()  # nothing staged, or killed before its structure was complete
-        self.commit_plan(st, _write_structure(self.store, st))
-        return ["nothing to resume: packed from the start"] if resume else []
-
-    def reset(self) -> None:
-        for p in (self.plan, self.journal, self.store):
-            p.unlink(missing_ok=True)
-
-    def commit_plan(self, st: _Structure, extents: dict[str, RawExtent | None]) -> None:
-        """Record that the staged structure is complete (atomically); no rows are committed yet."""
+        self.tx.reset()  # nothing staged, or killed before its structure was complete
+        extents = _write_structure(self.store, st)
         self.journal.write_bytes(b"")
-        tmp = self.plan.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
-            "structure": st.digest,
-            "extents": {k: None if e is None else [int(e.offsets[0]), list(e.shape), e.dtype.str]
-                        for k, e in extents.items()},
-            "build_config": st.attrs["build_config"],
-            "sources": st.sources(),
-        }))
-        fsync_path(tmp)
-        os.replace(tmp, self.plan)
-        fsync_path(self.dir)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self._lock.close()
-
-    def close(self) -> None:
-        self._lock.close()
+        write_atomic(self.plan, json.dumps({k: None if e is None else [int(e.offsets[0]), list(e.shape), e.dtype.str]
+                                            for k, e in extents.items()}).encode())
+        return ["nothing to resume: packed from the start"] if resume else []
 
 
 #: Reads the source into canonical records: ``read(progress, on_error)``, ``progress(iterable, description,
@@ -679,30 +631,35 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
         raise SpairstoreError(f"{out.parent}: output directory does not exist")
     fmt = format_of(out, format)
     notes: list[str] = []
+    tx = Transaction.open(out, "pack", who="pack")
     if fmt != "hdf5":
         if resume:
             notes.append(f"--resume continues HDF5 packs only: this {fmt} store was packed from the start")
-        records, checks, st = _read_and_check(read, size, on_error, progress)
-        _pack_at_once(out, overwrite, fmt, shard_bytes, records, checks, st, size, progress)
-    else:
-        staging = _Staging(out)
         try:
-            if staging.has_data() and not resume:
-                staging.reset()
+            tx.discard()  # a killed Zarr pack's staging: not resumable, swept
+            records, checks, st = _read_and_check(read, size, on_error, progress)
+            _pack_at_once(tx, fmt, shard_bytes, records, checks, st, size, progress)
+        finally:
+            tx.finish()
+    else:
+        staging = _Staging(tx)
+        try:
+            if tx.staged_settings() is not None and not resume:
+                tx.discard()
                 notes.append("discarded the staging data of an interrupted pack (pass --resume to continue one)")
             records, checks, st = _read_and_check(read, size, on_error, progress)
             notes += staging.prepare(st, resume)
             _pack_hdf5(staging, records, checks, st, size, progress)
         except SpairstoreError:
             if resume:
-                staging.close()  # keep what an earlier run staged: it may still be resumed
+                tx.close()  # keep what an earlier run staged: it may still be resumed
             else:
-                staging.remove()
+                tx.finish()
             raise
         except BaseException:
-            staging.close()  # interrupted: the staging data stays for --resume
+            tx.close()  # interrupted: the staging data stays for --resume
             raise
-        staging.remove()
+        tx.finish()
     field_bytes = {k.split("/")[1]: int(np.prod(shape)) * dtype.itemsize for k, (shape, dtype) in st.hot.items()}
     return PackSummary(
         path=out, dataset=records.dataset, images=len(records.images),

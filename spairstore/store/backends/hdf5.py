@@ -19,8 +19,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ...core.errors import StoreError
+from ...core.errors import FeatureError, StoreError
 from ...core.schema import ROOT_ATTRS, describe
+from ..feature_sets import check_complete, crc32_rows, set_attrs, sidecar_dir, sidecar_path
+from ..transaction import Transaction, fsync_path, write_atomic
 from . import RawExtent
 
 #: h5py/HDF5 exceptions a damaged or hostile file can raise; the reader turns them into StoreError.
@@ -244,3 +246,101 @@ class HDF5Reader:
 
     def close(self) -> None:
         self._f.close()
+
+
+# -- a feature set in its own file beside the store (see spairstore.store.feature_sets) --------------
+class SidecarSet:
+    """Stages feature set ``name`` of the HDF5 store at ``store`` as the file ``set.h5`` of its
+    transaction: the whole structure first (data and CRC arrays allocated, attributes written; marked
+    unfinished, so it never opens as a set), then each process writes its rows in place at the data
+    array's offset; the commit fills the CRCs, marks the file finished and renames it to
+    ``<store>.features/<name>.h5``. The maps are written once: the cost of adding a set is the set."""
+
+    def __init__(self, store: Path, name: str, shape: tuple[int, ...], attrs: dict[str, Any],
+                 store_fingerprint: str, unit_rows: int):
+        self.store, self.name, self.shape = Path(store), name, tuple(shape)
+        self.attrs, self.fingerprint, self.unit_rows = attrs, store_fingerprint, unit_rows
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * 2
+
+    def _files(self, tx: Transaction) -> tuple[Path, Path]:
+        return tx.dir / "set.h5", tx.dir / "layout.json"
+
+    def prepare(self, tx: Transaction, replace: bool) -> np.ndarray:
+        """The old set stays readable until the commit replaces it, so ``replace`` needs nothing now."""
+        file, layout = self._files(tx)
+        if not layout.exists():  # structure not complete: nothing staged is usable
+            tx.forget_parts()
+            w = HDF5Writer(file)
+            try:
+                w.create(f"features/{self.name}/data", self.shape, np.dtype(np.float16))
+                w.create(f"features/{self.name}/crc32", self.shape[:1], np.dtype(np.uint32))
+                w.set_attrs(set_attrs(self.name, self.attrs, self.fingerprint))
+            finally:
+                w.close()
+            r = HDF5Reader(file)
+            try:
+                offsets = {k: int(r.extent(f"features/{self.name}/{k}").offsets[0]) for k in ("data", "crc32")}
+            finally:
+                r.close()
+            mark_complete(file, False)
+            write_atomic(layout, json.dumps(offsets).encode())
+        return np.flatnonzero(~tx.done(self.shape[0]))
+
+    def _offset(self, tx: Transaction, array: str) -> int:
+        return int(json.loads(self._files(tx)[1].read_text())[array])
+
+    def sink(self, tx: Transaction, part: int, sync_seconds: float) -> _SidecarSink:
+        return _SidecarSink(self, tx, part, sync_seconds)
+
+    def commit(self, tx: Transaction) -> None:
+        check_complete(tx, self.shape[0])
+        file = self._files(tx)[0]
+        data = np.memmap(file, dtype=np.float16, mode="r", offset=self._offset(tx, "data"), shape=self.shape)
+        step = max(1, (64 << 20) // max(1, self.row_bytes))
+        crc = np.concatenate([crc32_rows(data[i:i + step]) for i in range(0, self.shape[0], step)]
+                             or [np.zeros(0, np.uint32)])
+        del data
+        fd = os.open(file, os.O_WRONLY)
+        try:
+            _pwrite(fd, crc, self._offset(tx, "crc32"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        mark_complete(file, True)
+        folder = sidecar_dir(self.store)
+        folder.mkdir(exist_ok=True)
+        fsync_path(folder.parent)
+        tx.switch(file, sidecar_path(self.store, self.name))
+
+
+class _SidecarSink:
+    """One process's rows, written with ``os.pwrite`` into the staged set's data array."""
+
+    def __init__(self, target: SidecarSet, tx: Transaction, part: int, sync_seconds: float):
+        self.target = target
+        self._base = target._offset(tx, "data")
+        self._fd = os.open(target._files(tx)[0], os.O_WRONLY)
+        try:
+            self.flags = tx.flags(part, target.shape[0], durable=lambda: os.fdatasync(self._fd),
+                                  sync_seconds=sync_seconds)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __call__(self, rows: np.ndarray, maps: np.ndarray) -> None:
+        t = self.target
+        if maps.dtype != np.float16 or maps.shape[1:] != t.shape[1:]:
+            raise FeatureError(f"{t.store}: got maps {maps.dtype} {maps.shape[1:]} for feature set {t.name!r}, "
+                               f"which holds float16 {t.shape[1:]}")
+        rows = np.asarray(rows, dtype=np.int64)
+        maps = np.ascontiguousarray(maps)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            _pwrite(self._fd, maps[a:b], self._base + int(rows[a]) * t.row_bytes)
+        self.flags.written(rows)
+
+    def close(self) -> None:
+        try:
+            self.flags.close()
+        finally:
+            os.close(self._fd)

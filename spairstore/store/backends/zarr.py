@@ -27,8 +27,10 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 from zarr.core.sync import sync
 
-from ...core.errors import StoreError
+from ...core.errors import FeatureError, StoreError
 from ...core.schema import describe
+from ..feature_sets import check_complete, crc32_rows
+from ..transaction import RowFlags, Transaction, target_lock
 from . import RawExtent, fsync_paths, is_url, remove
 
 #: Default shard size of hot arrays. Larger shards mean fewer files; a shard is also the unit one
@@ -408,3 +410,91 @@ def unpublish(store: Path, group: str, attrs: dict[str, Any]) -> None:
         fsync_paths([store / group])
     _consolidate(store)
     remove(store / group)
+
+
+class ZarrSet:
+    """Stages feature set ``name`` of the local Zarr store at ``store`` straight into its array
+    ``features/<name>/data``: processes write whole shards (one file each) while no group node lists
+    the array; the commit adds the CRC-32s, the group nodes, the consolidated metadata and, last, the
+    attributes (:func:`publish`), so readers see the whole set or none of it. Units are shards, as many
+    rows as a shard of the pixels."""
+
+    def __init__(self, store: Path, name: str, shape: tuple[int, ...], attrs: dict[str, Any]):
+        self.store, self.name, self.shape, self.attrs = Path(store), name, tuple(shape), attrs
+        self.array_name = f"features/{name}/data"
+        self.unit_rows = shard_rows_of(self.store, "images/pixels")
+
+    def prepare(self, tx: Transaction, replace: bool) -> np.ndarray:
+        """Hide and delete the set if ``replace`` (it is published) or if a crashed commit left it listed
+        but incomplete; make sure the array is there with the right shape (else create it, forgetting
+        the staged rows); return the rows of the shards with missing rows, whole."""
+        with target_lock(self.store):
+            listed = (self.store / "features" / self.name / "zarr.json").is_file()
+            if replace or (listed and (~tx.done(self.shape[0])).any()):
+                unpublish(self.store, f"features/{self.name}", {"feature_sets": self._sets(drop=True)})
+                tx.forget_parts()
+            a = UnlistedArray.find(self.store, self.array_name)
+            if a is None or a.shape != self.shape or a.dtype != np.float16:
+                a = UnlistedArray.create(self.store, self.array_name, self.shape, np.dtype(np.float16),
+                                         self.unit_rows)
+                tx.forget_parts()
+        shards = np.unique(np.flatnonzero(~tx.done(self.shape[0])) // a.shard_rows)
+        rows = (shards[:, None] * a.shard_rows + np.arange(a.shard_rows)).ravel()
+        return rows[rows < self.shape[0]]
+
+    def sink(self, tx: Transaction, part: int, sync_seconds: float) -> _ShardSink:
+        # A shard file is durable (synced) once written: its rows need nothing more before their flags.
+        return _ShardSink(UnlistedArray(self.store, self.array_name), tx.flags(part, self.shape[0],
+                                                                               sync_seconds=sync_seconds))
+
+    def commit(self, tx: Transaction) -> None:
+        check_complete(tx, self.shape[0])
+        a = UnlistedArray(self.store, self.array_name)
+        crc = np.concatenate([crc32_rows(a.read(start, start + a.shard_rows))
+                              for start in range(0, a.shape[0], a.shard_rows)] or [np.zeros(0, np.uint32)])
+        with target_lock(self.store):
+            publish(self.store, f"features/{self.name}", {"crc32": crc},
+                    {"feature_sets": {**self._sets(), self.name: self.attrs}})
+
+    def drop(self) -> None:
+        """Delete the set (attributes first: never named while half gone)."""
+        with target_lock(self.store):
+            unpublish(self.store, f"features/{self.name}", {"feature_sets": self._sets(drop=True)})
+
+    def _sets(self, drop: bool = False) -> dict[str, Any]:
+        r = ZarrReader(self.store)
+        try:
+            sets = dict(r.attrs.get("feature_sets", {}))
+        finally:
+            r.close()
+        if drop:
+            sets.pop(self.name, None)
+        return sets
+
+
+class _ShardSink:
+    """Gathers one process's maps shard by shard (its batches never straddle shards, and it writes
+    whole shards) and writes each shard whole, then flags its rows."""
+
+    def __init__(self, array: UnlistedArray, flags: RowFlags):
+        self.array, self.flags = array, flags
+        self.shard, self.start, self.filled = -1, 0, 0
+        self.buf = np.empty(0)
+
+    def __call__(self, rows: np.ndarray, maps: np.ndarray) -> None:
+        a = self.array
+        if maps.dtype != a.dtype or maps.shape[1:] != a.shape[1:]:
+            raise FeatureError(f"{a.path}: got maps {maps.dtype} {maps.shape[1:]}, the set holds "
+                               f"{a.dtype} {a.shape[1:]}")
+        shard = int(rows[0]) // a.shard_rows
+        if shard != self.shard:
+            self.shard, self.start, self.filled = shard, shard * a.shard_rows, 0
+            self.buf = np.empty((min(a.shard_rows, a.shape[0] - self.start), *a.shape[1:]), dtype=a.dtype)
+        self.buf[rows - self.start] = maps
+        self.filled += len(rows)
+        if self.filled == len(self.buf):
+            a.write_shard(shard, self.buf)
+            self.flags.written(np.arange(self.start, self.start + len(self.buf)))
+
+    def close(self) -> None:
+        self.flags.close()

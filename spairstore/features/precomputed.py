@@ -1,0 +1,207 @@
+"""Feature sets from maps computed elsewhere: :func:`add_feature_set`.
+
+>>> spairstore.add_feature_set("spair.h5", "dift", lambda row: my_maps(row), stride=16, cell_offset=0.5,
+...                            input_size=768)
+
+The maps go through the same transaction, set writers and checks as ``spairstore features``: resumable
+(a re-run with the same name and settings writes only the rows not yet done), crash-safe, and for HDF5
+at the cost of the set alone.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from ..core.errors import FeatureError, StoreError
+from ..store.backends import is_url
+from ..store.reader import Store
+from .extract import _NAME, FeatureSummary, Staging, set_writer
+
+Maps = Union[Iterable[tuple[int, Any]], Callable[[int], Any], Mapping[tuple[str, str], Any]]  # noqa: UP007 - a runtime alias on 3.10
+"""``(image_row, array)`` pairs in any order, a function ``row -> array``, or a mapping
+``(category, name) -> array``; each array (C, H, W) float16 or float32 (numpy, or anything
+``np.asarray`` takes, such as a CPU tensor)."""
+
+#: rows handed to the set writer at once (an HDF5 set's unit: what an interrupted run keeps at least)
+_BATCH = 16
+
+
+def _label(store: Store, row: int) -> str:
+    return f"image row {row} ({store.categories[store.images.category[row]]}/{store.images.name[row]})"
+
+
+def _checked(store: Store, row: int, value: Any, shape: tuple[int, ...] | None) -> np.ndarray:
+    """``value`` as float16 (C, H, W), refused with a one-line error naming the row when it is not a
+    finite float16/float32 array of ``shape`` (the first map's, when given)."""
+    a = np.asarray(value)
+    if a.dtype not in (np.float16, np.float32):
+        raise FeatureError(f"maps of {_label(store, row)}: dtype {a.dtype}; give float16 or float32")
+    if a.ndim != 3 or (shape is not None and a.shape != shape):
+        want = f"{shape} like the first map" if shape is not None else "(C, H, W)"
+        raise FeatureError(f"maps of {_label(store, row)}: shape {a.shape}, expected {want}")
+    if not np.isfinite(a).all():
+        raise FeatureError(f"maps of {_label(store, row)}: holds NaN or infinite values")
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    if not np.isfinite(h).all():
+        raise FeatureError(f"maps of {_label(store, row)}: values beyond float16's range (|x| > 65504)")
+    return h
+
+
+def _rows_of_mapping(store: Store, maps: Mapping[Any, Any]) -> dict[int, Any]:
+    """Image row -> key of a ``(category, name)`` mapping that names every image exactly once."""
+    rows: dict[int, Any] = {}
+    for key in maps:
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+            raise FeatureError(f"maps key {key!r}: keys must be (category, name) pairs of strings")
+        try:
+            rows[store.image_row(*key)] = key
+        except StoreError:
+            raise FeatureError(f"maps key {key!r}: no such image in {store.path}") from None
+    missing = sorted(set(range(len(store))) - set(rows))
+    if missing:
+        raise FeatureError(f"maps hold no array for {len(missing)} images, e.g. {_label(store, missing[0])}; "
+                           f"give every image of the store")
+    return rows
+
+
+def _source(store: Store, maps: Maps) -> Callable[[np.ndarray], Iterator[tuple[int, Any]]]:
+    """A function of the rows still to write that yields ``(row, value)`` for them (and, from an
+    iterable, for every row it holds: the caller skips the others)."""
+    if isinstance(maps, Mapping):
+        keys = _rows_of_mapping(store, maps)
+        return lambda todo: ((int(r), maps[keys[int(r)]]) for r in todo)
+    if callable(maps):
+        return lambda todo: ((int(r), maps(int(r))) for r in todo)
+    it = iter(maps)
+    return lambda todo: it
+
+
+def _first(store: Store, maps: Maps) -> tuple[Maps, tuple[int, Any]]:
+    """The first ``(row, value)`` the maps give (to learn the shape), and maps that still give it."""
+    if isinstance(maps, Mapping):
+        key = next(iter(maps), None)
+        if key is None:
+            raise FeatureError("maps is empty; give one array per image of the store")
+        return maps, (store.image_row(*key), maps[key])
+    if callable(maps):
+        return maps, (0, maps(0))
+    it = iter(maps)
+    first = next(it, None)
+    if first is None:
+        raise FeatureError("maps is empty; give one array per image of the store")
+    _row(store, first)
+
+    def again() -> Iterator[tuple[int, Any]]:
+        yield first
+        yield from it
+
+    return again(), first
+
+
+def _row(store: Store, item: Any) -> int:
+    if not (isinstance(item, tuple) and len(item) == 2):
+        raise FeatureError(f"maps gave {type(item).__name__} {item!r:.60}; an iterable must give (image_row, array) pairs")
+    row = item[0]
+    if not isinstance(row, (int, np.integer)) or isinstance(row, bool) or not 0 <= row < len(store):
+        raise FeatureError(f"maps gave image row {row!r}; rows are integers 0..{len(store) - 1}")
+    return int(row)
+
+
+def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, cell_offset: float,
+                    input_size: int, source: str = "precomputed", overwrite: bool = False) -> FeatureSummary:
+    """Add feature set ``name`` to the local store at ``store`` from maps computed elsewhere.
+
+    ``maps`` gives one float16/float32 array (C, H, W) per image row (see :data:`Maps`). The geometry
+    is declared like the built-ins record it: the store frame (S x S store pixels, letterboxed) was
+    resized to ``input_size`` x ``input_size`` input pixels, each cell spans ``stride`` input pixels
+    and cell (col j, row i) is centred at ``((j, i) + cell_offset) * stride`` input pixels (x, y), so
+    H = W = input_size / stride (rounded either way). ``source`` names where the maps come from (the
+    set's ``backbone`` attribute).
+
+    Every image row must be given exactly once, every map with the same shape and finite values; the
+    first problem is a one-line :class:`FeatureError` naming the row or key. A set ``name`` that exists
+    is replaced only with ``overwrite``. A run that stopped (error, kill) resumes when called again with
+    the same name and settings: rows already written are not asked for again (a function or mapping;
+    but for the one row read first to learn the shape) or skipped (an iterable).
+    """
+    if is_url(store):
+        raise FeatureError(f"{store}: remote stores are read-only; add the set to a local copy")
+    if not _NAME.match(name):
+        raise FeatureError(f"feature set name {name!r}: use letters, digits, '_', '-' and '.' (at most 64)")
+    if not (isinstance(input_size, int) and input_size > 0):
+        raise FeatureError(f"input_size must be a positive integer (input pixels), got {input_size!r}")
+    if not (math.isfinite(stride) and stride > 0 and math.isfinite(cell_offset)):
+        raise FeatureError(f"stride must be positive and cell_offset finite, got {stride!r} and {cell_offset!r}")
+    store_path = Path(store).resolve()
+    t0 = time.perf_counter()
+    with Store(store_path) as s:
+        maps, (row0, value0) = _first(s, maps)
+        shape = _checked(s, row0, value0, None).shape
+        cells = input_size / stride
+        if shape[1] != shape[2] or shape[1] not in (math.floor(cells), math.ceil(cells)):
+            raise FeatureError(f"maps of {_label(s, row0)} are {shape[1]}x{shape[2]} cells; input_size {input_size} / "
+                               f"stride {stride} makes {cells:g}x{cells:g} (square maps of the square frame)")
+        attrs = {"backbone": source, "library": "precomputed", "layers": [], "weights": None, "weights_sha256": None,
+                 "input_size": input_size, "resize": "declared by the caller of add_feature_set",
+                 "normalization": None, "stride": stride, "cell_offset": cell_offset,
+                 "cell_centre": "cell (col j, row i) is centred at ((j, i) + cell_offset) * stride input pixels",
+                 "width": shape[2], "height": shape[1], "channels": shape[0], "dtype": "float16"}
+        exists = name in s.feature_sets
+        if exists and not overwrite:
+            raise FeatureError(f"{store_path}: feature set {name!r} exists; pass overwrite=True to replace it")
+        source_rows = _source(s, maps)
+        staging = Staging.open(store_path, {"name": name, "store": s.fingerprint, "rows": len(s),
+                                            "row_shape": list(shape), "attrs": attrs}, restart=overwrite)
+        try:
+            target = set_writer(store_path, staging.meta, _BATCH)
+            todo = target.prepare(staging.tx, replace=exists)
+            written = _write(s, source_rows(todo), todo, target.unit_rows, target.sink(staging.tx, 0, staging.sync_seconds),
+                             shape)
+            target.commit(staging.tx)
+            staging.finish()
+        finally:
+            staging.close()
+    return FeatureSummary(store=store_path, name=name, backbone=source, layers=[], shape=(len(s), *shape),
+                          extracted=written, seconds=time.perf_counter() - t0, device="cpu")
+
+
+def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, unit_rows: int, sink: Any,
+           shape: tuple[int, ...]) -> int:
+    """Validate the maps of rows ``todo`` and hand them to ``sink`` unit by unit (a unit is flushed, in
+    batches of consecutive rows, once all its rows arrived: iterables may come in any order)."""
+    wanted = np.zeros(len(store), dtype=bool)
+    wanted[todo] = True
+    seen = np.zeros(len(store), dtype=bool)
+    left = {int(u): int(c) for u, c in zip(*np.unique(todo // unit_rows, return_counts=True))}
+    pending: dict[int, dict[int, np.ndarray]] = {}
+    try:
+        for item in items:
+            row = _row(store, item)
+            if seen[row]:
+                raise FeatureError(f"maps gave {_label(store, row)} twice; give every image exactly once")
+            seen[row] = True
+            value = _checked(store, row, item[1], shape)
+            if not wanted[row]:
+                continue  # written by an earlier, interrupted run
+            unit = row // unit_rows
+            pending.setdefault(unit, {})[row] = value
+            left[unit] -= 1
+            if not left[unit]:
+                rows = np.array(sorted(pending[unit]), dtype=np.int64)
+                for start in range(0, len(rows), _BATCH):
+                    batch = rows[start:start + _BATCH]
+                    sink(batch, np.stack([pending[unit][int(r)] for r in batch]))
+                del pending[unit]
+        missing = np.flatnonzero(wanted & ~seen)
+        if len(missing):
+            raise FeatureError(f"maps hold no array for {len(missing)} images, e.g. {_label(store, int(missing[0]))}; "
+                               f"give every image of the store (the rows given so far are kept for a re-run)")
+    finally:
+        sink.close()
+    return int(wanted.sum())

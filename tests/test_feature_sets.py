@@ -1,0 +1,159 @@
+"""add_feature_set: maps computed elsewhere become a feature set (HDF5 sidecar file, Zarr group), read
+back equal, validated row by row, resumable."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import spairstore
+from spairstore.core.errors import FeatureError
+from spairstore.features.extract import partial_feature_sets
+from spairstore.store.convert import convert
+from spairstore.store.feature_sets import sidecar_path
+from spairstore.store.verify import verify
+
+C, CELLS = 4, 6  # maps (4, 6, 6): input_size 96, stride 16
+
+
+def maps_of(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, C, CELLS, CELLS)).astype(np.float32)
+
+
+@pytest.fixture(params=["h5", "zarr"])
+def store(request: pytest.FixtureRequest, synth_store: Path, tmp_path: Path) -> Path:
+    if request.param == "h5":
+        return Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    out = tmp_path / "s.zarr"
+    convert(synth_store, out)
+    return out
+
+
+GEOMETRY = {"stride": 16, "cell_offset": 0.5, "input_size": 96}
+
+
+@pytest.mark.parametrize("form", ["iterator", "function", "mapping"])
+def test_round_trip(store: Path, form: str) -> None:
+    s = spairstore.open(store)
+    ref = maps_of(len(s))
+    if form == "iterator":  # any order, float32 given, float16 stored
+        maps = ((int(r), ref[r]) for r in np.random.default_rng(1).permutation(len(s)))
+    elif form == "function":
+        maps = ref.__getitem__
+    else:
+        maps = {(s.categories[s.images.category[r]], str(s.images.name[r])): ref[r] for r in range(len(s))}
+    summary = spairstore.add_feature_set(store, "mine", maps, source="my-model", **GEOMETRY)
+    assert summary.extracted == len(s) and summary.shape == (len(s), C, CELLS, CELLS)
+    got = spairstore.open(store)
+    np.testing.assert_array_equal(got.read("features/mine", np.arange(len(s))), ref.astype(np.float16))
+    attrs = got.feature_sets["mine"]
+    assert (attrs["backbone"], attrs["stride"], attrs["cell_offset"], attrs["input_size"]) == ("my-model", 16, 0.5, 96)
+    assert (attrs["channels"], attrs["height"], attrs["width"], attrs["dtype"]) == (C, CELLS, CELLS, "float16")
+    assert verify(store).ok and partial_feature_sets(store) == {}
+    if store.suffix == ".h5":
+        assert sidecar_path(store, "mine").is_file()
+
+
+def test_replace_needs_overwrite(store: Path) -> None:
+    n = len(spairstore.open(store))
+    spairstore.add_feature_set(store, "m", lambda r: maps_of(n)[r], **GEOMETRY)
+    with pytest.raises(FeatureError, match="feature set 'm' exists; pass overwrite=True"):
+        spairstore.add_feature_set(store, "m", lambda r: maps_of(n)[r], **GEOMETRY)
+    spairstore.add_feature_set(store, "m", lambda r: maps_of(n, seed=2)[r], overwrite=True, **GEOMETRY)
+    np.testing.assert_array_equal(spairstore.open(store).features("m", 3), maps_of(n, seed=2)[3].astype(np.float16))
+
+
+def test_interrupted_run_resumes_without_asking_for_done_rows(synth_store: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    n = len(spairstore.open(store))  # 24 rows: units of 16 rows for an HDF5 set
+    ref = maps_of(n)
+
+    def failing(row: int) -> np.ndarray:
+        if row == 20:
+            raise RuntimeError("model crashed")
+        return ref[row]
+
+    with pytest.raises(RuntimeError, match="model crashed"):
+        spairstore.add_feature_set(store, "r", failing, **GEOMETRY)
+    assert "r" not in spairstore.open(store).feature_sets
+    assert partial_feature_sets(store)["r"]["done"] == 16  # the first unit was written and flagged
+    calls: list[int] = []
+    summary = spairstore.add_feature_set(store, "r", lambda row: calls.append(row) or ref[row], **GEOMETRY)
+    assert calls == [0, *range(16, n)] and summary.extracted == n - 16  # row 0 only to learn the shape
+    np.testing.assert_array_equal(spairstore.open(store).read("features/r", np.arange(n)), ref.astype(np.float16))
+    # other settings are refused by name, unless overwrite
+    with pytest.raises(FeatureError, match="exists"):
+        spairstore.add_feature_set(store, "r", failing, **GEOMETRY)
+
+
+def test_other_settings_are_refused_while_a_run_is_unfinished(synth_store: Path, tmp_path: Path) -> None:
+    store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    ref = maps_of(24)
+    with pytest.raises(FeatureError, match="no array for 8 images"):
+        spairstore.add_feature_set(store, "u", ((r, ref[r]) for r in range(16)), **GEOMETRY)
+    with pytest.raises(FeatureError, match=r"other settings \(cell_offset 0.5 there, 0.25 now\).*--overwrite"):
+        spairstore.add_feature_set(store, "u", lambda r: ref[r], **{**GEOMETRY, "cell_offset": 0.25})
+    spairstore.add_feature_set(store, "u", lambda r: ref[r], overwrite=True, **{**GEOMETRY, "cell_offset": 0.25})
+    assert spairstore.open(store).feature_sets["u"]["cell_offset"] == 0.25
+
+
+def key(s: spairstore.Store, r: int) -> tuple[str, str]:
+    return s.categories[s.images.category[r]], str(s.images.name[r])
+
+
+def label(s: spairstore.Store, r: int) -> str:
+    return rf"image row {r} \({'/'.join(key(s, r))}\)"
+
+
+@pytest.mark.parametrize("case", ["int", "shape", "nan", "overflow", "twice", "missing", "range", "not-pairs",
+                                  "unknown-key", "missing-key", "geometry", "empty"])
+def test_bad_maps_are_refused_naming_the_row(synth_store: Path, tmp_path: Path, case: str) -> None:
+    store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    s = spairstore.open(store)
+    n = len(s)
+    ref = maps_of(n)
+    bad = ref.copy()
+    geometry = GEOMETRY
+    maps: object = [(r, bad[r]) for r in range(n)]
+    if case == "int":
+        maps[5] = (5, np.zeros((C, CELLS, CELLS), dtype=np.int64))
+        message = f"maps of {label(s, 5)}: dtype int64; give float16 or float32"
+    elif case == "shape":
+        maps = {key(s, r): ref[r] if r != 7 else ref[r][:, :5, :5] for r in range(n)}
+        message = rf"maps of {label(s, 7)}: shape \(4, 5, 5\), expected \(4, 6, 6\) like the first map"
+    elif case == "nan":
+        bad[9, 0, 0, 0] = np.nan
+        message = f"maps of {label(s, 9)}: holds NaN or infinite values"
+    elif case == "overflow":
+        bad[2, 1, 1, 1] = 1e6
+        message = f"maps of {label(s, 2)}: values beyond float16's range"
+    elif case == "twice":
+        maps = [*maps[:4], (3, ref[3]), *maps[4:]]
+        message = f"maps gave {label(s, 3)} twice"
+    elif case == "missing":
+        maps = [m for m in maps if m[0] != 5]
+        message = f"maps hold no array for 1 images, e.g. {label(s, 5)}"
+    elif case == "range":
+        maps = [*maps, (n, ref[0])]
+        message = f"maps gave image row {n}; rows are integers 0..{n - 1}"
+    elif case == "not-pairs":
+        maps = list(ref)
+        message = "maps gave ndarray .*an iterable must give \\(image_row, array\\) pairs"
+    elif case == "unknown-key":
+        maps = {**{key(s, r): ref[r] for r in range(n)}, ("cat", "nope"): ref[0]}
+        message = r"maps key \('cat', 'nope'\): no such image"
+    elif case == "missing-key":
+        maps = {key(s, r): ref[r] for r in range(1, n)}
+        message = f"maps hold no array for 1 images, e.g. {label(s, 0)}"
+    elif case == "geometry":
+        geometry = {**GEOMETRY, "input_size": 128}
+        message = f"maps of {label(s, 0)} are 6x6 cells; input_size 128 / stride 16 makes 8x8"
+    else:
+        maps = []
+        message = "maps is empty"
+    with pytest.raises(FeatureError, match=message):
+        spairstore.add_feature_set(store, "bad", maps, **geometry)
+    assert "bad" not in spairstore.open(store).feature_sets and not sidecar_path(store, "bad").exists()
