@@ -388,6 +388,16 @@ def test_cli_round_trip(synth_root, tmp_path):
         assert report["by_group"]["subset"][sub]["0.1"]["per_image"] == pytest.approx(100 * np.mean(frac[sub]), abs=1e-9)
     assert set(report["by_group"]["family"]) == {"Felidae", "Hippopotamidae"}
     assert set(report["by_category"]) == {"cat", "hippo", "lion"}
+    # GeoAware-SC's geo-aware subset: a keypoint annotated in both images counts when a group of two or more
+    # same-type parts holding it has at least 2 members annotated in the target (counted here from the files)
+    groups = [g for g in GEO_AWARE_GROUPS if len(g) > 1]
+    geo = 0
+    for src, trg, _ in test_files.values():
+        a, b = (np.array(x["keypoints"]).reshape(17, 3)[:, 2] > 0 for x in (src, trg))
+        geo += sum(a[k] and b[k] and any(k in g and b[list(g)].sum() >= 2 for g in groups) for k in range(17))
+    res = r.invoke(app, ["eval", str(store), "--method", "identity", "--subset", "geo-aware", "--json"])
+    assert res.exit_code == 0, res.output
+    assert 0 < json.loads(res.output)["keypoints"] == geo < report["keypoints"]
     text = r.invoke(app, ["eval", str(store), "--method", "identity"]).output
     assert "PCK (%) by subset" in text and "PCK (%) by family" in text
 
