@@ -6,7 +6,9 @@
 Times (best of --repeat, after one warm-up): ``spairstore.evaluate`` on identity predictions with the
 ``spair`` protocol (α 0.1/0.05/0.01: overall, per category, by factor, controlled, per image and per
 point) plus rendering the text tables and JSON; and, on the same predictions in the same run, a per-pair
-Python loop in the style of published evaluators computing only the overall per-image PCK.
+Python loop in the style of published evaluators computing only the overall per-image PCK. Then the
+current papers' reports on the same predictions: the geo-aware subset with every breakdown, PCK†, the
+per-keypoint table, the protocol-sensitivity table (budget 5 s) and a paired bootstrap comparison.
 """
 from __future__ import annotations
 
@@ -82,6 +84,22 @@ def main() -> None:
     print(f"  render text + JSON + CSV                {t_render * 1e3:8.1f} ms")
     print(f"  per-pair loop, overall PCK only         {t_loop * 1e3:8.1f} ms   ({t_loop / t_eval:,.0f}x evaluate)")
     print(f"  identity PCK@0.1 per image: {got[0]:.2f} % (loop: {loop[0]:.2f} %)")
+    if store.dataset != "spair71k":
+        return
+    from spairstore.eval.compare import compare
+    from spairstore.eval.sensitivity import sensitivity_table
+
+    geo = proto.replace(keypoints="geo-aware")
+    t_geo, _ = best_of(lambda: spairstore.evaluate(store, args.split, pred, geo).to_dict(), args.repeat)
+    t_dag, _ = best_of(lambda: spairstore.evaluate(store, args.split, pred, proto, dagger=True).to_dict(), args.repeat)
+    t_all, _ = best_of(lambda: spairstore.evaluate(store, args.split, pred, geo, dagger=True).per_keypoint(), args.repeat)
+    t_sens, _ = best_of(lambda: sensitivity_table(store, args.split, pred).to_dict(), args.repeat)
+    t_cmp, _ = best_of(lambda: compare(store, args.split, pred, pred + 1.0, resamples=1000), 1)
+    print(f"  geo-aware subset, every breakdown       {t_geo * 1e3:8.1f} ms   (budget 1000 ms)")
+    print(f"  PCK + PCK-dagger, every breakdown       {t_dag * 1e3:8.1f} ms   (budget 1000 ms)")
+    print(f"  geo-aware + dagger + per keypoint       {t_all * 1e3:8.1f} ms   (budget 1000 ms)")
+    print(f"  sensitivity table (5 protocols)         {t_sens * 1e3:8.1f} ms   (budget 5000 ms)")
+    print(f"  compare, 1,000 bootstrap resamples      {t_cmp * 1e3:8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -242,6 +242,10 @@ class AP10K(Converter):
     def keypoint_flip(self) -> dict[str, list[int]]:
         return {c: flip_permutation() for c in self.categories}
 
+    def keypoint_groups(self) -> dict[str, list[list[int]]]:
+        # singletons never count, so the store keeps the groups of two or more
+        return {c: [list(g) for g in GEO_AWARE_GROUPS if len(g) >= 2] for c in self.categories}
+
     def _read_image(self, family: str, species: str, path: Path) -> ImageRecord | None:
         rel = self.rel(path)
         ann = self.load_json(rel)

@@ -147,6 +147,10 @@ class Converter(ABC):
         """Category -> keypoint slot permutation under a horizontal flip, or None (see ``DatasetRecords``)."""
         return None
 
+    def keypoint_groups(self) -> dict[str, list[list[int]]]:
+        """Category -> groups of same-type keypoint slots (geo-aware subset), or {} (see ``DatasetRecords``)."""
+        return {}
+
     # -- reading sources -------------------------------------------------------------------------
     def remark(self, what: str, rel: str) -> None:
         """Something the user should hear about, but not an error (e.g. a keypoint on the image's edge):
@@ -221,7 +225,7 @@ class Converter(ABC):
             images=images, pairs=pairs, sources=list(dict.fromkeys(sources)), notes=self.notes,
             skipped=self.policy.skipped, digests=self.digests, keypoint_flip=self.keypoint_flip(),
             category_groups=self.category_groups, subset_names=list(self.subset_names),
-            mask_classes=self.mask_classes,
+            keypoint_groups=self.keypoint_groups(), mask_classes=self.mask_classes,
         )
 
     def _read_item(self, item: Item[R]) -> R | None:

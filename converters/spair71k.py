@@ -5,6 +5,11 @@
     JPEGImages/<cat>/<name>.jpg          Segmentation/<cat>/<name>.png (VOC class indices)
     ImageAnnotation/<cat>/<name>.json    PairAnnotation/{trn,val,test}/<pair stem>.json
     Layout/{large,small}/{trn,val,test}.txt
+    ExtraImageAnnotation/<cat>/<name>.json   ExtraPairAnnotation/<split>/<pair stem>.json   (SPair-U, optional)
+
+SPair-U ("Jamais Vu", NeurIPS'25) relabels the test pairs with new keypoints in the same two formats; where
+its folders are present each image's extra ``kps`` become ``images/extra_keypoints`` and the pairs of
+``ExtraPairAnnotation/<split>/`` the split ``<split>-unseen`` (pair ids and stems as the files give them).
 
 This module knows the file formats and the dataset's own rules (difficulty labels, pair files);
 :class:`SPair71k` reads a root into :class:`~spairstore.core.records.DatasetRecords` and validates as it
@@ -61,6 +66,36 @@ FLIP_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
     "train": ((1, 0), (3, 2), (5, 4), (7, 6), (9, 8), (11, 10), (13, 12), (15, 14), (17, 16)),
     # screen frame: outer corners/sides 0-7 and inner 8-15, clockwise from the top-left seen from the front
     "tvmonitor": ((0, 2), (6, 4), (7, 3), (8, 10), (14, 12), (15, 11)),
+}
+#: Same-type keypoint slots of each category (a car's four wheels, a bird's two wing tips ...), the
+#: groups of GeoAware-SC's ``SPAIR_GEO_AWARE`` table (``utils/utils_geoware.py``) of two or more members,
+#: in the dataset's own slot numbering (its ``11+2`` for bicycle is slot 13; bus ``8+2`` is slot 10). The
+#: geometry-aware subset scores a keypoint when one of its groups shows two or more members in the target.
+#: Checked against the real annotations: every slot is used, each group is closed under the flip.
+GEO_AWARE_GROUPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    # landing gear, engines, wing tips and roots, tailplane tips and roots: left/right twins
+    "aeroplane": ((4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19), (20, 21)),
+    "bicycle": ((2, 3), (6, 7), (9, 10)),  # handles, seat-back ends, pedals
+    "bird": ((1, 2), (10, 11), (12, 13), (14, 15)),  # wing tips, feet, knees, hips
+    "boat": ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)),
+    "bottle": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)),  # cap, neck, shoulder, body, base: two sides each
+    # mirrors, lights, plates, front fenders, wheels, rear fenders, window top and bottom corners
+    "bus": ((0, 1), (2, 3, 5, 6), (4, 7), (10, 13, 20, 23), (11, 14, 21, 24), (12, 15, 22, 25), (16, 17, 26, 27),
+            (18, 19, 28, 29)),
+    # mirrors, lights, plates, logos, rear fenders, wheels, front fenders, window bottom and top corners
+    "car": ((0, 1), (2, 3, 6, 7), (4, 8), (5, 9), (10, 13, 20, 23), (11, 14, 21, 24), (12, 15, 22, 25),
+            (16, 17, 26, 27), (18, 19, 28, 29)),
+    "cat": ((2, 3), (9, 10, 11, 12)),  # ears, paws
+    "chair": ((0, 1), (2, 3), (4, 5, 6, 7), (8, 9), (10, 11), (12, 13)),  # cushion, legs, backrest, armrests
+    "cow": ((2, 3), (9, 10, 11, 12), (15, 16, 17, 18), (19, 20)),  # ears, hooves, knees, horns
+    "dog": ((2, 3), (9, 10, 11, 12)),
+    "horse": ((2, 3), (10, 11, 12, 13), (16, 17, 18, 19)),
+    "motorbike": ((0, 1), (2, 3)),  # mirrors, handles
+    "person": ((8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19)),  # shoulders ... feet
+    "pottedplant": ((0, 1, 2, 3), (4, 5), (6, 8)),  # pot rim, side walls, bottom
+    "sheep": ((2, 3), (9, 10, 11, 12), (15, 16, 17, 18), (19, 20)),
+    "train": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17)),
+    "tvmonitor": ((0, 2, 4, 6), (1, 3, 5, 7), (8, 10, 12, 14), (9, 11, 13, 15)),  # outer/inner corners, sides
 }
 IMAGE_KEYS = (
     "filename", "src_database", "src_annotation", "src_image", "image_width", "image_height",
@@ -166,7 +201,8 @@ class SPair71k(Converter):
     """SPair-71k in its native layout, every file it reads validated (a bad one named in the error).
 
     Pairs of a split are the files its ``Layout/large/<split>.txt`` lists, in that order (all files of
-    ``PairAnnotation/<split>/`` sorted by pair id where the layout is absent); a pair is in the small
+    ``PairAnnotation/<split>/`` sorted by pair id where the layout is absent; SPair-U's
+    ``ExtraPairAnnotation/<split>/`` always so, as split ``<split>-unseen``); a pair is in the small
     layout when ``Layout/small/<split>.txt`` lists it. Splits whose ``PairAnnotation`` folder is absent
     are left out and named in the notes; so is a missing ``Segmentation/`` (the store then has no masks).
     """
@@ -180,6 +216,7 @@ class SPair71k(Converter):
 
     def image_items(self) -> list[Item[ImageRecord]]:
         self.has_masks = (self.root / "Segmentation").is_dir()
+        self.has_extra = (self.root / "ExtraImageAnnotation").is_dir()
         if not self.has_masks:
             self.notes.append("no Segmentation/ folder: the store has no masks")
         ann_dir = self.root / "ImageAnnotation"
@@ -196,6 +233,9 @@ class SPair71k(Converter):
     def keypoint_flip(self) -> dict[str, list[int]]:
         return {c: flip_permutation(c) for c in self.categories}
 
+    def keypoint_groups(self) -> dict[str, list[list[int]]]:
+        return {c: [list(g) for g in GEO_AWARE_GROUPS[c]] for c in self.categories}
+
     def _read_image(self, category: str, ann_path: Path) -> ImageRecord:
         root, rel = self.root, self.rel(ann_path)
         ann = self.load_json(rel)
@@ -208,12 +248,14 @@ class SPair71k(Converter):
             raise SourceError(rel, f"filename {filename!r} does not match the annotation file name")
         width = integer(ann["image_width"], "image_width", rel, lo=1)
         height = integer(ann["image_height"], "image_height", rel, lo=1)
-        kps = ann["kps"]
-        if not isinstance(kps, dict) or set(kps) != {str(i) for i in range(NUM_KEYPOINTS)}:
-            raise SourceError(rel, f"kps must be a dict with keys '0'..'{NUM_KEYPOINTS - 1}'")
-        pts = np.full((NUM_KEYPOINTS, 2), np.nan, dtype=np.float32)
-        shown = [int(k) for k, v in kps.items() if v is not None]
-        pts[shown] = points([kps[str(k)] for k in shown], "kps", rel, width, height, self.remark)
+        pts = self._keypoints(ann["kps"], rel, width, height)
+        extra = None
+        extra_path = root / "ExtraImageAnnotation" / category / ann_path.name
+        if self.has_extra and extra_path.is_file():
+            extra_rel = self.rel(extra_path)
+            extra_ann = self.load_json(extra_rel)
+            require(extra_ann, ("kps",), extra_rel)
+            extra = self._keypoints(extra_ann["kps"], extra_rel, width, height)
         image_path = root / "JPEGImages" / category / filename
         if not image_path.is_file():
             raise SourceError(self.rel(image_path), f"image file not found (annotated in {rel})")
@@ -235,7 +277,17 @@ class SPair71k(Converter):
             occluded=integer(ann["occluded"], "occluded", rel, 0, 1),
             difficult=integer(ann["difficult"], "difficult", rel, 0, 1),
             depth=integer(ann["image_depth"], "image_depth", rel, lo=1),
+            extra_keypoints=extra,
         )
+
+    def _keypoints(self, kps: Any, rel: str, width: int, height: int) -> np.ndarray:
+        """A ``kps`` dict (``"0".."29"`` -> ``[x, y]`` or null) as (30, 2) float32 original pixels, NaN absent."""
+        if not isinstance(kps, dict) or set(kps) != {str(i) for i in range(NUM_KEYPOINTS)}:
+            raise SourceError(rel, f"kps must be a dict with keys '0'..'{NUM_KEYPOINTS - 1}'")
+        pts = np.full((NUM_KEYPOINTS, 2), np.nan, dtype=np.float32)
+        shown = [int(k) for k, v in kps.items() if v is not None]
+        pts[shown] = points([kps[str(k)] for k in shown], "kps", rel, width, height, self.remark)
+        return pts
 
     def _read_layout(self, path: Path) -> list[str] | None:
         if not path.is_file():
@@ -247,12 +299,13 @@ class SPair71k(Converter):
             raise SourceError(self.rel(path), f"unreadable layout file ({e})") from None
         return [line.strip() for line in text.splitlines() if line.strip()]
 
-    def _pair_stems(self, split: str) -> tuple[list[str], Path | None]:
-        """The pair file stems of a split, in Layout order (by pair id without a layout), and the layout file."""
-        split_dir = self.root / "PairAnnotation" / split
+    def _pair_stems(self, split: str, folder: str = "PairAnnotation") -> tuple[list[str], Path | None]:
+        """The pair file stems of a split, in Layout order (by pair id without a layout or for SPair-U's
+        ``ExtraPairAnnotation``), and the layout file."""
+        split_dir = self.root / folder / split
         layout_path = self.root / "Layout" / "large" / f"{split}.txt"
         present = {f[:-5] for f in os.listdir(split_dir) if f.endswith(".json")}
-        stems = self._read_layout(layout_path)
+        stems = self._read_layout(layout_path) if folder == "PairAnnotation" else None
         if stems is None:
             return sorted(present, key=lambda s: (int(s.split("-", 1)[0]), s)), None
         layout_rel = self.rel(layout_path)
@@ -282,11 +335,19 @@ class SPair71k(Converter):
             small = set(small_stems or ())
             yield split, [Item(f"{split}/{stem}", partial(self._read_pair, split, stem, small),
                                f"PairAnnotation/{split}/{stem}.json") for stem in stems]
+        for split in SPLITS:  # SPair-U: the same images relabelled, pairs in files of the same format
+            if (self.root / "ExtraPairAnnotation" / split).is_dir():
+                stems, _ = self._pair_stems(split, "ExtraPairAnnotation")
+                name = f"{split}-unseen"
+                folder = f"ExtraPairAnnotation/{split}"
+                yield name, [Item(f"{name}/{stem}", partial(self._read_pair, name, stem, set(), folder),
+                                  f"{folder}/{stem}.json") for stem in stems]
         if not found:
             raise SourceError(self.rel(self.root / "PairAnnotation"), "no split folder (trn, val, test) found")
 
-    def _read_pair(self, split: str, stem: str, small: set[str]) -> PairRecord:
-        rel = f"PairAnnotation/{split}/{stem}.json"  # 71k of these per pack: plain strings, no pathlib
+    def _read_pair(self, split: str, stem: str, small: set[str], folder: str | None = None) -> PairRecord:
+        # 71k of these per pack: plain strings, no pathlib
+        rel = f"{folder or 'PairAnnotation/' + split}/{stem}.json"
         ann = self.load_json(rel)
         require(ann, PAIR_KEYS, rel)
         category = ann["category"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def train(args: argparse.Namespace) -> dict:
     history = [{"epoch": 0, "val_pck@0.1": best["val"]}]
     print(f"epoch 0 (identity head = NN): val PCK@0.1 {best['val']:.1f}")
     wait = busy = 0.0
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     for epoch in range(1, args.epochs + 1):
         loader.set_epoch(epoch)
         head.train()
@@ -126,7 +127,7 @@ def train(args: argparse.Namespace) -> dict:
         print(f"epoch {epoch}: loss {np.mean(losses):.3f}, val PCK@0.1 {score:.1f}")
         if score > best["val"]:
             best = {"epoch": epoch, "val": score, "state": copy.deepcopy(head.state_dict())}
-    train_s = time.perf_counter() - t_start
+    train_s, train_cpu_s = time.perf_counter() - t_start, time.process_time() - cpu_start
     head.load_state_dict(best["state"])
     share = wait / max(wait + busy, 1e-12)
     print(f"best epoch {best['epoch']} (val PCK@0.1 {best['val']:.1f}); data wait {100 * share:.2f} % of step time "
@@ -146,7 +147,8 @@ def train(args: argparse.Namespace) -> dict:
     nn = spairstore.evaluate(store, "test", NearestNeighbour(args.features, device=str(device)))
     metrics = {"store": str(args.store), "features": args.features, "device": str(device),
                "best_epoch": best["epoch"], "history": history, "data_wait_share": share,
-               "step_time_s": wait + busy, "train_wall_s": train_s, "steps": args.epochs * steps,
+               "step_time_s": wait + busy, "train_wall_s": train_s, "train_cpu_s": train_cpu_s,
+               "load_average": os.getloadavg()[1], "steps": args.epochs * steps,
                **comparison(nn, ours)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "report.md").write_text(report(nn, ours, metrics))
@@ -180,7 +182,7 @@ def report(nn: spairstore.Report, ours: spairstore.Report, m: dict) -> str:
     return "\n\n".join([
         f"# Head vs NN on `{m['features']}` ({Path(m['store']).name}, test)",
         (f"`{nn.protocol}`  \nbest epoch {m['best_epoch']} on val; {m['steps']} steps on {m['device']} in "
-         f"{m['train_wall_s']:.1f} s; data wait {100 * m['data_wait_share']:.2f} % of step time; "
+         f"{m['train_wall_s']:.1f} s ({m['train_cpu_s']:.1f} s CPU, load average {m['load_average']:.1f}); data wait {100 * m['data_wait_share']:.2f} % of step time; "
          f"head better in {m['categories_better']} of {m['categories']} categories"),
         markdown_table("PCK (%) overall", cols, overall),
         markdown_table(f"PCK@0.1 {agg} (%) per category", cols, _gain(m["by_category"])),
@@ -211,7 +213,8 @@ def main() -> None:
     o = m["overall"]
     print(f"test PCK@0.1 {m['aggregation']}: NN {o['nn']['0.1'][m['aggregation']]:.1f} -> head "
           f"{o['head']['0.1'][m['aggregation']]:.1f}; better in {m['categories_better']} of {m['categories']} "
-          f"categories; data wait {100 * m['data_wait_share']:.2f} %; training {m['train_wall_s']:.1f} s")
+          f"categories; data wait {100 * m['data_wait_share']:.2f} %; training {m['train_wall_s']:.1f} s "
+          f"({m['train_cpu_s']:.1f} s CPU)")
 
 
 if __name__ == "__main__":

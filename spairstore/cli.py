@@ -7,11 +7,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from .core.errors import SpairstoreError
+
+if TYPE_CHECKING:
+    from .eval.methods import Method
 
 app = typer.Typer(
     help="Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW, AP-10K) in one fast, checksummed store.",
@@ -52,6 +55,8 @@ def synth(
     categories: Annotated[Optional[str], typer.Option(help="Comma-separated subset of the categories (SPair-71k's "
                                                            "18; AP-10K: species, e.g. cat,lion,wolf).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same bytes.")] = 0,
+    unseen: Annotated[bool, typer.Option("--unseen", help="Also write an SPair-U layer (ExtraImageAnnotation/, "
+                                         "ExtraPairAnnotation/test/): new keypoints on the same images.")] = False,
 ) -> None:
     """Write a synthetic dataset in a native layout: SPair-71k (images, masks, annotations, pairs, layouts)
     or AP-10K (images, COCO-style annotations, the pair files of each subset)."""
@@ -61,6 +66,10 @@ def synth(
         raise SpairstoreError(f"--dataset must be one of {', '.join(SYNTHESIZERS)}, not {dataset!r}")
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     size = {} if images_per_category is None else {"images_per_category": images_per_category}
+    if unseen:
+        if dataset != "spair71k":
+            raise SpairstoreError("--unseen (an SPair-U layer) applies to --dataset spair71k only")
+        size["unseen"] = True
     summary = SYNTHESIZERS[dataset](out_dir, categories=cats, seed=seed, progress=True, **size)
     typer.echo(str(summary))
 
@@ -128,24 +137,30 @@ def convert(
 def features(
     store: Annotated[Path, typer.Argument(help="Store to add the feature set to (.h5 file or .zarr directory).")],
     backbone: Annotated[str, typer.Option(help="efficientnet-lite0 (weights ship with spairstore: works offline), "
-                                               "resnet50, resnet101, dinov2-vits14 or dinov2-vitb14.")]
+                                               "resnet50, resnet101, dinov2-vit{s,b,l,g}14[-reg], "
+                                               "dinov3-vit{s,b,l}16; or your own network as MODULE:FACTORY "
+                                               "(pkg.mod:make or path/to/file.py:make).")]
     = "efficientnet-lite0",
     layers: Annotated[Optional[str], typer.Option(
         help="Comma-separated layers to tap: unit indices (ResNets: HPF hyperpixel ids, 0 = stem) or module "
-             "names (e.g. layer3, _blocks.10, blocks.11, norm). All are resampled onto the finest tapped grid "
-             "and concatenated. Default: the backbone's.")] = None,
+             "names (e.g. layer3, _blocks.10, encoder.layer.11, layernorm). All are resampled onto the finest "
+             "tapped grid and concatenated. Default: the backbone's.")] = None,
     input_size: Annotated[Optional[int], typer.Option(
         help="Side the S x S store frame is resized to before the backbone, in pixels; a multiple of 32 "
-             "(CNNs) or 14 (ViTs). Default: S rounded down to one.")] = None,
+             "(CNNs), 14 (DINOv2) or 16 (DINOv3). Default: S rounded down to one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     weights: Annotated[Optional[str], typer.Option(
-        help="Weights file (.pth/.safetensors). Default: the shipped or cached weights; 'random' builds the "
-             "architecture with seeded random weights (pipeline tests only).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Feature set name (default: the backbone's).")] = None,
+        help="Weights file (.pth), or for DINOv2/v3 a Hugging Face model folder. Default: the shipped or "
+             "cached weights; 'random' builds the architecture with seeded random weights (pipeline tests "
+             "only).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Feature set name (default: the backbone's; MODULE:FACTORY gives <module>.<factory>).")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace an existing feature set of this name, and discard an unfinished run of it made with "
              "other settings.")] = False,
+    flip: Annotated[bool, typer.Option(
+        help="Also store the maps of every image mirrored left to right, as the set NAME-flip.")] = False,
 ) -> None:
     """Run a backbone over every image of a store and add its float16 feature maps (N, C, h, w) as a named
     feature set. An interrupted run leaves the store readable without the set; running the same command
@@ -158,7 +173,7 @@ def features(
                        "again to resume"):
         summary = extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
                                    batch_size=batch_size, device=device, weights=weights, name=name,
-                                   overwrite=overwrite, progress=True)
+                                   overwrite=overwrite, progress=True, flip=flip)
     if _first_process():
         typer.echo(str(summary))
 
@@ -297,14 +312,17 @@ def bench(
 
 
 _METHOD_HELP = "Predictions from a method: identity (the dataset paper's baseline) or nn (needs --features)."
-_PROTOCOL_HELP = "Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy, ap10k (default: the store's dataset's)."
+_PROTOCOL_HELP = ("Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy, pfwillow-cats, pfwillow-dhpf, ap10k, "
+                  "geoaware, geoaware-sampled (default: the store's dataset's).")
 
 
-def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed):  # noqa: ANN001, ANN202
+def _protocol(store, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,  # noqa: ANN001, ANN202
+              aggregation=None, subset=None, keypoints=None):
     from .eval.protocols import resolve_protocol
 
     return resolve_protocol(protocol, store.dataset, alphas=alpha, direction=direction, threshold=threshold,
-                            comparison=comparison, frame=frame, subsample=subsample, seed=seed)
+                            comparison=comparison, frame=frame, subsample=subsample, seed=seed,
+                            aggregation=aggregation, keypoints=subset, keypoint_set=keypoints)
 
 
 @app.command("eval")
@@ -313,6 +331,9 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
     features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
+    flip: Annotated[str | None, typer.Option(
+        help="Test-time flip for nn (needs the feature set <features>-flip): adaptive (GeoAware-SC: masked "
+             "nearest-cell distance) or adaptive-mutual (mask-free, mutual nearest neighbours).")] = None,
     predictions: Annotated[Optional[Path], typer.Option(
         help="Predictions file (.npz keyed by pair id, .pt, .npy): keypoints in original pixels of the "
              "image predicted in (the target for src->trg).")] = None,
@@ -328,6 +349,18 @@ def eval_(
     frame: Annotated[Optional[str], typer.Option(help="Override: original or square.")] = None,
     subsample: Annotated[Optional[int], typer.Option(help="Evaluate this many random pairs per category.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of --subsample.")] = None,
+    aggregation: Annotated[str | None, typer.Option(
+        help="Override: per-image, per-point or both (comma-separated; the first is the headline).")] = None,
+    subset: Annotated[str | None, typer.Option(
+        help="Score only a keypoint subset: geo-aware (GeoAware-SC's geometry-aware keypoints).")] = None,
+    keypoints: Annotated[str | None, typer.Option(
+        help="Keypoint annotations scored: annotated (default) or unseen (SPair-U's, split <split>-unseen).")] = None,
+    dagger: Annotated[bool, typer.Option("--dagger", help="Also report PCK† (correct and nearest to its own "
+                                         "true keypoint among the target's annotated ones).")] = False,
+    per_keypoint: Annotated[bool, typer.Option("--per-keypoint", help="Also print PCK per category and keypoint "
+                                               "slot (with --plot: a heat map beside the plot).")] = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Score the predictions under each published "
+                                              "convention instead: one row per protocol.")] = False,
     report_format: Annotated[str, typer.Option("--report", help="Report format: text, markdown, csv or json.")] = "text",
     old_format: Annotated[Optional[str], typer.Option("--format", hidden=True, help="Deprecated: --report.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Same as --report json.")] = False,
@@ -352,28 +385,87 @@ def eval_(
     fmt = "json" if as_json else report_format
     if fmt not in ("text", "markdown", "csv", "json"):
         raise SpairstoreError(f"--report must be text, markdown, csv or json, not {fmt!r}")
+    if per_keypoint and fmt == "csv":
+        raise SpairstoreError("--per-keypoint adds a table: use --report text, markdown or json with it")
+    if sensitivity and (dagger or per_keypoint or plot):
+        raise SpairstoreError("--sensitivity makes its own table: leave out --dagger, --per-keypoint and --plot")
     output = output and _output(output)
     plot = plot and _output(plot, ".png")
     with open_store(store) as s:
-        proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed)
+        proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,
+                          aggregation, subset, keypoints)
         if head is not None:
             from .eval.methods import NearestNeighbour
             from .eval.models import load_head
 
             h = load_head(head)
-            source = NearestNeighbour(features or h.features, device, batch_size, progress=True, transform=h)
+            source = NearestNeighbour(features or h.features, device, batch_size, progress=True, flip=flip, transform=h)
         else:
-            source = get_method(method, features, device, batch_size, progress=True) if method else predictions
-        report = evaluate(s, split, source, proto)
-    text = report.render(fmt)
+            source = get_method(method, features, device, batch_size, progress=True, flip=flip) if method else predictions
+        if sensitivity:
+            from .eval.sensitivity import sensitivity_table
+
+            table = sensitivity_table(s, split, source, proto)
+            text = table.render(fmt)
+        else:
+            report = evaluate(s, split, source, proto, dagger=dagger)
+            text = report.render(fmt)
+            if per_keypoint:
+                text = (json.dumps({"report": report.to_dict(), "per_keypoint": report.per_keypoint()}, indent=2)
+                        if fmt == "json" else f"{text}\n\n{report.per_keypoint_table()}")
     if output:
         output.write_text(text + "\n")
     else:
         typer.echo(text)
-    if plot:
-        from .eval.viz import plot_reports
+    if plot and not sensitivity:
+        from .eval.viz import plot_per_keypoint, plot_reports
 
         plot_reports(report, plot)
+        if per_keypoint:
+            plot_per_keypoint(report, plot.with_name(f"{plot.stem}-keypoints.png"))
+
+
+def _source(spec: str, device: str | None, batch_size: int) -> Method | Path:
+    """``identity``, ``nn:FEATURES[:FLIP_RULE]`` or a predictions file, as ``compare`` names A and B."""
+    from .eval.methods import get_method
+
+    if spec == "identity" or spec.startswith("nn:"):
+        name, _, rest = spec.partition(":")
+        feats, _, flip = rest.partition(":")
+        return get_method(name, feats or None, device, batch_size, flip=flip or None)
+    if not Path(spec).is_file():
+        raise SpairstoreError(f"{spec}: neither a method (identity, nn:FEATURES) nor a predictions file")
+    return Path(spec)
+
+
+@app.command()
+def compare(
+    store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
+    a: Annotated[str, typer.Argument(help="A: a predictions file, identity, nn:FEATURES or nn:FEATURES:FLIP_RULE.")],
+    b: Annotated[str, typer.Argument(help="B: likewise; the report gives A - B.")],
+    split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
+    protocol: Annotated[str | None, typer.Option(help=_PROTOCOL_HELP)] = None,
+    alpha: Annotated[str | None, typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
+    aggregation: Annotated[str | None, typer.Option(help="Override: per-image, per-point or both.")] = None,
+    subset: Annotated[str | None, typer.Option(help="Score only a keypoint subset: geo-aware.")] = None,
+    keypoints: Annotated[str | None, typer.Option(help="annotated (default) or unseen (SPair-U).")] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples of the pairs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    confidence: Annotated[float, typer.Option(help="Interval, percent.")] = 95.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    device: Annotated[str | None, typer.Option(help="Device for nn (default: cuda if available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch for nn.")] = 32,
+) -> None:
+    """PCK of A minus PCK of B on the same pairs -- overall, per category and per variation factor -- with
+    paired bootstrap confidence intervals (pairs resampled) and p-values."""
+    from .eval.compare import compare as run_compare
+    from .store.reader import open as open_store
+
+    with open_store(store) as s:
+        proto = _protocol(s, protocol, alpha, None, None, None, None, None, None, aggregation, subset, keypoints)
+        result = run_compare(s, split, _source(a, device, batch_size), _source(b, device, batch_size), proto,
+                             resamples=resamples, seed=seed, confidence=confidence, names=(a, b))
+    typer.echo(result.render("json" if as_json else "text"))
 
 
 @app.command()

@@ -39,17 +39,18 @@ def reference(store: spairstore.Store, split: str, pred: np.ndarray, proto: Prot
         img = int(t.trg[j] if fwd else t.src[j])
         true = (t.trg_kps if fwd else t.src_kps)[j, :n].tolist()
         W, H = (float(v) for v in store.images.size[img])
-        fx, fy = (1.0, 1.0) if proto.frame == "original" else (1 / W, 1 / H)
+        side = proto.square_side or 1
+        fx, fy = (1.0, 1.0) if proto.frame == "original" else (side / W, side / H)
         if proto.threshold == "bbox":
             x1, y1, x2, y2 = (float(v) for v in store.images.bbox[img])
             base = max((x2 - x1) * fx, (y2 - y1) * fy)
         elif proto.threshold == "image":
             base = max(W * fx, H * fy)
         else:
-            xs, ys = [p[0] for p in true], [p[1] for p in true]
+            xs, ys = [p[0] * fx for p in true], [p[1] * fy for p in true]  # the padding lies in the frame
             if proto.threshold == "kp-extent-padded":
                 xs, ys = xs + [-1.0], ys + [-1.0]
-            base = max((max(xs) - min(xs)) * fx, (max(ys) - min(ys)) * fy)
+            base = max(max(xs) - min(xs), max(ys) - min(ys))
         counts = []
         for a in proto.alphas:
             c = 0
@@ -161,7 +162,8 @@ def test_identity_matches_loop_on_train_split(store: spairstore.Store) -> None:
 @pytest.mark.parametrize("name", list(PROTOCOLS))
 def test_all_correct_and_all_wrong(store: spairstore.Store, name: str) -> None:
     t = store.pairs("test")
-    for pred, want in ((t.trg_kps, 100.0), (t.trg_kps + 1e6, 0.0)):
+    true = t.trg_kps if PROTOCOLS[name].direction == "src->trg" else t.src_kps
+    for pred, want in ((true, 100.0), (true + 1e6, 0.0)):
         d = spairstore.evaluate(store, "test", pred.astype(np.float64), name).to_dict()
         for a in d["pck"].values():
             assert a == {"per_image": want, "per_point": want}
@@ -211,7 +213,7 @@ def test_one_keypoint_pairs(store: spairstore.Store, synth_store: Path, tmp_path
                     reference(one, "test", pred, proto))
         for cells in got["pck"].values():  # one keypoint: per image == per point
             assert cells["per_image"] == pytest.approx(cells["per_point"])
-        assert rep.valid.sum() == one.pairs("test").rows
+        assert rep.valid.sum() == rep.pairs  # one keypoint per pair evaluated (a sampled pair may repeat)
     # one keypoint has zero extent: the keypoint-extent threshold is 0, only an exact hit counts
     t = one.pairs("test")
     exact = spairstore.evaluate(one, "test", t.trg_kps.astype(np.float64), "pfwillow")

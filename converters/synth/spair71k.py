@@ -1,7 +1,7 @@
 """A synthetic SPair-71k, written in the dataset's native layout and byte format.
 
 :func:`synthesize` writes ``JPEGImages/``, ``Segmentation/``, ``ImageAnnotation/``, ``PairAnnotation/``
-and ``Layout/`` exactly as the real dataset lays them out, so every tool that reads SPair-71k (our
+and ``Layout/`` exactly as the real dataset lays them out (and, with ``unseen``, an SPair-U layer), so every tool that reads SPair-71k (our
 converter included) can be exercised, benchmarked and demonstrated without the real data.
 
 The images carry signal, so that matching on features beats the identity mapping. Each category has a
@@ -145,8 +145,24 @@ def _split_sizes(n: int) -> dict[str, int]:
     return {"trn": n - val - test, "val": val, "test": test}
 
 
+#: SPair-U-like new keypoints: new slot i is the midpoint of the template's slots i and i + 2 (a point
+#: on the object between two known parts, where neither existing slot is), visible when both are.
+_UNSEEN = 6
+
+
+def unseen_annotation(ann: dict[str, Any]) -> dict[str, Any]:
+    """The ExtraImageAnnotation of an image: its annotation with ``kps`` replaced by :data:`_UNSEEN` new
+    points (slot i = the midpoint of slots i and i + 2, rounded to whole pixels; null unless both shown)."""
+    kps: dict[str, Any] = {str(k): None for k in range(NUM_KEYPOINTS)}
+    for i in range(_UNSEEN):
+        a, b = ann["kps"][str(i)], ann["kps"][str(i + 2)]
+        if a is not None and b is not None:
+            kps[str(i)] = [round((a[0] + b[0]) / 2), round((a[1] + b[1]) / 2)]
+    return {**ann, "kps": kps}
+
+
 def synthesize(out_dir: str | Path, images_per_category: int = 12, categories: Sequence[str] | None = None,
-               seed: int = 0, progress: bool = False) -> SynthSummary:
+               seed: int = 0, progress: bool = False, unseen: bool = False) -> SynthSummary:
     """Write a synthetic SPair-71k into ``out_dir`` (created; must not exist or be empty).
 
     ``images_per_category`` images for each of ``categories`` (default all 18; written in the dataset's
@@ -160,6 +176,10 @@ def synthesize(out_dir: str | Path, images_per_category: int = 12, categories: S
     category (sorted), sources then targets in name order, starting at 0; self-pairs take an id,
     pairs without a common keypoint take none. Ids therefore start at 1 and have a gap at every
     self-pair.
+
+    ``unseen`` also writes an SPair-U layer: ``ExtraImageAnnotation/<cat>/<name>.json`` for every image
+    (:func:`unseen_annotation`) and ``ExtraPairAnnotation/test/<stem>.json`` for each test pair whose
+    images share a new keypoint, built by the dataset's pair rule with the pair's own id and stem.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -186,6 +206,10 @@ def synthesize(out_dir: str | Path, images_per_category: int = 12, categories: S
             (out_dir / "Segmentation" / c / f"{name}.png").write_bytes(png)
             (out_dir / "ImageAnnotation" / c / f"{name}.json").write_text(json.dumps(ann), encoding="ascii")
             anns[(c, name)] = ann
+            if unseen:
+                extra = out_dir / "ExtraImageAnnotation" / c
+                extra.mkdir(parents=True, exist_ok=True)
+                (extra / f"{name}.json").write_text(json.dumps(unseen_annotation(ann)), encoding="ascii")
             bar.update()
     bar.close()
 
@@ -219,6 +243,8 @@ def synthesize(out_dir: str | Path, images_per_category: int = 12, categories: S
                         next_id += 1
                         (pair_dir / f"{pair['filename']}.json").write_text(json.dumps(pair), encoding="ascii")
                         stems.append(pair["filename"])
+                        if unseen and split == "test":
+                            _write_unseen_pair(out_dir, anns[(c, a)], anns[(c, b)], pair)
                 bar.update(len(imgs))
         # Layout files end every line with "\n", the last included, as the real ones do.
         (out_dir / "Layout" / "large" / f"{split}.txt").write_text("".join(s + "\n" for s in stems))
@@ -228,3 +254,12 @@ def synthesize(out_dir: str | Path, images_per_category: int = 12, categories: S
         counts[split] = len(stems)
     bar.close()
     return SynthSummary(out_dir=out_dir, images=len(anns), pairs=counts, seconds=time.perf_counter() - start)
+
+
+def _write_unseen_pair(out_dir: Path, src: dict[str, Any], trg: dict[str, Any], pair: dict[str, Any]) -> None:
+    """SPair-U's file for ``pair`` (same id and stem) where its images share a new keypoint."""
+    extra = pair_annotation(unseen_annotation(src), unseen_annotation(trg), pair["pair_id"])
+    if extra["kps_ids"]:
+        folder = out_dir / "ExtraPairAnnotation" / "test"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{pair['filename']}.json").write_text(json.dumps(extra), encoding="ascii")

@@ -41,6 +41,9 @@ class ImageRecord:
     occluded: int = -1
     difficult: int = -1
     depth: int = 3  #: channels as annotated
+    #: (K, 2) float32 keypoints of a second annotation of the image (SPair-U's unseen keypoints), original
+    #: pixels, NaN absent; None where the dataset has no such layer
+    extra_keypoints: np.ndarray | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -95,6 +98,9 @@ class DatasetRecords:
     #: category -> slot permutation under a horizontal flip (slot k of the mirrored image shows the part
     #: of slot ``perm[k]``); None where the dataset has no left/right keypoint semantics.
     keypoint_flip: dict[str, list[int]] | None = None
+    #: category -> groups of same-type keypoint slots (e.g. a car's four wheels; two or more slots each,
+    #: the dataset's numbering): GeoAware-SC's geometry-aware subset. Empty where the dataset has none.
+    keypoint_groups: dict[str, list[list[int]]] = field(default_factory=dict)
     #: grouping name -> the group of each category, in ``categories`` order (AP-10K: ``family``)
     category_groups: dict[str, list[str]] = field(default_factory=dict)
     #: names of the pair subsets ``PairRecord.subset`` indexes; empty where the dataset has none

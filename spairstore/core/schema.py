@@ -105,6 +105,7 @@ class Field:
     rows: str = ""  #: rows of the array where not its table's (``N + 1``, ``bytes``, ``N or 0``)
     since: tuple[int, int] = (1, 0)  #: format version that added it
     optional: bool = False  #: a store may lack it (root attrs: not refused when absent)
+    layer: bool = False  #: an annotation layer only some sources have: absent is normal, not "missing"
     #: the value of one row from its record; None where the writer computes the array otherwise
     #: (payloads and their offsets and CRC-32s while decoding, the manifest while hashing)
     encode: Encoder | None = field(default=None, compare=False, repr=False)
@@ -172,6 +173,10 @@ _IMAGES = [
           units="pixels", frame="original px", padding="NaN", encode=_attr("bbox")),
     Field("images/keypoints", "float32", ("K", 2), doc="x, y of each keypoint slot", units="pixels",
           frame="original px", padding="NaN", encode=_attr("keypoints")),
+    Field("images/extra_keypoints", "float32", ("K", 2), optional=True, layer=True, since=(1, 2), units="pixels",
+          frame="original px", padding="NaN",
+          doc="x, y of a second annotation's keypoints (SPair-U's unseen ones; split <s>-unseen); only where the "
+              "source has that layer"),
     Field("images/azimuth", "int8", doc="SPair azimuth bin 0..7", padding=_UNKNOWN, encode=_attr("azimuth")),
     Field("images/pose", "int8", doc="index into pose_names", padding=_UNKNOWN,
           encode=lambda r, e: e.pose[r.pose]),
@@ -270,6 +275,11 @@ _ROOT = [
                 _is_list_of_str, since=(1, 1)),
     _attr_field("category_groups", "json", "grouping -> group of each category, in categories order",
                 lambda v: isinstance(v, dict) and all(_is_list_of_str(g) for g in v.values()), since=(1, 1)),
+    _attr_field("keypoint_groups", "json", "category -> lists of two or more same-type keypoint slots (a car's "
+                "four wheels): the geometry-aware subset of eval --subset geo-aware",
+                lambda v: isinstance(v, dict) and all(
+                    isinstance(gs, list) and all(isinstance(g, list) and len(g) >= 2 and all(_is_int(k) for k in g)
+                                                 for g in gs) for gs in v.values()), since=(1, 2)),
 ]
 
 #: Every array and root attribute of a store, once.

@@ -38,14 +38,38 @@ _SWAP_SIDES = np.array([0, 2, 1, 3], dtype=np.int8)
 _SIDED = ("truncation", "occlusion")
 
 
+def table_split(store: Store, split: str, protocol: Protocol) -> str:
+    """The pair table the protocol scores for ``split``: itself, or SPair-U's ``<split>-unseen``."""
+    if protocol.keypoint_set == "annotated" or split.endswith("-unseen"):
+        return split
+    name = f"{split}-unseen"
+    if name not in store.splits or "extra_keypoints" not in store.images:
+        raise StoreError(f"{store.path}: no SPair-U layer for split {split!r} (split {name!r}); pack a root "
+                         "holding ExtraImageAnnotation/ and ExtraPairAnnotation/")
+    return name
+
+
 def select_pairs(store: Store, split: str, protocol: Protocol) -> np.ndarray:
-    """Pair rows of ``split`` the protocol evaluates, ascending: all, or ``subsample`` per category drawn
-    without replacement by ``numpy.random.default_rng(seed)``, categories in index order."""
+    """Pair rows of ``split`` the protocol evaluates: every row, ascending, or ``subsample`` per category.
+
+    ``sampling="rng"``: drawn without replacement by ``numpy.random.default_rng(seed)``, categories in
+    index order, rows ascending. ``sampling="geoaware-sc"``: GeoAware-SC's draw exactly -- per category
+    (index order) its pairs sorted by file name (``<stem>.json``, as its ``sorted(glob(...))``), then
+    ``np.random.seed(seed); np.random.choice(n, subsample)``: with replacement, so a row may repeat; rows
+    in drawn order."""
     table = store.pairs(split)
     if protocol.subsample is None:
         return np.arange(table.rows)
-    rng = np.random.default_rng(protocol.seed)
     picked = []
+    if protocol.sampling == "geoaware-sc":
+        stems = np.array([f"{s}.json" for s in table.stem.astype(str)])
+        for c in np.unique(table.category):
+            rows = np.flatnonzero(table.category == c)
+            rows = rows[np.argsort(stems[rows], kind="stable")]
+            legacy = np.random.RandomState(protocol.seed)  # what np.random.seed(seed) sets up
+            picked.append(rows[legacy.choice(len(rows), protocol.subsample)])
+        return np.concatenate(picked) if picked else np.arange(0)
+    rng = np.random.default_rng(protocol.seed)
     for c in np.unique(table.category):
         rows = np.flatnonzero(table.category == c)
         picked.append(rows if len(rows) <= protocol.subsample else rng.choice(rows, protocol.subsample, replace=False))
@@ -53,19 +77,20 @@ def select_pairs(store: Store, split: str, protocol: Protocol) -> np.ndarray:
 
 
 def evaluate(store: Store | str | Path, split: str, predictions: Predictions,
-             protocol: str | Protocol | None = None) -> Report:
+             protocol: str | Protocol | None = None, dagger: bool = False) -> Report:
     """PCK of ``predictions`` on ``split`` under ``protocol`` (by default the one the store's dataset implies).
 
     ``predictions`` are keypoints in *original pixels* of the image they are predicted in (the target
     image for ``src->trg``), one per pair keypoint in the pair's keypoint order; see :data:`Predictions`.
     A method (e.g. :class:`~spairstore.eval.methods.Identity`) is run on exactly the pairs evaluated.
-    A prediction that is NaN counts as wrong.
+    A prediction that is NaN counts as wrong. ``dagger`` also computes PCK† (:func:`score`).
     """
     if not isinstance(store, Store):
         from ..store.reader import open as open_store
 
         store = open_store(store)
     proto = get_protocol(protocol, store.dataset)
+    split = table_split(store, split, proto)
     rows = select_pairs(store, split, proto)
     if callable(predictions):
         method = getattr(predictions, "name", getattr(predictions, "__name__", "method"))
@@ -73,44 +98,73 @@ def evaluate(store: Store | str | Path, split: str, predictions: Predictions,
     else:
         method = str(predictions) if isinstance(predictions, (str, Path)) else None
         pred = load_predictions(predictions, store, split)[rows]
-    return score(store, split, rows, pred, proto, method=method)
+    return score(store, split, rows, pred, proto, method=method, dagger=dagger)
 
 
 def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol: Protocol,
-          method: str | None = None) -> Report:
-    """Score ``pred`` (float (len(rows), M, 2), original pixels of the predicted-in image) for pair ``rows``."""
+          method: str | None = None, dagger: bool = False) -> Report:
+    """Score ``pred`` (float (len(rows), M, 2), original pixels of the predicted-in image) for pair ``rows``.
+
+    With ``keypoints="geo-aware"`` only that subset is scored (:func:`~spairstore.eval.subsets.geo_aware_mask`),
+    on the pairs holding at least one such keypoint; the report keeps the share of pairs and keypoints.
+    ``dagger``: PCK† too -- a keypoint counts only if correct *and* no other annotated keypoint of the
+    predicted-in image (``images/keypoints``, every visible slot) lies strictly nearer the prediction."""
+    split = table_split(store, split, protocol)
     t = store.pairs(split)
     im = store.images
+    # every annotated keypoint of each image, of the set scored (PCK†'s rivals)
+    shown_kps = im.extra_keypoints if protocol.keypoint_set == "unseen" else im.keypoints
     forward = protocol.direction == "src->trg"
-    img = (t.trg if forward else t.src)[rows]
-    true = (t.trg_kps if forward else t.src_kps)[rows].astype(np.float64)
-    P, M = true.shape[:2]
+    share = None
     pred = np.asarray(pred, dtype=np.float64)
-    if pred.shape != (P, M, 2):
-        raise PredictionsError(f"predictions for {P} pairs have shape {pred.shape}, expected {(P, M, 2)}")
+    want = (len(rows), t.kps_ids.shape[1], 2)
+    if pred.shape != want:
+        raise PredictionsError(f"predictions for {want[0]} pairs have shape {pred.shape}, expected {want}")
+    if protocol.keypoints == "geo-aware":
+        from .subsets import geo_aware_mask
+
+        subset = geo_aware_mask(store, split, rows, protocol.direction)
+        in_subset = subset.any(1)
+        n_all = int(t.n_kps[rows].sum())
+        share = {"pairs": float(in_subset.mean() * 100) if len(rows) else None,
+                 "keypoints": float(subset.sum() / n_all * 100) if n_all else None,
+                 "of_pairs": len(rows), "of_keypoints": n_all}
+        rows, subset, pred = rows[in_subset], subset[in_subset], pred[in_subset]
+    img = (t.trg if forward else t.src)[rows]
+    query = (t.src if forward else t.trg)[rows]
+    true = (t.trg_kps if forward else t.src_kps)[rows].astype(np.float64)
+    M = true.shape[1]
     valid = (np.arange(M) < t.n_kps[rows, None]) & np.isfinite(true).all(-1)
+    if protocol.keypoints == "geo-aware":
+        valid &= subset
     size = im.size[img].astype(np.float64)
-    # Per-axis factor into the frame of the measurement; the square frame's side cancels out of PCK.
-    f = np.ones_like(size) if protocol.frame == "original" else 1.0 / size
+    # Per-axis factor into the frame of the measurement (x W'/W, y H'/H for a W' x H' square).
+    side = float(protocol.square_side or 1)
+    f = np.ones_like(size) if protocol.frame == "original" else side / size
     distance = np.where(valid, np.hypot(*((pred - true) * f[:, None, :]).transpose(2, 0, 1)), np.nan)
 
-    if protocol.threshold == "bbox":
-        b = im.bbox[img].astype(np.float64)
-        extent = b[:, 2:] - b[:, :2]
+    if protocol.threshold in ("bbox", "query-bbox"):
+        on = img if protocol.threshold == "bbox" else query
+        b = im.bbox[on].astype(np.float64)
+        fb = f if on is img else (np.ones_like(size) if protocol.frame == "original" else side / im.size[on])
+        base = ((b[:, 2:] - b[:, :2]) * fb).max(1)
     elif protocol.threshold == "image":
-        extent = size
+        base = (size * f).max(1)
     else:
-        lo = np.where(valid[..., None], true, np.inf).min(1)
-        hi = np.where(valid[..., None], true, -np.inf).max(1)
+        framed = true * f[:, None, :]  # the padding point (-1, -1) lies in the measured frame
+        lo = np.where(valid[..., None], framed, np.inf).min(1)
+        hi = np.where(valid[..., None], framed, -np.inf).max(1)
         if protocol.threshold == "kp-extent-padded":
             lo, hi = np.minimum(lo, -1.0), np.maximum(hi, -1.0)
-        extent = np.where(np.isfinite(lo), hi - lo, np.nan)
-    base = (extent * f).max(1)
+        base = np.where(np.isfinite(lo), hi - lo, np.nan).max(1)
 
     alphas = np.array(protocol.alphas)
     limit = alphas[:, None, None] * base[None, :, None]
     within = distance[None] <= limit if protocol.comparison == "<=" else distance[None] < limit
     correct = within & valid[None]
+    nearest_ok = None
+    if dagger:
+        nearest_ok = _nearest_is_own(pred, t.kps_ids[rows], shown_kps[img].astype(np.float64), f, valid)
 
     labels = {k: t[k][rows].copy() for k in LEVELS if k in t}
     if not forward:
@@ -123,8 +177,26 @@ def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol
         categories=list(store.categories), rows=rows, pair_id=t.pair_id[rows], category=t.category[rows].astype(np.int64),
         labels=labels, valid=valid, distance=distance, base=base, correct=correct,
         missing=int((valid & ~np.isfinite(pred).all(-1)).sum()), groups=pair_groups(store, split, rows),
+        kps_ids=t.kps_ids[rows].astype(np.int64), nearest_ok=nearest_ok, subset_share=share,
         pair_list_sha256=pair_list_sha256(split, zip(t.pair_id[rows].tolist(), keys(t.src[rows]), keys(t.trg[rows]))),
     )
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f} %"
+
+
+def _nearest_is_own(pred: np.ndarray, kps_ids: np.ndarray, shown: np.ndarray, f: np.ndarray,
+                    valid: np.ndarray) -> np.ndarray:
+    """bool (P, M): no annotated keypoint of the predicted-in image (``shown`` (P, K, 2), NaN = absent)
+    other than the pair keypoint's own slot lies strictly nearer its prediction, in the measured frame."""
+    j, m = np.nonzero(valid)  # only real keypoints: (n, K) instead of (P, M, K)
+    d2 = (((pred[j, m][:, None, :] - shown[j]) * f[j][:, None, :]) ** 2).sum(-1)
+    d2[np.isnan(d2)] = np.inf  # an absent slot is never nearer
+    own = d2[np.arange(len(j)), kps_ids[j, m]]
+    out = np.zeros(valid.shape, dtype=bool)
+    out[j, m] = d2.min(1) >= own
+    return out
 
 
 def pair_groups(store: Store, split: str, rows: np.ndarray) -> dict[str, tuple[np.ndarray, list[str]]]:
@@ -184,6 +256,11 @@ class Report:
             of the reversed pair); -1 = unknown.
         missing: keypoints whose prediction was NaN (counted wrong).
         groups: the store's further breakdowns (:func:`pair_groups`): name -> (group per pair, names).
+        kps_ids: (P, M) keypoint slot id of each pair keypoint (the dataset's numbering; -1 padding).
+        nearest_ok: (P, M) bool, for PCK†: no other annotated keypoint of the predicted-in image nearer
+            the prediction than its own (None unless asked for).
+        subset_share: with a keypoint subset, the percent of ``of_pairs`` pairs and ``of_keypoints``
+            keypoints selected before it that hold / are in it (None without).
         pair_list_sha256: SHA-256 of the pairs evaluated, in order
             (:func:`~spairstore.core.records.pair_list_sha256`); with every pair of the split evaluated it
             equals the store's ``pair_list_sha256`` attribute of the split.
@@ -205,6 +282,9 @@ class Report:
     correct: np.ndarray
     missing: int = 0
     groups: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict)
+    kps_ids: np.ndarray | None = None
+    nearest_ok: np.ndarray | None = None
+    subset_share: dict[str, Any] | None = None
     pair_list_sha256: str = ""
     _results: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -274,8 +354,50 @@ class Report:
             out["controlled"][k] = {lv: _cells(pi, pp, j, p) for j, lv in enumerate(levels)}
             counts["controlled"][k] = {lv: int(n[j]) for j, lv in enumerate(levels)}
         out["counts"] = counts
+        if self.subset_share is not None:
+            out["keypoint_subset"] = {"name": p.keypoints, **self.subset_share}
+        if self.nearest_ok is not None:
+            dc = (self.correct & self.nearest_ok[None]).sum(-1)
+            pi, pp, _ = _grouped(np.zeros(self.pairs, dtype=np.int64), 1, dc, nv)
+            out["pck_dagger"] = _cells(pi, pp, 0, p)
+            pi, pp, _ = _grouped(self.category, len(self.categories), dc, nv)
+            out["by_category_dagger"] = {c: _cells(pi, pp, j, p) for j, c in enumerate(self.categories)}
         self._results = out
         return out
+
+    def per_keypoint(self) -> dict[str, Any]:
+        """PCK per category and keypoint slot id (the dataset's numbering): ``{"pck": {category: {slot:
+        {alpha: {aggregation: percent}}}}, "counts": {category: {slot: keypoints}}}``; per image and per
+        point coincide for one keypoint, so both carry the pooled fraction. Slots never evaluated are left out."""
+        if self.kps_ids is None:
+            raise ValueError("this report has no keypoint ids (made by an older score())")
+        C, K = len(self.categories), int(self.kps_ids.max(initial=-1)) + 1
+        cell = np.where(self.valid, self.category[:, None] * K + self.kps_ids, -1).ravel()
+        keep = cell >= 0
+        n = np.bincount(cell[keep], minlength=C * K)
+        hits = np.stack([np.bincount(cell[keep], weights=c.ravel()[keep], minlength=C * K) for c in self.correct])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pct = hits / n * 100
+        out: dict[str, Any] = {"pck": {}, "counts": {}}
+        for j, c in enumerate(self.categories):
+            slots = [k for k in range(K) if n[j * K + k] > 0]
+            if not slots:
+                continue
+            out["counts"][c] = {str(k): int(n[j * K + k]) for k in slots}
+            out["pck"][c] = {str(k): {alpha_key(a): {agg: float(pct[i, j * K + k]) for agg in self.protocol.aggregation}
+                                      for i, a in enumerate(self.protocol.alphas)} for k in slots}
+        return out
+
+    def per_keypoint_table(self, alpha: float | None = None) -> str:
+        """Text table of :meth:`per_keypoint` at one α (default the first): a row per category, a column per slot."""
+        a = alpha_key(self.protocol.alphas[0] if alpha is None else alpha)
+        d = self.per_keypoint()
+        K = int(self.kps_ids.max(initial=-1)) + 1 if self.kps_ids is not None else 0
+        slots = [k for k in range(K) if any(str(k) in v for v in d["counts"].values())]
+        agg = self.protocol.aggregation[0]
+        rows = [(c, [d["pck"][c][str(k)][a][agg] if str(k) in d["pck"][c] else None for k in slots]) for c in d["pck"]]
+        return text_table(f"PCK@{a} (%) per keypoint slot (rows: categories; blank: slot not evaluated)",
+                          [("", str(k)) for k in slots], rows)
 
     # -- renderings ----------------------------------------------------------------------------------
     def to_json(self, indent: int | None = 2) -> str:
@@ -292,6 +414,9 @@ class Report:
         rows = [("pairs", [d["counts"]["by_category"][c] for c in cats] + [d["pairs"], None])]
         rows += [(label(a, agg), [d["by_category"][c][a][agg] for c in cats] + [d["pck"][a][agg], d["category_mean"][a][agg]])
                  for a, agg in keys]
+        if "pck_dagger" in d:
+            rows += [(label(a, agg).replace("PCK", "PCK†"), [d["by_category_dagger"][c][a][agg] for c in cats]
+                      + [d["pck_dagger"][a][agg], None]) for a, agg in keys]
         tables.append(("PCK (%) per category (mean = unweighted mean over categories)", cols, rows))
         for g, levels in d["by_group"].items():
             shown = [lv for lv in levels if d["counts"]["by_group"][g][lv] > 0]
@@ -314,8 +439,15 @@ class Report:
     def _header(self) -> str:
         method = f", method {self.method}" if self.method else ""
         miss = f", {self.missing:,} keypoints without a prediction (counted wrong)" if self.missing else ""
+        sub = ""
+        if self.subset_share is not None:
+            sh = self.subset_share
+            sub = (f"\n{self.protocol.keypoints} subset: {self.pairs:,} of {sh['of_pairs']:,} pairs "
+                   f"({_pct(sh['pairs'])}), {int(self.valid.sum()):,} of {sh['of_keypoints']:,} keypoints ({_pct(sh['keypoints'])})")
+        dagger = ("\nPCK†: correct and no other annotated keypoint of the predicted-in image nearer the prediction"
+                  if self.nearest_ok is not None else "")
         return (f"{self.dataset} {self.split}: {self.pairs:,} pairs, {int(self.valid.sum()):,} keypoints{method}{miss}\n"
-                f"{self.protocol}\npair list sha256 {self.pair_list_sha256}")
+                f"{self.protocol}{sub}{dagger}\npair list sha256 {self.pair_list_sha256}")
 
     def to_text(self) -> str:
         """Terminal tables, laid out like the dataset paper (category names abbreviated)."""
@@ -338,6 +470,8 @@ class Report:
                     w.writerow([section, group, level, a, agg, "" if v is None else repr(v), pairs])
 
         put("all", "", "all", d["pck"], d["pairs"])
+        if "pck_dagger" in d:
+            put("all_dagger", "", "all", d["pck_dagger"], d["pairs"])
         put("category_mean", "", "mean", d["category_mean"], "")
         for c, cells in d["by_category"].items():
             put("category", "category", c, cells, d["counts"]["by_category"][c])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -18,6 +18,9 @@ from ..core import geometry
 from ..core.device import resolve_device
 from ..core.errors import SpairstoreError, StoreError
 from ..store.reader import Store
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Method(Protocol):
@@ -46,6 +49,13 @@ class Identity:
         return kps * (size[b] / size[a])[:, None, :]
 
 
+#: Test-time flip rules for :class:`NearestNeighbour` (GeoAware-SC's adaptive flip): how "the flipped
+#: source matches the target better" is measured. ``adaptive``: mean over the source's foreground cells
+#: (mask at the cell centre not 0 or 255) of the distance to the nearest target foreground cell.
+#: ``adaptive-mutual``: mask-free, the mean distance over mutual nearest-neighbour cells.
+FLIP_RULES = ("adaptive", "adaptive-mutual")
+
+
 class NearestNeighbour:
     """Nearest neighbour on a stored feature set: each query keypoint takes the feature of the cell it falls
     in (original -> store pixels -> nearest cell) and is predicted at the centre of the most cosine-similar
@@ -54,18 +64,41 @@ class NearestNeighbour:
     matmul, on ``device`` (CUDA when available unless given), under ``torch.no_grad``.
 
     ``transform`` (e.g. a trained head, :func:`spairstore.eval.models.load_head`) is a ``torch.nn.Module``
-    applied to the stored maps first, float32 ``(B, C, h, w)`` -> ``(B, C', h', w')``, in eval mode. It
-    keeps the cell grid unless it declares an attribute ``cell_stride`` (input cells per output cell and
-    side, e.g. 2 for a stride-2 conv, 0.5 for a 2x upsampling): then its grid covers the same store pixels
-    with the geometry :func:`spairstore.core.geometry.regrid` gives, and ``(h', w')`` must match it.
+    applied to the stored maps first (the flipped set's too), float32 ``(B, C, h, w)`` -> ``(B, C', h', w')``,
+    moved to ``device`` and in eval mode for the call (its mode is restored after). It keeps the cell grid
+    unless it declares an attribute ``cell_stride`` (input cells per output cell and side, e.g. 2 for a
+    stride-2 conv, 0.5 for a 2x upsampling): then its grid covers the same store pixels with the geometry
+    :func:`spairstore.core.geometry.regrid` gives, and ``(h', w')`` must match it.
+
+    ``flip`` (one of :data:`FLIP_RULES`) adds GeoAware-SC's test-time flip. It needs the feature set
+    ``<features>-flip`` (attributes ``flip_of: <features>``, ``flipped: true``): features of each image's
+    store pixels mirrored left-right, so store point ``(x, y)`` lies at ``(S - x, y)`` there. The query
+    keypoint of part ``k`` in the mirrored query image is the mirror of the query's part ``perm[k]`` (the
+    store's ``keypoint_flip``); where the mirrored query matches the other image better than the query
+    itself (the rule's distance, lower), its predictions replace the originals for the keypoints whose
+    mirror partner is a keypoint of the pair (parts on the symmetry plane are their own partner).
     """
 
     def __init__(self, features: str, device: str | None = None, batch_size: int = 32, progress: bool = False,
-                 transform: Callable[[Any], Any] | None = None):
-        self.features, self.device, self.batch_size, self.progress = features, device, batch_size, progress
+                 flip: str | None = None, transform: Callable[[Any], Any] | None = None):
+        if flip is not None and flip not in FLIP_RULES:
+            raise SpairstoreError(f"unknown flip rule {flip!r} (known: {', '.join(FLIP_RULES)})")
+        self.features, self.device, self.batch_size, self.progress, self.flip = features, device, batch_size, progress, flip
         self.transform = transform
-        label = getattr(transform, "name", type(transform).__name__)
-        self.name = f"nn[{features}]" if transform is None else f"nn[{features} -> {label}]"
+        label = "" if transform is None else f" -> {getattr(transform, 'name', type(transform).__name__)}"
+        self.name = f"nn[{features}{label}]" if flip is None else f"nn[{features}{label},flip={flip}]"
+
+    def _flip_set(self, store: Store) -> str:
+        name = f"{self.features}-flip"
+        geom = store.feature_sets.get(name)
+        if geom is None or geom.get("flip_of") != self.features or not geom.get("flipped"):
+            raise StoreError(f"{store.path}: --flip needs the feature set {name!r} with attributes flip_of "
+                             f"{self.features!r} and flipped true (features of the mirrored images)")
+        if store.keypoint_flip is None:
+            raise StoreError(f"{store.path}: no keypoint_flip attribute, so mirrored keypoints cannot be relabelled")
+        if self.flip == "adaptive" and store.shapes["images/mask"][0][0] == 0:
+            raise StoreError(f"{store.path}: has no masks; use the mask-free flip rule adaptive-mutual")
+        return name
 
     def __call__(self, store: Store, split: str, rows: np.ndarray, direction: str = "src->trg") -> np.ndarray:
         import torch
@@ -73,6 +106,7 @@ class NearestNeighbour:
         if self.features not in store.feature_sets:
             raise StoreError(f"{store.path}: no feature set {self.features!r} "
                              f"(store has {', '.join(store.feature_sets) or 'none'})")
+        flip_set = self._flip_set(store) if self.flip else None
         geom, size = store.feature_sets[self.features], store.image_size
         if self.transform is not None:
             wants = getattr(self.transform, "in_channels", None)
@@ -85,10 +119,18 @@ class NearestNeighbour:
         a, b, kps = _sides(store, split, rows, direction)
         q_store = store.to_store(kps, a[:, None])
         ok = np.isfinite(q_store).all(-1)
-        q_cell = geometry.store_to_cell(np.where(ok[..., None], q_store, 0.0), geom, size)
-        q_flat = q_cell[..., 1] * w + q_cell[..., 0]
+        q_flat = _flat_cell(np.where(ok[..., None], q_store, 0.0), geom, size)
         col, row = np.meshgrid(np.arange(w), np.arange(h))
         centres = geometry.cell_to_store(np.stack([col.ravel(), row.ravel()], -1), geom, size)  # (h*w, 2), row-major
+        if flip_set:
+            t = store.pairs(split)
+            ids = np.where(ok, t.kps_ids[rows], -1).astype(np.int64)
+            partner = np.take_along_axis(store.keypoint_flip[t.category[rows]], ids.clip(0), 1)  # (P, M) slots
+            # the pair keypoint showing each keypoint's mirror partner, -1 where the pair lacks it
+            at = (ids[:, None, :] == partner[:, :, None]) & (ids[:, None, :] >= 0)
+            src_of = np.where(at.any(2) & ok, at.argmax(2), -1)
+            mirrored = np.take_along_axis(q_store, src_of.clip(0)[..., None], 1) * [-1, 1] + [size, 0]
+            f_flat = _flat_cell(np.where((src_of >= 0)[..., None], mirrored, 0.0), geom, size)
         im = store.images
         out = np.full(kps.shape, np.nan)
         starts = range(0, len(rows), self.batch_size)
@@ -97,34 +139,51 @@ class NearestNeighbour:
                           dynamic_ncols=True):
                 sl = slice(s, s + self.batch_size)
                 uniq = np.unique(np.concatenate([a[sl], b[sl]]))
-                fmap = torch.from_numpy(store.read(f"features/{self.features}", uniq)).to(device).float()
-                if self.transform is not None:
-                    fmap = self._transformed(fmap, (h, w))
-                fmap = torch.nn.functional.normalize(fmap.flatten(2), dim=1).transpose(1, 2)  # (U, h*w, C), unit
-                ia = torch.from_numpy(np.searchsorted(uniq, a[sl])).to(device)
-                ib = np.searchsorted(uniq, b[sl])
-                query = fmap[ia[:, None], torch.from_numpy(q_flat[sl]).to(device)]  # (B, M, C)
-                sim = torch.bmm(query, fmap[torch.from_numpy(ib).to(device)].transpose(1, 2))  # (B, M, h*w)
+                fmap = self._cells(store, self.features, uniq, device, (h, w))
+                ia, ib = np.searchsorted(uniq, a[sl]), np.searchsorted(uniq, b[sl])
                 lo = im.offset[uniq]
                 hi = lo + im.size[uniq] * im.scale[uniq]
                 on_image = ((centres[None] >= lo[:, None]) & (centres[None] <= hi[:, None])).all(-1)  # (U, h*w)
                 on_image[~on_image.any(1)] = True  # an image smaller than one cell keeps every cell
-                sim.masked_fill_(~torch.from_numpy(on_image[ib]).to(device)[:, None, :], float("-inf"))
-                best = sim.argmax(-1).cpu().numpy()
+                target_ok = torch.from_numpy(on_image[ib]).to(device)
+                best = _best_cells(fmap[ia], q_flat[sl], fmap[ib], target_ok)
                 out[sl] = store.to_original(centres[best], b[sl, None])
+                if flip_set:
+                    fflip = self._cells(store, flip_set, uniq, device, (h, w))
+                    best_f = _best_cells(fflip[ia], f_flat[sl], fmap[ib], target_ok)
+                    pred_f = store.to_original(centres[best_f], b[sl, None])
+                    if self.flip == "adaptive":
+                        fg = _foreground(store, uniq, centres, size)
+                        fg_mirror = _foreground(store, uniq, centres * [-1, 1] + [size, 0], size)
+                        d_orig = _masked_distance(fmap[ia], fmap[ib], fg[ia] & on_image[ia], fg[ib] & on_image[ib], device)
+                        d_flip = _masked_distance(fflip[ia], fmap[ib], fg_mirror[ia] & on_image[ia], fg[ib] & on_image[ib],
+                                                  device)
+                    else:
+                        d_orig = _mutual_distance(fmap[ia], fmap[ib], on_image[ia], on_image[ib], device)
+                        d_flip = _mutual_distance(fflip[ia], fmap[ib], on_image[ia], on_image[ib], device)
+                    use = (d_flip < d_orig)[:, None] & (src_of[sl] >= 0)
+                    out[sl][use] = pred_f[use]
         out[~ok] = np.nan
         return out
 
-    def _transformed(self, fmap: Any, grid: tuple[int, int]) -> Any:
-        """The transform's output for stored maps ``fmap``, checked to be a (U, C', h', w') map on ``grid``."""
-        y = self.transform(fmap)  # type: ignore[misc]
-        shape = tuple(getattr(y, "shape", ()))
-        if len(shape) != 4 or shape[0] != fmap.shape[0] or shape[2:] != grid:
-            stride = getattr(self.transform, "cell_stride", 1)
-            raise SpairstoreError(
-                f"{self.name}: the transform maps {tuple(fmap.shape)} to {shape}, expected (B, C', {grid[0]}, {grid[1]}) "
-                f"for cell_stride {stride}; declare the head's cell_stride attribute (input cells per output cell)")
-        return y
+
+    def _cells(self, store: Store, name: str, rows: np.ndarray, device: str, grid: tuple[int, int]) -> torch.Tensor:
+        """(U, h*w, C') unit-length cell features of feature set ``name`` for image ``rows`` on ``device``,
+        after the transform (checked to give a (U, C', h', w') map on ``grid``)."""
+        import torch
+
+        fmap = torch.from_numpy(store.read(f"features/{name}", rows)).to(device).float()
+        if self.transform is not None:
+            y = self.transform(fmap)
+            shape = tuple(getattr(y, "shape", ()))
+            if len(shape) != 4 or shape[0] != fmap.shape[0] or shape[2:] != grid:
+                stride = getattr(self.transform, "cell_stride", 1)
+                raise SpairstoreError(
+                    f"{self.name}: the transform maps {tuple(fmap.shape)} to {shape}, expected (B, C', {grid[0]}, "
+                    f"{grid[1]}) for cell_stride {stride}; declare the head's cell_stride attribute (input cells per "
+                    "output cell)")
+            fmap = y
+        return torch.nn.functional.normalize(fmap.flatten(2), dim=1).transpose(1, 2)
 
 
 @contextmanager
@@ -142,15 +201,69 @@ def _evaluating(module: Any, device: Any) -> Iterator[None]:
     finally:
         module.train(was)
 
+def _flat_cell(points: np.ndarray, geom: dict, size: int) -> np.ndarray:
+    """Store pixels (..., 2) -> row-major index of the nearest feature cell."""
+    cell = geometry.store_to_cell(points, geom, size)
+    return cell[..., 1] * int(geom["width"]) + cell[..., 0]
+
+
+def _best_cells(query_maps: torch.Tensor, query_cells: np.ndarray, target_maps: torch.Tensor,
+                target_ok: torch.Tensor) -> np.ndarray:
+    """Per pair and query keypoint, the most cosine-similar allowed target cell: (B, M) indices."""
+    import torch
+
+    idx = torch.from_numpy(query_cells).to(query_maps.device)
+    query = torch.gather(query_maps, 1, idx[..., None].expand(-1, -1, query_maps.shape[2]))  # (B, M, C)
+    sim = torch.bmm(query, target_maps.transpose(1, 2))  # (B, M, h*w)
+    sim.masked_fill_(~target_ok[:, None, :], float("-inf"))
+    return sim.argmax(-1).cpu().numpy()
+
+
+def _foreground(store: Store, rows: np.ndarray, points: np.ndarray, size: int) -> np.ndarray:
+    """(U, h*w) bool: the store mask at each cell centre ``points`` (store pixels) holds an object class."""
+    masks = store.read("mask", rows)
+    x = np.clip(np.floor(points[:, 0]).astype(np.int64), 0, size - 1)
+    y = np.clip(np.floor(points[:, 1]).astype(np.int64), 0, size - 1)
+    m = masks[:, y, x]
+    return (m != 0) & (m != 255)
+
+
+def _masked_distance(fa: torch.Tensor, fb: torch.Tensor, a_ok: np.ndarray, b_ok: np.ndarray, device: str) -> np.ndarray:
+    """GeoAware-SC's flip distance: mean over ``a_ok`` cells of the distance to the nearest ``b_ok`` cell
+    (unit features: ``sqrt(2 - 2 cos)``); all cells stand in for an empty mask."""
+    import torch
+
+    a_ok, b_ok = (np.where(m.any(1, keepdims=True), m, True) for m in (a_ok, b_ok))
+    sim = torch.bmm(fa, fb.transpose(1, 2))
+    sim.masked_fill_(~torch.from_numpy(b_ok).to(device)[:, None, :], float("-inf"))
+    d = torch.sqrt(torch.clamp(2 - 2 * sim.max(2).values, min=0)).cpu().numpy()
+    return np.where(a_ok, d, 0).sum(1) / a_ok.sum(1)
+
+
+def _mutual_distance(fa: torch.Tensor, fb: torch.Tensor, a_ok: np.ndarray, b_ok: np.ndarray, device: str) -> np.ndarray:
+    """The mask-free flip distance: mean distance between mutual nearest-neighbour cells (on-image cells)."""
+    import torch
+
+    sim = torch.bmm(fa, fb.transpose(1, 2))
+    allowed = torch.from_numpy(a_ok[:, :, None] & b_ok[:, None, :]).to(device)
+    sim.masked_fill_(~allowed, float("-inf"))
+    nn_ab, nn_ba = sim.argmax(2), sim.argmax(1)  # (B, hw_a), (B, hw_b)
+    mutual = (torch.gather(nn_ba, 1, nn_ab) == torch.arange(nn_ab.shape[1], device=sim.device)).cpu().numpy() & a_ok
+    d = torch.sqrt(torch.clamp(2 - 2 * sim.max(2).values, min=0)).cpu().numpy()
+    return np.where(mutual.any(1), np.where(mutual, d, 0).sum(1) / np.maximum(mutual.sum(1), 1), np.inf)
+
 
 def get_method(name: str, features: str | None = None, device: str | None = None, batch_size: int = 32,
-               progress: bool = False) -> Method:
-    """A method by its CLI name: ``identity`` or ``nn`` (which needs ``features``)."""
+               progress: bool = False, flip: str | None = None) -> Method:
+    """A method by its CLI name: ``identity`` or ``nn`` (which needs ``features``; ``flip``: a test-time
+    flip rule of :data:`FLIP_RULES`)."""
     if name == "identity":
+        if flip:
+            raise SpairstoreError("--flip applies to method nn only")
         return Identity()
     if name == "nn":
         if not features:
             raise SpairstoreError("method nn needs a feature set: --features NAME")
-        return NearestNeighbour(features, device=device, batch_size=batch_size, progress=progress)
+        return NearestNeighbour(features, device=device, batch_size=batch_size, progress=progress, flip=flip)
     raise SpairstoreError(f"unknown method {name!r} (known: identity, nn)")
 

@@ -118,3 +118,27 @@ def plot_reports(reports: Report | Sequence[Report], out: str | Path) -> None:
         ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out)
+
+
+def plot_per_keypoint(report: Report, out: str | Path, alpha: float | None = None) -> None:
+    """Heat map of :meth:`Report.per_keypoint` at ``alpha`` (default the protocol's first): a row per
+    category, a column per keypoint slot (the dataset's numbering), grey where a slot was not evaluated."""
+    d = report.per_keypoint()
+    a = alpha_key(report.protocol.alphas[0] if alpha is None else alpha)
+    agg = report.protocol.aggregation[0]
+    cats = list(d["pck"])
+    K = int(report.kps_ids.max(initial=-1)) + 1 if report.kps_ids is not None else 0
+    grid = np.full((len(cats), max(K, 1)), np.nan)
+    for i, c in enumerate(cats):
+        for k, cell in d["pck"][c].items():
+            grid[i, int(k)] = cell[a][agg]
+    fig = _figure(max(6.0, 0.32 * K + 2), max(3.0, 0.32 * len(cats) + 1.2))
+    ax = fig.add_subplot()
+    ax.set_facecolor("0.85")
+    im = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    ax.set_yticks(np.arange(len(cats)), [ABBREV.get(c, c) for c in cats], fontsize=8)
+    ax.set_xticks(np.arange(K), [str(k) for k in range(K)], fontsize=7)
+    ax.set(xlabel="keypoint slot", title=f"PCK@{a} {agg.replace('_', ' ')} per keypoint ({report.protocol.name})")
+    fig.colorbar(im, ax=ax, label="PCK (%)")
+    fig.tight_layout()
+    fig.savefig(out)

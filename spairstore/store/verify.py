@@ -169,9 +169,9 @@ def verify(path: str | Path, sources: str | Path | None = None, sample: float | 
         _check_tables(store, report)
         covered = set(store.attrs.get("table_crc32", {})) | set(payload) | {crc_array(k) for k in payload}
         report.unchecked = sorted(set(store.shapes) - covered)
-        declared = {f.path for f in store_fields(store.shapes, store.attrs)}
-        report.unknown = sorted(set(store.shapes) - declared)
-        report.missing = sorted(declared - set(store.shapes))
+        fields = store_fields(store.shapes, store.attrs)
+        report.unknown = sorted(set(store.shapes) - {f.path for f in fields})
+        report.missing = sorted({f.path for f in fields if not f.layer} - set(store.shapes))
         if sources is not None:
             _check_sources(store, Path(sources), _pick(store.manifest.rows, report.sample, rng), report, progress)
     return report
