@@ -128,7 +128,7 @@ def test_features_field_reads_the_feature_set(synth_store: Path, tmp_path: Path)
         np.testing.assert_array_equal(b[f"{side}_features/tiny"].numpy(), s.read("features/tiny", rows))
         np.testing.assert_array_equal(b[f"{side}_features/tiny"].numpy(), data[rows])
     with pytest.raises(SpairstoreError, match="no feature set 'nope'"):
-        PairDataset(store, "trn", fields=("features:nope",))
+        PairDataset(store, "trn", fields=("features/nope",))
     with pytest.raises(SpairstoreError, match="features cannot follow"):
         PairDataset(store, "trn", fields=("features/tiny",), augment=RandomCrop())
 

@@ -9,24 +9,10 @@ once, in storage order, straight into the batch tensors: in a DataLoader worker 
 shared memory, so the batch crosses to the main process without another copy; elsewhere they come from
 recycled buffers (:mod:`.memory`).
 
-Batch keys (B samples; ``S`` the store size; every coordinate in *store pixels*, x, y)::
-
-    index, category, pair_id, src_row, trg_row                          int64 (B,)
-    src_pixels, trg_pixels          "pixels"        uint8 (B, S, S, 3)  letterboxed RGB
-    src_mask, trg_mask              "mask"          uint8 (B, S, S)     class indices, 0 background/padding
-    kps_ids, kps_valid, n_kps       "keypoints"     int64 (B, K), bool (B, K), int64 (B,)
-    src_kps, trg_kps                "keypoints"     float32 (B, K, 2)   NaN where not kps_valid
-    viewpoint, scale, truncation, occlusion, mirror, flip   "labels"  int64 (B,)
-    src_image_bytes, ...            "image_bytes", "mask_bytes"   lists of the original files' bytes
-    src_features/<name>, ...        "features/<name>"   float16 (B, C, h, w)
-    src_bbox, trg_bbox                                  float32 (B, 4)  x1, y1, x2, y2
-    src_scale, src_offset, trg_...                      float64 (B, 2)  p_store = p_orig * scale + offset
-    src_size, trg_size                                  int64 (B, 2)    original W, H
-    src_flipped, trg_flipped                            bool (B,)       (with an augmentation only)
-
-``scale``/``offset`` follow every augmentation, so :func:`spairstore.core.geometry.to_original` maps a point
-of the batch back to the original image. :class:`ImageDataset` has the same keys without the side prefix
-(``pixels``, ``keypoints`` (B, K, 2) over all K slots with ``keypoints_valid``, ``row``, ``bbox`` ...).
+The batch keys, their dtypes, shapes and coordinate frames are listed in one place,
+:mod:`spairstore.torch.batch` (``BATCH_KEYS``; the README's table is generated from it). Every
+coordinate is in *store pixels* (x, y); ``scale``/``offset`` follow every augmentation, so
+:func:`spairstore.core.geometry.to_original` maps a point of the batch back to the original image.
 """
 from __future__ import annotations
 
@@ -192,8 +178,9 @@ class PairDataset(_StoreDataset):
         store: path or URL of the store (or an open :class:`~spairstore.Store`; only its path is kept).
         split: ``trn``, ``val``, ``test`` (the store's splits).
         fields: what to read, by name: ``pixels``, ``mask``, ``keypoints``, ``labels``, ``image_bytes``,
-            ``mask_bytes``, ``features/<name>`` (old spellings such as ``features:<name>`` warn and work). Indices, categories, boxes and the per-image geometry
-            (``scale``/``offset``, original ``size``) always come with a sample.
+            ``mask_bytes``, ``features/<name>`` (old spellings such as ``features:<name>`` warn and work).
+            Indices, categories, boxes and the per-image geometry (``scale``/``offset``, original
+            ``size``) always come with a sample; see :mod:`spairstore.torch.batch` for every key.
         augment: a hook ``augment(view, rng)`` applied to each image of a pair (see
             :mod:`spairstore.torch.augment`); None (the default) reads the store as it is.
         seed: seeds the augmentation's randomness together with the epoch and the sample index.
