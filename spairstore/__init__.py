@@ -22,7 +22,8 @@ from .eval.protocols import PROTOCOLS, Protocol, get_protocol
 from .store.reader import Store, Table, open
 
 _LAZY = {"pack": "sources", "PackSummary": "sources", "PairDataset": "torch.datasets", "ImageDataset": "torch.datasets", "collate": "torch.collate",
-         "ShardSampler": "torch.sampler", "Loader": "torch.loader"}
+         "ShardSampler": "torch.sampler", "Loader": "torch.loader",
+         "BatchMethod": "eval.models", "load_head": "eval.models", "save_head": "eval.models"}
 
 __all__ = ["open", "Store", "Table", "SpairstoreError", "SourceError", "StoreError",
            "evaluate", "Report", "Protocol", "PROTOCOLS", "get_protocol", "Identity", "NearestNeighbour",

@@ -306,6 +306,9 @@ def eval_(
     predictions: Annotated[Optional[Path], typer.Option(
         help="Predictions file (.npz keyed by pair id, .pt, .npy): keypoints in original pixels of the "
              "image predicted in (the target for src->trg).")] = None,
+    head: Annotated[Path | None, typer.Option(
+        help="Head file (spairstore.eval.models.save_head, e.g. examples/train_head.py's head.pt): nn on "
+             "the maps it makes of its feature set (--features overrides).")] = None,
     protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Override the protocol's alphas, e.g. 0.1,0.05.")] = None,
     direction: Annotated[Optional[str], typer.Option(help="Override: src->trg or trg->src.")] = None,
@@ -340,8 +343,10 @@ def eval_(
     from .eval.methods import get_method
     from .store.reader import open as open_store
 
-    if (method is None) == (predictions is None):
-        raise SpairstoreError("give exactly one of --method and --predictions")
+    if head is not None and (predictions is not None or method not in (None, "nn")):
+        raise SpairstoreError("--head evaluates nn on the head's maps: drop --predictions and --method")
+    if head is None and (method is None) == (predictions is None):
+        raise SpairstoreError("give exactly one of --method and --predictions (or --head FILE)")
     fmt = "json" if as_json else fmt
     if fmt not in ("text", "markdown", "csv", "json"):
         raise SpairstoreError(f"--format must be text, markdown, csv or json, not {fmt!r}")
@@ -354,7 +359,15 @@ def eval_(
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,
                           aggregation, subset, keypoints)
-        source = get_method(method, features, device, batch_size, progress=True, flip=flip) if method else predictions
+        if head is not None:
+            from .eval.methods import NearestNeighbour
+            from .eval.models import load_head
+
+            h = load_head(head)
+            source = NearestNeighbour(features or h.features, device, batch_size, progress=True, transform=h,
+                                      flip=flip)
+        else:
+            source = get_method(method, features, device, batch_size, progress=True, flip=flip) if method else predictions
         if sensitivity:
             from .eval.sensitivity import sensitivity_table
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from converters.ap10k import (
     split_images,
 )
 from converters.synth.ap10k import synthesize
+from spairstore import cli
 from spairstore.cli import app
 from spairstore.core.errors import SourceError
 from spairstore.core.records import DatasetRecords
@@ -224,7 +226,7 @@ def test_threshold_is_the_target_box_and_strict(tmp_path, jpeg_bytes):
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
-def test_not_an_ap10k_root(tmp_path, jpeg_bytes):
+def test_not_an_ap10k_root(tmp_path, jpeg_bytes, monkeypatch, capsys):
     write_image(tmp_path, "Felidae", "cat", "a", annotation(range(17)), jpeg_bytes)
     shutil.rmtree(tmp_path / "JPEGImages")
     with pytest.raises(SourceError, match=r"not an AP-10K root \(needs ImageAnnotation/<family>/<species>/<id>.json "
@@ -232,6 +234,12 @@ def test_not_an_ap10k_root(tmp_path, jpeg_bytes):
         AP10K(tmp_path)
     with pytest.raises(SourceError, match="no known dataset layout found .*AP-10K needs ImageAnnotation"):
         converters.detect(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["spairstore", "pack", str(tmp_path), str(tmp_path / "s.h5"), "--dataset", "ap10k"])
+    with pytest.raises(SystemExit):
+        cli.main()  # the console entry point: one line, no traceback
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path}: not an AP-10K root (needs ImageAnnotation/<family>/<species>/<id>.json and "
+        "JPEGImages/<family>/<species>/)")
 
 
 @pytest.mark.parametrize(("ann", "message"), [

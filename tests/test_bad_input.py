@@ -345,7 +345,7 @@ def test_open_refuses_newer_major_version(synth_store: Path, tmp_path: Path) -> 
     p = tmp_path / "future.h5"
     shutil.copy(synth_store, p)
     with h5py.File(p, "a") as f:
-        f.attrs["format_version"] = np.bytes_(json.dumps("2.0"))
+        f.attrs["format_version"] = np.bytes_(b"2.0")
     with pytest.raises(spairstore.StoreError, match="newer"):
         spairstore.open(p)
 

@@ -321,7 +321,7 @@ def test_protocol_records() -> None:
 
 def test_default_protocol_follows_dataset(synth_store: Path, tmp_path: Path) -> None:
     def as_willow(f: h5py.File) -> None:
-        f.attrs["dataset"] = json.dumps("pfwillow")
+        f.attrs["dataset"] = np.bytes_(b"pfwillow")
 
     willow = copy_store(synth_store, tmp_path / "w.h5", as_willow)
     t = willow.pairs("test")

@@ -8,10 +8,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import spairstore
 from spairstore.core import geometry
 from spairstore.eval.methods import Identity, NearestNeighbour
+from spairstore.eval.models import BatchMethod, load_head, save_head
 
 STRIDE = 2
 
@@ -127,3 +129,143 @@ def test_nn_on_cuda_equals_cpu(feature_store: Path) -> None:
     rows = np.arange(s.pairs("trn").rows)
     np.testing.assert_array_equal(NearestNeighbour("onehot", device="cuda")(s, "trn", rows),
                                   NearestNeighbour("onehot", device="cpu")(s, "trn", rows))
+
+
+# ------------------------------------------------------------------------------------------------
+# Models as methods: a transform on the stored maps, a batch predictor, a saved head.
+# ------------------------------------------------------------------------------------------------
+
+class Permute(torch.nn.Module):
+    """Reorders channels: cosine similarity, and so every NN match, must not change."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("order", torch.randperm(channels, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.order]
+
+
+def test_identity_and_permuting_transforms_give_the_nn_result(feature_store: Path) -> None:
+    s = spairstore.open(feature_store)
+    rows = np.arange(s.pairs("trn").rows)
+    plain = NearestNeighbour("onehot", device="cpu", batch_size=5)(s, "trn", rows, "trg->src")
+    for head in (torch.nn.Identity(), Permute(s.feature_sets["onehot"]["channels"])):
+        got = NearestNeighbour("onehot", device="cpu", batch_size=5, transform=head)(s, "trn", rows, "trg->src")
+        np.testing.assert_array_equal(got, plain)
+    head = Permute(s.feature_sets["onehot"]["channels"]).train()
+    NearestNeighbour("onehot", device="cpu", transform=head)(s, "trn", rows[:2])
+    assert head.training  # the method restores the mode it found
+
+
+def test_regrid_centres_follow_the_op() -> None:
+    """A 2x2 average pool's cell sits at the mean of its four input centres; a 2x bilinear upsampling
+    (align_corners=False) puts output cell j at input cell (j + 0.5) / 2 - 0.5."""
+    g = {"input_size": 64, "stride": 4, "cell_offset": 0.5, "width": 16, "height": 16, "channels": 3}
+    coarse, fine = geometry.regrid(g, 2), geometry.regrid(g, 0.5)
+    assert (coarse["width"], coarse["height"], fine["width"], fine["height"]) == (8, 8, 32, 32)
+    j = np.stack(np.meshgrid(np.arange(8), np.arange(8)), -1)
+    four = np.stack([geometry.cell_to_store(2 * j + d, g, 128) for d in ([0, 0], [0, 1], [1, 0], [1, 1])])
+    np.testing.assert_allclose(geometry.cell_to_store(j, coarse, 128), four.mean(0))
+    j = np.stack(np.meshgrid(np.arange(32), np.arange(32)), -1)
+    np.testing.assert_allclose(geometry.cell_to_store(j, fine, 128), geometry.cell_to_store((j + 0.5) / 2 - 0.5, g, 128))
+    assert geometry.regrid(g, 1) == g
+    with pytest.raises(ValueError, match="cell_stride must be positive"):
+        geometry.regrid(g, 0)
+
+
+def test_a_transform_that_changes_the_grid_must_declare_it(feature_store: Path) -> None:
+    s = spairstore.open(feature_store)
+    rows = np.arange(s.pairs("trn").rows)
+    with pytest.raises(spairstore.SpairstoreError, match=r"expected \(B, C', 48, 48\) for cell_stride 1; declare"):
+        NearestNeighbour("onehot", device="cpu", transform=torch.nn.AvgPool2d(2))(s, "trn", rows)
+    pool = torch.nn.AvgPool2d(2)
+    pool.cell_stride = 2
+    # the coarser one-hot maps still match most keypoints to their slot: within a coarse cell of the truth
+    pred = NearestNeighbour("onehot", device="cpu", transform=pool)(s, "trn", rows)
+    assert spairstore.evaluate(s, "trn", pred, "spair").pck(0.1) > 80
+    with pytest.raises(spairstore.SpairstoreError, match="transform takes 7 channels, feature set 'onehot' has 31"):
+        NearestNeighbour("onehot", device="cpu", transform=torch.nn.Conv2d(7, 7, 1))(s, "trn", rows)
+
+
+def gt_targets(batch: dict) -> torch.Tensor:
+    return batch["trg_kps"]
+
+
+@pytest.mark.parametrize("direction", ["src->trg", "trg->src"])
+def test_batch_method_of_true_keypoints_scores_100(feature_store: Path, direction: str) -> None:
+    s = spairstore.open(feature_store)
+    proto = spairstore.get_protocol("spair").replace(direction=direction, alphas=(0.01,))
+    r = spairstore.evaluate(s, "trn", BatchMethod(gt_targets, batch_size=7), proto)
+    assert r.method == "gt_targets" and r.missing == 0
+    assert r.pck(0.01, "per_image") == r.pck(0.01, "per_point") == 100.0
+    # the source keypoints are not the answer: they score as the identity-free guess they are
+    src = spairstore.evaluate(s, "trn", BatchMethod(lambda b: b["src_kps"], name="src"), proto)
+    assert src.pck(0.01) < 50
+
+
+def test_batch_method_sees_the_fields_it_asks_for_and_checks_its_output(feature_store: Path) -> None:
+    s = spairstore.open(feature_store)
+    rows = np.arange(6)
+    seen = []
+
+    def fn(batch: dict) -> np.ndarray:
+        seen.append((batch["src_features:onehot"].shape, batch["src_image"].dtype))
+        return batch["trg_kps"].numpy()
+
+    pred = BatchMethod(fn, fields=("features:onehot", "pixels"), batch_size=4)(s, "trn", rows)
+    t = s.pairs("trn")
+    np.testing.assert_allclose(pred, t.trg_kps[rows], atol=1e-4)  # float32 store pixels and back
+    assert seen == [((4, 31, 48, 48), torch.float32), ((2, 31, 48, 48), torch.float32)]
+    with pytest.raises(spairstore.SpairstoreError, match=r"returned shape \(4, 2\) for a batch of 4 pairs"):
+        BatchMethod(lambda b: b["trg_kps"][:, 0], name="bad", batch_size=4)(s, "trn", rows)
+
+
+def test_saved_head_loads_without_its_class_and_predicts_the_same(feature_store: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    s = spairstore.open(feature_store)
+    geom = s.feature_sets["onehot"]
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Conv2d(31, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1))
+    path = save_head(head, tmp_path / "head.pt", features="onehot", geometry=geom, extra={"epochs": 0})
+    rows = np.arange(s.pairs("trn").rows)
+    want = NearestNeighbour("onehot", device="cpu", transform=head)(s, "trn", rows)
+    # a fresh interpreter that has never seen the head's code
+    code = ("import sys, numpy as np, spairstore; from spairstore.eval.models import load_head; "
+            "h = load_head(sys.argv[1]); s = spairstore.open(sys.argv[2]); "
+            "p = spairstore.NearestNeighbour(h.features, device='cpu', transform=h)(s, 'trn', np.arange(s.pairs('trn').rows)); "
+            "np.save(sys.argv[3], p); print(h.in_channels, h.cell_stride, h.meta['extra'])")
+    r = subprocess.run([sys.executable, "-c", code, str(path), str(feature_store), str(tmp_path / "p.npy")],
+                       check=False, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "31 1.0 {'epochs': 0}"
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), want)
+
+    from typer.testing import CliRunner
+
+    from spairstore.cli import app
+
+    r = CliRunner().invoke(app, ["eval", str(feature_store), "--split", "trn", "--head", str(path), "--device", "cpu",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["method"] == "nn[onehot -> head.pt]"
+    assert d["pck"]["0.1"]["per_image"] == spairstore.evaluate(s, "trn", want, "spair").pck(0.1)
+    r = CliRunner().invoke(app, ["eval", str(feature_store), "--head", str(path), "--method", "identity"])
+    assert "--head evaluates nn on the head's maps: drop --predictions and --method" in str(r.exception)
+
+
+def test_load_head_refuses_what_is_not_a_head(tmp_path: Path) -> None:
+    with pytest.raises(spairstore.SpairstoreError, match="nothing.pt: no such head file"):
+        load_head(tmp_path / "nothing.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "state.pt")
+    with pytest.raises(spairstore.SpairstoreError, match="state.pt: not a torch.export head file"):
+        load_head(tmp_path / "state.pt")
+    program = torch.export.export(torch.nn.Identity(), (torch.zeros(1, 2, 3, 3),))
+    torch.export.save(program, tmp_path / "bare.pt2")
+    with pytest.raises(spairstore.SpairstoreError, match="bare.pt2: exported program without a spairstore head"):
+        load_head(tmp_path / "bare.pt2")

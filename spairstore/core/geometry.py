@@ -69,3 +69,19 @@ def store_to_cell(points: np.ndarray, geometry: dict, image_size: int) -> np.nda
     c = np.asarray(points, dtype=np.float64) * float(geometry["input_size"]) / image_size / s - float(geometry["cell_offset"])
     hi = np.array([int(geometry["width"]) - 1, int(geometry["height"]) - 1])
     return np.clip(np.rint(c), 0, hi).astype(np.int64)
+
+
+def regrid(geometry: dict, cell_stride: float) -> dict:
+    """A feature set's geometry after a map-to-map op whose output cell spans ``cell_stride`` input cells
+    per side (1: the same grid; 2: a stride-2 conv; 0.5: a 2x upsampling) and whose grid covers the same
+    store pixels: ``stride' = stride * cell_stride``, ``width'``/``height'`` = ``width``/``height`` divided by
+    ``cell_stride`` (rounded), and ``cell_offset'`` keeps the grid's top-left edge where it was,
+    ``(cell_offset' - 0.5) * stride' = (cell_offset - 0.5) * stride``."""
+    f = float(cell_stride)
+    if not f > 0:
+        raise ValueError(f"cell_stride must be positive, not {cell_stride!r}")
+    if f == 1:
+        return dict(geometry)
+    return {**geometry, "stride": float(geometry["stride"]) * f,
+            "cell_offset": 0.5 + (float(geometry["cell_offset"]) - 0.5) / f,
+            "width": round(int(geometry["width"]) / f), "height": round(int(geometry["height"]) / f)}

@@ -513,7 +513,8 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        pairs = ", ".join(f"{s}: {self.pairs(s).rows}" for s in self.splits)
+        # From the shapes read at open: a repr reads nothing (no pair table loaded, no file touched).
+        pairs = ", ".join(f"{s}: {self.shapes[f'pairs/{s}/pair_id'][0][0]}" for s in self.splits)
         name = self.path.name if isinstance(self.path, Path) else self.path
         return f"<spairstore.Store {name}: {self.dataset}, {len(self)} images, pairs {{{pairs}}}>"
 

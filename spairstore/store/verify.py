@@ -5,6 +5,8 @@
   array, the byte range its ``*_offsets`` delimit (the original JPEG/PNG files).
 * Every array listed in the ``table_crc32`` attribute (all the small tables) is CRC-32'd whole.
 * With ``sources``, every file of the manifest is hashed (SHA-256) under that root and compared.
+* Against :mod:`spairstore.core.schema`: arrays it does not declare, and optional fields absent (a
+  feature set without its CRC-32s), are listed.
 
 A difference names the record (array, row, image key) or file. ``sample`` checks a random fraction of
 the records and files instead of all of them: a quick spot check.
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from ..core.errors import SpairstoreError
 from ..core.manifest import sha256_file
-from ..core.schema import blob_offsets, crc_array
+from ..core.schema import blob_offsets, crc_array, store_fields
 from .reader import Store
 from .reader import open as open_store
 
@@ -45,6 +47,8 @@ class VerifyReport:
     sources: tuple[int, int] | None = None  #: (checked, total) source files, when a root was given
     differences: list[Difference] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)  #: arrays no checksum covers
+    unknown: list[str] = field(default_factory=list)  #: arrays the schema does not declare
+    missing: list[str] = field(default_factory=list)  #: declared (optional) arrays the store lacks
     sample: float | None = None
 
     @property
@@ -61,6 +65,10 @@ class VerifyReport:
             lines.append(f"  source files             {self.sources[0]:,} of {self.sources[1]:,}")
         if self.unchecked:
             lines.append(f"  not covered by a checksum: {', '.join(self.unchecked)}")
+        if self.unknown:
+            lines.append(f"  not in the schema: {', '.join(self.unknown)}")
+        if self.missing:
+            lines.append(f"  missing from the store: {', '.join(self.missing)}")
         lines += [f"  DIFFERS {d}" for d in self.differences]
         return "\n".join(lines)
 
@@ -161,6 +169,9 @@ def verify(path: str | Path, sources: str | Path | None = None, sample: float | 
         _check_tables(store, report)
         covered = set(store.attrs.get("table_crc32", {})) | set(payload) | {crc_array(k) for k in payload}
         report.unchecked = sorted(set(store.shapes) - covered)
+        declared = {f.path for f in store_fields(store.shapes, store.attrs)}
+        report.unknown = sorted(set(store.shapes) - declared)
+        report.missing = sorted(declared - set(store.shapes))
         if sources is not None:
             _check_sources(store, Path(sources), _pick(store.manifest.rows, report.sample, rng), report, progress)
     return report

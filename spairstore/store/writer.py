@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..core.errors import SourceError, SpairstoreError
-from ..core.geometry import letterbox, letterbox_params
+from ..core.geometry import letterbox
 from ..core.manifest import build_manifest, sha256_bytes
 from ..core.records import (
     DatasetRecords,
@@ -53,7 +53,16 @@ from ..core.records import (
     pair_list_sha256,
     report_skipped,
 )
-from ..core.schema import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, PAIR_LABELS, PAYLOAD_FIELDS, crc_array, image_fields
+from ..core.schema import (
+    BLOB_FIELDS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PAYLOAD_FIELDS,
+    Encoding,
+    crc_array,
+    encode_table,
+    image_fields,
+)
 from ..core.version import __version__
 from .backends import (
     ArrayWriter,
@@ -271,66 +280,17 @@ def _decode(rec: ImageRecord, check: _ImageCheck, root: Path, size: int) -> _Dec
     return _Decoded(data, pixels, mdata, mask, crc)
 
 
-def _image_tables(records: DatasetRecords, size: int, splits: list[str], pose_names: list[str]) -> dict[str, np.ndarray]:
-    ims = records.images
-    boxes = [letterbox_params(im.width, im.height, size) for im in ims]
-    cat = {c: i for i, c in enumerate(records.categories)}
-    pose = {p: i for i, p in enumerate(pose_names)}
-    index = records.image_index()
-    used = np.zeros(len(ims), dtype=np.uint8)
-    for s, split in enumerate(splits):
-        for p in records.pairs[split]:
-            used[index[p.src]] |= 1 << s
-            used[index[p.trg]] |= 1 << s
-    names = [im.name.encode() for im in ims]
-    return {
-        "name": np.array(names, dtype=f"S{max(map(len, names), default=1)}"),
-        "category": np.array([cat[im.category] for im in ims], dtype=np.int16),
-        "size": np.array([(im.width, im.height) for im in ims], dtype=np.int32).reshape(-1, 2),
-        "scale": np.array([b.scale for b in boxes], dtype=np.float64).reshape(-1, 2),
-        "offset": np.array([b.offset for b in boxes], dtype=np.float64).reshape(-1, 2),
-        "bbox": np.array([im.bbox for im in ims], dtype=np.float32).reshape(-1, 4),
-        "keypoints": np.stack([im.keypoints for im in ims]).astype(np.float32),
-        "azimuth": np.array([im.azimuth for im in ims], dtype=np.int8),
-        "pose": np.array([pose[im.pose] for im in ims], dtype=np.int8),
-        "truncated": np.array([im.truncated for im in ims], dtype=np.int8),
-        "occluded": np.array([im.occluded for im in ims], dtype=np.int8),
-        "difficult": np.array([im.difficult for im in ims], dtype=np.int8),
-        "depth": np.array([im.depth for im in ims], dtype=np.int8),
-        "splits": used,
-        # SPair-U's unseen keypoints, where the source has that layer (NaN for an image without them)
-        **({"extra_keypoints": np.stack([np.full_like(im.keypoints, np.nan) if im.extra_keypoints is None
-                                         else im.extra_keypoints for im in ims]).astype(np.float32)}
-           if any(im.extra_keypoints is not None for im in ims) else {}),
-    }
+def _image_tables(records: DatasetRecords, enc: Encoding) -> dict[str, np.ndarray]:
+    """The image columns the schema encodes from records (names, categories, geometry, labels, splits)."""
+    tables = encode_table("images", records.images, enc, {"S": enc.size, "K": records.num_keypoints})
+    if all(im.extra_keypoints is None for im in records.images):  # only SPair-U's layer brings them
+        del tables["extra_keypoints"]
+    return tables
 
 
-def _pair_table(pairs: list[PairRecord], records: DatasetRecords, width: int) -> dict[str, np.ndarray]:
-    index = records.image_index()
-    cat = {c: i for i, c in enumerate(records.categories)}
-    n = len(pairs)
-    kps_ids = np.full((n, width), -1, dtype=np.int16)
-    src_kps = np.full((n, width, 2), np.nan, dtype=np.float32)
-    trg_kps = np.full((n, width, 2), np.nan, dtype=np.float32)
-    for j, p in enumerate(pairs):
-        k = len(p.kps_ids)
-        kps_ids[j, :k], src_kps[j, :k], trg_kps[j, :k] = p.kps_ids, p.src_kps, p.trg_kps
-    stems = [p.stem.encode() for p in pairs]
-    table = {
-        "pair_id": np.array([p.pair_id for p in pairs], dtype=np.int32),
-        "stem": np.array(stems, dtype=f"S{max(map(len, stems), default=1)}"),
-        "category": np.array([cat[p.category] for p in pairs], dtype=np.int16),
-        "src": np.array([index[p.src] for p in pairs], dtype=np.int32),
-        "trg": np.array([index[p.trg] for p in pairs], dtype=np.int32),
-        "n_kps": np.array([len(p.kps_ids) for p in pairs], dtype=np.int16),
-        "kps_ids": kps_ids,
-        "src_kps": src_kps,
-        "trg_kps": trg_kps,
-        "small": np.array([p.small for p in pairs], dtype=bool),
-    }
-    for label in PAIR_LABELS:
-        table[label] = np.array([getattr(p, label) for p in pairs], dtype=np.int8)
-    return table
+def _pair_table(pairs: list[PairRecord], enc: Encoding, width: int) -> dict[str, np.ndarray]:
+    """A split's pair table as the schema encodes it, keypoint columns padded to ``width``."""
+    return encode_table("pairs", pairs, enc, {"M": width})
 
 
 def _check_images(records: DatasetRecords, on_error: OnError, progress: bool
@@ -404,17 +364,18 @@ def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on
     sizes = {"image": [c.image.size for c in checks], "mask": [c.mask.size if c.mask else 0 for c in checks]}
     offsets = {k: np.concatenate([[0], np.cumsum(v, dtype=np.int64)]).astype(np.int64) for k, v in sizes.items()}
     fields = {f.path: f for f in image_fields(size, records.num_keypoints)}
-    hot = {name: ((n if name != "images/mask" or has_masks else 0, *fields[name].row_shape), fields[name].dtype)
+    hot = {name: ((n if name != "images/mask" or has_masks else 0, *fields[name].row_shape), fields[name].np_dtype)
            for name in ("images/pixels", "images/mask")}
     hot |= {f"images/{k}_blob": ((int(offsets[k][-1]),), np.dtype(np.uint8)) for k in BLOB_FIELDS}
     splits = list(records.pairs)
     pose_names = sorted({im.pose for im in records.images})
     tables = {f"images/{k}_offsets": offsets[k] for k in BLOB_FIELDS}
-    tables |= {f"images/{k}": v for k, v in _image_tables(records, size, splits, pose_names).items()}
+    enc = Encoding.of(records, size, pose_names)
+    tables |= {f"images/{k}": v for k, v in _image_tables(records, enc).items()}
     width = max([1] + [len(p.kps_ids) for ps in records.pairs.values() for p in ps])
     for split, pairs in records.pairs.items():
-        tables |= {f"pairs/{split}/{k}": v for k, v in _pair_table(pairs, records, width).items()}
-    tables["categories"] = np.array([c.encode() for c in records.categories], dtype="S32")
+        tables |= {f"pairs/{split}/{k}": v for k, v in _pair_table(pairs, enc, width).items()}
+    tables |= encode_table("categories", records.categories, enc)
     digests = dict(records.digests)
     for im, c in zip(records.images, checks):
         for path, f in ((im.image_path, c.image), (im.mask_path, c.mask)):

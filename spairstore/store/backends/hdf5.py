@@ -1,4 +1,10 @@
-"""HDF5 backend: one file, hot arrays contiguous and unfiltered, attributes as JSON strings.
+"""HDF5 backend: one file, hot arrays contiguous and unfiltered, every array described by attributes.
+
+Root attributes that are strings or integers are stored as HDF5 UTF-8 strings and integers; every
+other value as JSON text, named in the root attribute ``json_attributes`` (itself a JSON list), so any
+HDF5 reader parses them without guessing (stores before format 1.2 hold JSON text throughout).
+Each array carries its schema description (``doc``, ``frame``, ``units``, ``padding``, ``bits``) as
+UTF-8 string attributes.
 
 Files are written in the HDF5 1.10 format, whose metadata (superblock, object headers, B-trees,
 heaps) carries checksums: a corrupted file fails to open with an error instead of being misread.
@@ -14,6 +20,7 @@ import h5py
 import numpy as np
 
 from ...core.errors import StoreError
+from ...core.schema import ROOT_ATTRS, describe
 from . import RawExtent
 
 #: h5py/HDF5 exceptions a damaged or hostile file can raise; the reader turns them into StoreError.
@@ -33,6 +40,37 @@ def mark_complete(path: Path, complete: bool) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _text(s: str) -> np.ndarray:
+    """A fixed-length UTF-8 string: it lives in the (checksummed) object header, unlike a variable-length one."""
+    data = s.encode()
+    return np.array(data, dtype=h5py.string_dtype("utf-8", max(1, len(data))))
+
+
+def _root_attrs(raw: dict[str, Any]) -> dict[str, Any]:
+    """Root attributes as written by :meth:`HDF5Writer.set_attrs`: JSON text where the schema declares
+    a JSON value (or, for attributes it does not know, where ``json_attributes`` names it), else plain."""
+    listed = raw.pop("json_attributes", None)
+    if listed is None:  # format before 1.2: JSON text throughout
+        return {k: json.loads(v) for k, v in raw.items()}
+    names = set(json.loads(listed))
+    out = {}
+    for k, v in raw.items():
+        f = ROOT_ATTRS.get(k)
+        if (f.dtype == "json") if f is not None else k in names:
+            out[k] = json.loads(v)
+        elif isinstance(v, (bytes, str)):
+            out[k] = v.decode() if isinstance(v, bytes) else v
+        elif isinstance(v, np.integer):
+            out[k] = int(v)
+        else:
+            raise TypeError(f"attribute {k!r} holds {type(v).__name__}, neither text, an integer nor JSON text")
+    return out
 
 
 def _pwrite(fd: int, data: np.ndarray, pos: int) -> None:
@@ -73,9 +111,18 @@ class HDF5Writer:
         self._f.create_dataset(name, data=np.asarray(data))
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
-        # Fixed-length bytes live in the (checksummed) object header, unlike variable-length strings.
+        """Root attributes (see the module doc), then every array's description from the schema."""
+        listed = set(json.loads(self._f.attrs["json_attributes"])) if "json_attributes" in self._f.attrs else set()
         for k, v in attrs.items():
-            self._f.attrs.create(k, np.bytes_(json.dumps(v).encode()))
+            plain = isinstance(v, str) or _is_int(v)
+            self._f.attrs.create(k, np.int64(v) if _is_int(v) else _text(v if plain else json.dumps(v)))
+            listed = listed - {k} if plain else listed | {k}
+        self._f.attrs.create("json_attributes", _text(json.dumps(sorted(listed))))
+        names: list[str] = []
+        self._f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in names:
+            for k, v in describe(name, attrs).items():
+                self._f[name].attrs.create(k, _text(v))
 
     def close(self) -> None:
         os.close(self._fd)
@@ -139,7 +186,7 @@ class HDF5Reader:
             raise StoreError(f"{self.path}: not a readable HDF5 store ({e})") from None
         try:
             self._check_references()
-            self.attrs = {k: json.loads(v) for k, v in self._f.attrs.items()}
+            self.attrs = _root_attrs(dict(self._f.attrs.items()))
         except StoreError:
             self._f.close()
             raise

@@ -3,7 +3,8 @@
 Hot arrays (created with :meth:`ZarrWriter.create`) are chunked one row per chunk (1-D blobs:
 :data:`BLOB_CHUNK` bytes per chunk), uncompressed, and grouped into shards of about ``shard_bytes``
 each: one file per shard keeps the file count low while every record stays addressable on its own.
-Small tables are single-chunk, Zstandard-compressed arrays. Root attributes are native JSON. The
+Small tables are single-chunk, Zstandard-compressed arrays. Root attributes are native JSON; each
+array carries its schema description (``doc``, ``frame``, ``units``, ``padding``, ``bits``). The
 metadata of every array is consolidated into the root ``zarr.json`` so a remote store opens without
 listing directories (plain HTTP servers cannot list).
 
@@ -27,6 +28,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 from zarr.core.sync import sync
 
 from ...core.errors import StoreError
+from ...core.schema import describe
 from . import RawExtent, fsync_paths, is_url, remove
 
 #: Default shard size of hot arrays. Larger shards mean fewer files; a shard is also the unit one
@@ -143,8 +145,12 @@ class ZarrWriter:
             self._g.create_array(name, **_table_spec(data))
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
+        """Root attributes, then every array's description from the schema."""
         with _quiet():
             self._g.attrs.update(attrs)
+            for name, a in self._g.members(max_depth=None):
+                if isinstance(a, zarr.Array):
+                    a.attrs.update(describe(name, attrs))
 
     def close(self) -> None:
         with _quiet():
@@ -384,6 +390,8 @@ def publish(store: Path, group: str, tables: dict[str, np.ndarray], attrs: dict[
         for node in reversed(nodes):  # top down
             if not (node / "zarr.json").is_file():
                 zarr.create_group(str(node))
+        for array in (d for d in top.iterdir() if (d / "zarr.json").is_file()):
+            zarr.open_array(str(array), mode="r+").attrs.update(describe(f"{group}/{array.name}", attrs))
     fsync_paths([*top.rglob("*"), *nodes, store])
     _consolidate(store)
     _set_attrs(store, attrs)

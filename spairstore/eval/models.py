@@ -1,0 +1,174 @@
+"""Trained models as evaluation methods: a portable head file for stored feature maps and any batch predictor.
+
+- :func:`save_head` / :func:`load_head`: a ``torch.nn.Module`` that maps feature maps to feature maps,
+  saved as a ``torch.export`` program (the graph and its weights, no Python code) with a small JSON of
+  what it was trained on. A file loads in any process without the training script's classes, which a
+  ``state_dict`` cannot do and which TorchScript, deprecated upstream, no longer promises. Evaluate it with
+  ``NearestNeighbour(head.features, transform=load_head(path))`` or ``spairstore eval STORE --head PATH``.
+- :class:`BatchMethod`: any callable ``fn(batch) -> (B, K, 2)`` that predicts target keypoints from a
+  :class:`~spairstore.PairDataset` batch, run on exactly the pairs :func:`~spairstore.evaluate` scores.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..core import geometry
+from ..core.device import resolve_device
+from ..core.errors import SpairstoreError
+from ..store.reader import Store
+from ..torch.collate import Batch
+from ..torch.datasets import PairDataset
+from ..torch.loader import Loader
+
+#: Name of the JSON entry a head file carries beside the exported program.
+HEAD_META = "spairstore-head.json"
+HEAD_FORMAT = 1
+
+
+class Head(torch.nn.Module):
+    """A head loaded by :func:`load_head`: the exported graph plus what it declares.
+
+    Attributes: ``features`` (name of the feature set it was trained on), ``in_channels``,
+    ``cell_stride`` (input cells per output cell, 1 = the same grid; see
+    :func:`spairstore.core.geometry.regrid`), ``meta`` (the whole JSON, with the caller's ``extra``), ``name``.
+    """
+
+    def __init__(self, graph: torch.nn.Module, meta: dict[str, Any], name: str):
+        super().__init__()
+        self.graph, self.meta, self.name = graph, meta, name
+        self.features = str(meta["features"])
+        self.in_channels = int(meta["in_channels"])
+        self.cell_stride = float(meta.get("cell_stride", 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> Head:
+        """The exported graph was traced in eval mode and has no other; only the flag changes."""
+        self.training = mode
+        return self
+
+
+def save_head(head: torch.nn.Module, path: str | Path, *, features: str, geometry: dict,
+              cell_stride: float = 1.0, extra: dict[str, Any] | None = None) -> Path:
+    """Export ``head`` (in eval mode, on the CPU) to ``path`` for :func:`load_head`.
+
+    ``geometry`` is the attributes of the feature set it maps (``store.feature_sets[features]``): the
+    example input is float32 ``(2, channels, height, width)`` and the batch dimension stays dynamic.
+    ``cell_stride`` declares a grid change (see :func:`~spairstore.core.geometry.regrid`); ``extra``
+    (JSON-serialisable) is kept in the file's metadata, e.g. the training settings.
+    """
+    path = Path(path)
+    c, h, w = int(geometry["channels"]), int(geometry["height"]), int(geometry["width"])
+    was = head.training
+    head = head.cpu().eval()
+    try:
+        program = torch.export.export(head, (torch.zeros(2, c, h, w),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    finally:
+        head.train(was)
+    meta = {"format": HEAD_FORMAT, "features": features, "in_channels": c, "cell_stride": float(cell_stride),
+            "geometry": {k: geometry[k] for k in ("input_size", "stride", "cell_offset", "width", "height",
+                                                   "channels") if k in geometry},
+            "extra": extra or {}}
+    buf = io.BytesIO()  # a buffer, not the path: torch.export wants a .pt2 name and would warn about .pt
+    torch.export.save(program, buf, extra_files={HEAD_META: json.dumps(meta)})
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def load_head(path: str | Path) -> Head:
+    """A head written by :func:`save_head`, ready for ``NearestNeighbour(..., transform=head)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpairstoreError(f"{path}: no such head file (write one with spairstore.eval.models.save_head)")
+    extra = {HEAD_META: ""}
+    try:
+        program = torch.export.load(io.BytesIO(path.read_bytes()), extra_files=extra)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's error, said in one line
+        raise SpairstoreError(f"{path}: not a torch.export head file ({type(e).__name__}: {e}); "
+                              "write one with spairstore.eval.models.save_head") from None
+    try:
+        meta = json.loads(extra[HEAD_META])
+        if meta.get("format") != HEAD_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        Head(torch.nn.Identity(), meta, path.name)  # the declared fields parse
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpairstoreError(f"{path}: exported program without a spairstore head description ({HEAD_META}: "
+                              f"{e}); write it with spairstore.eval.models.save_head") from None
+    return Head(program.module(), meta, path.name)
+
+
+class _Rows:
+    """Pair rows ``rows`` of a :class:`PairDataset` as a dataset of their own, position ``i`` -> ``rows[i]``."""
+
+    def __init__(self, dataset: PairDataset, rows: np.ndarray):
+        self.dataset, self.rows = dataset, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fetch(self, indices: Sequence[int], alloc: Any = None) -> Batch:
+        return self.dataset.fetch(self.rows[np.asarray(indices, dtype=np.int64)], alloc)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def reversed_pairs(batch: Batch) -> Batch:
+    """The batch with its sides swapped (every ``src_*`` key becomes ``trg_*`` and back), as ``trg->src``
+    presents it: the query image is always ``src_``."""
+    swap = {"src_": "trg_", "trg_": "src_"}
+    return {(swap[k[:4]] + k[4:] if k[:4] in swap else k): v for k, v in batch.items()}
+
+
+class BatchMethod:
+    """A method from a callable that predicts from a batch: ``fn(batch) -> (B, K, 2)``.
+
+    ``batch`` is a :class:`~spairstore.PairDataset` batch of ``fields`` (``keypoints`` always included) on
+    ``device`` through a :class:`~spairstore.Loader` (pixels normalised to ``*_image`` unless
+    ``normalize=False``), under ``torch.no_grad``. ``fn`` returns, for each pair and each of its ``K``
+    keypoint slots (``batch["src_kps"]``, in that order), the point in the *store pixels* (x, y) of the
+    batch's ``trg_`` image: a tensor or array; padding slots (``kps_valid`` False) are ignored. For
+    ``trg->src`` the batch's sides are swapped first (:func:`reversed_pairs`), so ``src_`` is always the
+    query. Predictions are mapped back to original pixels with the batch's ``trg_scale``/``trg_offset``.
+    """
+
+    def __init__(self, fn: Callable[[Batch], Any], fields: Sequence[str] = ("keypoints",), *, name: str | None = None,
+                 device: str | None = "cpu", batch_size: int = 32, normalize: bool = True, progress: bool = False):
+        self.fn = fn
+        self.fields = tuple(dict.fromkeys(("keypoints", *fields)))
+        self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
+        self.device, self.batch_size, self.normalize, self.progress = device, batch_size, normalize, progress
+
+    def __call__(self, store: Store, split: str, rows: np.ndarray, direction: str = "src->trg") -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.full((len(rows), store.pairs(split).kps_ids.shape[1], 2), np.nan)
+        loader = Loader(_Rows(PairDataset(store, split, self.fields), rows), self.batch_size, shuffle=False,
+                        rank=0, world_size=1, device=resolve_device(self.device), normalize=self.normalize)
+        at = 0
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=self.name, unit="batch", disable=not self.progress, leave=False):
+                if direction == "trg->src":
+                    batch = reversed_pairs(batch)
+                valid = batch["kps_valid"].cpu().numpy()
+                pred = self.fn(batch)
+                pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+                if pred.shape != (*valid.shape, 2):
+                    raise SpairstoreError(f"{self.name}: returned shape {pred.shape} for a batch of {valid.shape[0]} "
+                                          f"pairs with {valid.shape[1]} keypoint slots; return (B, K, 2) target "
+                                          "points in store pixels, x, y, one per batch['src_kps'] slot")
+                scale, offset = (batch[f"trg_{k}"].cpu().numpy()[:, None] for k in ("scale", "offset"))
+                pts = geometry.to_original(pred.astype(np.float64), scale, offset)
+                n = len(valid)
+                out[at:at + n, :valid.shape[1]] = np.where(valid[..., None], pts, np.nan)
+                at += n
+        return out

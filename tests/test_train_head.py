@@ -1,0 +1,70 @@
+"""examples/train_head.py: a few steps on the small synthetic store; what it writes evaluates through the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, cli_env, run_cli
+
+import spairstore
+from spairstore.features import extract_features
+
+LITE = "efficientnet-lite0"
+
+
+@pytest.fixture(scope="module")
+def trained(synth_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(store with efficientnet-lite0 maps, output folder, the script's run) after 2 epochs of 3 steps."""
+    tmp = tmp_path_factory.mktemp("train")
+    store = tmp / "s.h5"
+    shutil.copyfile(synth_store, store)
+    extract_features(store, backbone=LITE, batch_size=8)
+    out = tmp / "run"
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "train_head.py"), str(store), "--features", LITE,
+                        "--out", str(out), "--epochs", "2", "--max-steps", "3", "--batch-size", "4", "--hidden", "32"],
+                       check=False, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    return store, out, r
+
+
+def test_outputs_and_printed_numbers(trained: tuple[Path, Path, subprocess.CompletedProcess]) -> None:
+    store, out, r = trained
+    assert sorted(p.name for p in out.iterdir()) == ["head.pt", "metrics.json", "report.md", "test_predictions.npz"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and [h["epoch"] for h in m["history"]] == [0, 1, 2]
+    assert 0 <= m["data_wait_share"] < 1
+    assert f"data wait {100 * m['data_wait_share']:.2f} % of step time" in r.stdout
+    # the best epoch is the best val score, epoch 0 (the identity head) included
+    assert m["history"][m["best_epoch"]]["val_pck@0.1"] == max(h["val_pck@0.1"] for h in m["history"])
+    # NN's numbers are those of the plain NN method on the same features
+    s = spairstore.open(store)
+    nn = spairstore.evaluate(s, "test", spairstore.NearestNeighbour(LITE, device="cpu"))
+    assert m["overall"]["nn"] == nn.to_dict()["pck"]
+    assert m["categories"] == 3 and m["categories_better"] == sum(h > n for n, h in m["by_category"].values())
+    text = (out / "report.md").read_text()
+    for title in ("PCK (%) overall", "per category", "per variation factor", "viewpoint=easy", "aeroplane"):
+        assert title in text
+
+
+def test_predictions_file_and_head_evaluate_alike(trained: tuple[Path, Path, subprocess.CompletedProcess]) -> None:
+    store, out, _ = trained
+    m = json.loads((out / "metrics.json").read_text())
+    r = run_cli("eval", store, "--predictions", out / "test_predictions.npz", "--json")
+    assert r.returncode == 0, r.stderr
+    from_file = json.loads(r.stdout)
+    r = run_cli("eval", store, "--head", out / "head.pt", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    from_head = json.loads(r.stdout)
+    assert from_head["method"] == f"nn[{LITE} -> head.pt]"
+    assert from_file["pck"] == from_head["pck"] == m["overall"]["head"]
+    assert from_file["by_category"] == from_head["by_category"]
+    s = spairstore.open(store)
+    t = s.pairs("test")
+    with np.load(out / "test_predictions.npz") as z:
+        assert sorted(map(int, z.files)) == sorted(t.pair_id.tolist())
+        assert all(z[str(pid)].shape == (n, 2) for pid, n in zip(t.pair_id, t.n_kps))
