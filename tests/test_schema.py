@@ -69,7 +69,8 @@ def test_tables_encoded_from_records(tmp_path: Path) -> None:
     rec = _records(tmp_path)
     enc = Encoding.of(rec, 64, ["", "left"])
     images = encode_table("images", rec.images, enc, {"S": 64, "K": 3})
-    assert set(images) == {f.name for f in FIELDS if f.table == "images" and f.encode is not None}
+    # optional arrays (SPair-U's extra_keypoints) only where some record has them
+    assert set(images) == {f.name for f in FIELDS if f.table == "images" and f.encode is not None and not f.optional}
     assert images["name"].tolist() == [b"a", b"b"] and images["category"].tolist() == [0, 1]
     assert images["size"].tolist() == [[200, 100], [50, 80]]
     # longest side to 64, centred: 64 x 32 at (0, 16); 40 x 64 at (12, 0)

@@ -173,8 +173,7 @@ _IMAGES = [
           frame="original px", padding="NaN", encode=_attr("keypoints")),
     Field("images/extra_keypoints", "float32", ("K", 2), units="pixels", frame="original px", padding="NaN",
           optional=True, doc="x, y of each slot of SPair-U's unseen keypoints (only where the source has them)",
-          encode=lambda r, e: np.full((len(r.keypoints), 2), np.nan) if r.extra_keypoints is None
-          else r.extra_keypoints),
+          encode=_attr("extra_keypoints")),
     Field("images/azimuth", "int8", doc="SPair azimuth bin 0..7", padding=_UNKNOWN, encode=_attr("azimuth")),
     Field("images/pose", "int8", doc="index into pose_names", padding=_UNKNOWN,
           encode=lambda r, e: e.pose[r.pose]),
@@ -329,6 +328,8 @@ def encode_table(table: str, records: Sequence[Any], enc: Encoding, sizes: Mappi
         if f.table not in tables or f.encode is None:
             continue
         values = [f.encode(r, enc) for r in records]
+        if f.optional and all(v is None for v in values):  # an optional array these records do not have
+            continue
         if f.dtype == "S":
             out[f.name] = np.array(values, dtype=f"S{max(map(len, values), default=1)}")
             continue
@@ -338,7 +339,8 @@ def encode_table(table: str, records: Sequence[Any], enc: Encoding, sizes: Mappi
             for j, v in enumerate(values):
                 col[j, :len(v)] = v
         else:
-            col = np.array(values, dtype=f.np_dtype).reshape(len(values), *shape)
+            pad = np.full(shape, f.pad_value if f.padding else 0, dtype=f.np_dtype)
+            col = np.array([pad if v is None else v for v in values], dtype=f.np_dtype).reshape(len(values), *shape)
         out[f.name] = col
     return out
 
@@ -373,7 +375,7 @@ def store_fields(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dic
     the store lacks the array that gives it)."""
     sizes = {"S": int(attrs["image_size"]), "K": int(attrs["num_keypoints"])}
     version = format_version(attrs)
-    fields = [f.resolve(sizes) for f in (*_IMAGES, *_OTHER) if "{" not in f.path]
+    fields = [f.resolve(sizes) for f in (*_IMAGES, *_OTHER) if "{" not in f.path and (not f.optional or f.path in shapes)]
     for split in attrs["splits"]:
         width = shapes.get(f"pairs/{split}/kps_ids", ((0, 0),))[0]
         m = {"M": width[1] if len(width) == 2 else -1}

@@ -282,10 +282,7 @@ def _decode(rec: ImageRecord, check: _ImageCheck, root: Path, size: int) -> _Dec
 
 def _image_tables(records: DatasetRecords, enc: Encoding) -> dict[str, np.ndarray]:
     """The image columns the schema encodes from records (names, categories, geometry, labels, splits)."""
-    tables = encode_table("images", records.images, enc, {"S": enc.size, "K": records.num_keypoints})
-    if all(im.extra_keypoints is None for im in records.images):  # only SPair-U's layer brings them
-        del tables["extra_keypoints"]
-    return tables
+    return encode_table("images", records.images, enc, {"S": enc.size, "K": records.num_keypoints})
 
 
 def _pair_table(pairs: list[PairRecord], enc: Encoding, width: int) -> dict[str, np.ndarray]:
