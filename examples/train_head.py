@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -51,10 +52,11 @@ class ResidualHead(torch.nn.Module):
         return x + self.body(x)
 
 
-def flat_cells(points: torch.Tensor, geom: dict, image_size: int) -> torch.Tensor:
-    """Store pixels (B, K, 2) x, y -> row-major index ``row * width + col`` of the nearest cell (B, K)."""
-    cells = geometry.store_to_cell(points.cpu().numpy(), geom, image_size)
-    return torch.from_numpy(cells[..., 1] * int(geom["width"]) + cells[..., 0]).to(points.device)
+def flat_cells(points: torch.Tensor, valid: torch.Tensor, geom: dict, image_size: int) -> torch.Tensor:
+    """Store pixels (B, K, 2) x, y -> row-major index ``row * width + col`` of the nearest cell (B, K), on the
+    points' device. Padding slots (NaN, ``valid`` False) get cell 0; the loss masks them out."""
+    cells = geometry.store_to_cell(torch.where(valid[..., None], points, 0.0), geom, image_size)
+    return cells[..., 1] * int(geom["width"]) + cells[..., 0]
 
 
 def at_cells(maps: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{args.store}: no feature set {args.features!r} "
                          f"(store has {', '.join(store.feature_sets) or 'none'}; run spairstore features first)")
     geom = store.feature_sets[args.features]
-    field = f"features:{args.features}"
+    field = f"features/{args.features}"
     data = spairstore.PairDataset(store, "trn", fields=("keypoints", field))
     loader = spairstore.Loader(data, args.batch_size, shuffle=True, seed=args.seed, drop_last=True,
                                device=args.device, rank=0, world_size=1)
@@ -98,7 +100,7 @@ def train(args: argparse.Namespace) -> dict:
     history = [{"epoch": 0, "val_pck@0.1": best["val"]}]
     print(f"epoch 0 (identity head = NN): val PCK@0.1 {best['val']:.1f}")
     wait = busy = 0.0
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     for epoch in range(1, args.epochs + 1):
         loader.set_epoch(epoch)
         head.train()
@@ -108,8 +110,8 @@ def train(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            cs = flat_cells(batch["src_kps"], geom, store.image_size)
-            ct = flat_cells(batch["trg_kps"], geom, store.image_size)
+            cs = flat_cells(batch["src_kps"], batch["kps_valid"], geom, store.image_size)
+            ct = flat_cells(batch["trg_kps"], batch["kps_valid"], geom, store.image_size)
             query = head(at_cells(batch[f"src_{field}"].float(), cs)[..., None])[..., 0]  # a (B, C, K, 1) "map"
             loss = matching_loss(query, head(batch[f"trg_{field}"].float()), ct, batch["kps_valid"], args.temperature)
             opt.zero_grad(set_to_none=True)
@@ -125,7 +127,7 @@ def train(args: argparse.Namespace) -> dict:
         print(f"epoch {epoch}: loss {np.mean(losses):.3f}, val PCK@0.1 {score:.1f}")
         if score > best["val"]:
             best = {"epoch": epoch, "val": score, "state": copy.deepcopy(head.state_dict())}
-    train_s = time.perf_counter() - t_start
+    train_s, train_cpu_s = time.perf_counter() - t_start, time.process_time() - cpu_start
     head.load_state_dict(best["state"])
     share = wait / max(wait + busy, 1e-12)
     print(f"best epoch {best['epoch']} (val PCK@0.1 {best['val']:.1f}); data wait {100 * share:.2f} % of step time "
@@ -145,7 +147,8 @@ def train(args: argparse.Namespace) -> dict:
     nn = spairstore.evaluate(store, "test", NearestNeighbour(args.features, device=str(device)))
     metrics = {"store": str(args.store), "features": args.features, "device": str(device),
                "best_epoch": best["epoch"], "history": history, "data_wait_share": share,
-               "step_time_s": wait + busy, "train_wall_s": train_s, "steps": args.epochs * steps,
+               "step_time_s": wait + busy, "train_wall_s": train_s, "train_cpu_s": train_cpu_s,
+               "load_average": os.getloadavg()[1], "steps": args.epochs * steps,
                **comparison(nn, ours)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "report.md").write_text(report(nn, ours, metrics))
@@ -179,7 +182,7 @@ def report(nn: spairstore.Report, ours: spairstore.Report, m: dict) -> str:
     return "\n\n".join([
         f"# Head vs NN on `{m['features']}` ({Path(m['store']).name}, test)",
         (f"`{nn.protocol}`  \nbest epoch {m['best_epoch']} on val; {m['steps']} steps on {m['device']} in "
-         f"{m['train_wall_s']:.1f} s; data wait {100 * m['data_wait_share']:.2f} % of step time; "
+         f"{m['train_wall_s']:.1f} s ({m['train_cpu_s']:.1f} s CPU, load average {m['load_average']:.1f}); data wait {100 * m['data_wait_share']:.2f} % of step time; "
          f"head better in {m['categories_better']} of {m['categories']} categories"),
         markdown_table("PCK (%) overall", cols, overall),
         markdown_table(f"PCK@0.1 {agg} (%) per category", cols, _gain(m["by_category"])),
@@ -210,7 +213,8 @@ def main() -> None:
     o = m["overall"]
     print(f"test PCK@0.1 {m['aggregation']}: NN {o['nn']['0.1'][m['aggregation']]:.1f} -> head "
           f"{o['head']['0.1'][m['aggregation']]:.1f}; better in {m['categories_better']} of {m['categories']} "
-          f"categories; data wait {100 * m['data_wait_share']:.2f} %; training {m['train_wall_s']:.1f} s")
+          f"categories; data wait {100 * m['data_wait_share']:.2f} %; training {m['train_wall_s']:.1f} s "
+          f"({m['train_cpu_s']:.1f} s CPU)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,27 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: flags read --overwrite / --no-overwrite, with no <bool> value
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .core.version import __version__
+
+        typer.echo(f"spairstore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW) in one fast, checksummed store."""
+
+
+def _deprecated(old: str, new: str) -> None:
+    """One line on stderr for an option spelling kept for old scripts."""
+    typer.secho(f"warning: {old} is deprecated here; use {new}", err=True, fg=typer.colors.YELLOW)
 
 
 @app.command()
@@ -117,24 +137,30 @@ def convert(
 def features(
     store: Annotated[Path, typer.Argument(help="Store to add the feature set to (.h5 file or .zarr directory).")],
     backbone: Annotated[str, typer.Option(help="efficientnet-lite0 (weights ship with spairstore: works offline), "
-                                               "resnet50, resnet101, dinov2-vits14 or dinov2-vitb14.")]
+                                               "resnet50, resnet101, dinov2-vit{s,b,l,g}14[-reg], "
+                                               "dinov3-vit{s,b,l}16; or your own network as MODULE:FACTORY "
+                                               "(pkg.mod:make or path/to/file.py:make).")]
     = "efficientnet-lite0",
     layers: Annotated[Optional[str], typer.Option(
         help="Comma-separated layers to tap: unit indices (ResNets: HPF hyperpixel ids, 0 = stem) or module "
-             "names (e.g. layer3, _blocks.10, blocks.11, norm). All are resampled onto the finest tapped grid "
-             "and concatenated. Default: the backbone's.")] = None,
+             "names (e.g. layer3, _blocks.10, encoder.layer.11, layernorm). All are resampled onto the finest "
+             "tapped grid and concatenated. Default: the backbone's.")] = None,
     input_size: Annotated[Optional[int], typer.Option(
         help="Side the S x S store frame is resized to before the backbone, in pixels; a multiple of 32 "
-             "(CNNs) or 14 (ViTs). Default: S rounded down to one.")] = None,
+             "(CNNs), 14 (DINOv2) or 16 (DINOv3). Default: S rounded down to one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     weights: Annotated[Optional[str], typer.Option(
-        help="Weights file (.pth/.safetensors). Default: the shipped or cached weights; 'random' builds the "
-             "architecture with seeded random weights (pipeline tests only).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Feature set name (default: the backbone's).")] = None,
+        help="Weights file (.pth), or for DINOv2/v3 a Hugging Face model folder. Default: the shipped or "
+             "cached weights; 'random' builds the architecture with seeded random weights (pipeline tests "
+             "only).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Feature set name (default: the backbone's; MODULE:FACTORY gives <module>.<factory>).")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace an existing feature set of this name, and discard an unfinished run of it made with "
              "other settings.")] = False,
+    flip: Annotated[bool, typer.Option(
+        help="Also store the maps of every image mirrored left to right, as the set NAME-flip.")] = False,
 ) -> None:
     """Run a backbone over every image of a store and add its float16 feature maps (N, C, h, w) as a named
     feature set. An interrupted run leaves the store readable without the set; running the same command
@@ -147,7 +173,7 @@ def features(
                        "again to resume"):
         summary = extract_features(store, backbone=backbone, layers=layer_list, input_size=input_size,
                                    batch_size=batch_size, device=device, weights=weights, name=name,
-                                   overwrite=overwrite, progress=True)
+                                   overwrite=overwrite, progress=True, flip=flip)
     if _first_process():
         typer.echo(str(summary))
 
@@ -163,6 +189,7 @@ def _mib(n: int) -> str:
 
 def store_info(path: Path | str) -> dict:
     """Everything ``spairstore info`` shows, as JSON-able data (``file_bytes`` is None for a URL)."""
+    from .core.schema import field_of_array
     from .features import partial_feature_sets
     from .store.backends import disk_bytes, format_of, is_url
     from .store.reader import open as open_store
@@ -188,6 +215,7 @@ def store_info(path: Path | str) -> dict:
             "images": len(s),
             "file_bytes": None if is_url(s.path) else disk_bytes(s.path),
             "field_bytes": sizes,
+            "fields": {f: n for k, n in sizes.items() if (f := field_of_array(k))},  # by the names read() takes
             "splits": counts,
             "categories": per_cat,
             "category_groups": s.attrs.get("category_groups", {}),
@@ -216,6 +244,8 @@ def info(
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return
+    from .core.schema import field_of_array
+
     left_out = [Skipped.from_json(x) for x in d["skipped"]]
     if skipped:
         typer.echo("\n".join(map(str, left_out)) if left_out else f"{d['path']}: pack left nothing out")
@@ -236,7 +266,8 @@ def info(
         "  fields",
     ]
     big = sorted(d["field_bytes"].items(), key=lambda kv: -kv[1])
-    out += [f"    {k:<36} {_mib(v):>12}" for k, v in big if v >= 2**20 or k.startswith("images/")][:12]
+    out += [f"    {field_of_array(k) or k:<36} {_mib(v):>12}" for k, v in big
+            if v >= 2**20 or k.startswith("images/")][:12]
     splits = list(d["splits"])
     w = max([11, *map(len, d["categories"])])  # PF-WILLOW folders like winebottle(woC) are longer
     out.append(f"  {'per category':<{w + 1}} " + " ".join(f"{h:>8}" for h in ["images", *splits]))
@@ -330,8 +361,9 @@ def eval_(
                                                "slot (with --plot: a heat map beside the plot).")] = False,
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Score the predictions under each published "
                                               "convention instead: one row per protocol.")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="text, markdown, csv or json.")] = "text",
-    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    report_format: Annotated[str, typer.Option("--report", help="Report format: text, markdown, csv or json.")] = "text",
+    old_format: Annotated[Optional[str], typer.Option("--format", hidden=True, help="Deprecated: --report.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --report json.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the report here, not stdout.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also save a PCK-vs-alpha and per-category plot (PNG).")] = None,
     device: Annotated[Optional[str], typer.Option(help="Device for --method nn (default: cuda if available).")] = None,
@@ -347,11 +379,14 @@ def eval_(
         raise SpairstoreError("--head evaluates nn on the head's maps: drop --predictions and --method")
     if head is None and (method is None) == (predictions is None):
         raise SpairstoreError("give exactly one of --method and --predictions (or --head FILE)")
-    fmt = "json" if as_json else fmt
+    if old_format is not None:  # --format is the container format in pack and convert
+        _deprecated("eval --format", "--report")
+        report_format = old_format
+    fmt = "json" if as_json else report_format
     if fmt not in ("text", "markdown", "csv", "json"):
-        raise SpairstoreError(f"--format must be text, markdown, csv or json, not {fmt!r}")
+        raise SpairstoreError(f"--report must be text, markdown, csv or json, not {fmt!r}")
     if per_keypoint and fmt == "csv":
-        raise SpairstoreError("--per-keypoint adds a table: use --format text, markdown or json with it")
+        raise SpairstoreError("--per-keypoint adds a table: use --report text, markdown or json with it")
     if sensitivity and (dagger or per_keypoint or plot):
         raise SpairstoreError("--sensitivity makes its own table: leave out --dagger, --per-keypoint and --plot")
     output = output and _output(output)
@@ -364,8 +399,7 @@ def eval_(
             from .eval.models import load_head
 
             h = load_head(head)
-            source = NearestNeighbour(features or h.features, device, batch_size, progress=True, transform=h,
-                                      flip=flip)
+            source = NearestNeighbour(features or h.features, device, batch_size, progress=True, flip=flip, transform=h)
         else:
             source = get_method(method, features, device, batch_size, progress=True, flip=flip) if method else predictions
         if sensitivity:
@@ -437,8 +471,9 @@ def compare(
 @app.command()
 def stats(
     store: Annotated[str, typer.Argument(help="Store to describe (path, or URL of a Zarr store).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
+    report_format: Annotated[str, typer.Option("--report", help="Report format: text, markdown or json.")] = "text",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --report json.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", hidden=True, help="Deprecated: --report markdown.")] = False,
 ) -> None:
     """Dataset statistics in the dataset paper's layout: pairs per split and difficulty level, pairs per
     category and split, images per split."""
@@ -447,7 +482,13 @@ def stats(
 
     with open_store(store) as s:
         d = dataset_stats(s)
-    typer.echo(json.dumps(d, indent=2) if as_json else render_stats(d, "markdown" if markdown else "text"))
+    if markdown:
+        _deprecated("stats --markdown", "--report markdown")
+        report_format = "markdown"
+    fmt = "json" if as_json else report_format
+    if fmt not in ("text", "markdown", "json"):
+        raise SpairstoreError(f"--report must be text, markdown or json, not {fmt!r}")
+    typer.echo(json.dumps(d, indent=2) if fmt == "json" else render_stats(d, fmt))
 
 
 @app.command()
@@ -494,17 +535,21 @@ def show(
 @app.command()
 def verify(
     store: Annotated[str, typer.Argument(help="Store to check: .h5 file, .zarr directory or Zarr URL.")],
-    sources: Annotated[Optional[Path], typer.Option(help="Dataset root: also compare every source file's "
-                                                         "SHA-256 with the store's manifest.")] = None,
+    source: Annotated[Optional[Path], typer.Option(help="Dataset root the store was packed from: also compare "
+                                                        "every source file's SHA-256 with the store's manifest.")] = None,
+    sources: Annotated[Optional[Path], typer.Option(hidden=True, help="Deprecated: --source.")] = None,
     sample: Annotated[Optional[float], typer.Option(help="Check only this random fraction (0-1] of the "
                                                          "records and source files.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the --sample draw.")] = None,
 ) -> None:
-    """Check every payload record's CRC-32, every table's CRC-32 and (with --sources) every source file's
+    """Check every payload record's CRC-32, every table's CRC-32 and (with --source) every source file's
     SHA-256; name each record or file that differs. Exit code 1 on any difference."""
     from .store.verify import verify as verify_
 
-    report = verify_(store, sources=sources, sample=sample, seed=seed, progress=True)
+    if sources is not None:  # one name with bench's --source
+        _deprecated("verify --sources", "--source")
+        source = sources
+    report = verify_(store, sources=source, sample=sample, seed=seed, progress=True)
     typer.echo(str(report))
     if not report.ok:
         raise SpairstoreError(f"{report.path}: {len(report.differences):,} records, tables or files differ "

@@ -33,7 +33,7 @@ def test_flip_relabels_keypoints_by_the_permutation(synth_store: Path) -> None:
     plain = PairDataset(synth_store, "trn", fields=FIELDS)
     flipped = PairDataset(synth_store, "trn", fields=FIELDS, augment=HFlip(p=1.0))
     idx = list(range(12))
-    a, b = plain.__getitems__(idx), flipped.__getitems__(idx)
+    a, b = plain.fetch(idx), flipped.fetch(idx)
     assert b["src_flipped"].all() and b["trg_flipped"].all()
     for side in ("src", "trg"):
         np.testing.assert_array_equal(b[f"{side}_pixels"].numpy(), a[f"{side}_pixels"].numpy()[:, :, ::-1])
@@ -66,8 +66,8 @@ def test_flip_relabels_keypoints_by_the_permutation(synth_store: Path) -> None:
 def test_flipping_twice_is_the_identity(synth_store: Path) -> None:
     for make in (lambda aug: PairDataset(synth_store, "val", fields=FIELDS, augment=aug),
                  lambda aug: ImageDataset(synth_store, fields=FIELDS, augment=aug)):
-        a = make(Compose(RandomCrop(p=0.0))).__getitems__([0, 3, 1])
-        b = make(Compose(HFlip(p=1.0), HFlip(p=1.0))).__getitems__([0, 3, 1])
+        a = make(Compose(RandomCrop(p=0.0))).fetch([0, 3, 1])
+        b = make(Compose(HFlip(p=1.0), HFlip(p=1.0))).fetch([0, 3, 1])
         for k in a:
             if k.endswith("flipped"):
                 assert not b[k].any()
@@ -79,8 +79,8 @@ def test_flipping_twice_is_the_identity(synth_store: Path) -> None:
 
 def test_image_dataset_flip_moves_each_slot_to_its_mirror(synth_store: Path) -> None:
     s = spairstore.open(synth_store)
-    a = ImageDataset(synth_store, fields=FIELDS).__getitems__(list(range(len(s))))
-    b = ImageDataset(synth_store, fields=FIELDS, augment=HFlip(p=1.0)).__getitems__(list(range(len(s))))
+    a = ImageDataset(synth_store, fields=FIELDS).fetch(list(range(len(s))))
+    b = ImageDataset(synth_store, fields=FIELDS, augment=HFlip(p=1.0)).fetch(list(range(len(s))))
     for i in range(len(s)):
         perm = s.keypoint_flip[s.images.category[i]]
         np.testing.assert_array_equal(b["keypoints_valid"][i].numpy(), a["keypoints_valid"][i].numpy()[perm])
@@ -127,7 +127,7 @@ def test_flip_refused_without_a_table(synth_store: Path, tmp_path: Path) -> None
     for aug in (HFlip(), Compose(RandomCrop(), HFlip(0.1))):
         with pytest.raises(SpairstoreError, match="no left/right keypoint permutation"):
             PairDataset(store, "trn", augment=aug)
-    PairDataset(store, "trn", fields=FIELDS, augment=RandomCrop(p=1.0)).__getitems__([0, 1])  # crop needs none
+    PairDataset(store, "trn", fields=FIELDS, augment=RandomCrop(p=1.0)).fetch([0, 1])  # crop needs none
 
 
 def test_bad_flip_table_is_a_store_error(synth_store: Path, tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_random_crop_keeps_the_box_and_the_geometry(synth_store: Path) -> None:
     plain = PairDataset(synth_store, "trn", fields=FIELDS)
     crop = PairDataset(synth_store, "trn", fields=FIELDS, augment=RandomCrop(p=1.0, min_fraction=0.3), seed=4)
     idx = list(range(len(plain)))
-    a, b = plain.__getitems__(idx), crop.__getitems__(idx)
+    a, b = plain.fetch(idx), crop.fetch(idx)
     assert not b["src_flipped"].any()
     np.testing.assert_array_equal(a["kps_ids"].numpy(), b["kps_ids"].numpy())
     changed = 0
@@ -170,9 +170,9 @@ def test_random_crop_keeps_the_box_and_the_geometry(synth_store: Path) -> None:
             changed += not np.array_equal(a[f"{side}_pixels"][j].numpy(), b[f"{side}_pixels"][j].numpy())
     assert changed > len(idx)
     again = PairDataset(synth_store, "trn", fields=FIELDS, augment=RandomCrop(p=1.0, min_fraction=0.3), seed=4)
-    np.testing.assert_array_equal(again.__getitems__(idx)["src_pixels"].numpy(), b["src_pixels"].numpy())
+    np.testing.assert_array_equal(again.fetch(idx)["src_pixels"].numpy(), b["src_pixels"].numpy())
     again.set_epoch(1)
-    assert not np.array_equal(again.__getitems__(idx)["src_pixels"].numpy(), b["src_pixels"].numpy())
+    assert not np.array_equal(again.fetch(idx)["src_pixels"].numpy(), b["src_pixels"].numpy())
 
 
 def test_random_crop_rejects_a_bad_fraction() -> None:
@@ -186,7 +186,7 @@ def test_random_crop_without_boxes_keeps_the_keypoints(synth_store: Path, tmp_pa
     with h5py.File(store, "a") as f:
         f["images/bbox"][...] = np.nan
     ds = PairDataset(store, "trn", fields=FIELDS, augment=RandomCrop(p=1.0, min_fraction=0.2))
-    b = ds.__getitems__(list(range(len(ds))))
+    b = ds.fetch(list(range(len(ds))))
     valid = b["kps_valid"].numpy()
     for side in ("src", "trg"):
         pts = b[f"{side}_kps"].numpy()[valid]

@@ -42,7 +42,17 @@ def test_bench_rejects_bad_arguments(synth_store: Path, tmp_path: Path) -> None:
 
 def test_smaps_memory_counts_store_pages_apart(synth_store: Path) -> None:
     ds = PairDataset(synth_store, "trn", fields=("pixels", "mask"))
-    ds.__getitems__(list(range(len(ds))))
+    ds.fetch(list(range(len(ds))))
     mem = smaps_memory(spairstore.open(synth_store).path)
     assert mem["store_mapped"] > 0  # the payload pages are the store file's, mapped from the page cache
     assert 0 < mem["private"] <= mem["uss"] + mem["store_mapped"]
+
+
+def test_bench_reports_loader_worker_ratios(synth_store: Path) -> None:
+    r = run(synth_store, batch_size=4, batches=2, workers=2, rounds=1, memory_batches=2, progress=False)
+    assert set(r.loader) == {"plain", "augment"} and set(r.loader["plain"]) == {0, 2} and set(r.loader["augment"]) == {1, 2}
+    ratios = r.loader_ratios()
+    assert ratios["workers_vs_one_process"] == r.loader["plain"][2] / r.loader["plain"][0]
+    assert ratios["augment_2_vs_1"] == r.loader["augment"][2] / r.loader["augment"][1]
+    text = str(r)
+    assert "Loader, 2 workers vs one process (plain reads):" in text and "HFlip + RandomCrop, 2 workers vs 1:" in text

@@ -353,8 +353,8 @@ def test_cli_eval_paper_options(synth_store: Path, tmp_path: Path) -> None:
     assert [row["change"] for row in json.loads(r.stdout)["rows"]][:2] == ["base", "strict <"]
     r = run_cli("eval", synth_store, "--method", "identity", "--subset", "left-only")
     assert r.returncode != 0 and "keypoints 'left-only' is not one of all, geo-aware" in r.stderr
-    r = run_cli("eval", synth_store, "--method", "identity", "--per-keypoint", "--format", "csv")
-    assert r.returncode != 0 and "--per-keypoint adds a table: use --format text, markdown or json" in r.stderr
+    r = run_cli("eval", synth_store, "--method", "identity", "--per-keypoint", "--report", "csv")
+    assert r.returncode != 0 and "--per-keypoint adds a table: use --report text, markdown or json" in r.stderr
     r = run_cli("eval", synth_store, "--method", "identity", "--sensitivity", "--dagger")
     assert r.returncode != 0 and "--sensitivity makes its own table" in r.stderr
 

@@ -58,7 +58,6 @@ def importable(module: str) -> bool:
 
 
 needs_torchvision = pytest.mark.skipif(not importable("torchvision"), reason="torchvision does not import here")
-needs_timm = pytest.mark.skipif(not importable("timm"), reason="timm does not import here")
 
 
 # -- stored maps ------------------------------------------------------------------------------------
@@ -110,12 +109,12 @@ def test_default_set_equals_fresh_forward_pass(lite_store: Path) -> None:
 def test_pair_dataset_serves_an_extracted_set(lite_store: Path) -> None:
     from spairstore.torch.datasets import PairDataset
 
-    ds = PairDataset(lite_store, "test", fields=(f"features:{LITE}",))
-    b = ds.__getitems__([0, 3])
+    ds = PairDataset(lite_store, "test", fields=(f"features/{LITE}",))
+    b = ds.fetch([0, 3])
     s = spairstore.open(lite_store)
     t = s.pairs("test")
     for side in ("src", "trg"):
-        np.testing.assert_array_equal(b[f"{side}_features:{LITE}"].numpy(),
+        np.testing.assert_array_equal(b[f"{side}_features/{LITE}"].numpy(),
                                       s.read(f"features/{LITE}", getattr(t, side)[[0, 3]]))
 
 
@@ -234,17 +233,6 @@ def test_cell_store_mapping(lite_store: Path) -> None:
     np.testing.assert_allclose(geometry.cell_to_store(np.array([[0, 0]]), g2, 96), [[7.75, 7.75]])
 
 
-@needs_timm
-def test_dinov2_tokens_become_a_map_in_raster_order() -> None:
-    fe = FeatureExtractor("dinov2-vits14", ["blocks.0"], input_size=112, weights=RANDOM_WEIGHTS)
-    assert fe.size == 8 and fe.channels == 384 and fe.taps[0].cell_offset == 0.5
-    x = np.zeros((2, 112, 112, 3), dtype=np.uint8)
-    x[1, 3 * 14:4 * 14, 5 * 14:6 * 14] = 255  # patch at row 3, column 5
-    out = fe(x)
-    change = (out[1] - out[0]).norm(dim=0)
-    assert np.unravel_index(int(change.argmax()), change.shape) == (3, 5)
-
-
 @needs_torchvision
 def test_resnet_hpf_ids_and_missing_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fe = FeatureExtractor("resnet101", [0, 8, 31], input_size=128, weights=RANDOM_WEIGHTS)
@@ -258,7 +246,6 @@ def test_resnet_hpf_ids_and_missing_weights(monkeypatch: pytest.MonkeyPatch, tmp
 
 @pytest.mark.parametrize("backbone, layers, size", [
     pytest.param("resnet50", ["layer2"], 64, marks=needs_torchvision),
-    pytest.param("dinov2-vits14", ["norm"], 56, marks=needs_timm),
     (LITE, ["_blocks.4"], 64),
 ])
 def test_weights_file_is_loaded(backbone: str, layers: list[str], size: int, tmp_path: Path) -> None:

@@ -210,10 +210,10 @@ def test_batch_method_sees_the_fields_it_asks_for_and_checks_its_output(feature_
     seen = []
 
     def fn(batch: dict) -> np.ndarray:
-        seen.append((batch["src_features:onehot"].shape, batch["src_image"].dtype))
+        seen.append((batch["src_features/onehot"].shape, batch["src_image"].dtype))
         return batch["trg_kps"].numpy()
 
-    pred = BatchMethod(fn, fields=("features:onehot", "pixels"), batch_size=4)(s, "trn", rows)
+    pred = BatchMethod(fn, fields=("features/onehot", "pixels"), batch_size=4)(s, "trn", rows)
     t = s.pairs("trn")
     np.testing.assert_allclose(pred, t.trg_kps[rows], atol=1e-4)  # float32 store pixels and back
     assert seen == [((4, 31, 48, 48), torch.float32), ((2, 31, 48, 48), torch.float32)]

@@ -22,12 +22,18 @@ ALL = ("pixels", "mask", "keypoints", "labels", "image_bytes", "mask_bytes")
 
 
 def assert_batches_equal(a: dict, b: dict) -> None:
+    """Equal keys, and per key equal type, dtype, shape and values (NaN equal to NaN: padded keypoints)."""
     assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for k, x in a.items():
+        y = b[k]
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape, k
+            if x.is_floating_point():
+                assert torch.equal(x.isnan(), y.isnan()), k
+                x, y = x.nan_to_num(0.0), y.nan_to_num(0.0)
+            assert torch.equal(x, y), k
         else:
-            assert a[k] == b[k], k
+            assert x == y, k
 
 
 def test_pair_batch_equals_direct_store_reads(synth_store: Path) -> None:
@@ -35,8 +41,8 @@ def test_pair_batch_equals_direct_store_reads(synth_store: Path) -> None:
     ds = PairDataset(synth_store, "trn", fields=ALL)
     t = s.pairs("trn")
     idx = [5, 0, 5, len(ds) - 1, 3]  # a repeated pair: its images are read once, copied to both slots
-    b = ds.__getitems__(idx)
-    assert b["kps_valid"].shape[1] == max(int(t.n_kps[i]) for i in idx)
+    b = ds.fetch(idx)
+    assert b["kps_valid"].shape[1] == s.images.keypoints.shape[1]  # padded to the store's K slots
     for j, i in enumerate(idx):
         src, trg = int(t.src[i]), int(t.trg[i])
         assert (b["index"][j], b["pair_id"][j], b["category"][j]) == (i, t.pair_id[i], t.category[i])
@@ -55,7 +61,7 @@ def test_pair_batch_equals_direct_store_reads(synth_store: Path) -> None:
         n = len(ids)
         assert b["n_kps"][j] == n and b["kps_valid"][j].sum() == n and not b["kps_valid"][j, n:].any()
         np.testing.assert_array_equal(b["kps_ids"][j, :n].numpy(), ids)
-        assert (b["kps_ids"][j, n:] == -1).all() and (b["src_kps"][j, n:] == 0).all()
+        assert (b["kps_ids"][j, n:] == -1).all() and b["src_kps"][j, n:].isnan().all()  # padding is no point
         for side, row, orig in (("src", src, src_kps), ("trg", trg, trg_kps)):
             got = b[f"{side}_kps"][j, :n].numpy()
             np.testing.assert_allclose(got, s.to_store(orig, row), rtol=1e-6)
@@ -71,12 +77,17 @@ def test_single_samples_and_collate_match_batch(synth_store: Path) -> None:
     idx = [2, 5, 1]
     samples = [ds[i] for i in idx]
     assert samples[0]["src_pixels"].shape == (ds.image_size, ds.image_size, 3)
-    assert len(samples[1]["kps_ids"]) == samples[1]["n_kps"]
-    assert_batches_equal(collate(samples), ds.__getitems__(idx))
-    batch = ds.__getitems__(idx)
+    assert samples[1]["kps_valid"].sum() == samples[1]["n_kps"] and len(samples[1]["kps_ids"]) == ds.num_keypoints
+    assert_batches_equal(collate(samples), ds.fetch(idx))
+    batch = ds.fetch(idx)
     assert collate(batch) is batch
-    with pytest.raises(SpairstoreError):
+    read = ds.__getitems__(idx)
+    assert collate(read) is read.block and len(read) == 3
+    assert_batches_equal(torch.utils.data.default_collate(read), batch)
+    with pytest.raises(SpairstoreError, match="empty"):
         collate([])
+    with pytest.raises(TypeError, match=r"use dataset.fetch\(indices\) or spairstore.collate"):
+        read["src_pixels"]
 
 
 def test_image_dataset_equals_store(synth_store: Path) -> None:
@@ -86,7 +97,7 @@ def test_image_dataset_equals_store(synth_store: Path) -> None:
     test = ImageDataset(s, split="test")
     rows = np.flatnonzero(s.images.splits & (1 << s.splits.index("test")))
     np.testing.assert_array_equal(test.rows, rows)
-    b = all_images.__getitems__([4, 0, 4])
+    b = all_images.fetch([4, 0, 4])
     for j, i in enumerate([4, 0, 4]):
         np.testing.assert_array_equal(b["pixels"][j].numpy(), s.pixels(i))
         np.testing.assert_array_equal(b["mask"][j].numpy(), s.mask(i))
@@ -95,7 +106,7 @@ def test_image_dataset_equals_store(synth_store: Path) -> None:
         present = np.isfinite(kps).all(axis=1)
         np.testing.assert_array_equal(b["keypoints_valid"][j].numpy(), present)
         np.testing.assert_allclose(b["keypoints"][j].numpy()[present], s.to_store(kps[present], i), rtol=1e-6)
-        assert (b["keypoints"][j].numpy()[~present] == 0).all()
+        assert np.isnan(b["keypoints"][j].numpy()[~present]).all()
     with pytest.raises(SpairstoreError, match="pair labels"):
         ImageDataset(synth_store, fields=("labels",))
 
@@ -109,17 +120,17 @@ def test_features_field_reads_the_feature_set(synth_store: Path, tmp_path: Path)
         f.create_dataset("features/tiny/data", data=data)
         f.attrs["feature_sets"] = json.dumps({"tiny": {"input_size": 96, "stride": 32, "cell_offset": 0.5,
                                                         "width": 3, "height": 3, "channels": 4}})
-    ds = PairDataset(store, "trn", fields=("features:tiny", "keypoints"))
-    b = ds.__getitems__([3, 1])
+    ds = PairDataset(store, "trn", fields=("features/tiny", "keypoints"))
+    b = ds.fetch([3, 1])
     s = spairstore.open(store)
     for side in ("src", "trg"):
         rows = b[f"{side}_row"].numpy()
-        np.testing.assert_array_equal(b[f"{side}_features:tiny"].numpy(), s.read("features/tiny", rows))
-        np.testing.assert_array_equal(b[f"{side}_features:tiny"].numpy(), data[rows])
+        np.testing.assert_array_equal(b[f"{side}_features/tiny"].numpy(), s.read("features/tiny", rows))
+        np.testing.assert_array_equal(b[f"{side}_features/tiny"].numpy(), data[rows])
     with pytest.raises(SpairstoreError, match="no feature set 'nope'"):
         PairDataset(store, "trn", fields=("features:nope",))
     with pytest.raises(SpairstoreError, match="features cannot follow"):
-        PairDataset(store, "trn", fields=("features:tiny",), augment=RandomCrop())
+        PairDataset(store, "trn", fields=("features/tiny",), augment=RandomCrop())
 
 
 def test_bad_arguments_raise_clear_errors(synth_store: Path) -> None:
@@ -131,7 +142,7 @@ def test_bad_arguments_raise_clear_errors(synth_store: Path) -> None:
         ShardSampler(10, rank=4, world_size=4)
     ds = PairDataset(synth_store, "trn")
     with pytest.raises(IndexError):
-        ds.__getitems__([len(ds)])
+        ds.fetch([len(ds)])
     if not torch.cuda.is_available():
         with pytest.raises(SpairstoreError, match="CUDA is not available"):
             Loader(ds, device="cuda")
@@ -280,10 +291,10 @@ def test_dataset_pickles_without_its_store(synth_store: Path) -> None:
     import pickle
 
     ds = PairDataset(synth_store, "trn", fields=("pixels",))
-    ds.__getitems__([0])
+    ds.fetch([0])
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._store is None and clone.path == ds.path
-    assert_batches_equal(clone.__getitems__([2, 1]), ds.__getitems__([2, 1]))
+    assert_batches_equal(clone.fetch([2, 1]), ds.fetch([2, 1]))
 
 
 def test_import_spairstore_does_not_import_torch() -> None:
@@ -311,8 +322,28 @@ def test_pair_dataset_over_zarr_equals_hdf5(synth_store: Path, tmp_path: Path) -
     idx = [3, 0, 3, 17]
     fields = ("pixels", "mask", "keypoints", "labels", "image_bytes")
     h5, z = PairDataset(synth_store, "trn", fields=fields), PairDataset(zarr, "trn", fields=fields)
-    a, b = h5.__getitems__(idx), z.__getitems__(idx)
+    a, b = h5.fetch(idx), z.fetch(idx)
     assert_batches_equal(a, b)
     assert_batches_equal(_dataloader_batches(z, [idx], 2, "fork")[0], a)
     r = run(zarr, batch_size=4, batches=2, workers=0, rounds=1, progress=False)  # memmap ceiling over shard files
     assert set(r.seconds["single"]) == {"memmap", "store"}
+
+
+def test_one_name_per_field_old_spellings_warn(synth_store: Path) -> None:
+    s = spairstore.open(synth_store)
+    t = s.pairs("trn")
+    assert len(t) == t.rows == len(t.pair_id) and "pair_id" in t.columns and len(t.columns) > 10
+    assert list(t) == list(t.columns) == list(t.keys()) and dict(t.items())["src"] is t.src
+    rows = [2, 0]
+    want = s.read("pixels", rows)
+    with pytest.warns(DeprecationWarning, match="'images/pixels' is now called 'pixels'"):
+        np.testing.assert_array_equal(s.read("images/pixels", rows), want)
+    with pytest.raises(StoreError, match="no field 'image_bytes' to read by rows; the store has pixels, mask"):
+        s.read("image_bytes", rows)
+    with pytest.warns(DeprecationWarning, match="'image_blob' is now called 'image_bytes'"):
+        ds = PairDataset(synth_store, "trn", fields=("image_blob",))
+    assert ds.fields == ("image_bytes",) and "src_image_bytes" in ds.fetch([0])
+    from spairstore.cli import store_info
+
+    info = store_info(synth_store)
+    assert set(info["fields"]) == {"pixels", "mask", "image_bytes", "mask_bytes"}

@@ -15,6 +15,8 @@ import spairstore
 from spairstore.features import extract_features
 
 LITE = "efficientnet-lite0"
+# Three fresh interpreters (the script, eval --predictions, eval --head) and a torch.export: ~30 s.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

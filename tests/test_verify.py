@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import spairstore
-from spairstore.core.schema import PAYLOAD_FIELDS
+from spairstore.core.schema import PAYLOAD_FIELDS, field_of_array
 from spairstore.store.verify import verify
 from tests.conftest import run_cli
 
@@ -69,7 +69,8 @@ def test_every_corrupted_record_is_named(store: tuple[Path, Path], tmp_path: Pat
                 start, length = record_span(h, field, i)
                 for pos in rng.choice(length, size=int(rng.integers(1, 4)), replace=False):
                     flip(f, start + int(pos), rng)
-                expected.add(f"images/{field} row {i} ({s.categories[s.images.category[i]]}/{s.images.name[i]})")
+                name = field_of_array(f"images/{field}")  # verify names the field as read() does
+                expected.add(f"{name} row {i} ({s.categories[s.images.category[i]]}/{s.images.name[i]})")
     assert len(expected) >= 100
     report = verify(path)
     assert {d.what for d in report.differences} == expected
@@ -142,4 +143,4 @@ def test_feature_maps_are_verified(store: tuple[Path, Path], tmp_path: Path) -> 
     with open(path, "r+b") as f:
         flip(f, start + 3, np.random.default_rng(1))
     assert [d.what for d in verify(path).differences] == [
-        f"features/lite/data row 7 ({s.categories[s.images.category[7]]}/{s.images.name[7]})"]
+        f"features/lite row 7 ({s.categories[s.images.category[7]]}/{s.images.name[7]})"]

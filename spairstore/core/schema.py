@@ -19,6 +19,7 @@ whole-array CRC-32 in ``table_crc32``.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -104,6 +105,7 @@ class Field:
     rows: str = ""  #: rows of the array where not its table's (``N + 1``, ``bytes``, ``N or 0``)
     since: tuple[int, int] = (1, 0)  #: format version that added it
     optional: bool = False  #: a store may lack it (root attrs: not refused when absent)
+    layer: bool = False  #: an annotation layer only some sources have: absent is normal, not "missing"
     #: the value of one row from its record; None where the writer computes the array otherwise
     #: (payloads and their offsets and CRC-32s while decoding, the manifest while hashing)
     encode: Encoder | None = field(default=None, compare=False, repr=False)
@@ -171,9 +173,10 @@ _IMAGES = [
           units="pixels", frame="original px", padding="NaN", encode=_attr("bbox")),
     Field("images/keypoints", "float32", ("K", 2), doc="x, y of each keypoint slot", units="pixels",
           frame="original px", padding="NaN", encode=_attr("keypoints")),
-    Field("images/extra_keypoints", "float32", ("K", 2), units="pixels", frame="original px", padding="NaN",
-          optional=True, doc="x, y of each slot of SPair-U's unseen keypoints (only where the source has them)",
-          encode=_attr("extra_keypoints")),
+    Field("images/extra_keypoints", "float32", ("K", 2), optional=True, layer=True, since=(1, 2), units="pixels",
+          frame="original px", padding="NaN",
+          doc="x, y of a second annotation's keypoints (SPair-U's unseen ones; split <s>-unseen); only where the "
+              "source has that layer"),
     Field("images/azimuth", "int8", doc="SPair azimuth bin 0..7", padding=_UNKNOWN, encode=_attr("azimuth")),
     Field("images/pose", "int8", doc="index into pose_names", padding=_UNKNOWN,
           encode=lambda r, e: e.pose[r.pose]),
@@ -272,11 +275,11 @@ _ROOT = [
                 _is_list_of_str, since=(1, 1)),
     _attr_field("category_groups", "json", "grouping -> group of each category, in categories order",
                 lambda v: isinstance(v, dict) and all(_is_list_of_str(g) for g in v.values()), since=(1, 1)),
-    _attr_field("keypoint_groups", "json", "category -> groups of two or more same-type keypoint slots "
-                "(a car's four wheels): the geometry-aware subset",
-                lambda v: isinstance(v, dict) and all(isinstance(gs, list) and all(
-                    isinstance(g, list) and len(g) >= 2 and all(_is_int(k) for k in g) for g in gs)
-                    for gs in v.values())),
+    _attr_field("keypoint_groups", "json", "category -> lists of two or more same-type keypoint slots (a car's "
+                "four wheels): the geometry-aware subset of eval --subset geo-aware",
+                lambda v: isinstance(v, dict) and all(
+                    isinstance(gs, list) and all(isinstance(g, list) and len(g) >= 2 and all(_is_int(k) for k in g)
+                                                 for g in gs) for gs in v.values()), since=(1, 2)),
 ]
 
 #: Every array and root attribute of a store, once.
@@ -328,8 +331,6 @@ def encode_table(table: str, records: Sequence[Any], enc: Encoding, sizes: Mappi
         if f.table not in tables or f.encode is None:
             continue
         values = [f.encode(r, enc) for r in records]
-        if f.optional and all(v is None for v in values):  # an optional array these records do not have
-            continue
         if f.dtype == "S":
             out[f.name] = np.array(values, dtype=f"S{max(map(len, values), default=1)}")
             continue
@@ -339,8 +340,7 @@ def encode_table(table: str, records: Sequence[Any], enc: Encoding, sizes: Mappi
             for j, v in enumerate(values):
                 col[j, :len(v)] = v
         else:
-            pad = np.full(shape, f.pad_value if f.padding else 0, dtype=f.np_dtype)
-            col = np.array([pad if v is None else v for v in values], dtype=f.np_dtype).reshape(len(values), *shape)
+            col = np.array(values, dtype=f.np_dtype).reshape(len(values), *shape)
         out[f.name] = col
     return out
 
@@ -375,7 +375,7 @@ def store_fields(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dic
     the store lacks the array that gives it)."""
     sizes = {"S": int(attrs["image_size"]), "K": int(attrs["num_keypoints"])}
     version = format_version(attrs)
-    fields = [f.resolve(sizes) for f in (*_IMAGES, *_OTHER) if "{" not in f.path and (not f.optional or f.path in shapes)]
+    fields = [f.resolve(sizes) for f in (*_IMAGES, *_OTHER) if "{" not in f.path]
     for split in attrs["splits"]:
         width = shapes.get(f"pairs/{split}/kps_ids", ((0, 0),))[0]
         m = {"M": width[1] if len(width) == 2 else -1}
@@ -510,3 +510,33 @@ def check_pair_table(split: str, table: dict[str, np.ndarray], images: int, cate
 
 def _outside(a: np.ndarray, path: str, lo: int, hi: int) -> list[str]:
     return [f"{path} holds values outside {lo}..{hi - 1}"] if a.size and (a.min() < lo or a.max() >= hi) else []
+
+
+#: The one name of each per-image field, everywhere (``Store.read``, dataset ``fields=``, batch keys, ``info``,
+#: ``verify``) -> the array holding it. A feature set is the field ``features/<name>`` (array ``features/<name>/data``).
+FIELD_ARRAYS = {"pixels": "images/pixels", "mask": "images/mask", "image_bytes": "images/image_blob",
+                "mask_bytes": "images/mask_blob"}
+_ARRAY_FIELDS = {a: f for f, a in FIELD_ARRAYS.items()}
+
+
+def field_of_array(path: str) -> str | None:
+    """The field name of a store array (``images/pixels`` -> ``pixels``, ``features/x/data`` ->
+    ``features/x``); None for an array that is no per-image field (tables, CRCs, offsets)."""
+    if path.startswith("features/") and path.endswith("/data"):
+        return path[:-len("/data")]
+    return _ARRAY_FIELDS.get(path)
+
+
+def field_name(name: str) -> str:
+    """``name`` in its one spelling. Old spellings (``features:<n>``, ``features/<n>/data``,
+    ``images/pixels``, ``image_blob`` ...) are accepted with a DeprecationWarning naming the new one."""
+    new = name
+    if name.startswith("features:"):
+        new = "features/" + name[len("features:"):]
+    elif name.startswith("images/") or (name.startswith("features/") and name.endswith("/data")):
+        new = field_of_array(name) or name
+    elif f"images/{name}" in _ARRAY_FIELDS:
+        new = _ARRAY_FIELDS[f"images/{name}"]
+    if new != name:
+        warnings.warn(f"field {name!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
+    return new

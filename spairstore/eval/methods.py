@@ -64,10 +64,11 @@ class NearestNeighbour:
     matmul, on ``device`` (CUDA when available unless given), under ``torch.no_grad``.
 
     ``transform`` (e.g. a trained head, :func:`spairstore.eval.models.load_head`) is a ``torch.nn.Module``
-    applied to the stored maps first, float32 ``(B, C, h, w)`` -> ``(B, C', h', w')``, in eval mode. It
-    keeps the cell grid unless it declares an attribute ``cell_stride`` (input cells per output cell and
-    side, e.g. 2 for a stride-2 conv, 0.5 for a 2x upsampling): then its grid covers the same store pixels
-    with the geometry :func:`spairstore.core.geometry.regrid` gives, and ``(h', w')`` must match it.
+    applied to the stored maps first (the flipped set's too), float32 ``(B, C, h, w)`` -> ``(B, C', h', w')``,
+    moved to ``device`` and in eval mode for the call (its mode is restored after). It keeps the cell grid
+    unless it declares an attribute ``cell_stride`` (input cells per output cell and side, e.g. 2 for a
+    stride-2 conv, 0.5 for a 2x upsampling): then its grid covers the same store pixels with the geometry
+    :func:`spairstore.core.geometry.regrid` gives, and ``(h', w')`` must match it.
 
     ``flip`` (one of :data:`FLIP_RULES`) adds GeoAware-SC's test-time flip. It needs the feature set
     ``<features>-flip`` (attributes ``flip_of: <features>``, ``flipped: true``): features of each image's
@@ -76,19 +77,16 @@ class NearestNeighbour:
     store's ``keypoint_flip``); where the mirrored query matches the other image better than the query
     itself (the rule's distance, lower), its predictions replace the originals for the keypoints whose
     mirror partner is a keypoint of the pair (parts on the symmetry plane are their own partner).
-    ``transform`` applies to the mirrored maps too.
     """
 
     def __init__(self, features: str, device: str | None = None, batch_size: int = 32, progress: bool = False,
-                 transform: Callable[[Any], Any] | None = None, flip: str | None = None):
+                 flip: str | None = None, transform: Callable[[Any], Any] | None = None):
         if flip is not None and flip not in FLIP_RULES:
             raise SpairstoreError(f"unknown flip rule {flip!r} (known: {', '.join(FLIP_RULES)})")
-        self.features, self.device, self.batch_size, self.progress = features, device, batch_size, progress
-        self.transform, self.flip = transform, flip
-        label = getattr(transform, "name", type(transform).__name__)
-        self.name = f"nn[{features}]" if transform is None else f"nn[{features} -> {label}]"
-        if flip is not None:
-            self.name = f"{self.name[:-1]},flip={flip}]"
+        self.features, self.device, self.batch_size, self.progress, self.flip = features, device, batch_size, progress, flip
+        self.transform = transform
+        label = "" if transform is None else f" -> {getattr(transform, 'name', type(transform).__name__)}"
+        self.name = f"nn[{features}{label}]" if flip is None else f"nn[{features}{label},flip={flip}]"
 
     def _flip_set(self, store: Store) -> str:
         name = f"{self.features}-flip"
@@ -108,6 +106,7 @@ class NearestNeighbour:
         if self.features not in store.feature_sets:
             raise StoreError(f"{store.path}: no feature set {self.features!r} "
                              f"(store has {', '.join(store.feature_sets) or 'none'})")
+        flip_set = self._flip_set(store) if self.flip else None
         geom, size = store.feature_sets[self.features], store.image_size
         if self.transform is not None:
             wants = getattr(self.transform, "in_channels", None)
@@ -115,7 +114,6 @@ class NearestNeighbour:
                 raise SpairstoreError(f"{self.name}: the transform takes {wants} channels, feature set "
                                       f"{self.features!r} has {geom['channels']}; use the set it was trained on")
             geom = geometry.regrid(geom, getattr(self.transform, "cell_stride", 1))
-        flip_set = self._flip_set(store) if self.flip else None
         device = resolve_device(self.device)
         h, w = int(geom["height"]), int(geom["width"])
         a, b, kps = _sides(store, split, rows, direction)
@@ -141,7 +139,7 @@ class NearestNeighbour:
                           dynamic_ncols=True):
                 sl = slice(s, s + self.batch_size)
                 uniq = np.unique(np.concatenate([a[sl], b[sl]]))
-                fmap = self._unit_cells(store, self.features, uniq, device, (h, w))  # (U, h*w, C), unit
+                fmap = self._cells(store, self.features, uniq, device, (h, w))
                 ia, ib = np.searchsorted(uniq, a[sl]), np.searchsorted(uniq, b[sl])
                 lo = im.offset[uniq]
                 hi = lo + im.size[uniq] * im.scale[uniq]
@@ -151,56 +149,57 @@ class NearestNeighbour:
                 best = _best_cells(fmap[ia], q_flat[sl], fmap[ib], target_ok)
                 out[sl] = store.to_original(centres[best], b[sl, None])
                 if flip_set:
-                    self._flip_batch(store, flip_set, uniq, (ia, ib), fmap, on_image, centres, device, (h, w),
-                                     f_flat[sl], src_of[sl], b[sl], out[sl])
+                    fflip = self._cells(store, flip_set, uniq, device, (h, w))
+                    best_f = _best_cells(fflip[ia], f_flat[sl], fmap[ib], target_ok)
+                    pred_f = store.to_original(centres[best_f], b[sl, None])
+                    if self.flip == "adaptive":
+                        fg = _foreground(store, uniq, centres, size)
+                        fg_mirror = _foreground(store, uniq, centres * [-1, 1] + [size, 0], size)
+                        d_orig = _masked_distance(fmap[ia], fmap[ib], fg[ia] & on_image[ia], fg[ib] & on_image[ib], device)
+                        d_flip = _masked_distance(fflip[ia], fmap[ib], fg_mirror[ia] & on_image[ia], fg[ib] & on_image[ib],
+                                                  device)
+                    else:
+                        d_orig = _mutual_distance(fmap[ia], fmap[ib], on_image[ia], on_image[ib], device)
+                        d_flip = _mutual_distance(fflip[ia], fmap[ib], on_image[ia], on_image[ib], device)
+                    use = (d_flip < d_orig)[:, None] & (src_of[sl] >= 0)
+                    out[sl][use] = pred_f[use]
         out[~ok] = np.nan
         return out
 
-    def _unit_cells(self, store: Store, name: str, rows: np.ndarray, device: str, grid: tuple[int, int]
-                    ) -> torch.Tensor:
-        """(U, h*w, C) unit-length cell features of feature set ``name`` for image ``rows`` (transformed)."""
+
+    def _cells(self, store: Store, name: str, rows: np.ndarray, device: str, grid: tuple[int, int]) -> torch.Tensor:
+        """(U, h*w, C') unit-length cell features of feature set ``name`` for image ``rows`` on ``device``,
+        after the transform (checked to give a (U, C', h', w') map on ``grid``)."""
         import torch
 
         fmap = torch.from_numpy(store.read(f"features/{name}", rows)).to(device).float()
         if self.transform is not None:
-            fmap = self._transformed(fmap, grid)
+            y = self.transform(fmap)
+            shape = tuple(getattr(y, "shape", ()))
+            if len(shape) != 4 or shape[0] != fmap.shape[0] or shape[2:] != grid:
+                stride = getattr(self.transform, "cell_stride", 1)
+                raise SpairstoreError(
+                    f"{self.name}: the transform maps {tuple(fmap.shape)} to {shape}, expected (B, C', {grid[0]}, "
+                    f"{grid[1]}) for cell_stride {stride}; declare the head's cell_stride attribute (input cells per "
+                    "output cell)")
+            fmap = y
         return torch.nn.functional.normalize(fmap.flatten(2), dim=1).transpose(1, 2)
 
-    def _flip_batch(self, store: Store, flip_set: str, uniq: np.ndarray, sides: tuple[np.ndarray, np.ndarray],
-                    fmap: torch.Tensor, on_image: np.ndarray, centres: np.ndarray, device: str,
-                    grid: tuple[int, int], f_flat: np.ndarray, src_of: np.ndarray, b: np.ndarray,
-                    out: np.ndarray) -> None:
-        """One batch of the test-time flip: ``out`` (a view of the batch's predictions) takes the mirrored
-        query's predictions where it matches better, for keypoints whose mirror partner is in the pair."""
-        import torch
 
-        ia, ib = sides
-        size = store.image_size
-        target_ok = torch.from_numpy(on_image[ib]).to(device)
-        fflip = self._unit_cells(store, flip_set, uniq, device, grid)
-        pred_f = store.to_original(centres[_best_cells(fflip[ia], f_flat, fmap[ib], target_ok)], b[:, None])
-        if self.flip == "adaptive":
-            fg = _foreground(store, uniq, centres, size)
-            fg_mirror = _foreground(store, uniq, centres * [-1, 1] + [size, 0], size)
-            d_orig = _masked_distance(fmap[ia], fmap[ib], fg[ia] & on_image[ia], fg[ib] & on_image[ib], device)
-            d_flip = _masked_distance(fflip[ia], fmap[ib], fg_mirror[ia] & on_image[ia], fg[ib] & on_image[ib], device)
-        else:
-            d_orig = _mutual_distance(fmap[ia], fmap[ib], on_image[ia], on_image[ib], device)
-            d_flip = _mutual_distance(fflip[ia], fmap[ib], on_image[ia], on_image[ib], device)
-        use = (d_flip < d_orig)[:, None] & (src_of >= 0)
-        out[use] = pred_f[use]
+@contextmanager
+def _evaluating(module: Any, device: Any) -> Iterator[None]:
+    """``module`` (if a torch module) on ``device`` and in eval mode for the block; its mode is restored."""
+    import torch
 
-    def _transformed(self, fmap: Any, grid: tuple[int, int]) -> Any:
-        """The transform's output for stored maps ``fmap``, checked to be a (U, C', h', w') map on ``grid``."""
-        y = self.transform(fmap)  # type: ignore[misc]
-        shape = tuple(getattr(y, "shape", ()))
-        if len(shape) != 4 or shape[0] != fmap.shape[0] or shape[2:] != grid:
-            stride = getattr(self.transform, "cell_stride", 1)
-            raise SpairstoreError(
-                f"{self.name}: the transform maps {tuple(fmap.shape)} to {shape}, expected (B, C', {grid[0]}, {grid[1]}) "
-                f"for cell_stride {stride}; declare the head's cell_stride attribute (input cells per output cell)")
-        return y
-
+    if not isinstance(module, torch.nn.Module):
+        yield
+        return
+    was = module.training
+    module.to(device).eval()
+    try:
+        yield
+    finally:
+        module.train(was)
 
 def _flat_cell(points: np.ndarray, geom: dict, size: int) -> np.ndarray:
     """Store pixels (..., 2) -> row-major index of the nearest feature cell."""
@@ -252,22 +251,6 @@ def _mutual_distance(fa: torch.Tensor, fb: torch.Tensor, a_ok: np.ndarray, b_ok:
     mutual = (torch.gather(nn_ba, 1, nn_ab) == torch.arange(nn_ab.shape[1], device=sim.device)).cpu().numpy() & a_ok
     d = torch.sqrt(torch.clamp(2 - 2 * sim.max(2).values, min=0)).cpu().numpy()
     return np.where(mutual.any(1), np.where(mutual, d, 0).sum(1) / np.maximum(mutual.sum(1), 1), np.inf)
-
-
-@contextmanager
-def _evaluating(module: Any, device: Any) -> Iterator[None]:
-    """``module`` (if a torch module) on ``device`` and in eval mode for the block; its mode is restored."""
-    import torch
-
-    if not isinstance(module, torch.nn.Module):
-        yield
-        return
-    was = module.training
-    module.to(device).eval()
-    try:
-        yield
-    finally:
-        module.train(was)
 
 
 def get_method(name: str, features: str | None = None, device: str | None = None, batch_size: int = 32,

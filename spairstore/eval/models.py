@@ -100,11 +100,10 @@ def load_head(path: str | Path) -> Head:
         meta = json.loads(extra[HEAD_META])
         if meta.get("format") != HEAD_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
-        Head(torch.nn.Identity(), meta, path.name)  # the declared fields parse
-    except (ValueError, KeyError, TypeError) as e:
+        return Head(program.module(), meta, path.name)
+    except (ValueError, KeyError, TypeError) as e:  # no entry, not JSON, or a declared field missing
         raise SpairstoreError(f"{path}: exported program without a spairstore head description ({HEAD_META}: "
                               f"{e}); write it with spairstore.eval.models.save_head") from None
-    return Head(program.module(), meta, path.name)
 
 
 class _Rows:
@@ -140,6 +139,8 @@ class BatchMethod:
     batch's ``trg_`` image: a tensor or array; padding slots (``kps_valid`` False) are ignored. For
     ``trg->src`` the batch's sides are swapped first (:func:`reversed_pairs`), so ``src_`` is always the
     query. Predictions are mapped back to original pixels with the batch's ``trg_scale``/``trg_offset``.
+    ``device`` is ``cpu`` unless given (``cuda`` puts the batch there): only the caller knows where ``fn``'s
+    model lives.
     """
 
     def __init__(self, fn: Callable[[Batch], Any], fields: Sequence[str] = ("keypoints",), *, name: str | None = None,
@@ -169,6 +170,7 @@ class BatchMethod:
                 scale, offset = (batch[f"trg_{k}"].cpu().numpy()[:, None] for k in ("scale", "offset"))
                 pts = geometry.to_original(pred.astype(np.float64), scale, offset)
                 n = len(valid)
-                out[at:at + n, :valid.shape[1]] = np.where(valid[..., None], pts, np.nan)
+                # batches pad to the store's K slots; the split's table is M <= K wide, its pairs' keypoints first
+                out[at:at + n] = np.where(valid[..., None], pts, np.nan)[:, :out.shape[1]]
                 at += n
         return out

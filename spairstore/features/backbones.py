@@ -60,6 +60,8 @@ class Backbone:
     multiple: int = 32
     #: returned tensors of a unit are token sequences ``(B, prefix + h * w, C)`` rather than maps
     tokens = False
+    #: ``--weights`` may name a folder (a Hugging Face model folder) as well as a file
+    weights_dirs = False
 
     def build(self, input_size: int) -> nn.Module:
         """The architecture with random weights, for inputs of ``input_size`` square."""
@@ -73,6 +75,10 @@ class Backbone:
         except RuntimeError as e:
             raise FeatureError(f"{path}: not {self.name} weights ({str(e).splitlines()[0]})") from None
         return model
+
+    def weights_sha256(self, path: Path) -> str:
+        """SHA-256 identifying the weights at ``path`` (recorded with the maps)."""
+        return sha256_file(path)
 
     def prepare(self, model: nn.Module) -> None:
         """Make the loaded, eval-mode network faster for inference without changing what it computes."""
@@ -114,8 +120,8 @@ def _hub_checkpoint(filename: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def _import(module: str, backbone: str) -> Any:
-    """Import an optional library, or say how to install it."""
+def _import(module: str, backbone: str, extra: str = "backbones") -> Any:
+    """Import an optional library, or say how to install it (the optional dependencies ``extra``)."""
     import importlib
 
     try:
@@ -123,9 +129,10 @@ def _import(module: str, backbone: str) -> Any:
     except Exception as e:  # noqa: BLE001 - a torchvision built for another torch raises RuntimeError
         raise FeatureError(
             f"backbone {backbone} needs {module}, which does not import here ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); install the 'backbones' extra "
-            f"(pip install 'spairstore[backbones]') with a torchvision built for your torch "
-            f"{torch.__version__}") from None
+            f"{str(e).splitlines()[0] if str(e) else ''}); install the '{extra}' extra "
+            f"(pip install 'spairstore[{extra}]')"
+            + (f" with a torchvision built for your torch {torch.__version__}" if extra == "backbones" else "")
+        ) from None
 
 
 class EfficientNetLite0(Backbone):
@@ -236,79 +243,119 @@ class TorchvisionResNet(Backbone):
         return Tap(module, stride, 0.5 / stride)
 
 
-class TimmDinoV2(Backbone):
-    """DINOv2 ViT-S/14 or ViT-B/14 from timm; patch tokens reshaped to a map (prefix tokens dropped)."""
-
-    family = "timm"
-    default_layers = ("norm",)
-    tokens = True
-    multiple = patch = 14
-
-    def __init__(self, size: str):
-        self.size = size
-        self.name = f"dinov2-vit{size[0]}14"
-        self.timm_name = f"vit_{size}_patch14_dinov2.lvd142m"
-        self.file = f"dinov2_vit{size[0]}14_pretrain.pth"
-
-    def build(self, input_size: int) -> nn.Module:
-        timm = _import("timm", self.name)
-        return timm.create_model(self.timm_name, pretrained=False, img_size=input_size)
-
-    def load(self, model: nn.Module, path: Path, input_size: int) -> nn.Module:
-        timm = _import("timm", self.name)
-        # timm converts the original DINOv2 checkpoint and resamples its position embedding to input_size.
-        try:
-            return timm.create_model(self.timm_name, pretrained=True, img_size=input_size,
-                                     pretrained_cfg_overlay={"file": str(path)})
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise FeatureError(f"{path}: not {self.name} weights ({str(e).splitlines()[0]})") from None
-
-    def cached_weights(self) -> Path | None:
-        p = _hub_checkpoint(self.file)
-        if p.is_file():
-            return p
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        hit = try_to_load_from_cache(f"timm/{self.timm_name}", "model.safetensors")
-        return Path(hit) if isinstance(hit, str) else None
-
-    def weights_hint(self) -> str:
-        return (f"download https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{self.size[0]}14/{self.file} into "
-                f"{_hub_checkpoint('')} (the torch hub cache), or pass --weights PATH "
-                f"(that file, or timm's model.safetensors of {self.timm_name})")
-
-    def units(self, model: nn.Module) -> list[str]:
-        return [f"blocks.{i}" for i in range(len(model.blocks))] + ["norm"]
-
-    def tap(self, model: nn.Module, module: str) -> Tap:
-        if module not in self.units(model):
-            raise FeatureError(f"{self.name}: cannot tap {module!r} (choose blocks.0 .. blocks."
-                               f"{len(model.blocks) - 1}, norm, or an index)")
-        return Tap(module, self.patch, 0.5)
-
-    def forward(self, model: nn.Module, x: torch.Tensor) -> None:
-        model.forward_features(x)
-
+from .dinov2 import DINO_BACKBONES  # noqa: E402 - its classes subclass Backbone above
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    EfficientNetLite0(), TorchvisionResNet(50), TorchvisionResNet(101), TimmDinoV2("small"), TimmDinoV2("base"))}
+    EfficientNetLite0(), TorchvisionResNet(50), TorchvisionResNet(101), *DINO_BACKBONES)}
 
 
 def get_backbone(name: str) -> Backbone:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise FeatureError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})") from None
+        raise FeatureError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)}; or your own network as "
+                           f"MODULE:FACTORY)") from None
 
 
 class _Stop(Exception):
     """Raised by the hook of the deepest tap: later layers are not needed."""
 
 
-class FeatureExtractor:
-    """A backbone with its taps: store pixels in, one feature map per image out.
+class Extractor:
+    """Store pixels in, one feature map per image out: what the extraction loop runs.
+
+    The geometry every extractor declares, in *input pixels*: the letterboxed ``S x S`` store frame is
+    resized to ``input_size x input_size`` (bilinear, antialiased) and normalised with ``mean`` and
+    ``std``; cell ``(col j, row i)`` of the ``size x size`` map is centred at
+    ``((j, i) + cell_offset) * stride`` input pixels, i.e. ``* S / input_size`` store pixels.
+    Subclasses set those attributes (:meth:`_normalise_with` for the normalisation), ``channels``, and
+    implement :meth:`maps` and :meth:`provenance`.
+    """
+
+    input_size: int
+    stride: int
+    cell_offset: float
+    size: int  #: cells per side of the map: ``input_size // stride``
+    channels: int
+    device: torch.device
+    mean: tuple[float, ...]  #: per channel, on RGB scaled to [0, 1]
+    std: tuple[float, ...]
+
+    def _normalise_with(self, mean: Any, std: Any) -> None:
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    def preprocess(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 store pixels (B, S, S, 3) -> normalised float (B, 3, input_size, input_size) on the device."""
+        x = torch.as_tensor(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return (x - self._mean) / self._std
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps float (B, C, size, size) of a preprocessed batch."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Feature maps of a batch of store pixels: float32 (B, C, h, w) on the device."""
+        return self.maps(self.preprocess(pixels)).float()
+
+    def provenance(self) -> dict[str, Any]:
+        """What made the maps: ``backbone``, ``library``, ``layers``, ``weights``, ``weights_sha256``..."""
+        raise NotImplementedError
+
+    def attrs(self) -> dict[str, Any]:
+        """Geometry and provenance of the maps, as stored in the store's ``feature_sets`` attribute."""
+        return {
+            **self.provenance(),
+            "input_size": self.input_size,
+            "resize": "store frame (letterboxed S x S) -> input_size x input_size, bilinear, antialiased, "
+                      "align_corners=False",
+            "normalization": {"scale": "pixels / 255", "mean": list(self.mean), "std": list(self.std)},
+            "stride": self.stride,
+            "cell_offset": self.cell_offset,
+            "cell_centre": "cell (col j, row i) is centred at ((j, i) + cell_offset) * stride input pixels",
+            "width": self.size,
+            "height": self.size,
+            "channels": self.channels,
+            "dtype": "float16",
+            "torch_version": torch.__version__,
+        }
+
+
+class Flipped(Extractor):
+    """``extractor`` run on every store frame mirrored left to right (the companion set ``<name>-flip``).
+
+    Same geometry attributes as ``extractor``, in the frame of the *mirrored* image: cell ``(j, i)`` of a
+    flipped map is centred at ``x' = (j + cell_offset) * stride * S / input_size`` store pixels of the
+    mirrored frame, which is the store-frame position ``x = S - x'`` (continuous coordinates, pixel ``k``
+    spanning ``[k, k + 1]``), same ``y``. For ``cell_offset = 0.5`` that is the unflipped grid's cell
+    ``(size - 1 - j, i)``. A store-frame keypoint ``(x, y)`` lies at ``(S - x, y)`` in the flipped maps.
+    """
+
+    def __init__(self, extractor: Extractor, of: str):
+        self.inner, self.of = extractor, of
+        for k in ("input_size", "stride", "cell_offset", "size", "channels", "device", "mean", "std", "_mean",
+                  "_std"):
+            setattr(self, k, getattr(extractor, k))
+
+    def preprocess(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.inner.preprocess(torch.as_tensor(pixels).flip(-2))  # (B, S, S, 3): -2 is x
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.maps(x)
+
+    def provenance(self) -> dict[str, Any]:
+        return {**self.inner.provenance(), "flipped": True, "flip_of": self.of,
+                "flip": "maps of the store frame mirrored left to right: cell (j, i) is centred at store x = "
+                        "S - (j + cell_offset) * stride * S / input_size, y as unflipped"}
+
+
+class FeatureExtractor(Extractor):
+    """A registry backbone with its taps (see :class:`Extractor` for the geometry).
 
     Args:
         backbone: registry name.
@@ -359,11 +406,11 @@ class FeatureExtractor:
             raise FeatureError(f"{b.name}: layers repeat ({', '.join(names)})")
         self.taps = [b.tap(self.model, n) for n in names]
         self.grid = min(self.taps, key=lambda t: t.stride)  # taps are resampled onto the finest grid
+        self.stride, self.cell_offset = self.grid.stride, self.grid.cell_offset
         self.size = self.input_size // self.grid.stride
         self.device = torch.device(device)
         self.model.to(self.device)
-        self._mean = torch.tensor(b.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(b.std, device=self.device).view(1, 3, 1, 1) * 255
+        self._normalise_with(b.mean, b.std)
         self._outputs: dict[str, torch.Tensor] = {}
         order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
         self._last = max(names, key=lambda n: order[n])
@@ -380,9 +427,9 @@ class FeatureExtractor:
         path = Path(weights) if weights is not None else b.cached_weights()
         if path is None:
             raise FeatureError(f"no weights found for {b.name}: {b.weights_hint()}")
-        if not path.is_file():
+        if not (path.is_file() or (b.weights_dirs and path.is_dir())):
             raise FeatureError(f"{path}: weights file not found ({b.weights_hint()})")
-        return path.resolve(), sha256_file(path)
+        return path.resolve(), b.weights_sha256(path)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -412,14 +459,6 @@ class FeatureExtractor:
         return F.grid_sample(t, grid.expand(t.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border",
                              align_corners=True)
 
-    def preprocess(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 store pixels (B, S, S, 3) -> normalised float (B, 3, input_size, input_size) on the device."""
-        x = torch.as_tensor(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
-                              antialias=True)
-        return (x - self._mean) / self._std
-
     def tap_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each tap's output on its own grid, float (B, C_t, h_t, w_t), for a normalised input batch."""
         self._outputs = {}
@@ -431,34 +470,18 @@ class FeatureExtractor:
         self._outputs = {}
         return maps
 
-    @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Feature maps of a batch of store pixels: float32 (B, C, h, w) on the device."""
-        maps = self.tap_maps(self.preprocess(pixels))
-        return torch.cat([self._resample(m, t) for m, t in zip(maps, self.taps)], dim=1)
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._resample(m, t) for m, t in zip(self.tap_maps(x), self.taps)], dim=1)
 
-    def attrs(self) -> dict[str, Any]:
-        """Geometry and provenance of the maps, as stored in the store's ``feature_sets`` attribute."""
+    def provenance(self) -> dict[str, Any]:
         b = self.backbone
         return {
             "backbone": b.name,
             "library": b.family,
             "layers": [t.module for t in self.taps],
             "layer_strides": [t.stride for t in self.taps],
-            "weights": str(self.weights_path) if self.weights_path else "random (seed 0)",
-            "weights_sha256": self.weights_sha256,
-            "input_size": self.input_size,
-            "resize": "store frame (letterboxed S x S) -> input_size x input_size, bilinear, antialiased, "
-                      "align_corners=False",
-            "normalization": {"scale": "pixels / 255", "mean": list(b.mean), "std": list(b.std)},
-            "stride": self.grid.stride,
-            "cell_offset": self.grid.cell_offset,
-            "cell_centre": "cell (col j, row i) is centred at ((j, i) + cell_offset) * stride input pixels",
             "multi_layer": "each tap bilinearly sampled at the cell centres of the finest tap, concatenated "
                            "along channels in layer order",
-            "width": self.size,
-            "height": self.size,
-            "channels": self.channels,
-            "dtype": "float16",
-            "torch_version": torch.__version__,
+            "weights": str(self.weights_path) if self.weights_path else "random (seed 0)",
+            "weights_sha256": self.weights_sha256,
         }

@@ -3,7 +3,7 @@ several at once (``torchrun --nproc-per-node N -m spairstore features ...``).
 
 The pieces, each reusable on its own:
 
-1. :func:`extract_rows` runs a :class:`FeatureExtractor` over given image rows in batches and hands each
+1. :func:`extract_rows` runs an :class:`~.backbones.Extractor` over given image rows in batches and hands each
    batch of float16 maps to a *sink* (any callable ``sink(rows, maps)``). Batches never straddle a
    *unit* (a block of rows: a Zarr shard, or ``batch_size`` rows), so the same rows always form the same
    batches, whichever process runs them. That matters: on CPU an image's map varies in its last bits
@@ -41,12 +41,13 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..core.device import resolve_device
@@ -55,7 +56,8 @@ from ..store.backends import format_of, is_url, reader_for, remove, staged, writ
 from ..store.backends.zarr import UnlistedArray, publish, shard_rows_of, unpublish
 from ..store.convert import BLOCK_BYTES, copy_arrays
 from ..store.reader import Store
-from .backbones import FeatureExtractor
+from .backbones import Extractor, FeatureExtractor, Flipped
+from .user import UserExtractor, default_set_name, is_factory_spec
 from .world import World
 
 Sink = Callable[[np.ndarray, np.ndarray], None]
@@ -75,7 +77,7 @@ def _batches(rows: np.ndarray, batch_size: int, unit_rows: int | None) -> Iterat
             yield run[start:start + batch_size]
 
 
-def extract_rows(store: Store, extractor: FeatureExtractor, rows: Sequence[int] | np.ndarray, sink: Sink,
+def extract_rows(store: Store, extractor: Extractor, rows: Sequence[int] | np.ndarray, sink: Sink,
                  batch_size: int = 16, progress: bool = False, desc: str = "features",
                  unit_rows: int | None = None) -> int:
     """Extract the feature maps of image ``rows`` of ``store`` in batches of up to ``batch_size``, in
@@ -512,6 +514,7 @@ class FeatureSummary:
     seconds: float  #: extraction time of this run
     device: str  #: of the first process
     processes: int = 1  #: processes that extracted (torchrun)
+    flipped: FeatureSummary | None = None  #: the companion set of mirrored images (``flip``)
 
     @property
     def nbytes(self) -> int:
@@ -524,30 +527,60 @@ class FeatureSummary:
         resumed = f" ({n - self.extracted:,} resumed from an earlier run)" if self.extracted < n else ""
         return (f"feature set {self.name!r} in {self.store}: {self.backbone} {', '.join(self.layers)}\n"
                 f"  maps   float16 {self.shape[1:]} x {n:,} images = {self.nbytes / 2**20:,.1f} MiB\n"
-                f"  run    {self.extracted:,} images extracted in {self.seconds:.1f} s{rate}{resumed}")
+                f"  run    {self.extracted:,} images extracted in {self.seconds:.1f} s{rate}{resumed}"
+                + (f"\n{self.flipped}" if self.flipped else ""))
 
 
-def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0",
+def make_extractor(backbone: str | Callable[[], nn.Module] | nn.Module, layers: Sequence[str | int] | None = None,
+                   input_size: int | None = None, image_size: int | None = None,
+                   weights: str | Path | None = None, device: str = "cpu") -> Extractor:
+    """The extractor ``backbone`` names: a registry backbone (:class:`FeatureExtractor`), or a user's module
+    (:class:`~spairstore.features.user.UserExtractor`: ``"MODULE:FACTORY"``, a factory or a module)."""
+    if not is_factory_spec(backbone):
+        return FeatureExtractor(str(backbone), layers, input_size=input_size, image_size=image_size, weights=weights,
+                                device=device)
+    given = [opt for opt, v in (("--layers", layers), ("--weights", weights)) if v]
+    if given:
+        raise FeatureError(f"{' and '.join(given)} apply to registry backbones; a FACTORY() module taps and loads "
+                           f"its own (--backbone {backbone})")
+    extractor = UserExtractor(backbone, device=device)
+    if input_size is not None and input_size != extractor.input_size:
+        raise FeatureError(f"--input-size {input_size}: {extractor.spec} declares input_size {extractor.input_size} "
+                           f"(leave --input-size out)")
+    return extractor
+
+
+def extract_features(store_path: str | Path, backbone: str | Callable[[], nn.Module] | nn.Module = "efficientnet-lite0",
                      layers: Sequence[str | int] | None = None, input_size: int | None = None,
                      batch_size: int = 16, device: str | None = None, weights: str | Path | None = None,
-                     name: str | None = None, overwrite: bool = False, progress: bool = False) -> FeatureSummary:
+                     name: str | None = None, overwrite: bool = False, progress: bool = False,
+                     flip: bool = False) -> FeatureSummary:
     """Run ``backbone`` over every image of the store at ``store_path`` and add the maps as feature set
-    ``name`` (default: the backbone's name). Resumes an interrupted run with the same settings.
+    ``name``. Resumes an interrupted run with the same settings.
+
+    ``backbone`` is a registry name (see :class:`~spairstore.features.backbones.FeatureExtractor` for
+    ``layers``, ``input_size`` and ``weights``), or a user's network: ``"pkg.mod:make"``,
+    ``"path/to/file.py:make"``, the factory itself or the ``torch.nn.Module`` it returns (see
+    :mod:`spairstore.features.user` for the contract; ``layers`` and ``weights`` do not apply). ``name``
+    defaults to the registry name, or ``<module>.<factory>`` for a user's factory.
+
+    With ``flip``, a companion set ``<name>-flip`` also gets the maps of every store image mirrored left
+    to right (see :class:`~spairstore.features.backbones.Flipped` for its frame); a set ``name`` that
+    exists with the same settings is then kept, so a re-run resumes the companion.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this with the same arguments: each
     extracts its share of the images (on GPU ``LOCAL_RANK`` for ``device`` ``cuda``), and the first
     commits; every process returns the summary of the whole run.
 
     An existing set ``name`` is replaced, and an unfinished run with other settings discarded, only with
-    ``overwrite``. See :class:`~spairstore.features.backbones.FeatureExtractor` for the other arguments.
+    ``overwrite``.
     """
     if is_url(store_path):
         raise FeatureError(f"{store_path}: remote stores are read-only; extract into a local copy "
                            f"(spairstore convert) instead")
     store_path = Path(store_path).resolve()
-    name = name or backbone
-    if not _NAME.match(name):
-        raise FeatureError(f"feature set name {name!r}: use letters, digits, '_', '-' and '.' (at most 64)")
+    if name is not None:
+        _check_name(name)
     if batch_size < 1:
         raise FeatureError(f"batch size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
@@ -558,28 +591,69 @@ def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0
             raise FeatureError(f"--device {device} with {world.size} processes: each process takes the GPU of its "
                                f"LOCAL_RANK; pass --device cuda")
         dev = torch.device("cuda", world.local_rank)
-    staging: Staging | None = None
     try:
         with Store(store_path) as store:
-            extractor = world.each(lambda: FeatureExtractor(
+            extractor = world.each(lambda: make_extractor(
                 backbone, layers, input_size=input_size, image_size=store.image_size, weights=weights,
                 device=str(dev)))
-            attrs = extractor.attrs()
-            row_shape = [extractor.channels, extractor.size, extractor.size]
-            meta = {"name": name, "store": store_fingerprint(store), "rows": len(store), "row_shape": row_shape,
-                    "attrs": attrs}
-            target: _CopyTarget | _ZarrTarget = (
-                _ZarrTarget(store_path, name, (len(store), *row_shape)) if format_of(store_path) == "zarr"
-                else _CopyTarget(store_path, name, batch_size))
+            if name is None:
+                name = default_set_name(extractor) if isinstance(extractor, UserExtractor) else str(backbone)
+                _check_name(name)
+            run = _SetRun(store, store_path, world, batch_size, dev, progress)
+            summary = run(extractor, name, overwrite, keep_same=flip)
+            if flip:
+                flip_name = f"{name}-flip"
+                _check_name(flip_name)
+                summary = replace(summary, flipped=run(Flipped(extractor, of=name), flip_name, overwrite))
+    finally:
+        world.close()
+    return summary
 
-            def prepare() -> _Plan:
-                nonlocal staging
-                exists = name in store.feature_sets
-                if exists and not overwrite:
-                    raise FeatureError(f"{store_path}: feature set {name!r} exists; pass --overwrite to replace it")
-                staging = Staging.open(staging_dir(store_path, name), meta, restart=overwrite)
-                return target.prepare(staging, replace=exists, processes=world.size)
 
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise FeatureError(f"feature set name {name!r}: use letters, digits, '_', '-' and '.' (at most 64)")
+
+
+@dataclass
+class _SetRun:
+    """Extracts one feature set of an open store with the processes of ``world``, resumably, and commits it."""
+
+    store: Store
+    store_path: Path
+    world: World
+    batch_size: int
+    device: torch.device
+    progress: bool
+
+    def __call__(self, extractor: Extractor, name: str, overwrite: bool, keep_same: bool = False) -> FeatureSummary:
+        """Extract and commit set ``name``; with ``keep_same``, a published set ``name`` with the same
+        settings is kept as it is (nothing extracted)."""
+        store, store_path, world, batch_size = self.store, self.store_path, self.world, self.batch_size
+        attrs = extractor.attrs()
+        row_shape = [extractor.channels, extractor.size, extractor.size]
+        meta = {"name": name, "store": store_fingerprint(store), "rows": len(store), "row_shape": row_shape,
+                "attrs": attrs}
+        published = store.feature_sets.get(name)
+        if keep_same and not overwrite and published is not None \
+                and all(published.get(k) == attrs.get(k) for k in _RESUME_KEYS):
+            return FeatureSummary(store=store_path, name=name, backbone=attrs["backbone"], layers=attrs["layers"],
+                                  shape=(len(store), *row_shape), extracted=0, seconds=0.0, device=str(self.device),
+                                  processes=world.size)
+        staging: Staging | None = None
+        target: _CopyTarget | _ZarrTarget = (
+            _ZarrTarget(store_path, name, (len(store), *row_shape)) if format_of(store_path) == "zarr"
+            else _CopyTarget(store_path, name, batch_size))
+
+        def prepare() -> _Plan:
+            nonlocal staging
+            exists = published is not None
+            if exists and not overwrite:
+                raise FeatureError(f"{store_path}: feature set {name!r} exists; pass --overwrite to replace it")
+            staging = Staging.open(staging_dir(store_path, name), meta, restart=overwrite)
+            return target.prepare(staging, replace=exists, processes=world.size)
+
+        try:
             plan = world.first(prepare)
             if staging is None:
                 staging = Staging.attach(staging_dir(store_path, name))
@@ -589,7 +663,7 @@ def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0
                 part = staging.part(world.rank, data=target.part_data)
                 try:
                     extract_rows(store, extractor, plan.rows[world.rank], target.sink(part), batch_size=batch_size,
-                                 progress=progress and world.rank == 0, unit_rows=plan.unit_rows,
+                                 progress=self.progress and world.rank == 0, unit_rows=plan.unit_rows,
                                  desc=f"features {name}" + (f" (process 0 of {world.size})" if world.size > 1 else ""))
                 finally:
                     part.close()
@@ -602,10 +676,10 @@ def extract_features(store_path: str | Path, backbone: str = "efficientnet-lite0
                 shutil.rmtree(staging.path)
 
             world.first(finish)
-    finally:
-        if staging is not None:
-            staging.close()
-        world.close()
-    return FeatureSummary(store=store_path, name=name, backbone=backbone, layers=attrs["layers"],
-                          shape=(meta["rows"], *row_shape), extracted=sum(map(len, plan.rows)), seconds=seconds,
-                          device=str(dev), processes=world.size)
+        finally:
+            if staging is not None:
+                staging.close()
+        return FeatureSummary(store=store_path, name=name, backbone=attrs["backbone"], layers=attrs["layers"],
+                              shape=(meta["rows"], *row_shape), extracted=sum(map(len, plan.rows)), seconds=seconds,
+                              device=str(self.device), processes=world.size)
+

@@ -21,7 +21,7 @@ import io
 import math
 import mmap
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, KeysView
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,13 @@ from ..core import geometry
 from ..core.errors import StoreError
 from ..core.schema import (
     ADDED_PAIR_LABELS,
+    FIELD_ARRAYS,
     FORMAT_NAME,
     FORMAT_VERSION,
     check_layout,
     check_pair_table,
     check_tables,
+    field_name,
     is_hot,
 )
 from .backends import ArrayReader, RawExtent, disk_bytes, is_url, reader_for
@@ -46,8 +48,11 @@ TABLE_RATIO = 16
 TABLE_FLOOR = 256 * 2**20
 
 
-class Table(Mapping[str, np.ndarray]):
-    """Columns of equal length, by name or attribute (``table.pair_id``). Strings are decoded to ``str``."""
+class Table:
+    """Columns of equal length, by name or attribute (``table.pair_id``). Strings are decoded to ``str``.
+
+    Like a data frame: ``len(table)`` is its number of rows, ``table.columns`` its column names (also what
+    iterating, ``keys()`` and ``in`` go over)."""
 
     def __init__(self, columns: dict[str, np.ndarray]):
         self._columns = columns
@@ -64,8 +69,21 @@ class Table(Mapping[str, np.ndarray]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._columns)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._columns
+
+    def keys(self) -> KeysView[str]:
+        return self._columns.keys()
+
+    def items(self) -> ItemsView[str, np.ndarray]:
+        return self._columns.items()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self._columns)
+
     def __len__(self) -> int:
-        return len(self._columns)
+        return self.rows
 
     @property
     def rows(self) -> int:
@@ -344,22 +362,20 @@ class Store:
             return a.rows(start, stop)
         return self._library().read(name, slice(start, stop))
 
-    @staticmethod
-    def _row_array(field: str) -> str:
-        return f"{field}/data" if field.startswith("features/") else f"images/{field}"
-
     def read(self, field: str, rows: np.ndarray | list[int], out: np.ndarray | None = None) -> np.ndarray:
         """Image rows of a per-image array for a batch, in the given order, into ``out`` if given.
 
         ``field`` is ``pixels`` (uint8 (B, S, S, 3)), ``mask`` (uint8 (B, S, S)) or ``features/<name>``
-        (float16 (B, C, h, w)). Each distinct row is read once, in storage order, straight into ``out``
+        (float16 (B, C, h, w)); old spellings (``images/pixels``, ``features:<name>``) warn and work. Each distinct row is read once, in storage order, straight into ``out``
         (repeats are copied from there); a store read through its library (compressed or remote) gets
         one library call per batch.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        name = self._row_array(field)
-        if name not in self.shapes:
-            raise StoreError(f"{self.path}: no field {field!r}")
+        field = field_name(field)
+        name = f"{field}/data" if field.startswith("features/") else FIELD_ARRAYS.get(field, "")
+        if name not in self.shapes or field in ("image_bytes", "mask_bytes"):
+            raise StoreError(f"{self.path}: no field {field!r} to read by rows; the store has pixels, mask"
+                             + "".join(f", features/{n}" for n in self.feature_sets))
         shape = self.shapes[name][0]
         if out is None:
             out = np.empty((len(rows), *shape[1:]), dtype=self.shapes[name][1])

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..core.errors import SpairstoreError
 from ..core.manifest import sha256_file
-from ..core.schema import blob_offsets, crc_array, store_fields
+from ..core.schema import blob_offsets, crc_array, field_of_array, store_fields
 from .reader import Store
 from .reader import open as open_store
 
@@ -32,7 +32,7 @@ from .reader import open as open_store
 class Difference:
     """One record, table or source file that is not what the store says it should be."""
 
-    what: str  #: e.g. ``images/pixels row 17 (aeroplane/2008_002719)`` or a source path
+    what: str  #: e.g. ``pixels row 17 (aeroplane/2008_002719)`` (the field name) or a source path
     reason: str
 
     def __str__(self) -> str:
@@ -59,7 +59,7 @@ class VerifyReport:
         head = "OK" if self.ok else f"{len(self.differences):,} DIFFERENCES"
         scope = f", sampling {self.sample:.1%}" if self.sample is not None else ""
         lines = [f"verify {self.path}: {head}{scope}"]
-        lines += [f"  {k:<24} {c:,} of {t:,} records" for k, (c, t) in self.records.items()]
+        lines += [f"  {field_of_array(k) or k:<24} {c:,} of {t:,} records" for k, (c, t) in self.records.items()]
         lines.append(f"  tables                   {self.tables:,} arrays")
         if self.sources is not None:
             lines.append(f"  source files             {self.sources[0]:,} of {self.sources[1]:,}")
@@ -108,7 +108,7 @@ def _check_records(store: Store, name: str, picked: np.ndarray, report: VerifyRe
                 else store.array(name, i, i + 1))
         crc = zlib.crc32(np.ascontiguousarray(data))
         if crc != int(stored[i]):
-            where = f"{name} row {i}" + (f" ({_image_key(store, i)})" if per_image else "")
+            where = f"{field_of_array(name) or name} row {i}" + (f" ({_image_key(store, i)})" if per_image else "")
             report.differences.append(Difference(where, f"CRC-32 is {crc:08x}, stored {int(stored[i]):08x}"))
         bar.update()
     report.records[name] = (len(picked), n)
@@ -169,9 +169,9 @@ def verify(path: str | Path, sources: str | Path | None = None, sample: float | 
         _check_tables(store, report)
         covered = set(store.attrs.get("table_crc32", {})) | set(payload) | {crc_array(k) for k in payload}
         report.unchecked = sorted(set(store.shapes) - covered)
-        declared = {f.path for f in store_fields(store.shapes, store.attrs)}
-        report.unknown = sorted(set(store.shapes) - declared)
-        report.missing = sorted(declared - set(store.shapes))
+        fields = store_fields(store.shapes, store.attrs)
+        report.unknown = sorted(set(store.shapes) - {f.path for f in fields})
+        report.missing = sorted({f.path for f in fields if not f.layer} - set(store.shapes))
         if sources is not None:
             _check_sources(store, Path(sources), _pick(store.manifest.rows, report.sample, rng), report, progress)
     return report

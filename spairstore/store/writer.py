@@ -282,7 +282,12 @@ def _decode(rec: ImageRecord, check: _ImageCheck, root: Path, size: int) -> _Dec
 
 def _image_tables(records: DatasetRecords, enc: Encoding) -> dict[str, np.ndarray]:
     """The image columns the schema encodes from records (names, categories, geometry, labels, splits)."""
-    return encode_table("images", records.images, enc, {"S": enc.size, "K": records.num_keypoints})
+    table = encode_table("images", records.images, enc, {"S": enc.size, "K": records.num_keypoints})
+    ims = records.images
+    if any(im.extra_keypoints is not None for im in ims):  # SPair-U's layer; NaN for an image without it
+        table["extra_keypoints"] = np.stack([np.full_like(im.keypoints, np.nan) if im.extra_keypoints is None
+                                             else im.extra_keypoints for im in ims]).astype(np.float32)
+    return table
 
 
 def _pair_table(pairs: list[PairRecord], enc: Encoding, width: int) -> dict[str, np.ndarray]:

@@ -9,6 +9,11 @@ ways, on the same batches, side by side in one run:
 - ``np.memmap``: a plain copy of the same pixel and mask bytes out of a memory map (the ceiling);
 - ``spairstore``: :class:`~spairstore.PairDataset` batch reads.
 
+Then the :class:`~spairstore.Loader` itself, on epochs of ``batches`` random batches: ``num_workers=0``
+against ``num_workers=workers`` on plain reads, and with ``HFlip + RandomCrop`` augmentation one
+worker against two; the ratios of their pairs/s are printed (targets: workers >= 75 % of one process;
+augmentation 2 workers >= 1.6x one worker).
+
 Each runs in this process and in DataLoader worker processes, warm (an untimed pass first); the time
 of a pass is the median of ``rounds`` passes, the methods interleaved so that load from elsewhere
 hits them alike; CPU time (of this process and its workers) is reported beside wall-clock time, as it
@@ -37,8 +42,10 @@ from tqdm import tqdm
 from ..core.errors import SpairstoreError
 from ..core.geometry import letterbox, letterbox_params
 from ..store.reader import Store
+from .augment import Compose, HFlip, RandomCrop
 from .collate import Batch, collate, pad_keypoints
 from .datasets import PairDataset
+from .loader import Loader
 from .memory import BatchMemory
 
 FIELDS = ("pixels", "mask", "keypoints")
@@ -101,8 +108,9 @@ class _Memmap(Dataset):
     def __getitems__(self, idx: Sequence[int]) -> Batch:
         rows = np.concatenate([self.src[idx], self.trg[idx]])
         out: Batch = {}
+        alloc = self.alloc.batch()
         for f, e in self.extents.items():
-            t = self.alloc((len(rows), *e.shape[1:]), torch.uint8)
+            t = alloc((len(rows), *e.shape[1:]), torch.uint8)
             size = t[0].numel()
             dst = t.view(len(rows), size).numpy()
             chunk = rows // e.chunk_rows
@@ -124,6 +132,7 @@ class _RawFiles(Dataset):
 
     def __init__(self, source: Path, store: Store, split: str):
         self.root, self.split, self.size = Path(source), split, store.image_size
+        self.num_keypoints = store.images.keypoints.shape[1]
         self.stems = list(store.pairs(split).stem)
         probe = self.root / "PairAnnotation" / split / f"{self.stems[0]}.json"
         if not probe.is_file():
@@ -135,7 +144,8 @@ class _RawFiles(Dataset):
 
     def __getitems__(self, idx: Sequence[int]) -> Batch:
         b, size = len(idx), self.size
-        pixels, masks = self.alloc((2 * b, size, size, 3), torch.uint8), self.alloc((2 * b, size, size), torch.uint8)
+        alloc = self.alloc.batch()
+        pixels, masks = alloc((2 * b, size, size, 3), torch.uint8), alloc((2 * b, size, size), torch.uint8)
         px, mk = pixels.numpy(), masks.numpy()  # numpy copies, as the store's (torch's would spin up OpenMP threads)
         ids, kps = [], {"src": [], "trg": []}
         for j, i in enumerate(idx):
@@ -153,7 +163,26 @@ class _RawFiles(Dataset):
                 points = np.asarray(ann[f"{side}_kps"], dtype=np.float64).reshape(-1, 2)
                 kps[side].append(points * box.scale + box.offset)
         return {"src_pixels": pixels[:b], "trg_pixels": pixels[b:], "src_mask": masks[:b], "trg_mask": masks[b:],
-                **pad_keypoints(ids, kps["src"], kps["trg"])}
+                **{k: torch.from_numpy(v) for k, v in pad_keypoints(ids, kps["src"], kps["trg"], self.num_keypoints).items()}}
+
+
+class _First(Dataset):
+    """The first ``n`` samples of a spairstore dataset: a Loader epoch of a chosen length."""
+
+    def __init__(self, inner: PairDataset, n: int):
+        self.inner, self.n = inner, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def fetch(self, idx: Sequence[int], alloc: Any = None) -> Batch:
+        return self.inner.fetch(idx, alloc)
+
+    def __getitems__(self, idx: Sequence[int]) -> Any:
+        return self.inner.__getitems__(idx)
 
 
 class _Probe(Dataset):
@@ -166,8 +195,9 @@ class _Probe(Dataset):
         return len(self.inner)  # type: ignore[arg-type]
 
     def __getitems__(self, idx: Sequence[int]) -> Batch:
-        out = self.inner.__getitems__(idx)  # type: ignore[attr-defined]
-        return {"_memory": [{"pid": os.getpid(), **smaps_memory(self.store_file)}], **out}
+        out = collate(self.inner.__getitems__(idx))  # type: ignore[attr-defined]
+        out["_memory"] = [{"pid": os.getpid(), **smaps_memory(self.store_file)}]
+        return out
 
 
 @dataclass
@@ -185,6 +215,19 @@ class BenchResult:
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
     memory_gib_read: float = 0.0
     identical: bool | None = None
+    #: Loader pairs/s: ``plain`` by worker count (0 and ``workers``), ``augment`` (HFlip + RandomCrop) for 1 and 2
+    loader: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def loader_ratios(self) -> dict[str, float]:
+        """``workers_vs_one_process``: Loader pairs/s with workers over ``num_workers=0`` (plain reads);
+        ``augment_2_vs_1``: with augmentation, 2 workers over 1."""
+        out = {}
+        plain, aug = self.loader.get("plain", {}), self.loader.get("augment", {})
+        if 0 in plain and self.workers in plain:
+            out["workers_vs_one_process"] = plain[self.workers] / plain[0]
+        if 1 in aug and 2 in aug:
+            out["augment_2_vs_1"] = aug[2] / aug[1]
+        return out
 
     def ratios(self, mode: str, clock: str) -> dict[str, float]:
         """Speed of the store relative to the other methods (and of the ceiling to raw files)."""
@@ -195,15 +238,16 @@ class BenchResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratios": {m: {c: self.ratios(m, c) for c in ("wall", "cpu")} for m in self.seconds}}
+        return {**asdict(self), "ratios": {m: {c: self.ratios(m, c) for c in ("wall", "cpu")} for m in self.seconds},
+                "loader_ratios": self.loader_ratios()}
 
     def __str__(self) -> str:
         names = {"raw": "raw files (JSON + PIL decode + letterbox)", "memmap": "np.memmap copy (ceiling)",
                  "store": "spairstore PairDataset"}
         modes = list(self.seconds)
         head = {"single": "1 process", "workers": f"{self.workers} DataLoader workers"}
-        lines = [f"{self.store}: {self.split}, random batches of {self.batch_size} pairs (pixels + masks + keypoints "
-                 f"of both images at {self.image_size}x{self.image_size}), {self.batches} batches, warm cache", "",
+        lines = [(f"{self.store}: {self.split}, random batches of {self.batch_size} pairs (pixels + masks + keypoints "
+                 f"of both images at {self.image_size}x{self.image_size}), {self.batches} batches, warm cache"), "",
                  "| method | " + " | ".join(f"{head[m]}: ms/batch | CPU ms/batch | pairs/s" for m in modes) + " |",
                  "|---|" + "---:|---:|---:|" * len(modes)]
         for k in ("raw", "memmap", "store"):
@@ -222,6 +266,19 @@ class BenchResult:
                 lines.append(f"{head[m]}, {'wall-clock' if clock == 'wall' else 'CPU time'}: {text}")
         if self.identical is not None:
             lines.append(f"raw-file, memmap and store batches identical: {'yes' if self.identical else 'NO'}")
+        if self.loader:
+            lines += ["", "| Loader (pixels + masks + keypoints) | " + " | ".join(
+                f"{'num_workers' if kind == 'plain' else 'HFlip + RandomCrop, workers'}={w}: pairs/s"
+                for kind, v in self.loader.items() for w in v) + " |",
+                "|---|" + "---:|" * sum(map(len, self.loader.values())),
+                "| | " + " | ".join(f"{x:,.0f}" for v in self.loader.values() for x in v.values()) + " |"]
+            r = self.loader_ratios()
+            if "workers_vs_one_process" in r:
+                lines.append(f"Loader, {self.workers} workers vs one process (plain reads): {r['workers_vs_one_process']:.0%} "
+                             "of the pairs/s (target >= 75 %)")
+            if "augment_2_vs_1" in r:
+                lines.append(f"Loader with HFlip + RandomCrop, 2 workers vs 1: {r['augment_2_vs_1']:.2f}x the pairs/s "
+                             "(target >= 1.6x)")
         for ctx, mem in self.memory.items():
             lines.append(f"DataLoader worker memory ({ctx}, after reading {self.memory_gib_read:.1f} GiB each): private "
                          f"{mem['private']:.0f} MiB; batch in shared memory {mem['batch']:.0f} MiB; store pages mapped "
@@ -230,8 +287,8 @@ class BenchResult:
 
 
 def _same(a: Batch, b: Batch, keys: Sequence[str]) -> bool:
-    return all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) if a[k].is_floating_point() else torch.equal(a[k], b[k])
-               for k in keys)
+    return all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3, equal_nan=True) if a[k].is_floating_point()
+               else torch.equal(a[k], b[k]) for k in keys)
 
 
 def _cpu_seconds() -> float:
@@ -272,10 +329,11 @@ def run(store: str | Path, source: str | Path | None = None, split: str = "trn",
     batch_list = [rng.choice(len(store_ds), batch_size, replace=False).tolist() for _ in range(batches)]
     result = BenchResult(str(s.path), split, s.image_size, batch_size, batches, workers)
     modes = 2 if workers else 1
-    bar = tqdm(total=len(methods) * (rounds + 1) * modes + 2 * (modes - 1), desc="bench", unit="pass",
+    bar = tqdm(total=len(methods) * (rounds + 1) * modes + 2 * (modes - 1) + 4 * (rounds + 1) * (modes - 1),
+               desc="bench", unit="pass",
                disable=not progress, leave=False)
 
-    first = {k: m.__getitems__(batch_list[0]) for k, m in methods.items()}  # type: ignore[attr-defined]
+    first = {k: collate(m.__getitems__(batch_list[0])) for k, m in methods.items()}  # type: ignore[attr-defined]
     if "raw" in first:
         result.identical = (_same(first["raw"], first["store"], [k for k in first["raw"]])
                             and _same(first["memmap"], first["store"], list(first["memmap"])))
@@ -311,6 +369,23 @@ def run(store: str | Path, source: str | Path | None = None, split: str = "trn",
         result.seconds[mode] = {k: {"wall": statistics.median(w for w, _ in v) / batches,
                                     "cpu": statistics.median(c for _, c in v) / batches} for k, v in passes.items()}
         del runs  # ends persistent workers
+
+    if workers:
+        n = min(batches * batch_size, len(store_ds))
+        epoch = _First(store_ds, n)
+        augmented = _First(PairDataset(s, split, fields=FIELDS, augment=Compose(HFlip(0.5), RandomCrop(0.5)),
+                                       seed=seed), n)
+        for kind, ds, counts in (("plain", epoch, (0, workers)), ("augment", augmented, (1, 2))):
+            loaders = {w: Loader(ds, batch_size, seed=seed, num_workers=w, normalize=False) for w in counts}
+            passes: dict[int, list[float]] = {w: [] for w in counts}
+            for r in range(rounds + 1):  # the first round warms up (and starts the workers)
+                for w, loader in loaders.items():
+                    wall, _ = _timed(lambda loader=loader: [None for _ in loader])
+                    if r:
+                        passes[w].append(wall)
+                    bar.update()
+            result.loader[kind] = {w: len(ds) / statistics.median(v) for w, v in passes.items()}
+            del loaders  # ends their workers
 
     mem_batches = [rng.choice(len(store_ds), batch_size, replace=False).tolist() for _ in range(memory_batches)]
     per_worker = memory_batches / max(workers, 1) * 2 * batch_size

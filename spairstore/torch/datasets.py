@@ -15,10 +15,10 @@ Batch keys (B samples; ``S`` the store size; every coordinate in *store pixels*,
     src_pixels, trg_pixels          "pixels"        uint8 (B, S, S, 3)  letterboxed RGB
     src_mask, trg_mask              "mask"          uint8 (B, S, S)     class indices, 0 background/padding
     kps_ids, kps_valid, n_kps       "keypoints"     int64 (B, K), bool (B, K), int64 (B,)
-    src_kps, trg_kps                "keypoints"     float32 (B, K, 2)   padded with 0 where not kps_valid
+    src_kps, trg_kps                "keypoints"     float32 (B, K, 2)   NaN where not kps_valid
     viewpoint, scale, truncation, occlusion, mirror, flip   "labels"  int64 (B,)
     src_image_bytes, ...            "image_bytes", "mask_bytes"   lists of the original files' bytes
-    src_features:<name>, ...        "features:<name>"   float16 (B, C, h, w)
+    src_features/<name>, ...        "features/<name>"   float16 (B, C, h, w)
     src_bbox, trg_bbox                                  float32 (B, 4)  x1, y1, x2, y2
     src_scale, src_offset, trg_...                      float64 (B, 2)  p_store = p_orig * scale + offset
     src_size, trg_size                                  int64 (B, 2)    original W, H
@@ -40,14 +40,14 @@ from torch.utils.data import Dataset
 
 from ..core import geometry
 from ..core.errors import SpairstoreError
-from ..core.schema import PAIR_LABELS
+from ..core.schema import FIELD_ARRAYS, PAIR_LABELS, field_name
 from ..store.backends import is_url
 from ..store.reader import Store
 from .augment import Augment, View, needs_keypoint_flip
-from .collate import Batch, pad_keypoints
+from .collate import Batch, Samples, pad_keypoints
 from .memory import Alloc, BatchMemory
 
-#: Field names a dataset can read; plus ``features:<name>`` for each stored feature set.
+#: Field names a dataset can read; plus ``features/<name>`` for each stored feature set.
 FIELDS = ("pixels", "mask", "keypoints", "labels", "image_bytes", "mask_bytes")
 _PAYLOAD = ("pixels", "mask")
 _BYTES = ("image_bytes", "mask_bytes")
@@ -71,18 +71,18 @@ class _StoreDataset(Dataset):
         self._store: Store | None = s
         self._identity = s.identity  # of the file the tables below come from
         self.alloc = BatchMemory()
-        fields = tuple(fields)
-        unknown = [f for f in fields if f not in FIELDS and not f.startswith("features:")]
+        fields = tuple(field_name(f) for f in fields)
+        unknown = [f for f in fields if f not in FIELDS and not f.startswith("features/")]
         if unknown:
             raise SpairstoreError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                                  f"known: {', '.join(FIELDS)}, features:<name>")
+                                  f"known: {', '.join(FIELDS)}, features/<name>")
         for f in fields:
-            if f.startswith("features:") and f[len("features:"):] not in s.feature_sets:
-                raise SpairstoreError(f"{self.path}: no feature set {f[len('features:'):]!r} "
+            if f.startswith("features/") and f[len("features/"):] not in s.feature_sets:
+                raise SpairstoreError(f"{self.path}: no feature set {f[len('features/'):]!r} "
                                       f"(store has {', '.join(s.feature_sets) or 'none'})")
         if "mask" in fields and s.shapes["images/mask"][0][0] == 0:
             raise SpairstoreError(f"{self.path}: this store has no masks; drop the 'mask' field")
-        if augment is not None and any(f.startswith("features:") for f in fields):
+        if augment is not None and any(f.startswith("features/") for f in fields):
             raise SpairstoreError("augmentations move pixels; precomputed features cannot follow them -- "
                                   "read features without an augmentation")
         if augment is not None and needs_keypoint_flip(augment) and s.keypoint_flip is None:
@@ -95,6 +95,7 @@ class _StoreDataset(Dataset):
         self.image_size = s.image_size
         im = s.images
         self._images = {k: im[k] for k in ("category", "size", "scale", "offset", "bbox", "keypoints")}
+        self.num_keypoints = self._images["keypoints"].shape[1]  #: K: every keypoint field is padded to it
         self._flip = s.keypoint_flip
 
     def set_epoch(self, epoch: int) -> None:
@@ -118,14 +119,13 @@ class _StoreDataset(Dataset):
     def _read_images(self, rows: np.ndarray, alloc: Alloc | None) -> Batch:
         """Image-level payload fields of image ``rows``: pixels, mask, features, original bytes."""
         s = self.store()
-        alloc = alloc or self.alloc
+        alloc = alloc or self.alloc.batch()
         out: Batch = {}
         for f in self.fields:
-            if f in _PAYLOAD or f.startswith("features:"):
-                name = f"features/{f[len('features:'):]}" if f.startswith("features:") else f
-                shape, dtype = s.shapes[f"{name}/data" if f.startswith("features:") else f"images/{f}"]
+            if f in _PAYLOAD or f.startswith("features/"):
+                shape, dtype = s.shapes[f"{f}/data" if f.startswith("features/") else FIELD_ARRAYS[f]]
                 t = alloc((len(rows), *shape[1:]), torch.from_numpy(np.empty(0, dtype)).dtype)
-                s.read(name, rows, out=t.numpy())
+                s.read(f, rows, out=t.numpy())
                 out[f] = t
             elif f in _BYTES:
                 get = s.image_bytes if f == "image_bytes" else s.mask_bytes
@@ -168,17 +168,18 @@ class _StoreDataset(Dataset):
         out[prefix + "size"] = torch.from_numpy(self._images["size"][rows[sl]].astype(np.int64))
 
     def __getitem__(self, index: int) -> Batch:
-        """One sample: the batch of one, without the batch dimension (keypoints unpadded)."""
-        b = self.__getitems__([index])
-        n = int(b["n_kps"][0]) if "n_kps" in b else None
-        sample = {k: v[0] for k, v in b.items()}
-        for k in ("kps_ids", "kps_valid", "src_kps", "trg_kps"):
-            if k in sample:
-                sample[k] = sample[k][:n]
-        return sample
+        """One sample: a plain dict of tensors, the batch's without the batch dimension (fixed shapes, so
+        ``default_collate`` stacks samples into the batch :meth:`fetch` reads)."""
+        return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> Batch:
-        return self.fetch(indices)
+    def __getitems__(self, indices: Sequence[int]) -> Samples:
+        """The batch ``indices`` read whole (what ``DataLoader`` calls): the sequence of its samples for
+        ``default_collate``, the batch itself for :func:`spairstore.collate`. An ``indices`` with an
+        ``epoch`` (a Loader's :class:`~spairstore.torch.loader.EpochBatch`) sets the epoch first."""
+        epoch = getattr(indices, "epoch", None)
+        if epoch is not None:
+            self.set_epoch(epoch)
+        return Samples(self.fetch(indices))
 
     def fetch(self, indices: Sequence[int], alloc: Alloc | None = None) -> Batch:
         raise NotImplementedError
@@ -191,7 +192,7 @@ class PairDataset(_StoreDataset):
         store: path or URL of the store (or an open :class:`~spairstore.Store`; only its path is kept).
         split: ``trn``, ``val``, ``test`` (the store's splits).
         fields: what to read, by name: ``pixels``, ``mask``, ``keypoints``, ``labels``, ``image_bytes``,
-            ``mask_bytes``, ``features:<name>``. Indices, categories, boxes and the per-image geometry
+            ``mask_bytes``, ``features/<name>`` (old spellings such as ``features:<name>`` warn and work). Indices, categories, boxes and the per-image geometry
             (``scale``/``offset``, original ``size``) always come with a sample.
         augment: a hook ``augment(view, rng)`` applied to each image of a pair (see
             :mod:`spairstore.torch.augment`); None (the default) reads the store as it is.
@@ -237,25 +238,29 @@ class PairDataset(_StoreDataset):
                 points = [(kps["kps_ids"][j, :n[j]], kps[side][j, :n[j]]) for side in ("src_kps", "trg_kps") for j in range(b)]
             points, flipped = self._augment(images, rows, frame, points, [(i, s) for s in (0, 1) for i in idx.tolist()])
             out["src_flipped"], out["trg_flipped"] = torch.from_numpy(flipped[:b]), torch.from_numpy(flipped[b:])
-            kps = pad_keypoints(*zip(*[_common(points[j], points[b + j]) for j in range(b)])) if b else kps
+            if b:
+                kps = pad_keypoints(*zip(*[_common(points[j], points[b + j]) for j in range(b)]), self.num_keypoints)
         for prefix, sl in (("src_", slice(0, b)), ("trg_", slice(b, 2 * b))):
             self._put_frame(out, prefix, rows, frame, sl)
         if "keypoints" in self.fields:
-            out.update({k: torch.as_tensor(v) for k, v in kps.items()})
+            out.update({k: torch.from_numpy(v) for k, v in kps.items()})
         if "labels" in self.fields:
             out.update({k: torch.from_numpy(p[k][idx].astype(np.int64)) for k in PAIR_LABELS})
         return out
 
     def _pair_keypoints(self, idx: np.ndarray, frame: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The pairs' stored correspondences in store pixels, padded to the batch's largest count."""
-        p, b = self._pairs, len(idx)
+        """The pairs' stored correspondences in store pixels, padded to the store's K slots (ids -1, NaN)."""
+        p, b, k = self._pairs, len(idx), self.num_keypoints
         n = p["n_kps"][idx].astype(np.int64)
-        valid = np.arange(int(n.max(initial=0))) < n[:, None]
-        w = valid.shape[1]
-        out = {"kps_ids": np.where(valid, p["kps_ids"][idx, :w], -1).astype(np.int64), "kps_valid": valid, "n_kps": n}
+        valid = np.arange(k) < n[:, None]
+        w = p["kps_ids"].shape[1]  # the table's width M <= K
+        ids = np.full((b, k), -1, dtype=np.int64)
+        ids[:, :w] = p["kps_ids"][idx]
+        out = {"kps_ids": np.where(valid, ids, -1), "kps_valid": valid, "n_kps": n}
         for side, sl in (("src", slice(0, b)), ("trg", slice(b, 2 * b))):
-            pts = geometry.to_store(p[f"{side}_kps"][idx, :w], frame["scale"][sl, None], frame["offset"][sl, None])
-            out[f"{side}_kps"] = np.where(valid[..., None], pts, 0).astype(np.float32)
+            pts = np.full((b, k, 2), np.nan, dtype=np.float32)
+            pts[:, :w] = geometry.to_store(p[f"{side}_kps"][idx], frame["scale"][sl, None], frame["offset"][sl, None])
+            out[f"{side}_kps"] = np.where(valid[..., None], pts, np.float32(np.nan))
         return out
 
 
@@ -270,7 +275,7 @@ class ImageDataset(_StoreDataset):
     """The images of a store (all, or those a split uses), for ``torch.utils.data``.
 
     Same arguments and fields as :class:`PairDataset` (``labels`` does not apply); ``keypoints`` are the
-    image's K annotated slots, (B, K, 2) store pixels, 0 where ``keypoints_valid`` is False.
+    image's K annotated slots, (B, K, 2) store pixels, NaN where ``keypoints_valid`` is False.
     """
 
     def __init__(self, store: str | Path | Store, split: str | None = None,
@@ -309,7 +314,7 @@ class ImageDataset(_StoreDataset):
         self._put_frame(out, "", rows, frame, slice(None))
         if "keypoints" in self.fields:
             valid = np.isfinite(kps).all(axis=2)
-            out["keypoints"] = torch.from_numpy(np.where(valid[..., None], kps, 0).astype(np.float32))
+            out["keypoints"] = torch.from_numpy(np.where(valid[..., None], kps, np.nan).astype(np.float32))
             out["keypoints_valid"] = torch.from_numpy(valid)
         return out
 

@@ -8,7 +8,9 @@ sharded by rank, resumable mid-epoch), reads whole batches from a :class:`~spair
   background thread reads the next batches while the current one is used; on CUDA it reads straight
   into page-locked (pinned) host buffers, reused once their copy to the GPU has finished.
 - ``num_workers>0``: a ``torch.utils.data.DataLoader`` with worker processes (``fork``, ``spawn`` or
-  ``forkserver``), for costly augmentations; on CUDA each batch is copied into pinned buffers first.
+  ``forkserver``), for costly augmentations, started once and kept across epochs (each batch carries
+  its epoch to them: :class:`EpochBatch`); batches reach this process through the workers' reused
+  shared memory (:mod:`.memory`); on CUDA each batch is copied into pinned buffers first.
 
 Copies to the GPU are ``non_blocking``; pixels travel as uint8 (4x less traffic than float) and are
 converted and normalised on the device: ``*_pixels`` uint8 (B, S, S, 3) become ``*_image`` float32
@@ -38,6 +40,29 @@ def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Page-locked host memory from torch's caching host allocator, which hands a block out again only
     once the ``non_blocking`` copies that read it have completed: a reused ring of pinned buffers."""
     return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+class EpochBatch(list):
+    """A batch's indices and the epoch they belong to. Persistent workers hold the copy of the dataset
+    made when they started, so the epoch (which seeds augmentations) travels with each batch; a
+    dataset's ``__getitems__`` takes it from here."""
+
+    def __init__(self, indices: Sequence[int], epoch: int):
+        super().__init__(indices)
+        self.epoch = epoch
+
+
+class _Plan:
+    """Batch sampler of a Loader's persistent DataLoader: the batches of the epoch in progress."""
+
+    def __init__(self) -> None:
+        self.batches: list[EpochBatch] = []
+
+    def __iter__(self) -> Iterator[EpochBatch]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _prefetched(fetch: Callable[[list[int]], Any], batches: list[list[int]], depth: int) -> Iterator[Any]:
@@ -116,6 +141,8 @@ class Loader:
         self._std = torch.tensor(std, dtype=torch.float32).view(shape).to(self.device) * 255
         self._pool = BufferPool() if self.device.type == "cpu" else None  # normalised CPU images
         self._done = 0  # batches of the current epoch handed out
+        self._plan = _Plan()
+        self._workers: DataLoader | None = None  # made on the first epoch with workers, then kept
 
     @property
     def epoch(self) -> int:
@@ -166,10 +193,13 @@ class Loader:
             source: Iterator[Batch] = _prefetched(
                 lambda b: self.dataset.fetch(b, alloc=_pinned if cuda else None), batches, self.prefetch)
         else:
-            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=collate,
-                                multiprocessing_context=self.multiprocessing_context, prefetch_factor=self.prefetch)
+            if self._workers is None:
+                self._workers = DataLoader(self.dataset, batch_sampler=self._plan, num_workers=self.num_workers,
+                                           collate_fn=collate, multiprocessing_context=self.multiprocessing_context,
+                                           prefetch_factor=self.prefetch, persistent_workers=True)
+            self._plan.batches = [EpochBatch(b, self.epoch) for b in batches]
             source = ({k: v.pin_memory() if cuda and isinstance(v, torch.Tensor) else v for k, v in b.items()}
-                      for b in loader)
+                      for b in self._workers)
         try:
             for batch in source:
                 out = self._to_device(batch)

@@ -1,0 +1,243 @@
+"""DINOv2 and DINOv3 ViTs through Hugging Face ``transformers`` (``pip install 'spairstore[dino]'``), which
+imports beside a CPU torch where timm (through torchvision) does not.
+
+Registry names: ``dinov2-vit{s,b,l,g}14`` and, with 4 register tokens, ``dinov2-vit{s,b,l,g}14-reg``;
+``dinov3-vit{s,b,l}16``. The map is the patch tokens of the tapped layer, class and register tokens
+dropped, in raster order: cell ``(j, i)`` is patch column ``j``, row ``i``, centred at
+``((j, i) + 0.5) * patch`` input pixels (``cell_offset`` 0.5, ``stride`` = the patch, 14 or 16), exact
+for any input size that is a multiple of the patch (518 = 37 x 14 is DINOv2's own; the position
+embeddings are resampled bicubically to other grids by transformers). Layers: ``encoder.layer.N``
+(DINOv3: ``model.layer.N``), the output of block ``N``; or ``layernorm`` (DINOv3: ``norm``), the final
+normalised tokens (the default); integer ``N`` indexes that list (``N`` = depth is the final norm).
+
+Weights (``--weights``):
+
+* a Hugging Face model folder (``config.json`` + ``model.safetensors``, what ``save_pretrained`` writes or
+  the hub's ``facebook/dinov2-small`` snapshot holds), loaded with ``from_pretrained`` offline;
+* DINOv2 only: the original checkpoint ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth``, whose keys are
+  mapped onto the transformers model by :func:`from_original` (fused ``qkv`` split into q, k, v, ...);
+* ``random``: the architecture from its config with seeded random weights (tests).
+
+Without ``--weights`` the original file in the torch hub cache (``<hub>/checkpoints/``) or the model's
+folder in the Hugging Face cache is used when present.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.errors import FeatureError
+from ..core.manifest import sha256_file
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, Tap, _hub_checkpoint, _import, _torch_load
+
+_DINOV2 = {  # size letter -> (hub size name, hidden size, heads, blocks, SwiGLU MLP)
+    "s": ("small", 384, 6, 12, False),
+    "b": ("base", 768, 12, 12, False),
+    "l": ("large", 1024, 16, 24, False),
+    "g": ("giant", 1536, 24, 40, True),
+}
+_DINOV3 = {"s": ("small", 384, 6, 12), "b": ("base", 768, 12, 12), "l": ("large", 1024, 16, 24)}
+
+
+def _transformers(backbone: str) -> Any:
+    tr = _import("transformers", backbone, extra="dino")
+    if int(tr.__version__.split(".")[0]) < 5:
+        raise FeatureError(f"backbone {backbone} needs transformers >= 5 (found {tr.__version__}); "
+                           f"pip install 'spairstore[dino]'")
+    return tr
+
+
+def from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original DINOv2 state dict (``dinov2_vit*14[_reg4]_pretrain.pth`` keys: ``cls_token``,
+    ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.attn.qkv.*``, ``blocks.N.ls1.gamma``, ``norm.*``, ...)
+    renamed, and fused tensors split, to the state dict of a transformers ``Dinov2Model`` /
+    ``Dinov2WithRegistersModel``. Unknown keys are a :class:`FeatureError` naming them."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    top = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+           "mask_token": "embeddings.mask_token", "register_tokens": "embeddings.register_tokens"}
+    block_parts = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1",
+                   "mlp.fc2": "mlp.fc2", "mlp.w3": "mlp.down_proj"}
+    for key, t in state.items():
+        if key in top:
+            out[top[key]] = t
+        elif key.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + key.rsplit(".", 1)[1]] = t
+        elif key.startswith("norm."):
+            out["layernorm." + key.rsplit(".", 1)[1]] = t
+        elif m := re.fullmatch(r"blocks\.(?:\d+\.)?(\d+)\.(.+)\.(weight|bias|gamma)", key):  # chunked blocks too
+            block, part, leaf = m.groups()
+            p = f"encoder.layer.{block}."
+            if part in ("ls1", "ls2") and leaf == "gamma":
+                out[p + f"layer_scale{part[-1]}.lambda1"] = t
+            elif part == "attn.qkv":  # rows: q, then k, then v
+                for name, piece in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
+                    out[p + f"attention.{name}.{leaf}"] = piece.clone()
+            elif part == "mlp.w12":  # SwiGLU (ViT-g): rows: gate, then up
+                for name, piece in zip(("gate_proj", "up_proj"), t.chunk(2, dim=0)):
+                    out[p + f"mlp.{name}.{leaf}"] = piece.clone()
+            elif part in block_parts:
+                out[p + f"{block_parts[part]}.{leaf}"] = t
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise FeatureError(f"not an original DINOv2 checkpoint: unknown keys {', '.join(unknown[:3])}"
+                           + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""))
+    return out
+
+
+class _HFViT(Backbone):
+    """A transformers ViT whose patch tokens become the map (prefix tokens dropped by the extractor)."""
+
+    tokens = True
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    weights_dirs = True
+    hub_id: str
+    blocks: str  #: dotted path of the block list
+    final_norm: str
+
+    @property
+    def family(self) -> str:  # type: ignore[override]
+        return f"transformers {_transformers(self.name).__version__}"
+
+    def model_class(self) -> Any:
+        raise NotImplementedError
+
+    def config(self) -> Any:
+        raise NotImplementedError
+
+    def build(self, input_size: int) -> nn.Module:
+        return self.model_class()(self.config())
+
+    def load(self, model: nn.Module, path: Path, input_size: int) -> nn.Module:
+        if not path.is_dir():
+            raise FeatureError(f"{path}: give {self.name}'s Hugging Face model folder (config.json and "
+                               f"model.safetensors)")
+        try:
+            loaded = self.model_class().from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise FeatureError(f"{path}: not a {self.name} model folder ({str(e).splitlines()[0]})") from None
+        want, got = self.config(), loaded.config
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "patch_size", "num_register_tokens")
+        if any(getattr(want, k, None) != getattr(got, k, None) for k in keys):
+            raise FeatureError(f"{path}: holds a {got.model_type} ViT with hidden size {got.hidden_size}, "
+                               f"{got.num_hidden_layers} blocks and {getattr(got, 'num_register_tokens', 0)} "
+                               f"registers, not {self.name}")
+        return loaded
+
+    def weights_sha256(self, path: Path) -> str:
+        """Of a file; of a folder, over its config and weight files' names and SHA-256s, in sorted order."""
+        if not path.is_dir():
+            return sha256_file(path)
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
+                h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+        return h.hexdigest()
+
+    def cached_weights(self) -> Path | None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        hit = try_to_load_from_cache(self.hub_id, "config.json")
+        return Path(hit).parent if isinstance(hit, str) and (Path(hit).parent / "model.safetensors").is_file() else None
+
+    def units(self, model: nn.Module) -> list[str]:
+        n = len(model.get_submodule(self.blocks))
+        return [f"{self.blocks}.{i}" for i in range(n)] + [self.final_norm]
+
+    def tap(self, model: nn.Module, module: str) -> Tap:
+        if module not in self.units(model):
+            raise FeatureError(f"{self.name}: cannot tap {module!r} (choose {self.blocks}.0 .. {self.blocks}."
+                               f"{len(model.get_submodule(self.blocks)) - 1}, {self.final_norm}, or an index)")
+        return Tap(module, self.multiple, 0.5)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> None:
+        model(pixel_values=x)
+
+
+class HFDinoV2(_HFViT):
+    """DINOv2 ViT-S/B/L/g with 14-pixel patches, optionally with 4 register tokens."""
+
+    multiple = 14
+    blocks, final_norm = "encoder.layer", "layernorm"
+    default_layers = ("layernorm",)
+
+    def __init__(self, size: str, registers: bool = False):
+        self.size, self.registers = size, registers
+        self.name = f"dinov2-vit{size}14" + ("-reg" if registers else "")
+        self.file = f"dinov2_vit{size}14{'_reg4' if registers else ''}_pretrain.pth"
+        self.hub_id = f"facebook/dinov2-{'with-registers-' if registers else ''}{_DINOV2[size][0]}"
+
+    def model_class(self) -> Any:
+        tr = _transformers(self.name)
+        return tr.Dinov2WithRegistersModel if self.registers else tr.Dinov2Model
+
+    def config(self) -> Any:
+        tr = _transformers(self.name)
+        _, hidden, heads, depth, swiglu = _DINOV2[self.size]
+        cls, extra = ((tr.Dinov2WithRegistersConfig, {"num_register_tokens": 4}) if self.registers
+                      else (tr.Dinov2Config, {}))
+        # the original models' settings: 518 px training size (37 x 37 position embeddings), LayerNorm eps 1e-6
+        return cls(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=depth, mlp_ratio=4,
+                   use_swiglu_ffn=swiglu, image_size=518, patch_size=14, layer_norm_eps=1e-6, layerscale_value=1e-5,
+                   **extra)
+
+    def load(self, model: nn.Module, path: Path, input_size: int) -> nn.Module:
+        if path.is_dir():
+            return super().load(model, path, input_size)
+        try:
+            state = from_original(_torch_load(path))
+            model.load_state_dict(state, strict=True)
+        except (FeatureError, RuntimeError) as e:
+            raise FeatureError(f"{path}: not {self.name} weights ({str(e).splitlines()[0]})") from None
+        return model
+
+    def cached_weights(self) -> Path | None:
+        p = _hub_checkpoint(self.file)
+        return p if p.is_file() else super().cached_weights()
+
+    def weights_hint(self) -> str:
+        folder = f"dinov2_vit{self.size}14{'_reg' if self.registers else ''}"
+        return (f"download https://dl.fbaipublicfiles.com/dinov2/{folder}/{self.file} into {_hub_checkpoint('')} "
+                f"(the torch hub cache), or pass --weights PATH (that file, or a folder holding {self.hub_id}'s "
+                f"config.json and model.safetensors)")
+
+
+class HFDinoV3(_HFViT):
+    """DINOv3 ViT-S/B/L with 16-pixel patches, 4 register tokens and rotary position embeddings."""
+
+    multiple = 16
+    blocks, final_norm = "model.layer", "norm"
+    default_layers = ("norm",)
+
+    def __init__(self, size: str):
+        self.size = size
+        self.name = f"dinov3-vit{size}16"
+        self.hub_id = f"facebook/dinov3-vit{size}16-pretrain-lvd1689m"
+
+    def model_class(self) -> Any:
+        return _transformers(self.name).DINOv3ViTModel
+
+    def config(self) -> Any:
+        _, hidden, heads, depth = _DINOV3[self.size]
+        return _transformers(self.name).DINOv3ViTConfig(
+            hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=heads, num_hidden_layers=depth,
+            num_register_tokens=4, patch_size=16, image_size=224)
+
+    def weights_hint(self) -> str:
+        return (f"pass --weights FOLDER holding {self.hub_id}'s config.json and model.safetensors (the original "
+                f".pth files of DINOv3 are not mapped)")
+
+
+DINO_BACKBONES: tuple[Backbone, ...] = (
+    *(HFDinoV2(size) for size in _DINOV2), *(HFDinoV2(size, registers=True) for size in _DINOV2),
+    *(HFDinoV3(size) for size in _DINOV3))
