@@ -8,11 +8,6 @@ can read them without the library.
 """
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -160,69 +155,10 @@ def reader_for(path: str | Path) -> ArrayReader:
     return hdf5.HDF5Reader(Path(path))
 
 
-# -- whole stores on disk: one file (HDF5) or a directory tree (Zarr) ----------------------------------
+# -- whole stores on disk ------------------------------------------------------------------------------
 def disk_bytes(path: Path) -> int:
     """Bytes a local store occupies: its file, or every file of its directory."""
     path = Path(path)
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-
-
-def remove(path: Path) -> None:
-    """Delete a store file or directory if it exists."""
-    path = Path(path)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def fsync_path(path: Path) -> None:
-    """Make a file's (or a directory's entries') data durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_paths(paths: Iterable[Path]) -> None:
-    """:func:`fsync_path` for many files and directories at once."""
-    # Concurrent fsyncs share journal commits: ~40x faster than one by one for a store's files here.
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(fsync_path, paths))
-
-
-def commit(tmp: Path, out: Path) -> None:
-    """Durably move a finished store from ``tmp`` to ``out``, replacing any store there.
-
-    A file replaces atomically. A directory cannot replace a non-empty one atomically: the old store
-    is renamed aside first, so ``out`` holds the old store, briefly nothing, then the new one.
-    """
-    tmp, out = Path(tmp), Path(out)
-    fsync_paths([tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp])
-    if out.exists() and (tmp.is_dir() or out.is_dir()):
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        remove(old)
-    else:
-        os.replace(tmp, out)
-
-
-@contextmanager
-def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary path beside ``out`` to build a new store at, committed to ``out`` when the block
-    completes and removed in any case: a failed or killed build leaves the old store or nothing."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
-    if not out.parent.is_dir():
-        raise SpairstoreError(f"{out.parent}: output directory does not exist")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        yield tmp
-        commit(tmp, out)
-    finally:
-        remove(tmp)
