@@ -36,7 +36,7 @@ import numpy as np
 import spairstore
 from converters.synth import synthesize
 from spairstore import pack
-from spairstore.store.backends import remove
+from spairstore.store.transaction import remove
 
 ROOT = Path(__file__).resolve().parents[1]
 

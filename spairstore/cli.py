@@ -99,12 +99,12 @@ def pack(
     from PIL import Image
 
     from .sources import pack as pack_
-    from .store.backends import format_of
+    from .store.backends import backend_for
 
     # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     kept = (f"{out} is unchanged; the images packed so far are kept: run the same command with --resume "
-            "to continue" if format_of(out, format) == "hdf5" else f"{out} is unchanged (a Zarr pack starts over)")
+            "to continue" if backend_for(out, format).resumable else f"{out} is unchanged (a Zarr pack starts over)")
     with _on_interrupt(kept):
         summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
                         shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume,  # type: ignore[arg-type]

@@ -275,3 +275,77 @@ def test_sigkill_while_adding_or_replacing_a_set(synth_root: Path, tmp_path: Pat
                 break
     assert kills >= 6
     assert partial_feature_sets(store) == {} and [p.name for p in sidecar_dir(store).iterdir()] == ["s.h5"]
+
+
+# -- Zarr --overwrite: a directory replaced by another, killed at any moment --------------------------
+def _zarr_pack_child(root: Path, out: Path, exchange: bool) -> None:
+    from spairstore.store import transaction
+
+    transaction.EXCHANGE = exchange
+    spairstore.pack(root, out, size=SIZE, overwrite=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "recorded-switch"])
+def test_zarr_overwrite_killed_anywhere_always_opens(synth_root: Path, tmp_path: Path, exchange: bool) -> None:
+    """SIGKILL ``pack --overwrite`` of a Zarr store at random moments, with the atomic exchange and with
+    the recorded two-rename switch: the path always opens, as the old store or the new one; the killed
+    pack's staging is the one fixed folder, reused and then removed by the next pack (none piles up)."""
+    out = tmp_path / "s.zarr"
+    spairstore.pack(synth_root, out, size=16)
+    fork = multiprocessing.get_context("forkserver")
+    rng = np.random.default_rng(3)
+
+    def run(kill_after: float | None) -> bool:
+        c = fork.Process(target=_zarr_pack_child, args=(synth_root, out, exchange))
+        c.start()
+        c.join(kill_after)
+        c.kill()
+        c.join()
+        return c.exitcode != 0
+
+    t0 = time.perf_counter()
+    assert not run(None)
+    work = time.perf_counter() - t0
+    spairstore.pack(synth_root, out, size=16, overwrite=True)
+    kills = 0
+    for _ in range(30):
+        if kills >= 8:
+            break
+        killed = run(rng.uniform(0, 1.2 * work))
+        kills += killed
+        assert spairstore.open(out).image_size in (16, SIZE), f"kill {kills}"
+        assert {p.name for p in tmp_path.iterdir()} <= {out.name, ".s.zarr.pack.staging", ".s.zarr.lock"}
+        if spairstore.open(out).image_size == SIZE:
+            spairstore.pack(synth_root, out, size=16, overwrite=True)  # back to the old store, for the next kill
+    assert kills >= 8
+    assert not run(None)
+    assert spairstore.open(out).image_size == SIZE and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_recorded_switch_killed_between_its_renames_is_finished_by_the_next_open(
+        synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without RENAME_EXCHANGE a directory is replaced by two renames, recorded first: a crash between
+    them leaves no store at the path, and the next open moves the finished new store in and says so."""
+    from spairstore.store import transaction
+
+    out = tmp_path / "s.zarr"
+    spairstore.pack(synth_root, out, size=16)
+    monkeypatch.setattr(transaction, "EXCHANGE", False)
+    replace = transaction.os.replace
+
+    def crash_before_the_second(src: str, dst: str) -> None:
+        if Path(dst) == out:
+            raise KeyboardInterrupt  # the old store is aside, the new one not yet in place
+        replace(src, dst)
+
+    monkeypatch.setattr(transaction.os, "replace", crash_before_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        spairstore.pack(synth_root, out, size=SIZE, overwrite=True)
+    monkeypatch.setattr(transaction.os, "replace", replace)
+    assert not out.exists()
+    assert spairstore.open(out).image_size == SIZE  # finished by the open
+    assert "finished replacing it by the store an interrupted pack had built" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / ".s.zarr.pack.staging").iterdir()) == ["lock"]  # old store gone
+    spairstore.pack(synth_root, out, size=16, overwrite=True)  # the next pack sweeps the staging folder
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

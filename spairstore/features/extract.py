@@ -42,12 +42,10 @@ from tqdm import tqdm
 
 from ..core.device import resolve_device
 from ..core.errors import FeatureError, SpairstoreError
-from ..store.backends import format_of, is_url
-from ..store.backends.hdf5 import SidecarSet
-from ..store.backends.zarr import ZarrSet
-from ..store.feature_sets import SetWriter, Sink, sidecar_dir, sidecar_path
+from ..store.backends import backend_for, is_url
+from ..store.feature_sets import SetWriter, Sink
 from ..store.reader import Store
-from ..store.transaction import Transaction, fsync_path, staging_path, write_atomic
+from ..store.transaction import Transaction, staging_path, write_atomic
 from .backbones import Extractor, FeatureExtractor, Flipped
 from .user import UserExtractor, default_set_name, is_factory_spec
 from .world import World
@@ -185,9 +183,7 @@ def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
 def set_writer(store_path: Path, meta: dict[str, Any], batch_size: int) -> SetWriter:
     """The writer of the staged set ``meta`` describes, for the store's format."""
     shape = (int(meta["rows"]), *meta["row_shape"])
-    if format_of(store_path) == "zarr":
-        return ZarrSet(store_path, meta["name"], shape, meta["attrs"])
-    return SidecarSet(store_path, meta["name"], shape, meta["attrs"], meta["store"], batch_size)
+    return backend_for(store_path).add_group(store_path, meta["name"], shape, meta["attrs"], meta["store"], batch_size)
 
 
 def drop_feature_set(store_path: str | Path, name: str) -> None:
@@ -199,14 +195,7 @@ def drop_feature_set(store_path: str | Path, name: str) -> None:
             store._no_set(name)
     tx = Transaction.open(store_path, f"features-{name}", who="`spairstore features` run", error=FeatureError)
     try:
-        if format_of(store_path) == "zarr":
-            ZarrSet(store_path, name, (0,), {}).drop()
-        elif not sidecar_path(store_path, name).is_file():
-            raise FeatureError(f"{store_path}: feature set {name!r} is inside the store file (written by an older "
-                               f"spairstore); `spairstore convert` it to a new store to drop it")
-        else:
-            sidecar_path(store_path, name).unlink()
-            fsync_path(sidecar_dir(store_path))
+        backend_for(store_path).drop_group(store_path, name)
     finally:
         tx.finish()
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..core.errors import SpairstoreError, StoreError
 from ..core.schema import FORMAT_NAME, is_hot
-from .backends import ArrayReader, ArrayWriter, RawExtent, disk_bytes, format_of, is_url, writer_for
+from .backends import ArrayReader, ArrayWriter, RawExtent, backend_for, disk_bytes, is_url, writer_for
 from .feature_sets import set_attrs, sidecar_dir, sidecar_path
 from .reader import Store
 from .transaction import Transaction, remove
@@ -118,7 +118,8 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
         raise SpairstoreError(f"{dst}: source and destination are the same store")
     if dst.exists() and not overwrite:
         raise SpairstoreError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
-    format = format_of(dst, format)
+    backend = backend_for(dst, format)
+    format = backend.name
     r = _StoreArrays(Store(src))
     try:
         if r.attrs.get("format") != FORMAT_NAME:
@@ -127,7 +128,7 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
         try:
             tx.begin({"src": str(src)}, restart=True)  # not resumable: a fresh start each time
             tmp = tx.dir / f"store{dst.suffix}"
-            inline = format != "hdf5"
+            inline = backend.sets_inside
             shapes = r.shapes()
             total = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
             bar = tqdm(total=total, desc="convert", unit="B", unit_scale=True, disable=not progress,

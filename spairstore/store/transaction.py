@@ -35,6 +35,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -110,19 +111,24 @@ def recover(target: Path) -> None:
     for intent in target.parent.glob(f".{glob.escape(target.name)}.*.staging/switch.json"):
         with open(intent.parent / "lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a live switch takes milliseconds
-            if not intent.exists():
-                continue
-            plan = json.loads(intent.read_text())
-            new, old = Path(plan["new"]), Path(plan["old"])
-            if new.exists():  # killed before the new store was in place: finish moving it in
-                if target.exists():
-                    os.replace(target, old)
-                os.replace(new, target)
-                fsync_path(target.parent)
-                _say(f"{target}: finished replacing it by the store an interrupted {plan['purpose']} had built")
-            remove(old)
-            intent.unlink()
-            fsync_path(intent.parent)
+            _complete_switch(target, intent)
+
+
+def _complete_switch(target: Path, intent: Path) -> None:
+    """Finish the switch ``intent`` records, if it is still there (the caller holds the lock)."""
+    if not intent.exists():
+        return
+    plan = json.loads(intent.read_text())
+    new, old = Path(plan["new"]), Path(plan["old"])
+    if new.exists():  # stopped before the new store was in place: finish moving it in
+        if target.exists():
+            os.replace(target, old)
+        os.replace(new, target)
+        fsync_path(target.parent)
+        _say(f"{target}: finished replacing it by the store an interrupted {plan['purpose']} had built")
+    remove(old)
+    intent.unlink()
+    fsync_path(intent.parent)
 
 
 class Transaction:
@@ -235,7 +241,7 @@ class Transaction:
         folder in the staging folder): old or new at the path whatever moment a crash comes."""
         target = self.target if target is None else Path(target)
         new = Path(new)
-        _fsync_tree(new)
+        fsync_paths([new, *new.rglob("*")] if new.is_dir() else [new])
         if not (new.is_dir() or target.is_dir()) or not target.exists():
             os.replace(new, target)
         elif _exchange(new, target):
@@ -253,7 +259,10 @@ class Transaction:
         fsync_path(target.parent)
 
     def finish(self) -> None:
-        """Remove the staging folder (the work is in place) and release the lock."""
+        """Remove the staging folder (the work is in place, or abandoned) and release the lock. A
+        switch this process began and did not end (an exception between its renames) is completed
+        first: the target is never left empty."""
+        _complete_switch(self.target, self.dir / "switch.json")
         remove(self.dir)
         self.close()
 
@@ -281,10 +290,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
 
 
-def _fsync_tree(path: Path) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    paths: Iterable[Path] = [path, *path.rglob("*")] if path.is_dir() else [path]
+def fsync_paths(paths: Iterable[Path]) -> None:
+    """:func:`fsync_path` for many files and folders at once."""
     # Concurrent fsyncs share journal commits: ~40x faster than one by one for a store's files here.
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(fsync_path, paths))

@@ -66,8 +66,8 @@ from .backends import (
     ArrayWriter,
     RawExtent,
     RowWriter,
+    backend_for,
     disk_bytes,
-    format_of,
     mark_complete,
     reader_for,
     row_writer_for,
@@ -629,16 +629,16 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
         raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
     if not out.parent.is_dir():
         raise SpairstoreError(f"{out.parent}: output directory does not exist")
-    fmt = format_of(out, format)
+    backend = backend_for(out, format)
     notes: list[str] = []
     tx = Transaction.open(out, "pack", who="pack")
-    if fmt != "hdf5":
+    if not backend.resumable:
         if resume:
-            notes.append(f"--resume continues HDF5 packs only: this {fmt} store was packed from the start")
+            notes.append(f"--resume continues HDF5 packs only: this {backend.name} store was packed from the start")
         try:
             tx.discard()  # a killed Zarr pack's staging: not resumable, swept
             records, checks, st = _read_and_check(read, size, on_error, progress)
-            _pack_at_once(tx, fmt, shard_bytes, records, checks, st, size, progress)
+            _pack_at_once(tx, backend.name, shard_bytes, records, checks, st, size, progress)
         finally:
             tx.finish()
     else:

@@ -8,20 +8,13 @@ can read them without the library.
 """
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ...core.errors import SpairstoreError, StoreError
+from ...core.errors import FeatureError, SpairstoreError, StoreError
 
-FORMATS = ("hdf5", "zarr")
-_SUFFIXES = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".zarr": "zarr"}
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
@@ -97,40 +90,142 @@ def is_url(path: str | Path) -> bool:
     return isinstance(path, str) and "://" in path
 
 
-def format_of(path: str | Path, format: str | None = None) -> str:
-    """The backend of a store: ``format`` when given, else what an existing local store holds, else
-    the suffix (``.h5``/``.hdf5``/``.hdf`` -> hdf5, ``.zarr`` -> zarr). Remote stores are Zarr."""
-    if format is not None:
-        if format not in FORMATS:
-            raise SpairstoreError(f"unknown store format {format!r} (choose {' or '.join(FORMATS)})")
-        return format
-    if is_url(path):
-        if _SUFFIXES.get(Path(str(path).rstrip("/")).suffix.lower()) == "hdf5":
-            raise StoreError(f"{path}: remote stores must be Zarr; convert it with `spairstore convert`")
-        return "zarr"
-    p = Path(path)
-    if (p / "zarr.json").is_file() or (p / ".zgroup").is_file():
-        return "zarr"
-    if p.is_file():
+class Backend:
+    """A container format, after xarray's ``BackendEntrypoint``: how a store of it is recognised,
+    opened, built and given a feature set. Callers ask :func:`backend_for` and never branch on the
+    format themselves."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    #: a pack fills the store's structure in place and can resume after a kill (else: built in one go)
+    resumable: bool
+    #: feature sets are groups inside the store (else files beside it)
+    sets_inside: bool
+
+    def guess_can_open(self, path: str | Path) -> bool:
+        """Whether an existing store at ``path`` is of this format (by content, not by name)."""
+        raise NotImplementedError
+
+    def open(self, path: str | Path) -> ArrayReader:
+        """A reader of the store at ``path``."""
+        raise NotImplementedError
+
+    def build(self, path: Path, shard_bytes: int | None = None) -> ArrayWriter:
+        """A writer of a new store at ``path`` (a staging path: the transaction switches it in)."""
+        raise NotImplementedError
+
+    def add_group(self, store: Path, name: str, shape: tuple[int, ...], attrs: dict[str, Any],
+                  store_fingerprint: str, unit_rows: int) -> Any:
+        """The :class:`~spairstore.store.feature_sets.SetWriter` that adds (or replaces) feature set
+        ``name`` of ``shape`` to the local store, inside its transaction."""
+        raise NotImplementedError
+
+    def drop_group(self, store: Path, name: str) -> None:
+        """Delete feature set ``name`` of the local store (call inside its transaction)."""
+        raise NotImplementedError
+
+
+class _HDF5Backend(Backend):
+    name, suffixes, resumable, sets_inside = "hdf5", (".h5", ".hdf5", ".hdf"), True, False
+
+    def guess_can_open(self, path: str | Path) -> bool:
+        p = Path(path)
+        if is_url(path) or not p.is_file():
+            return False
         with open(p, "rb") as f:
-            if f.read(8) == _HDF5_SIGNATURE:
-                return "hdf5"
-    try:
-        return _SUFFIXES[p.suffix.lower()]
-    except KeyError:
+            return f.read(8) == _HDF5_SIGNATURE
+
+    def open(self, path: str | Path) -> ArrayReader:
+        from . import hdf5
+
+        return hdf5.HDF5Reader(Path(path))
+
+    def build(self, path: Path, shard_bytes: int | None = None) -> ArrayWriter:
+        from . import hdf5
+
+        return hdf5.HDF5Writer(path)
+
+    def add_group(self, store: Path, name: str, shape: tuple[int, ...], attrs: dict[str, Any],
+                  store_fingerprint: str, unit_rows: int) -> Any:
+        from . import hdf5
+
+        return hdf5.SidecarSet(store, name, shape, attrs, store_fingerprint, unit_rows)
+
+    def drop_group(self, store: Path, name: str) -> None:
+        from ..feature_sets import sidecar_path
+        from ..transaction import fsync_path
+
+        path = sidecar_path(store, name)
+        if not path.is_file():
+            raise FeatureError(f"{store}: feature set {name!r} is inside the store file (written by an older "
+                               f"spairstore); `spairstore convert` it to a new store to drop it")
+        path.unlink()
+        fsync_path(path.parent)
+
+
+class _ZarrBackend(Backend):
+    name, suffixes, resumable, sets_inside = "zarr", (".zarr",), False, True
+
+    def guess_can_open(self, path: str | Path) -> bool:
+        p = Path(path)
+        return is_url(path) or (p / "zarr.json").is_file() or (p / ".zgroup").is_file()
+
+    def open(self, path: str | Path) -> ArrayReader:
+        from . import zarr
+
+        return zarr.ZarrReader(path)
+
+    def build(self, path: Path, shard_bytes: int | None = None) -> ArrayWriter:
+        from . import zarr
+
+        return zarr.ZarrWriter(path, **({} if shard_bytes is None else {"shard_bytes": shard_bytes}))
+
+    def add_group(self, store: Path, name: str, shape: tuple[int, ...], attrs: dict[str, Any],
+                  store_fingerprint: str, unit_rows: int) -> Any:
+        from . import zarr
+
+        return zarr.ZarrSet(store, name, shape, attrs)
+
+    def drop_group(self, store: Path, name: str) -> None:
+        from . import zarr
+
+        zarr.ZarrSet(store, name, (0,), {}).drop()
+
+
+#: the registry: format name -> backend
+BACKENDS: dict[str, Backend] = {b.name: b for b in (_HDF5Backend(), _ZarrBackend())}
+FORMATS = tuple(BACKENDS)
+
+
+def backend_for(path: str | Path, format: str | None = None) -> Backend:
+    """The backend of a store: ``format`` when given, else the one that recognises an existing store
+    at ``path``, else the one its suffix names (``.h5``/``.hdf5``/``.hdf``, ``.zarr``). Remote stores
+    are Zarr."""
+    if format is not None:
+        if format not in BACKENDS:
+            raise SpairstoreError(f"unknown store format {format!r} (choose {' or '.join(FORMATS)})")
+        return BACKENDS[format]
+    suffix = Path(str(path).rstrip("/")).suffix.lower()
+    by_suffix = next((b for b in BACKENDS.values() if suffix in b.suffixes), None)
+    if is_url(path) and by_suffix is not None and not by_suffix.guess_can_open(path):
+        raise StoreError(f"{path}: remote stores must be Zarr; convert it with `spairstore convert`")
+    for b in BACKENDS.values():
+        if b.guess_can_open(path):
+            return b
+    if by_suffix is None:
         raise StoreError(f"{path}: cannot tell the store format; name it .h5 or .zarr "
-                              f"(or pass --format hdf5|zarr)") from None
+                         f"(or pass --format hdf5|zarr)")
+    return by_suffix
+
+
+def format_of(path: str | Path, format: str | None = None) -> str:
+    """The name of the backend of a store (see :func:`backend_for`)."""
+    return backend_for(path, format).name
 
 
 def writer_for(path: Path, format: str | None = None, shard_bytes: int | None = None) -> ArrayWriter:
     """A writer for a new store at ``path``. ``shard_bytes`` is the Zarr shard size of hot arrays."""
-    if format_of(path, format) == "zarr":
-        from . import zarr
-
-        return zarr.ZarrWriter(path, **({} if shard_bytes is None else {"shard_bytes": shard_bytes}))
-    from . import hdf5
-
-    return hdf5.HDF5Writer(path)
+    return backend_for(path, format).build(path, shard_bytes)
 
 
 def row_writer_for(path: Path, extents: dict[str, RawExtent | None]) -> RowWriter:
@@ -151,78 +246,13 @@ def mark_complete(path: Path, complete: bool) -> None:
 
 def reader_for(path: str | Path) -> ArrayReader:
     """A reader for an existing store at a local ``path`` or a URL."""
-    if format_of(path) == "zarr":
-        from . import zarr
-
-        return zarr.ZarrReader(path)
-    from . import hdf5
-
-    return hdf5.HDF5Reader(Path(path))
+    return backend_for(path).open(path)
 
 
-# -- whole stores on disk: one file (HDF5) or a directory tree (Zarr) ----------------------------------
+# -- whole stores on disk ------------------------------------------------------------------------------
 def disk_bytes(path: Path) -> int:
     """Bytes a local store occupies: its file, or every file of its directory."""
     path = Path(path)
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-
-
-def remove(path: Path) -> None:
-    """Delete a store file or directory if it exists."""
-    path = Path(path)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def fsync_path(path: Path) -> None:
-    """Make a file's (or a directory's entries') data durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_paths(paths: Iterable[Path]) -> None:
-    """:func:`fsync_path` for many files and directories at once."""
-    # Concurrent fsyncs share journal commits: ~40x faster than one by one for a store's files here.
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(fsync_path, paths))
-
-
-def commit(tmp: Path, out: Path) -> None:
-    """Durably move a finished store from ``tmp`` to ``out``, replacing any store there.
-
-    A file replaces atomically. A directory cannot replace a non-empty one atomically: the old store
-    is renamed aside first, so ``out`` holds the old store, briefly nothing, then the new one.
-    """
-    tmp, out = Path(tmp), Path(out)
-    fsync_paths([tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp])
-    if out.exists() and (tmp.is_dir() or out.is_dir()):
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        remove(old)
-    else:
-        os.replace(tmp, out)
-
-
-@contextmanager
-def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary path beside ``out`` to build a new store at, committed to ``out`` when the block
-    completes and removed in any case: a failed or killed build leaves the old store or nothing."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
-    if not out.parent.is_dir():
-        raise SpairstoreError(f"{out.parent}: output directory does not exist")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        yield tmp
-        commit(tmp, out)
-    finally:
-        remove(tmp)

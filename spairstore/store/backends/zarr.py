@@ -30,8 +30,8 @@ from zarr.core.sync import sync
 from ...core.errors import FeatureError, StoreError
 from ...core.schema import describe
 from ..feature_sets import check_complete, crc32_rows
-from ..transaction import RowFlags, Transaction, target_lock
-from . import RawExtent, fsync_paths, is_url, remove
+from ..transaction import RowFlags, Transaction, fsync_paths, remove, target_lock
+from . import RawExtent, is_url
 
 #: Default shard size of hot arrays. Larger shards mean fewer files; a shard is also the unit one
 #: writer process owns when several write at once, and the most the writer buffers per array.
