@@ -53,7 +53,7 @@ def test_interrupted_pack_resumes_from_its_last_commit(synth_root: Path, referen
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "s.h5"
     monkeypatch.setattr(writer, "COMMIT_BYTES", 1)  # commit after every row (when none is running)
-    decode, calls = writer._decode, []
+    decode, calls = writer.decode_image, []
     ref = spairstore.open(reference)
     stop = (ref.categories[ref.images.category[10]], ref.images.name[10])  # image row 10
 
@@ -62,7 +62,7 @@ def test_interrupted_pack_resumes_from_its_last_commit(synth_root: Path, referen
             raise KeyboardInterrupt
         return decode(rec, *args)
 
-    monkeypatch.setattr(writer, "_decode", interrupted)
+    monkeypatch.setattr(writer, "decode_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         spairstore.pack(synth_root, out, size=SIZE)
     assert not out.exists()
@@ -72,7 +72,7 @@ def test_interrupted_pack_resumes_from_its_last_commit(synth_root: Path, referen
         spairstore.open(staging_of(out) / "store.h5")  # the staged file never opens as a store
 
     calls.clear()
-    monkeypatch.setattr(writer, "_decode", lambda *a: calls.append(1) or decode(*a))
+    monkeypatch.setattr(writer, "decode_image", lambda *a: calls.append(1) or decode(*a))
     summary = spairstore.pack(synth_root, out, size=SIZE, resume=True)
     assert len(calls) == summary.images - committed  # only the rows not committed before
     assert any("resumed" in n for n in summary.notes)
@@ -85,11 +85,11 @@ def test_resume_refuses_changed_sources_or_options(synth_root: Path, tmp_path: P
     root = tmp_path / "SPair"
     shutil.copytree(synth_root, root)
     out = tmp_path / "s.h5"
-    decode = writer._decode
-    monkeypatch.setattr(writer, "_decode", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    decode = writer.decode_image
+    monkeypatch.setattr(writer, "decode_image", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         spairstore.pack(root, out, size=SIZE)
-    monkeypatch.setattr(writer, "_decode", decode)
+    monkeypatch.setattr(writer, "decode_image", decode)
     with pytest.raises(spairstore.SpairstoreError, match="size was 48, now 64.*without --resume"):
         spairstore.pack(root, out, size=64, resume=True)
     ann = sorted(root.glob("ImageAnnotation/cat/*.json"))[0]

@@ -21,30 +21,25 @@ memory does not grow with the dataset.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ..core.errors import SourceError, SpairstoreError
-from ..core.geometry import letterbox
-from ..core.manifest import build_manifest, sha256_bytes
+from ..core.errors import SpairstoreError
+from ..core.manifest import build_manifest
 from ..core.records import (
     DatasetRecords,
     ErrorPolicy,
-    ImageRecord,
     OnError,
     PairRecord,
     Skipped,
@@ -73,11 +68,8 @@ from .backends import (
     row_writer_for,
     writer_for,
 )
+from .images import ImageCheck, check_images, decode_image, ordered_map
 from .transaction import Transaction, write_atomic
-
-T = TypeVar("T")
-R = TypeVar("R")
-
 
 @dataclass(frozen=True)
 class PackSummary:
@@ -110,170 +102,9 @@ class PackSummary:
         return "\n".join(lines)
 
 
-@contextmanager
-def _ordered_map(fn: Callable[[T], R], items: list[T], workers: int, window: int = 32) -> Iterator[Iterator[R]]:
-    """``map`` over a thread pool, in order, with at most ``window`` results in flight (bounded memory).
-    A context manager, so that leaving early (an error) cancels the rest in the calling thread.
-
-    Decoding and resizing release the GIL in Pillow, so two threads use both cores.
-    """
-    with ThreadPoolExecutor(workers) as pool:
-        pending = [pool.submit(fn, x) for x in items[:window]]
-
-        def results() -> Iterator[R]:
-            for i in range(len(items)):
-                result = pending[i].result()
-                if i + window < len(items):
-                    pending.append(pool.submit(fn, items[i + window]))
-                pending[i] = None  # type: ignore[call-overload]
-                yield result
-
-        try:
-            yield results()
-        finally:
-            for f in pending:
-                if f is not None:
-                    f.cancel()
-
-
-#: Suffix -> the only image format a file with that name may hold.
-_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
-#: Exceptions Pillow raises on a truncated or corrupt file while decoding.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
 #: Payload bytes between commits (fsync of the store, then of the CRC journal): each fsync stalls the
 #: pack while the disk catches up, so commits are few; a resume redoes at most this much.
 COMMIT_BYTES = 256 << 20
-
-
-def _open_image(data: bytes, rel: Path) -> Image.Image:
-    """Open (not decode) an image file's bytes, refusing a format other than the one its suffix names
-    and sizes past Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise SourceError(rel, f"image too large to decode safely ({e})") from None
-    except UnidentifiedImageError:
-        raise SourceError(rel, "cannot decode image (not a known image format)") from None
-    except _DECODE_ERRORS as e:
-        raise SourceError(rel, f"cannot read image header ({e})") from None
-    expected = _FORMATS.get(rel.suffix.lower())
-    if expected and img.format != expected:
-        raise SourceError(rel, f"holds a {img.format} image, but its name says {expected}")
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and img.width * img.height > limit:
-        raise SourceError(rel, f"image is {img.width}x{img.height}, more pixels than Pillow's "
-                               f"decompression-bomb limit ({limit:,})")
-    return img
-
-
-def _load(img: Image.Image, rel: Path) -> Image.Image:
-    try:
-        img.load()
-    except _DECODE_ERRORS as e:
-        raise SourceError(rel, f"cannot decode image ({e})") from None
-    return img
-
-
-def _read(path: Path, root: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise SourceError(path.relative_to(root), f"cannot read ({e.strerror})") from None
-
-
-@dataclass(frozen=True)
-class _FileCheck:
-    size: int  #: bytes
-    crc32: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class _ImageCheck:
-    image: _FileCheck
-    mask: _FileCheck | None
-    remarks: tuple[str, ...] = ()  #: oddities the user should hear of, not errors (see ``_remarks``)
-
-
-#: EXIF tag of the orientation a viewer rotates the stored pixels by (1: as stored).
-_ORIENTATION = 0x0112
-
-
-def _remarks(img: Image.Image, rec: ImageRecord) -> tuple[str, ...]:
-    """What is odd about an image that opened well: the store keeps its pixels as stored, like the
-    annotations do, which a viewer honouring EXIF would show rotated; a channel count unlike the
-    annotated ``image_depth``."""
-    out = []
-    if img.getexif().get(_ORIENTATION, 1) != 1:
-        out.append("images with an EXIF rotation (packed as stored, unrotated, as annotated)")
-    if len(img.getbands()) != rec.depth:
-        out.append("images whose channels differ from their image_depth (kept)")
-    return tuple(out)
-
-
-def _check_image(rec: ImageRecord, root: Path, decode: bool, mask_classes: int = 0) -> _ImageCheck:
-    """Step 1 for one image: its file and mask must open as what they claim and have the annotated size;
-    with ``decode`` they must also decode (JPEGs at 1/8 scale: every byte is still parsed, so
-    truncation shows). Without it a file that does not decode fails step 3 instead."""
-    rel = rec.image_path.relative_to(root)
-    data = _read(rec.image_path, root)
-    img = _open_image(data, rel)
-    if img.size != (rec.width, rec.height):
-        raise SourceError(rel, f"image is {img.width}x{img.height} but annotated as {rec.width}x{rec.height}")
-    if decode:
-        if img.format == "JPEG":
-            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
-        _load(img, rel)
-    image = _FileCheck(len(data), zlib.crc32(data), sha256_bytes(data))
-    remarks = _remarks(img, rec)
-    if rec.mask_path is None:
-        return _ImageCheck(image, None, remarks)
-    mrel = rec.mask_path.relative_to(root)
-    mdata = _read(rec.mask_path, root)
-    m = _open_image(mdata, mrel)
-    if m.mode not in ("L", "P"):
-        raise SourceError(mrel, f"mask must be a class-index PNG (mode L or P), got mode {m.mode}")
-    if m.size != (rec.width, rec.height):
-        raise SourceError(mrel, f"mask is {m.width}x{m.height} but its image is {rec.width}x{rec.height}")
-    if decode or mask_classes:
-        _load(m, mrel)
-    if mask_classes:
-        values = np.unique(np.asarray(m))
-        if ((values >= mask_classes) & (values != 255)).any():
-            remarks += (f"masks with values outside the dataset's classes 0..{mask_classes - 1} and 255 (kept)",)
-    return _ImageCheck(image, _FileCheck(len(mdata), zlib.crc32(mdata), sha256_bytes(mdata)), remarks)
-
-
-@dataclass
-class _Decoded:
-    """One image's payloads and their CRC-32s, computed on a worker thread."""
-
-    image_bytes: bytes
-    pixels: np.ndarray
-    mask_bytes: bytes
-    mask: np.ndarray | None
-    crc: dict[str, int]
-
-
-def _decode(rec: ImageRecord, check: _ImageCheck, root: Path, size: int) -> _Decoded:
-    """Step 3 for one image: the bytes checked in step 1, decoded and letterboxed."""
-    def same_file(path: Path, expected: _FileCheck) -> bytes:
-        data = _read(path, root)
-        if zlib.crc32(data) != expected.crc32 or len(data) != expected.size:
-            raise SourceError(path.relative_to(root), "file changed while packing")
-        return data
-
-    data = same_file(rec.image_path, check.image)
-    img = _load(_open_image(data, rec.image_path.relative_to(root)), rec.image_path.relative_to(root))
-    pixels = letterbox(img.convert("RGB"), size, Image.Resampling.BILINEAR)
-    crc = {"pixels": zlib.crc32(pixels), "image_blob": check.image.crc32, "mask": 0, "mask_blob": 0}
-    if rec.mask_path is None or check.mask is None:
-        return _Decoded(data, pixels, b"", None, crc)
-    mdata = same_file(rec.mask_path, check.mask)
-    m = _load(_open_image(mdata, rec.mask_path.relative_to(root)), rec.mask_path.relative_to(root))
-    mask = letterbox(m, size, Image.Resampling.NEAREST)
-    crc.update(mask=zlib.crc32(mask), mask_blob=check.mask.crc32)
-    return _Decoded(data, pixels, mdata, mask, crc)
 
 
 def _image_tables(records: DatasetRecords, enc: Encoding) -> dict[str, np.ndarray]:
@@ -289,42 +120,6 @@ def _image_tables(records: DatasetRecords, enc: Encoding) -> dict[str, np.ndarra
 def _pair_table(pairs: list[PairRecord], enc: Encoding, width: int) -> dict[str, np.ndarray]:
     """A split's pair table as the schema encodes it, keypoint columns padded to ``width``."""
     return encode_table("pairs", pairs, enc, {"M": width})
-
-
-def _check_images(records: DatasetRecords, on_error: OnError, progress: bool
-                  ) -> tuple[DatasetRecords, list[_ImageCheck]]:
-    """Step 1: every image checked; bad ones raise or (skip) leave with their pairs. Only a skipping
-    pack decodes here: it must know every image that stays before step 2 sizes the store, while a
-    failing pack can just as well fail when step 3 decodes."""
-    def attempt(rec: ImageRecord) -> _ImageCheck | SourceError:
-        try:
-            return _check_image(rec, records.root, decode=on_error == "skip", mask_classes=records.mask_classes)
-        except SourceError as e:
-            return e
-
-    checks: dict[tuple[str, str], _ImageCheck] = {}
-    bad: dict[tuple[str, str], Skipped] = {}
-    with _ordered_map(attempt, records.images, workers=2) as results:
-        for rec, res in tqdm(zip(records.images, results), total=len(records.images), desc="checking images",
-                             unit="img", disable=not progress, leave=False, dynamic_ncols=True):
-            if isinstance(res, SourceError):
-                if on_error == "fail":
-                    raise res
-                bad[rec.key] = Skipped("image", f"{rec.category}/{rec.name}", res.path, res.reason)
-            else:
-                checks[rec.key] = res
-    records = records.without_images(bad)
-    if not records.images:
-        raise SpairstoreError(f"{records.root}: nothing to pack, every image was skipped")
-    kept = [checks[im.key] for im in records.images]
-    seen: dict[str, list[ImageRecord]] = {}
-    for rec, check in zip(records.images, kept):
-        for r in check.remarks:
-            seen.setdefault(r, []).append(rec)
-    records.notes += [f"{len(recs):,} {what}, e.g. {recs[0].image_path.relative_to(records.root).as_posix()}"
-                      for what, recs in seen.items()]
-    return records, kept
-
 
 @dataclass
 class _Structure:
@@ -356,7 +151,7 @@ class _Structure:
         return dict(zip(path, sha))
 
 
-def _structure(records: DatasetRecords, checks: list[_ImageCheck], size: int, on_error: OnError) -> _Structure:
+def _structure(records: DatasetRecords, checks: list[ImageCheck], size: int, on_error: OnError) -> _Structure:
     n = len(records.images)
     has_masks = any(c.mask is not None for c in checks)
     sizes = {"image": [c.image.size for c in checks], "mask": [c.mask.size if c.mask else 0 for c in checks]}
@@ -483,7 +278,7 @@ class _Journal:
         self._pool.shutdown(wait=True)
 
 
-def _write_rows(rows: RowWriter | ArrayWriter, records: DatasetRecords, checks: list[_ImageCheck],
+def _write_rows(rows: RowWriter | ArrayWriter, records: DatasetRecords, checks: list[ImageCheck],
                 st: _Structure, size: int, progress: bool, journal: _Journal | None = None) -> np.ndarray:
     """Step 3: decode every image after the journal's last commit and write its payload rows,
     committing every :data:`COMMIT_BYTES`. Returns every row's CRC-32s."""
@@ -493,8 +288,8 @@ def _write_rows(rows: RowWriter | ArrayWriter, records: DatasetRecords, checks: 
     if journal is not None:
         crc[:done] = journal.crc
     bar = tqdm(total=n, initial=done, desc="images", unit="img", disable=not progress, dynamic_ncols=True)
-    decode = lambda i: _decode(records.images[i], checks[i], records.root, size)  # noqa: E731
-    with _ordered_map(decode, list(range(done, n)), workers=2) as decoded:
+    decode = lambda i: decode_image(records.images[i], checks[i], records.root, size)  # noqa: E731
+    with ordered_map(decode, list(range(done, n)), workers=2) as decoded:
         pending = 0
         for i, d in zip(range(done, n), decoded):
             for k, data in (("image", d.image_bytes), ("mask", d.mask_bytes)):
@@ -514,7 +309,7 @@ def _write_rows(rows: RowWriter | ArrayWriter, records: DatasetRecords, checks: 
     return crc
 
 
-def _pack_hdf5(staging: _Staging, records: DatasetRecords, checks: list[_ImageCheck], st: _Structure,
+def _pack_hdf5(staging: _Staging, records: DatasetRecords, checks: list[ImageCheck], st: _Structure,
                size: int, progress: bool) -> None:
     """Steps 3 and 4 of an HDF5 pack whose structure is staged: rows, CRC arrays, then the file is
     marked complete and renamed into place."""
@@ -533,7 +328,7 @@ def _pack_hdf5(staging: _Staging, records: DatasetRecords, checks: list[_ImageCh
 
 
 def _pack_at_once(tx: Transaction, fmt: str, shard_bytes: int | None, records: DatasetRecords,
-                  checks: list[_ImageCheck], st: _Structure, size: int, progress: bool) -> None:
+                  checks: list[ImageCheck], st: _Structure, size: int, progress: bool) -> None:
     """A store built in one go in the transaction's staging folder and switched into place (Zarr)."""
     tmp = tx.dir / f"store{tx.target.suffix}"
     w = writer_for(tmp, fmt, shard_bytes)
@@ -598,12 +393,12 @@ SourceReader = Callable[[Callable[[Iterable[Any], str, int], Iterable[Any]], OnE
 
 
 def _read_and_check(read: SourceReader, size: int, on_error: OnError, progress: bool
-                    ) -> tuple[DatasetRecords, list[_ImageCheck], _Structure]:
+                    ) -> tuple[DatasetRecords, list[ImageCheck], _Structure]:
     """Step 1, and the structure it determines."""
     wrap = lambda it, desc, total: tqdm(it, desc=desc, total=total, unit="file", disable=not progress,  # noqa: E731
                                         leave=False, dynamic_ncols=True)
     records = read(wrap, on_error)
-    records, checks = _check_images(records, on_error, progress)
+    records, checks = check_images(records, on_error, progress)
     return records, checks, _structure(records, checks, size, on_error)
 
 
