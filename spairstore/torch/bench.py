@@ -166,8 +166,9 @@ class _RawFiles(Dataset):
                 **{k: torch.from_numpy(v) for k, v in pad_keypoints(ids, kps["src"], kps["trg"], self.num_keypoints).items()}}
 
 
-class _First(Dataset):
-    """The first ``n`` samples of a spairstore dataset: a Loader epoch of a chosen length."""
+class _Epoch(Dataset):
+    """A Loader epoch of ``n`` samples, cycling through a spairstore dataset: a small store still gives
+    every worker batches to read (the first ``n`` alone left one batch for two workers)."""
 
     def __init__(self, inner: PairDataset, n: int):
         self.inner, self.n = inner, n
@@ -179,10 +180,10 @@ class _First(Dataset):
         self.inner.set_epoch(epoch)
 
     def fetch(self, idx: Sequence[int], alloc: Any = None) -> Batch:
-        return self.inner.fetch(idx, alloc)
+        return self.inner.fetch([i % len(self.inner) for i in idx], alloc)
 
     def __getitems__(self, idx: Sequence[int]) -> Any:
-        return self.inner.__getitems__(idx)
+        return self.inner.__getitems__([i % len(self.inner) for i in idx])
 
 
 class _Probe(Dataset):
@@ -371,9 +372,9 @@ def run(store: str | Path, source: str | Path | None = None, split: str = "trn",
         del runs  # ends persistent workers
 
     if workers:
-        n = min(batches * batch_size, len(store_ds))
-        epoch = _First(store_ds, n)
-        augmented = _First(PairDataset(s, split, fields=FIELDS, augment=Compose(HFlip(0.5), RandomCrop(0.5)),
+        n = batches * batch_size
+        epoch = _Epoch(store_ds, n)
+        augmented = _Epoch(PairDataset(s, split, fields=FIELDS, augment=Compose(HFlip(0.5), RandomCrop(0.5)),
                                        seed=seed), n)
         for kind, ds, counts in (("plain", epoch, (0, workers)), ("augment", augmented, (1, 2))):
             loaders = {w: Loader(ds, batch_size, seed=seed, num_workers=w, normalize=False) for w in counts}
