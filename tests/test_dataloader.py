@@ -3,6 +3,7 @@ pin_memory=True)`` with the default collate gives, batch by batch and leaf by le
 (``collate_fn=spairstore.collate``, and ``Loader``) gives for the same indices, under every start method."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,32 @@ def test_worker_slots_are_reused_and_never_overwritten_while_held(synth_store: P
 
     gc.collect()
     assert _slot_files() <= before
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm: workers use fresh shared memory")
+def test_slot_files_of_killed_workers_are_swept(synth_store: Path) -> None:
+    """SIGKILLed workers cannot unlink their slots; the next loader's workers remove them."""
+    import signal
+
+    ds = PairDataset(synth_store, "trn", fields=("pixels", "keypoints"))
+    before = _slot_files()
+    it = iter(DataLoader(ds, batch_sampler=[[i, i + 1] for i in range(8)], num_workers=2,
+                         collate_fn=spairstore.collate, multiprocessing_context="fork"))
+    held = [next(it) for _ in range(4)]
+    workers = list(it._workers)
+    for w in workers:
+        os.kill(w.pid, signal.SIGKILL)
+        w.join()
+    left = {f for f in _slot_files() - before if int(f.split("-")[1]) in {w.pid for w in workers}}
+    assert left  # what a killed worker leaves
+    loader = DataLoader(ds, batch_sampler=[[0, 1]] * 4, num_workers=1, collate_fn=spairstore.collate,
+                        multiprocessing_context="spawn")
+    for b in loader:
+        assert_batches_equal(b, ds.fetch([0, 1]))
+    assert not left & _slot_files()
+    for i, b in enumerate(held):  # the main process's mappings outlive the names
+        assert_batches_equal(b, ds.fetch([i, i + 1]))
+    del it
 
 
 def _matches_schema(batch: dict, ds: torch.utils.data.Dataset, b: int) -> None:

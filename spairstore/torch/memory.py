@@ -14,7 +14,8 @@ batch into it. So batch memory is reused:
   batches alive), a batch falls back to fresh shared memory: slower, never wrong.
 
 A worker unlinks its slot files when it exits (the main process's mappings keep the memory until its
-tensors are gone); only a worker killed outright leaves files behind (``/dev/shm/spairstore-<pid>-*``).
+tensors are gone). A worker killed outright leaves its files (``/dev/shm/spairstore-<pid>-*``) behind;
+the next worker to start removes every such file whose process is gone.
 """
 from __future__ import annotations
 
@@ -145,6 +146,7 @@ class _Ring:
         self.slots: list[_Slot] = []
         self.want = 0  # bytes the largest batch so far needed
         util.Finalize(self, _unlink_all, args=(self.slots,), exitpriority=0)  # when the worker exits
+        sweep_dead_slots()
 
     def batch(self) -> _SlotBatch:
         for k, s in enumerate(self.slots):
@@ -163,6 +165,29 @@ class _Ring:
 def _unlink_all(slots: list[_Slot]) -> None:
     for s in slots:
         s.unlink()
+
+
+def sweep_dead_slots() -> list[str]:
+    """Remove the slot files of workers that no longer run (killed before they could unlink them);
+    returns their paths. A mapping of such a file stays valid: only the name goes."""
+    removed = []
+    for name in os.listdir(_SHM) if os.path.isdir(_SHM) else ():
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "spairstore" or not parts[1].isdecimal():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # alive (or a reused pid: left alone)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            os.unlink(f"{_SHM}/{name}")
+            removed.append(f"{_SHM}/{name}")
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 class BatchMemory:
