@@ -279,6 +279,8 @@ def test_batch_rows_out_of_range(zarr_store: Path, synth_store: Path) -> None:
         for bad in ([0, len(s)], [-1, 2]):
             with pytest.raises(IndexError, match="out of range"):
                 s.read("pixels", bad)
+        with pytest.raises(TypeError, match=r"1-d sequence .*read\(field, \[i\]\)"):
+            s.read("pixels", 0)  # type: ignore[arg-type]
 
 
 def test_eval_and_stats_over_zarr_and_remote_equal_hdf5(synth_store: Path, zarr_store: Path, http_root: str) -> None:

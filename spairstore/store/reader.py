@@ -453,6 +453,9 @@ class Store:
         one library call per batch.
         """
         rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise TypeError(f"rows must be a 1-d sequence of image rows, got shape {rows.shape} "
+                            "(one row i: read(field, [i]))")
         field = field_name(field)
         name = self._row_array(field)
         if name not in self.shapes or field in ("image_bytes", "mask_bytes"):
@@ -613,6 +616,11 @@ class Store:
         for f in self._sidecars.values():
             f.close()
         self._sidecars = {}
+
+    def __del__(self) -> None:
+        # A Store kept for a dataset's lifetime closes with it, without a ResourceWarning.
+        if getattr(self, "_sidecars", None) is not None:
+            self.close()
 
     def __enter__(self) -> Store:
         return self
