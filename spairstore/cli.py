@@ -311,7 +311,9 @@ def bench(
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
 
 
-_METHOD_HELP = "Predictions from a method: identity (the dataset paper's baseline) or nn (needs --features)."
+_METHOD_HELP = ("Predictions from a method: identity (the dataset paper's baseline), nn (needs --features), or "
+                "your own MODULE:FACTORY (or path/to/file.py:FACTORY) returning a method or a predictor "
+                "fn(batch) -> (B, K, 2) target points in store pixels.")
 _PROTOCOL_HELP = ("Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy, pfwillow-cats, pfwillow-dhpf, ap10k, "
                   "geoaware, geoaware-sampled (default: the store's dataset's).")
 
@@ -372,7 +374,6 @@ def eval_(
     """PCK of a method or a predictions file, with the protocol line and the dataset paper's tables: per
     category, by viewpoint/scale/truncation/occlusion, and the controlled analysis."""
     from .eval.evaluation import evaluate
-    from .eval.methods import get_method
     from .store.reader import open as open_store
 
     if head is not None and (predictions is not None or method not in (None, "nn")):
@@ -394,14 +395,7 @@ def eval_(
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,
                           aggregation, subset, keypoints)
-        if head is not None:
-            from .eval.methods import NearestNeighbour
-            from .eval.models import load_head
-
-            h = load_head(head)
-            source = NearestNeighbour(features or h.features, device, batch_size, progress=True, flip=flip, transform=h)
-        else:
-            source = get_method(method, features, device, batch_size, progress=True, flip=flip) if method else predictions
+        source = _method(method, features, head, device, batch_size, flip) or predictions
         if sensitivity:
             from .eval.sensitivity import sensitivity_table
 
@@ -425,23 +419,39 @@ def eval_(
             plot_per_keypoint(report, plot.with_name(f"{plot.stem}-keypoints.png"))
 
 
+def _method(method: str | None, features: str | None, head: Path | None, device: str | None, batch_size: int = 32,
+            flip: str | None = None, progress: bool = True) -> Method | None:
+    """The method ``--method``/``--features``/``--head`` name (``--head``: nn on the head's maps of its
+    feature set, ``--features`` overriding), or None."""
+    from .eval.methods import NearestNeighbour, get_method
+
+    if head is not None:
+        from .eval.models import load_head
+
+        h = load_head(head)
+        return NearestNeighbour(features or h.features, device, batch_size, progress=progress, flip=flip, transform=h)
+    return get_method(method, features, device, batch_size, progress=progress, flip=flip) if method else None
+
+
 def _source(spec: str, device: str | None, batch_size: int) -> Method | Path:
-    """``identity``, ``nn:FEATURES[:FLIP_RULE]`` or a predictions file, as ``compare`` names A and B."""
+    """``identity``, ``nn:FEATURES[:FLIP_RULE]``, a predictions file or ``MODULE:FACTORY``, as ``compare`` names A and B."""
     from .eval.methods import get_method
 
     if spec == "identity" or spec.startswith("nn:"):
         name, _, rest = spec.partition(":")
         feats, _, flip = rest.partition(":")
         return get_method(name, feats or None, device, batch_size, flip=flip or None)
-    if not Path(spec).is_file():
-        raise SpairstoreError(f"{spec}: neither a method (identity, nn:FEATURES) nor a predictions file")
-    return Path(spec)
+    if Path(spec).is_file():
+        return Path(spec)
+    if ":" in spec:
+        return get_method(spec, None, device, batch_size)
+    raise SpairstoreError(f"{spec}: neither a method (identity, nn:FEATURES, MODULE:FACTORY) nor a predictions file")
 
 
 @app.command()
 def compare(
     store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
-    a: Annotated[str, typer.Argument(help="A: a predictions file, identity, nn:FEATURES or nn:FEATURES:FLIP_RULE.")],
+    a: Annotated[str, typer.Argument(help="A: a predictions file, identity, nn:FEATURES, nn:FEATURES:FLIP_RULE or MODULE:FACTORY.")],
     b: Annotated[str, typer.Argument(help="B: likewise; the report gives A - B.")],
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     protocol: Annotated[str | None, typer.Option(help=_PROTOCOL_HELP)] = None,
@@ -500,6 +510,8 @@ def show(
     method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
     features: Annotated[Optional[str], typer.Option(help="Feature set of the store for --method nn.")] = None,
     predictions: Annotated[Optional[Path], typer.Option(help="Predictions file for the whole split.")] = None,
+    head: Annotated[Path | None, typer.Option(
+        help="Head file (as for eval --head): nn on the maps it makes of its feature set.")] = None,
     protocol: Annotated[Optional[str], typer.Option(help=_PROTOCOL_HELP)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Alpha of the green/red colouring (default: the "
                                                          "protocol's first).")] = None,
@@ -510,20 +522,19 @@ def show(
     when correct at alpha and red when not. Without either, the ground-truth matches."""
     import numpy as np
 
-    from .eval.methods import get_method
     from .eval.predictions import load_predictions
     from .eval.viz import show_pair
     from .store.reader import open as open_store
 
-    if method is not None and predictions is not None:
-        raise SpairstoreError("give at most one of --method and --predictions")
+    if sum(x is not None for x in (method, predictions, head)) > 1:
+        raise SpairstoreError("give at most one of --method, --predictions and --head")
     output = _output(output, ".png")
     with open_store(store) as s:
         proto = _protocol(s, protocol, None, direction, None, None, None, None, None)
         row = s.pair_row(split, pair)
         pred, name = None, None
-        if method:
-            m = get_method(method, features, device)
+        m = _method(method, features, head, device, progress=False)
+        if m is not None:
             pred, name = m(s, split, np.array([row]), proto.direction)[0], m.name
         elif predictions:
             pred, name = load_predictions(predictions, s, split)[row], predictions.name

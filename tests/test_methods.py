@@ -257,6 +257,65 @@ def test_saved_head_loads_without_its_class_and_predicts_the_same(feature_store:
     assert d["pck"]["0.1"]["per_image"] == spairstore.evaluate(s, "trn", want, "spair").pck(0.1)
     r = CliRunner().invoke(app, ["eval", str(feature_store), "--head", str(path), "--method", "identity"])
     assert "--head evaluates nn on the head's maps: drop --predictions and --method" in str(r.exception)
+    pid = int(s.pairs("trn").pair_id[0])
+    r = CliRunner().invoke(app, ["show", str(feature_store), "--split", "trn", "--pair", str(pid), "--head", str(path),
+                                 "--device", "cpu", "-o", str(tmp_path / "head.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "head.png").stat().st_size > 0 and "PCK@0.1" in r.stdout
+
+
+USER_METHODS = """
+import torch
+from spairstore.eval.models import BatchMethod
+
+def truth():                      # a batch predictor: fn(batch) -> (B, K, 2) store pixels
+    return lambda batch: batch["trg_kps"]
+
+class Offset(torch.nn.Module):    # a module predictor, asking for a field
+    fields = ("pixels",)
+    name = "offset"
+    def forward(self, batch):
+        assert batch["src_image"].dtype == torch.float32
+        return batch["trg_kps"] + 1000.0
+
+def method():                     # a whole method: (store, split, rows, direction) -> original pixels
+    return BatchMethod(lambda b: b["trg_kps"], name="wrapped")
+
+def broken():
+    raise RuntimeError("no weights here")
+
+def number():
+    return 3
+"""
+
+
+def test_eval_and_compare_take_a_users_method(feature_store: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spairstore.cli import app
+
+    f = tmp_path / "mine.py"
+    f.write_text(USER_METHODS)
+
+    def run(*args: str) -> dict:
+        r = CliRunner().invoke(app, [*args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    base = ["eval", str(feature_store), "--split", "trn", "--device", "cpu", "--json", "--method"]
+    d = run(*base, f"{f}:truth")
+    assert d["method"] == f"{f}:truth" and d["pck"]["0.1"]["per_image"] == 100.0
+    d = run(*base, f"{f}:Offset")
+    assert d["method"] == "offset" and d["pck"]["0.1"]["per_image"] == 0.0
+    assert run(*base, f"{f}:method")["method"] == "wrapped"
+    d = run("compare", str(feature_store), f"{f}:truth", f"{f}:method", "--split", "trn", "--json")
+    cell = d["overall"]["all"]["0.1"]["per_image"]
+    assert (d["a"], cell["a"], cell["diff"]) == (f"{f}:truth", 100.0, 0.0)
+    for factory, message in (("broken", "FACTORY() raised RuntimeError: no weights here"),
+                             ("number", "FACTORY() returned int, not a method or a callable fn(batch)"),
+                             ("missing", "has no callable 'missing'")):
+        r = CliRunner().invoke(app, [*base, f"{f}:{factory}"])
+        assert r.exit_code != 0 and message in str(r.exception) + r.output, (factory, r.output)
 
 
 def test_load_head_refuses_what_is_not_a_head(tmp_path: Path) -> None:

@@ -255,8 +255,9 @@ def _mutual_distance(fa: torch.Tensor, fb: torch.Tensor, a_ok: np.ndarray, b_ok:
 
 def get_method(name: str, features: str | None = None, device: str | None = None, batch_size: int = 32,
                progress: bool = False, flip: str | None = None) -> Method:
-    """A method by its CLI name: ``identity`` or ``nn`` (which needs ``features``; ``flip``: a test-time
-    flip rule of :data:`FLIP_RULES`)."""
+    """A method by its CLI name: ``identity``, ``nn`` (which needs ``features``; ``flip``: a test-time
+    flip rule of :data:`FLIP_RULES`) or a user's ``MODULE:FACTORY`` (see
+    :func:`spairstore.eval.models.method_from_factory`)."""
     if name == "identity":
         if flip:
             raise SpairstoreError("--flip applies to method nn only")
@@ -265,5 +266,11 @@ def get_method(name: str, features: str | None = None, device: str | None = None
         if not features:
             raise SpairstoreError("method nn needs a feature set: --features NAME")
         return NearestNeighbour(features, device=device, batch_size=batch_size, progress=progress, flip=flip)
-    raise SpairstoreError(f"unknown method {name!r} (known: identity, nn)")
+    if ":" in name:
+        if flip:
+            raise SpairstoreError("--flip applies to method nn only")
+        from .models import method_from_factory  # torch and the loader, only for a user's method
+
+        return method_from_factory(name, device, batch_size, progress)
+    raise SpairstoreError(f"unknown method {name!r} (known: identity, nn, or a user's MODULE:FACTORY)")
 

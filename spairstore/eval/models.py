@@ -7,9 +7,11 @@
   ``NearestNeighbour(head.features, transform=load_head(path))`` or ``spairstore eval STORE --head PATH``.
 - :class:`BatchMethod`: any callable ``fn(batch) -> (B, K, 2)`` that predicts target keypoints from a
   :class:`~spairstore.PairDataset` batch, run on exactly the pairs :func:`~spairstore.evaluate` scores.
+- :func:`method_from_factory`: a user's method or predictor named ``MODULE:FACTORY`` (``eval --method``).
 """
 from __future__ import annotations
 
+import inspect
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from ..core import geometry
 from ..core.device import resolve_device
 from ..core.errors import SpairstoreError
+from ..core.user_code import load_factory
 from ..store.reader import Store
 from ..torch.collate import Batch
 from ..torch.datasets import PairDataset
@@ -174,3 +177,37 @@ class BatchMethod:
                 out[at:at + n] = np.where(valid[..., None], pts, np.nan)[:, :out.shape[1]]
                 at += n
         return out
+
+
+def method_from_factory(spec: str, device: str | None = None, batch_size: int = 32, progress: bool = False) -> Any:
+    """The method ``spairstore eval --method MODULE:FACTORY`` names: ``FACTORY()`` returns either a method
+    (``method(store, split, rows, direction) -> (P, M, 2)`` original pixels, e.g. a :class:`BatchMethod`)
+    or a batch predictor ``fn(batch) -> (B, K, 2)`` store pixels, run as ``BatchMethod(fn, fn.fields)``
+    (``fields`` defaults to keypoints only). A ``torch.nn.Module`` predictor is put in eval mode and
+    moved to ``device`` (default: cuda if available), and its batches go there."""
+    factory, origin = load_factory(spec, "--method")
+    try:
+        obj = factory()
+    except Exception as e:  # noqa: BLE001 - the user's code: report whatever it raised in one line
+        raise SpairstoreError(f"--method {origin}: FACTORY() raised {type(e).__name__}: {e}") from None
+    if not callable(obj):
+        raise SpairstoreError(f"--method {origin}: FACTORY() returned {type(obj).__name__}, not a method or a "
+                              "callable fn(batch)")
+    if isinstance(obj, BatchMethod) or _required_positional(obj) >= 3:
+        if not hasattr(obj, "name"):
+            obj.name = origin
+        return obj
+    where = device
+    if isinstance(obj, torch.nn.Module):
+        where = resolve_device(device)
+        obj = obj.eval().to(where)
+    return BatchMethod(obj, getattr(obj, "fields", ("keypoints",)), name=getattr(obj, "name", None) or origin,
+                       device=where or "cpu", batch_size=batch_size, progress=progress)
+
+
+def _required_positional(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)

@@ -17,10 +17,7 @@ geometry as attributes:
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ import torch
 from torch import nn
 
 from ..core.errors import FeatureError
+from ..core.user_code import load_factory
 from .backbones import Extractor
 
 #: the attributes a user module declares, with what each must be
@@ -57,43 +55,6 @@ def state_dict_sha256(module: nn.Module) -> str:
         h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _load_factory(spec: str) -> tuple[Callable[[], Any], str]:
-    """The callable ``spec`` (``MODULE:FACTORY`` or ``path/to/file.py:FACTORY``) names, and ``spec`` with a
-    file path made absolute (the provenance recorded)."""
-    where, _, attr = spec.rpartition(":")
-    if not where or not attr:
-        raise FeatureError(f"--backbone {spec!r}: give MODULE:FACTORY (e.g. mypkg.feats:make or "
-                           f"path/to/file.py:make)")
-    if where.endswith(".py") or "/" in where:
-        path = Path(where).expanduser().resolve()
-        if not path.is_file():
-            raise FeatureError(f"{where}: no such file (--backbone {spec})")
-        name = f"spairstore_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise FeatureError(f"{path}: not a Python file (--backbone {spec})")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look modules up here
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001 - the user's code: report whatever it raised in one line
-            del sys.modules[name]
-            raise FeatureError(f"{path}: importing it raised {type(e).__name__}: {e}") from None
-        spec = f"{path}:{attr}"
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as e:
-            raise FeatureError(f"--backbone {spec}: cannot import {where} ({e}); put its folder on PYTHONPATH or "
-                               f"give path/to/file.py:{attr}") from None
-        except Exception as e:  # noqa: BLE001 - the user's code
-            raise FeatureError(f"--backbone {spec}: importing {where} raised {type(e).__name__}: {e}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise FeatureError(f"--backbone {spec}: {where} has no callable {attr!r}")
-    return factory, spec
 
 
 def _declared(module: nn.Module, origin: str) -> dict[str, Any]:
@@ -135,7 +96,7 @@ class UserExtractor(Extractor):
             module, self.spec = backbone, f"{type(backbone).__module__}.{type(backbone).__qualname__}"
         else:
             if isinstance(backbone, str):
-                factory, self.spec = _load_factory(backbone)
+                factory, self.spec = load_factory(backbone, "--backbone", FeatureError)
             else:
                 factory = backbone
                 qualname = getattr(backbone, "__qualname__", type(backbone).__name__)  # a partial has none

@@ -71,6 +71,7 @@ from .backends import (
 from .images import ImageCheck, check_images, decode_image, ordered_map
 from .transaction import Transaction, write_atomic
 
+
 @dataclass(frozen=True)
 class PackSummary:
     """What a pack wrote."""
