@@ -174,3 +174,35 @@ def test_readme_table_is_the_generated_one() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown_table() in readme, "README's batch table is stale: paste spairstore.torch.batch.markdown_table()"
+
+
+def test_concat_of_stores_with_different_keypoint_slots(synth_store: Path, tmp_path: Path) -> None:
+    """SPair-71k (30 slots) beside AP-10K (17): num_keypoints pads both to one width, so the plain
+    DataLoader idiom stacks a ConcatDataset; each sample is its own dataset's, padded with absent slots."""
+    from typer.testing import CliRunner
+
+    from spairstore.cli import app
+
+    root, ap = tmp_path / "AP-10K", tmp_path / "ap.h5"
+    for args in (["synth", str(root), "--dataset", "ap10k", "--images-per-category", "34", "--categories", "cat"],
+                 ["pack", str(root), str(ap), "--size", "96"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+    fields = ("pixels", "keypoints")
+    spair, animal = PairDataset(synth_store, "test", fields), PairDataset(ap, "test", fields)
+    assert (spair.num_keypoints, animal.num_keypoints) == (30, 17)
+    wide = PairDataset(ap, "test", fields, num_keypoints=30)
+    cat = ConcatDataset([PairDataset(synth_store, "test", fields, num_keypoints=30), wide])
+    idx = [0, len(spair), 1, len(spair) + 1]
+    got = next(iter(DataLoader(cat, batch_size=4, sampler=idx, num_workers=0)))
+    assert got["src_kps"].shape == (4, 30, 2)
+    for j, (ds, i) in enumerate(((spair, 0), (animal, 0), (spair, 1), (animal, 1))):
+        want = ds[i]
+        k = ds.num_keypoints
+        for key in ("src_kps", "trg_kps", "kps_ids", "kps_valid"):
+            torch.testing.assert_close(got[key][j][:k], want[key], equal_nan=True)
+        assert not got["kps_valid"][j][k:].any() and (got["kps_ids"][j][k:] == -1).all()
+        assert got["src_kps"][j][k:].isnan().all()
+        assert torch.equal(got["src_pixels"][j], want["src_pixels"])
+    with pytest.raises(spairstore.SpairstoreError, match="num_keypoints=10 is fewer than the store's 30"):
+        PairDataset(synth_store, "test", fields, num_keypoints=10)

@@ -51,7 +51,8 @@ def _store_path(store: str | Path | Store) -> Path | str:
 class _StoreDataset(Dataset):
     """Shared machinery: the path, the lazily opened store, field parsing and payload reads."""
 
-    def __init__(self, store: str | Path | Store, fields: Sequence[str], augment: Augment | None, seed: int):
+    def __init__(self, store: str | Path | Store, fields: Sequence[str], augment: Augment | None, seed: int,
+                 num_keypoints: int | None = None):
         self.path = _store_path(store)
         s = store if isinstance(store, Store) else Store(self.path)
         self._store: Store | None = s
@@ -81,6 +82,13 @@ class _StoreDataset(Dataset):
         self.image_size = s.image_size
         im = s.images
         self._images = {k: im[k] for k in ("category", "size", "scale", "offset", "bbox", "keypoints")}
+        k = self._images["keypoints"].shape[1]
+        if num_keypoints is not None:
+            if num_keypoints < k:
+                raise SpairstoreError(f"{self.path}: num_keypoints={num_keypoints} is fewer than the store's {k} "
+                                      "keypoint slots")
+            pad = np.full((len(s), num_keypoints - k, 2), np.nan, dtype=self._images["keypoints"].dtype)
+            self._images["keypoints"] = np.concatenate([self._images["keypoints"], pad], axis=1)
         self.num_keypoints = self._images["keypoints"].shape[1]  #: K: every keypoint field is padded to it
         self._flip = s.keypoint_flip
 
@@ -184,6 +192,9 @@ class PairDataset(_StoreDataset):
         augment: a hook ``augment(view, rng)`` applied to each image of a pair (see
             :mod:`spairstore.torch.augment`); None (the default) reads the store as it is.
         seed: seeds the augmentation's randomness together with the epoch and the sample index.
+        num_keypoints: pad the keypoint slots to this width instead of the store's ``K`` (absent slots:
+            NaN, ids -1, not valid), so that batches of stores with different ``K`` stack, e.g. a
+            ``ConcatDataset`` of SPair-71k (30 slots) and AP-10K (17) with ``num_keypoints=30``.
 
     Keypoints are the pair's correspondences (``src_kps[j, i]`` matches ``trg_kps[j, i]``, slot
     ``kps_ids[j, i]``) in store pixels. With a flip among the augmentations, each image's keypoints come
@@ -191,8 +202,8 @@ class PairDataset(_StoreDataset):
     """
 
     def __init__(self, store: str | Path | Store, split: str, fields: Sequence[str] = ("pixels", "keypoints"),
-                 augment: Augment | None = None, seed: int = 0):
-        super().__init__(store, fields, augment, seed)
+                 augment: Augment | None = None, seed: int = 0, num_keypoints: int | None = None):
+        super().__init__(store, fields, augment, seed, num_keypoints)
         t = self.store().pairs(split)
         self.split = split
         self._pairs = {k: t[k] for k in ("pair_id", "category", "src", "trg", "n_kps", "kps_ids", "src_kps",
@@ -266,10 +277,11 @@ class ImageDataset(_StoreDataset):
     """
 
     def __init__(self, store: str | Path | Store, split: str | None = None,
-                 fields: Sequence[str] = ("pixels", "keypoints"), augment: Augment | None = None, seed: int = 0):
+                 fields: Sequence[str] = ("pixels", "keypoints"), augment: Augment | None = None, seed: int = 0,
+                 num_keypoints: int | None = None):
         if "labels" in fields:
             raise SpairstoreError("'labels' are pair labels; ImageDataset has no such field")
-        super().__init__(store, fields, augment, seed)
+        super().__init__(store, fields, augment, seed, num_keypoints)
         s = self.store()
         if split is None:
             self.rows = np.arange(len(s), dtype=np.int64)
