@@ -258,17 +258,15 @@ def get_method(name: str, features: str | None = None, device: str | None = None
     """A method by its CLI name: ``identity``, ``nn`` (which needs ``features``; ``flip``: a test-time
     flip rule of :data:`FLIP_RULES`) or a user's ``MODULE:FACTORY`` (see
     :func:`spairstore.eval.models.method_from_factory`)."""
+    if flip and name != "nn":
+        raise SpairstoreError("--flip applies to method nn only")
     if name == "identity":
-        if flip:
-            raise SpairstoreError("--flip applies to method nn only")
         return Identity()
     if name == "nn":
         if not features:
             raise SpairstoreError("method nn needs a feature set: --features NAME")
         return NearestNeighbour(features, device=device, batch_size=batch_size, progress=progress, flip=flip)
     if ":" in name:
-        if flip:
-            raise SpairstoreError("--flip applies to method nn only")
         from .models import method_from_factory  # torch and the loader, only for a user's method
 
         return method_from_factory(name, device, batch_size, progress)
