@@ -17,6 +17,17 @@ SHARED_DATA = Path(os.environ.get("SPAIRSTORE_SHARED_DATA") or Path(__file__).re
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip where torch sees no CUDA device (torch is imported only if one is marked)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if marked:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in marked:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 def cli_command(*args: str | Path) -> list[str]:
     """``python -m spairstore ARGS``, for a fresh interpreter (see :func:`cli_env`)."""
     return [sys.executable, "-m", "spairstore", *map(str, args)]
@@ -24,7 +35,7 @@ def cli_command(*args: str | Path) -> list[str]:
 
 def cli_env() -> dict[str, str]:
     """The environment that makes a child interpreter import this checkout."""
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
 
 
 def run_cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:

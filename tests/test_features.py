@@ -210,7 +210,6 @@ def test_readers_opened_before_a_commit(store_copy: Path) -> None:
 # -- geometry ---------------------------------------------------------------------------------------
 def receptive_field_centre(fe: FeatureExtractor, tap_index: int, cell: int, trials: int = 4) -> float:
     """Centre (x, input pixels) of the input columns that influence column ``cell`` of a tap's map row 0..."""
-    tap = fe.taps[tap_index]
     size = fe.input_size
     support = np.zeros(size, dtype=bool)
     torch.manual_seed(0)

@@ -61,7 +61,7 @@ def test_cells_match_numpy() -> None:
     np.testing.assert_allclose(centres[2, 5], (np.array([5, 2]) + 0.5) * 14 * S / 504)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_tensors_stay_on_the_device() -> None:
     t = torch.from_numpy(_points()).cuda()
     for got in (to_store(t, np.ones(2), np.zeros(2)), cell_to_store(t, GEOM, S), store_to_cell(t, GEOM, S)):

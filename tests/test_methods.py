@@ -232,6 +232,7 @@ def test_saved_head_loads_without_its_class_and_predicts_the_same(feature_store:
     torch.manual_seed(0)
     head = torch.nn.Sequential(torch.nn.Conv2d(31, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1))
     path = save_head(head, tmp_path / "head.pt", features="onehot", geometry=geom, extra={"epochs": 0})
+    assert head.training  # the caller's module is not switched to eval mode by the export
     rows = np.arange(s.pairs("trn").rows)
     want = NearestNeighbour("onehot", device="cpu", transform=head)(s, "trn", rows)
     # a fresh interpreter that has never seen the head's code

@@ -258,7 +258,7 @@ def test_loader_normalises_pixels_on_the_device(synth_store: Path) -> None:
     assert torch.equal(norm["trg_mask"], raw["trg_mask"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cuda_loader_equals_cpu_loader(synth_store: Path, workers: int) -> None:
     ds = PairDataset(synth_store, "trn", fields=("pixels", "mask", "keypoints"))

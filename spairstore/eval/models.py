@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import io
 import json
@@ -62,7 +63,8 @@ class Head(torch.nn.Module):
 
 def save_head(head: torch.nn.Module, path: str | Path, *, features: str, geometry: dict,
               cell_stride: float = 1.0, extra: dict[str, Any] | None = None) -> Path:
-    """Export ``head`` (in eval mode, on the CPU) to ``path`` for :func:`load_head`.
+    """Export a copy of ``head`` (in eval mode, on the CPU) to ``path`` for :func:`load_head`; ``head`` itself
+    keeps its device and mode.
 
     ``geometry`` is the attributes of the feature set it maps (``store.feature_sets[features]``): the
     example input is float32 ``(2, channels, height, width)`` and the batch dimension stays dynamic.
@@ -71,13 +73,9 @@ def save_head(head: torch.nn.Module, path: str | Path, *, features: str, geometr
     """
     path = Path(path)
     c, h, w = int(geometry["channels"]), int(geometry["height"]), int(geometry["width"])
-    was = head.training
-    head = head.cpu().eval()
-    try:
-        program = torch.export.export(head, (torch.zeros(2, c, h, w),),
-                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
-    finally:
-        head.train(was)
+    # a CPU copy is exported: the caller's module keeps its device and mode
+    program = torch.export.export(copy.deepcopy(head).cpu().eval(), (torch.zeros(2, c, h, w),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
     meta = {"format": HEAD_FORMAT, "features": features, "in_channels": c, "cell_stride": float(cell_stride),
             "geometry": {k: geometry[k] for k in ("input_size", "stride", "cell_offset", "width", "height",
                                                    "channels") if k in geometry},

@@ -12,7 +12,9 @@ ways, on the same batches, side by side in one run:
 Then the :class:`~spairstore.Loader` itself, on epochs of ``batches`` random batches: ``num_workers=0``
 against ``num_workers=workers`` on plain reads, and with ``HFlip + RandomCrop`` augmentation one
 worker against two; the ratios of their pairs/s are printed (targets: workers >= 75 % of one process;
-augmentation 2 workers >= 1.6x one worker).
+augmentation 2 workers >= 1.6x one worker). With ``device="cuda"`` those Loader batches are delivered to
+the GPU as training gets them (pinned buffers, asynchronous copies, images normalised there; each pass
+ends with a synchronize), the other rows stay on the CPU.
 
 Each runs in this process and in DataLoader worker processes, warm (an untimed pass first); the time
 of a pass is the median of ``rounds`` passes, the methods interleaved so that load from elsewhere
@@ -39,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..core.device import resolve_device
 from ..core.errors import SpairstoreError
 from ..core.geometry import letterbox, letterbox_params
 from ..store.reader import Store
@@ -218,6 +221,8 @@ class BenchResult:
     identical: bool | None = None
     #: Loader pairs/s: ``plain`` by worker count (0 and ``workers``), ``augment`` (HFlip + RandomCrop) for 1 and 2
     loader: dict[str, dict[int, float]] = field(default_factory=dict)
+    #: where the Loader delivered its batches
+    device: str = "cpu"
 
     def loader_ratios(self) -> dict[str, float]:
         """``workers_vs_one_process``: Loader pairs/s with workers over ``num_workers=0`` (plain reads);
@@ -268,7 +273,8 @@ class BenchResult:
         if self.identical is not None:
             lines.append(f"raw-file, memmap and store batches identical: {'yes' if self.identical else 'NO'}")
         if self.loader:
-            lines += ["", "| Loader (pixels + masks + keypoints) | " + " | ".join(
+            to = "" if self.device == "cpu" else f", to {self.device}, normalised there"
+            lines += ["", f"| Loader (pixels + masks + keypoints{to}) | " + " | ".join(
                 f"{'num_workers' if kind == 'plain' else 'HFlip + RandomCrop, workers'}={w}: pairs/s"
                 for kind, v in self.loader.items() for w in v) + " |",
                 "|---|" + "---:|" * sum(map(len, self.loader.values())),
@@ -304,6 +310,14 @@ def _cpu_seconds() -> float:
     return total
 
 
+def _drain(loader: Loader, device: torch.device) -> None:
+    """One epoch of ``loader``, each batch dropped on arrival; returns once the device has it all."""
+    for _ in loader:
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(run: Callable[[], None]) -> tuple[float, float]:
     """Wall-clock and CPU seconds of ``run()``."""
     w, c = time.perf_counter(), _cpu_seconds()
@@ -313,8 +327,9 @@ def _timed(run: Callable[[], None]) -> tuple[float, float]:
 
 def run(store: str | Path, source: str | Path | None = None, split: str = "trn", batch_size: int = 32,
         batches: int = 16, workers: int = 2, rounds: int = 5, memory_batches: int = 40, seed: int = 0,
-        progress: bool = True) -> BenchResult:
-    """Measure; see the module docstring. ``source`` (the SPair-71k root) adds the raw-file loader."""
+        progress: bool = True, device: str | torch.device = "cpu") -> BenchResult:
+    """Measure; see the module docstring. ``source`` (the SPair-71k root) adds the raw-file loader;
+    ``device`` is where the Loader rows deliver their batches."""
     if min(batch_size, batches, rounds, memory_batches) < 1 or workers < 0:
         raise SpairstoreError("batch size, batches, rounds and memory batches must be >= 1, workers >= 0")
     s = Store(store)
@@ -328,7 +343,8 @@ def run(store: str | Path, source: str | Path | None = None, split: str = "trn",
         methods = {"raw": _RawFiles(Path(source), s, split), **methods}
     rng = np.random.default_rng(seed)
     batch_list = [rng.choice(len(store_ds), batch_size, replace=False).tolist() for _ in range(batches)]
-    result = BenchResult(str(s.path), split, s.image_size, batch_size, batches, workers)
+    dev = resolve_device(device)
+    result = BenchResult(str(s.path), split, s.image_size, batch_size, batches, workers, device=str(dev))
     modes = 2 if workers else 1
     bar = tqdm(total=len(methods) * (rounds + 1) * modes + 2 * (modes - 1) + 4 * (rounds + 1) * (modes - 1),
                desc="bench", unit="pass",
@@ -377,11 +393,12 @@ def run(store: str | Path, source: str | Path | None = None, split: str = "trn",
         augmented = _Epoch(PairDataset(s, split, fields=FIELDS, augment=Compose(HFlip(0.5), RandomCrop(0.5)),
                                        seed=seed), n)
         for kind, ds, counts in (("plain", epoch, (0, workers)), ("augment", augmented, (1, 2))):
-            loaders = {w: Loader(ds, batch_size, seed=seed, num_workers=w, normalize=False) for w in counts}
+            loaders = {w: Loader(ds, batch_size, seed=seed, num_workers=w, device=dev, normalize=dev.type == "cuda")
+                       for w in counts}
             passes: dict[int, list[float]] = {w: [] for w in counts}
             for r in range(rounds + 1):  # the first round warms up (and starts the workers)
                 for w, loader in loaders.items():
-                    wall, _ = _timed(lambda loader=loader: [None for _ in loader])
+                    wall, _ = _timed(lambda loader=loader: _drain(loader, dev))
                     if r:
                         passes[w].append(wall)
                     bar.update()
