@@ -206,10 +206,102 @@ def test_dinov3_folder_weights(tmp_path: Path, tiny_archs: None) -> None:
     with torch.no_grad():
         tokens = model(pixel_values=by_hand(x, 64)).last_hidden_state
     torch.testing.assert_close(fe(x), tokens[:, 5:].transpose(1, 2).reshape(1, 64, 4, 4), rtol=1e-4, atol=1e-4)
-    with pytest.raises(FeatureError, match=r"w.pth: give dinov3-vits16's Hugging Face model folder"):
-        path = tmp_path / "w.pth"
-        torch.save({}, path)
-        FeatureExtractor("dinov3-vits16", input_size=64, weights=path)
+
+
+def original_v3_state_dict(dim: int, heads: int, depth: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under the key names and shapes of Meta's DINOv3 ViT checkpoints (4 storage tokens,
+    RoPE periods of base 100, a fused qkv whose key third of the bias is masked by ``bias_mask``)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int, scale: float = 0.05, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale + mean
+
+    head_dim = dim // heads
+    sd = {"cls_token": r(1, 1, dim, scale=1.0), "storage_tokens": r(1, 4, dim, scale=1.0), "mask_token": r(1, dim),
+          "patch_embed.proj.weight": r(dim, 3, 16, 16), "patch_embed.proj.bias": r(dim),
+          "rope_embed.periods": 100.0 ** (torch.arange(head_dim // 4) * 4 / head_dim),
+          "norm.weight": r(dim, mean=1, scale=0.3), "norm.bias": r(dim)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": r(dim, mean=1, scale=0.3), b + "norm1.bias": r(dim),
+                   b + "attn.qkv.weight": r(3 * dim, dim, scale=0.1), b + "attn.qkv.bias": r(3 * dim, scale=1.0),
+                   b + "attn.qkv.bias_mask": torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)]),
+                   b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
+                   b + "ls1.gamma": r(dim, mean=1, scale=0.3), b + "norm2.weight": r(dim, mean=1, scale=0.3),
+                   b + "norm2.bias": r(dim), b + "ls2.gamma": r(dim, mean=1, scale=0.3),
+                   b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
+                   b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim)})
+    return sd
+
+
+def original_v3_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int) -> torch.Tensor:
+    """DINOv3's ViT written out: tokens [class, 4 storage, patches], no position embedding; in each block
+    RoPE on the patch tokens' queries and keys (patch centres in [-1, 1], (y, x) order, angles 2 pi c / period,
+    halves rotated). Final normalised patch tokens as a map (B, C, h, w)."""
+    dim = sd["cls_token"].shape[-1]
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)
+    side = t.shape[-1]
+    B = len(x)
+    t = torch.cat([sd["cls_token"].expand(B, -1, -1), sd["storage_tokens"].expand(B, -1, -1),
+                   t.flatten(2).transpose(1, 2)], 1)
+    N, hd = t.shape[1], dim // heads
+    c = (torch.arange(side) + 0.5) / side * 2 - 1
+    coords = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)  # (y, x) per patch
+    angles = (2 * torch.pi * coords[:, :, None] / sd["rope_embed.periods"]).flatten(1).tile(2)  # (hw, hd)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rope(z: torch.Tensor) -> torch.Tensor:
+        p = z[..., 5:, :]
+        half = torch.cat([-p[..., hd // 2:], p[..., :hd // 2]], -1)
+        return torch.cat([z[..., :5, :], p * cos + half * sin], -2)
+
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        w = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}.__getitem__
+        h = F.layer_norm(t, (dim,), w("norm1.weight"), w("norm1.bias"), eps=1e-5)
+        q, k, v = F.linear(h, w("attn.qkv.weight"), w("attn.qkv.bias") * w("attn.qkv.bias_mask")).reshape(
+            B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(rope(q) @ rope(k).transpose(-1, -2) / hd ** 0.5, dim=-1) @ v
+        t = t + w("ls1.gamma") * F.linear(a.transpose(1, 2).reshape(B, N, dim), w("attn.proj.weight"),
+                                          w("attn.proj.bias"))
+        h = F.layer_norm(t, (dim,), w("norm2.weight"), w("norm2.bias"), eps=1e-5)
+        h = F.linear(F.gelu(F.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))), w("mlp.fc2.weight"),
+                     w("mlp.fc2.bias"))
+        t = t + w("ls2.gamma") * h
+    t = F.layer_norm(t, (dim,), sd["norm.weight"], sd["norm.bias"], eps=1e-5)[:, 5:]
+    return t.transpose(1, 2).reshape(B, dim, side, side)
+
+
+def test_original_dinov3_checkpoint_maps_onto_the_transformers_model(tmp_path: Path, tiny_archs: None,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Meta's DINOv3 layout (storage tokens, masked key bias, RoPE periods) loads through --weights FILE, is
+    found in the torch hub cache under its released name, and gives the maps of DINOv3 written out above."""
+    sd = original_v3_state_dict(64, 2, 2)
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    path = hub / "checkpoints" / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+    torch.save(sd, path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    assert get_backbone("dinov3-vits16").cached_weights() == path
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for weights in (path, None):
+        fe = FeatureExtractor("dinov3-vits16", input_size=64, weights=weights)
+        with torch.inference_mode():
+            got = fe.maps(x)
+        assert got.shape == (2, 64, 4, 4)
+        torch.testing.assert_close(got, original_v3_forward(sd, x, heads=2), rtol=1e-4, atol=1e-4)
+    assert fe.attrs()["weights"] == str(path.resolve())
+    bad = tmp_path / "b.pth"
+    torch.save({**sd, "rope_embed.periods": sd["rope_embed.periods"] * 2}, bad)
+    with pytest.raises(FeatureError, match=f"^{bad}: not dinov3-vits16 weights \\(its RoPE periods "
+                                           r"\(rope_embed.periods, \(8,\)\) are not those of dinov3-vits16 "
+                                           r"\(base 100, head dim 32\)\)$"):
+        FeatureExtractor("dinov3-vits16", input_size=64, weights=bad)
+    torch.save({}, bad)
+    with pytest.raises(FeatureError, match=f"^{bad}: not dinov3-vits16 weights \\(Error\\(s\\) in loading"):
+        FeatureExtractor("dinov3-vits16", input_size=64, weights=bad)
+    with pytest.raises(FeatureError, match=r"^not an original DINOv3 checkpoint: unknown keys pos_embed$"):
+        from_original({"pos_embed": torch.zeros(1)}, "dinov3")
 
 
 def test_bad_checkpoints(tmp_path: Path, tiny_archs: None) -> None:

@@ -14,8 +14,9 @@ Weights (``--weights``):
 
 * a Hugging Face model folder (``config.json`` + ``model.safetensors``, what ``save_pretrained`` writes or
   the hub's ``facebook/dinov2-small`` snapshot holds), loaded with ``from_pretrained`` offline;
-* DINOv2 only: the original checkpoint ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth``, whose keys are
-  mapped onto the transformers model by :func:`from_original` (fused ``qkv`` split into q, k, v, ...);
+* the original checkpoint, ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`` or Meta's
+  ``dinov3_vit{s,b,l}16_pretrain_lvd1689m-<hash>.pth``, whose keys are mapped onto the transformers model
+  by :func:`from_original` (fused ``qkv`` split into q, k, v, DINOv3's masked key bias dropped, ...);
 * ``random``: the architecture from its config with seeded random weights (tests).
 
 Without ``--weights`` the original file in the torch hub cache (``<hub>/checkpoints/``) or the model's
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,43 +54,78 @@ def _transformers(backbone: str) -> Any:
     return tr
 
 
-def from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An original DINOv2 state dict (``dinov2_vit*14[_reg4]_pretrain.pth`` keys: ``cls_token``,
-    ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.attn.qkv.*``, ``blocks.N.ls1.gamma``, ``norm.*``, ...)
-    renamed, and fused tensors split, to the state dict of a transformers ``Dinov2Model`` /
-    ``Dinov2WithRegistersModel``. Unknown keys are a :class:`FeatureError` naming them."""
+@dataclass(frozen=True)
+class _Original:
+    """How an original checkpoint's keys become a transformers model's: whole tensors renamed (``top``;
+    a target name ending in ``:3d`` is reshaped to (1, 1, D)), block parts renamed (``parts``), under the
+    transformers block list ``blocks``; ``key_bias``: whether transformers' key projection has a bias (DINOv3
+    masks the key third of the fused ``qkv`` bias to zero at run time, so it has none)."""
+
+    family: str
+    top: dict[str, str]
+    blocks: str
+    parts: dict[str, str]
+    key_bias: bool
+
+
+_ORIGINAL = {
+    "dinov2": _Original(
+        "DINOv2", {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+                   "mask_token": "embeddings.mask_token", "register_tokens": "embeddings.register_tokens",
+                   "patch_embed.proj": "embeddings.patch_embeddings.projection", "norm": "layernorm"},
+        "encoder.layer", {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1",
+                          "mlp.fc2": "mlp.fc2", "mlp.w3": "mlp.down_proj"}, key_bias=True),
+    "dinov3": _Original(
+        "DINOv3", {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token:3d",
+                   "storage_tokens": "embeddings.register_tokens", "patch_embed.proj": "embeddings.patch_embeddings",
+                   "norm": "norm"},
+        "model.layer", {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.up_proj",
+                        "mlp.fc2": "mlp.down_proj"}, key_bias=False),
+}
+
+
+def from_original(state: dict[str, torch.Tensor], family: str = "dinov2") -> dict[str, torch.Tensor]:
+    """An original checkpoint's state dict renamed, and fused tensors split, to the state dict of the
+    transformers model: DINOv2 (``dinov2_vit*14[_reg4]_pretrain.pth``: ``cls_token``, ``pos_embed``,
+    ``patch_embed.proj.*``, ``blocks.N.attn.qkv.*``, ``blocks.N.ls1.gamma``, ``norm.*``, ...) onto
+    ``Dinov2Model`` / ``Dinov2WithRegistersModel``; ``family="dinov3"`` (``dinov3_vit{s,b,l}16_pretrain_*.pth``:
+    ``storage_tokens``, ``rope_embed.periods``, ``blocks.N.attn.qkv.bias_mask``, ...) onto ``DINOv3ViTModel``.
+    DINOv3's RoPE periods are not weights (transformers computes them; :meth:`HFDinoV3.load` compares) and
+    are left out. Unknown keys are a :class:`FeatureError` naming them."""
+    lay = _ORIGINAL[family]
     out: dict[str, torch.Tensor] = {}
     unknown = []
-    top = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-           "mask_token": "embeddings.mask_token", "register_tokens": "embeddings.register_tokens"}
-    block_parts = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1",
-                   "mlp.fc2": "mlp.fc2", "mlp.w3": "mlp.down_proj"}
     for key, t in state.items():
-        if key in top:
-            out[top[key]] = t
-        elif key.startswith("patch_embed.proj."):
-            out["embeddings.patch_embeddings.projection." + key.rsplit(".", 1)[1]] = t
-        elif key.startswith("norm."):
-            out["layernorm." + key.rsplit(".", 1)[1]] = t
-        elif m := re.fullmatch(r"blocks\.(?:\d+\.)?(\d+)\.(.+)\.(weight|bias|gamma)", key):  # chunked blocks too
+        head, _, leaf = key.rpartition(".")
+        if key in lay.top or head in lay.top:
+            name, shape = (lay.top[key], None) if key in lay.top else (f"{lay.top[head]}.{leaf}", None)
+            if name.endswith(":3d"):
+                name, shape = name[:-3], (1, 1, -1)
+            out[name] = t if shape is None else t.reshape(shape)
+        elif family == "dinov3" and key == "rope_embed.periods":
+            continue
+        elif m := re.fullmatch(r"blocks\.(?:\d+\.)?(\d+)\.(.+)\.(weight|bias|gamma|bias_mask)", key):  # chunked too
             block, part, leaf = m.groups()
-            p = f"encoder.layer.{block}."
+            p = f"{lay.blocks}.{block}."
             if part in ("ls1", "ls2") and leaf == "gamma":
                 out[p + f"layer_scale{part[-1]}.lambda1"] = t
-            elif part == "attn.qkv":  # rows: q, then k, then v
+            elif part == "attn.qkv" and leaf in ("weight", "bias"):  # rows: q, then k, then v
                 for name, piece in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
-                    out[p + f"attention.{name}.{leaf}"] = piece.clone()
-            elif part == "mlp.w12":  # SwiGLU (ViT-g): rows: gate, then up
+                    if lay.key_bias or (name, leaf) != ("k_proj", "bias"):
+                        out[p + f"attention.{name}.{leaf}"] = piece.clone()
+            elif part == "attn.qkv" and leaf == "bias_mask" and not lay.key_bias:
+                continue
+            elif part == "mlp.w12" and family == "dinov2":  # SwiGLU (ViT-g): rows: gate, then up
                 for name, piece in zip(("gate_proj", "up_proj"), t.chunk(2, dim=0)):
                     out[p + f"mlp.{name}.{leaf}"] = piece.clone()
-            elif part in block_parts:
-                out[p + f"{block_parts[part]}.{leaf}"] = t
+            elif part in lay.parts and leaf in ("weight", "bias"):
+                out[p + f"{lay.parts[part]}.{leaf}"] = t
             else:
                 unknown.append(key)
         else:
             unknown.append(key)
     if unknown:
-        raise FeatureError(f"not an original DINOv2 checkpoint: unknown keys {', '.join(unknown[:3])}"
+        raise FeatureError(f"not an original {lay.family} checkpoint: unknown keys {', '.join(unknown[:3])}"
                            + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""))
     return out
 
@@ -100,6 +137,8 @@ class _HFViT(Backbone):
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     weights_dirs = True
     hub_id: str
+    file: str  #: file name (a glob) of the original checkpoint in the torch hub cache
+    original: str  #: its key layout, for :func:`from_original`
     blocks: str  #: dotted path of the block list
     final_norm: str
 
@@ -117,9 +156,15 @@ class _HFViT(Backbone):
         return self.model_class()(self.config())
 
     def load(self, model: nn.Module, path: Path, input_size: int) -> nn.Module:
+        """A Hugging Face model folder, or a file: the original checkpoint, keys mapped by :func:`from_original`."""
         if not path.is_dir():
-            raise FeatureError(f"{path}: give {self.name}'s Hugging Face model folder (config.json and "
-                               f"model.safetensors)")
+            try:
+                state = _torch_load(path)
+                self.check_original(model, state)
+                model.load_state_dict(from_original(state, self.original), strict=True)
+            except (FeatureError, RuntimeError) as e:
+                raise FeatureError(f"{path}: not {self.name} weights ({str(e).splitlines()[0]})") from None
+            return model
         try:
             loaded = self.model_class().from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -132,6 +177,21 @@ class _HFViT(Backbone):
                                f"registers, not {self.name}")
         return loaded
 
+    def check_original(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Refuse an original checkpoint whose non-weight settings differ from the model's."""
+
+    def cached_weights(self) -> Path | None:
+        """The original checkpoint in the torch hub cache, else the model's folder in the Hugging Face cache."""
+        hits = sorted(_hub_checkpoint("").glob(self.file))
+        if hits:
+            return hits[0]
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        hit = try_to_load_from_cache(self.hub_id, "config.json")
+        return Path(hit).parent if isinstance(hit, str) and (Path(hit).parent / "model.safetensors").is_file() else None
+
     def weights_sha256(self, path: Path) -> str:
         """Of a file; of a folder, over its config and weight files' names and SHA-256s, in sorted order."""
         if not path.is_dir():
@@ -141,14 +201,6 @@ class _HFViT(Backbone):
             if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
                 h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
         return h.hexdigest()
-
-    def cached_weights(self) -> Path | None:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        hit = try_to_load_from_cache(self.hub_id, "config.json")
-        return Path(hit).parent if isinstance(hit, str) and (Path(hit).parent / "model.safetensors").is_file() else None
 
     def units(self, model: nn.Module) -> list[str]:
         n = len(model.get_submodule(self.blocks))
@@ -168,6 +220,7 @@ class HFDinoV2(_HFViT):
     """DINOv2 ViT-S/B/L/g with 14-pixel patches, optionally with 4 register tokens."""
 
     multiple = 14
+    original = "dinov2"
     blocks, final_norm = "encoder.layer", "layernorm"
     default_layers = ("layernorm",)
 
@@ -191,20 +244,6 @@ class HFDinoV2(_HFViT):
                    use_swiglu_ffn=swiglu, image_size=518, patch_size=14, layer_norm_eps=1e-6, layerscale_value=1e-5,
                    **extra)
 
-    def load(self, model: nn.Module, path: Path, input_size: int) -> nn.Module:
-        if path.is_dir():
-            return super().load(model, path, input_size)
-        try:
-            state = from_original(_torch_load(path))
-            model.load_state_dict(state, strict=True)
-        except (FeatureError, RuntimeError) as e:
-            raise FeatureError(f"{path}: not {self.name} weights ({str(e).splitlines()[0]})") from None
-        return model
-
-    def cached_weights(self) -> Path | None:
-        p = _hub_checkpoint(self.file)
-        return p if p.is_file() else super().cached_weights()
-
     def weights_hint(self) -> str:
         folder = f"dinov2_vit{self.size}14{'_reg' if self.registers else ''}"
         return (f"download https://dl.fbaipublicfiles.com/dinov2/{folder}/{self.file} into {_hub_checkpoint('')} "
@@ -216,12 +255,14 @@ class HFDinoV3(_HFViT):
     """DINOv3 ViT-S/B/L with 16-pixel patches, 4 register tokens and rotary position embeddings."""
 
     multiple = 16
+    original = "dinov3"
     blocks, final_norm = "model.layer", "norm"
     default_layers = ("norm",)
 
     def __init__(self, size: str):
         self.size = size
         self.name = f"dinov3-vit{size}16"
+        self.file = f"dinov3_vit{size}16_pretrain_lvd1689m*.pth"  # the released names end in a hash: -08c60483.pth
         self.hub_id = f"facebook/dinov3-vit{size}16-pretrain-lvd1689m"
 
     def model_class(self) -> Any:
@@ -233,9 +274,17 @@ class HFDinoV3(_HFViT):
             hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=heads, num_hidden_layers=depth,
             num_register_tokens=4, patch_size=16, image_size=224)
 
+    def check_original(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        periods = state.get("rope_embed.periods")
+        want = 1 / model.get_submodule("rope_embeddings").inv_freq
+        if periods is not None and (periods.shape != want.shape or not torch.allclose(periods.float(), want, rtol=1e-4)):
+            raise FeatureError(f"its RoPE periods (rope_embed.periods, {tuple(periods.shape)}) are not those of "
+                               f"{self.name} (base {model.config.rope_theta:g}, head dim {4 * want.numel()})")
+
     def weights_hint(self) -> str:
-        return (f"pass --weights FOLDER holding {self.hub_id}'s config.json and model.safetensors (the original "
-                f".pth files of DINOv3 are not mapped)")
+        return (f"put Meta's {self.file.replace('*', '-<hash>')} into {_hub_checkpoint('')} (the torch hub cache), "
+                f"or pass --weights PATH (that file, or a folder holding {self.hub_id}'s config.json and "
+                f"model.safetensors)")
 
 
 DINO_BACKBONES: tuple[Backbone, ...] = (
