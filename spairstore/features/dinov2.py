@@ -90,7 +90,7 @@ def from_original(state: dict[str, torch.Tensor], family: str = "dinov2") -> dic
     ``patch_embed.proj.*``, ``blocks.N.attn.qkv.*``, ``blocks.N.ls1.gamma``, ``norm.*``, ...) onto
     ``Dinov2Model`` / ``Dinov2WithRegistersModel``; ``family="dinov3"`` (``dinov3_vit{s,b,l}16_pretrain_*.pth``:
     ``storage_tokens``, ``rope_embed.periods``, ``blocks.N.attn.qkv.bias_mask``, ...) onto ``DINOv3ViTModel``.
-    DINOv3's RoPE periods are not weights (transformers computes them; :meth:`HFDinoV3.load` compares) and
+    DINOv3's RoPE periods are not weights (transformers computes them; :meth:`HFDinoV3.check_original` compares) and
     are left out. Unknown keys are a :class:`FeatureError` naming them."""
     lay = _ORIGINAL[family]
     out: dict[str, torch.Tensor] = {}
@@ -98,10 +98,8 @@ def from_original(state: dict[str, torch.Tensor], family: str = "dinov2") -> dic
     for key, t in state.items():
         head, _, leaf = key.rpartition(".")
         if key in lay.top or head in lay.top:
-            name, shape = (lay.top[key], None) if key in lay.top else (f"{lay.top[head]}.{leaf}", None)
-            if name.endswith(":3d"):
-                name, shape = name[:-3], (1, 1, -1)
-            out[name] = t if shape is None else t.reshape(shape)
+            name = lay.top[key] if key in lay.top else f"{lay.top[head]}.{leaf}"
+            out[name.removesuffix(":3d")] = t.reshape(1, 1, -1) if name.endswith(":3d") else t
         elif family == "dinov3" and key == "rope_embed.periods":
             continue
         elif m := re.fullmatch(r"blocks\.(?:\d+\.)?(\d+)\.(.+)\.(weight|bias|gamma|bias_mask)", key):  # chunked too
