@@ -37,7 +37,8 @@ def featured(synth_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     ["eval", "--method", "nn", "--features", "f", "--device", "cuda"],
     ["show", "--pair", "{pair}", "-o", "{tmp}/p.png", "--method", "nn", "--features", "f", "--device", "cuda"],
     ["features", "--device", "cuda", "--weights", "random", "--name", "g"],
-], ids=["eval", "show", "features"])
+    ["bench", "--device", "cuda", "--batch-size", "2"],
+], ids=["eval", "show", "features", "bench"])
 def test_cuda_without_cuda(featured: Path, tmp_path: Path, command: list[str]) -> None:
     import spairstore
 
