@@ -210,7 +210,8 @@ def test_dinov3_folder_weights(tmp_path: Path, tiny_archs: None) -> None:
 
 def original_v3_state_dict(dim: int, heads: int, depth: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights under the key names and shapes of Meta's DINOv3 ViT checkpoints (4 storage tokens,
-    RoPE periods of base 100, a fused qkv whose key third of the bias is masked by ``bias_mask``)."""
+    RoPE periods of base 100, a fused qkv whose key third of the bias is masked by ``bias_mask``). The
+    released files' qkv biases are all zero; random ones here make a misplaced bias visible."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape: int, scale: float = 0.05, mean: float = 0.0) -> torch.Tensor:
@@ -291,7 +292,16 @@ def test_original_dinov3_checkpoint_maps_onto_the_transformers_model(tmp_path: P
         assert got.shape == (2, 64, 4, 4)
         torch.testing.assert_close(got, original_v3_forward(sd, x, heads=2), rtol=1e-4, atol=1e-4)
     assert fe.attrs()["weights"] == str(path.resolve())
+    bf16 = tmp_path / "bf16.pth"  # Meta's files hold the periods rounded to bfloat16
+    torch.save({**sd, "rope_embed.periods": sd["rope_embed.periods"].to(torch.bfloat16)}, bf16)
+    with torch.inference_mode():
+        torch.testing.assert_close(FeatureExtractor("dinov3-vits16", input_size=64, weights=bf16).maps(x), got)
     bad = tmp_path / "b.pth"
+    unmasked = {k: torch.ones_like(v) if k.endswith("bias_mask") else v for k, v in sd.items()}
+    torch.save(unmasked, bad)
+    with pytest.raises(FeatureError, match=r"\(blocks.0.attn.qkv.bias: its key third is not masked to zero "
+                                           r"\(bias_mask\), and transformers' DINOv3 has no key bias\)$"):
+        FeatureExtractor("dinov3-vits16", input_size=64, weights=bad)
     torch.save({**sd, "rope_embed.periods": sd["rope_embed.periods"] * 2}, bad)
     with pytest.raises(FeatureError, match=f"^{bad}: not dinov3-vits16 weights \\(its RoPE periods "
                                            r"\(rope_embed.periods, \(8,\)\) are not those of dinov3-vits16 "

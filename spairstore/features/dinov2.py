@@ -90,11 +90,14 @@ def from_original(state: dict[str, torch.Tensor], family: str = "dinov2") -> dic
     ``patch_embed.proj.*``, ``blocks.N.attn.qkv.*``, ``blocks.N.ls1.gamma``, ``norm.*``, ...) onto
     ``Dinov2Model`` / ``Dinov2WithRegistersModel``; ``family="dinov3"`` (``dinov3_vit{s,b,l}16_pretrain_*.pth``:
     ``storage_tokens``, ``rope_embed.periods``, ``blocks.N.attn.qkv.bias_mask``, ...) onto ``DINOv3ViTModel``.
-    DINOv3's RoPE periods are not weights (transformers computes them; :meth:`HFDinoV3.check_original` compares) and
-    are left out. Unknown keys are a :class:`FeatureError` naming them."""
+    DINOv3's ``qkv`` bias is multiplied by its ``bias_mask``, as the original does at run time (a key third
+    left non-zero is refused: transformers has no key bias). Its RoPE periods are not weights
+    (transformers computes them; :meth:`HFDinoV3.check_original` compares) and are left out. Unknown keys
+    are a :class:`FeatureError` naming them."""
     lay = _ORIGINAL[family]
     out: dict[str, torch.Tensor] = {}
     unknown = []
+    masks = {k.removesuffix("_mask"): v for k, v in state.items() if k.endswith(".attn.qkv.bias_mask")}
     for key, t in state.items():
         head, _, leaf = key.rpartition(".")
         if key in lay.top or head in lay.top:
@@ -108,9 +111,14 @@ def from_original(state: dict[str, torch.Tensor], family: str = "dinov2") -> dic
             if part in ("ls1", "ls2") and leaf == "gamma":
                 out[p + f"layer_scale{part[-1]}.lambda1"] = t
             elif part == "attn.qkv" and leaf in ("weight", "bias"):  # rows: q, then k, then v
+                if key in masks:  # the original multiplies the bias by its mask at run time
+                    t = t * masks[key].to(t.dtype)
                 for name, piece in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
                     if lay.key_bias or (name, leaf) != ("k_proj", "bias"):
                         out[p + f"attention.{name}.{leaf}"] = piece.clone()
+                    elif piece.any():
+                        raise FeatureError(f"{key}: its key third is not masked to zero (bias_mask), and "
+                                           f"transformers' {lay.family} has no key bias")
             elif part == "attn.qkv" and leaf == "bias_mask" and not lay.key_bias:
                 continue
             elif part == "mlp.w12" and family == "dinov2":  # SwiGLU (ViT-g): rows: gate, then up
@@ -270,12 +278,17 @@ class HFDinoV3(_HFViT):
         _, hidden, heads, depth = _DINOV3[self.size]
         return _transformers(self.name).DINOv3ViTConfig(
             hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=heads, num_hidden_layers=depth,
-            num_register_tokens=4, patch_size=16, image_size=224)
+            num_register_tokens=4, patch_size=16, image_size=224, layer_norm_eps=1e-5, rope_theta=100.0,
+            key_bias=False)  # the released ViT-S/B/L/16 settings, pinned rather than taken from defaults
 
     def check_original(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Meta's files hold the periods rounded to bfloat16 (relative steps of 2**-8), so that is the
+        tolerance; a different RoPE base or head size is far outside it. The model keeps transformers'
+        exact periods, as the Hugging Face conversions of the same weights do."""
         periods = state.get("rope_embed.periods")
         want = 1 / model.get_submodule("rope_embeddings").inv_freq
-        if periods is not None and (periods.shape != want.shape or not torch.allclose(periods.float(), want, rtol=1e-4)):
+        if periods is not None and (periods.shape != want.shape
+                                    or not torch.allclose(periods.float(), want, rtol=2**-8, atol=0)):
             raise FeatureError(f"its RoPE periods (rope_embed.periods, {tuple(periods.shape)}) are not those of "
                                f"{self.name} (base {model.config.rope_theta:g}, head dim {4 * want.numel()})")
 
