@@ -19,8 +19,7 @@ def load_factory(spec: str, option: str, error: type[SpairstoreError] = Spairsto
     file path made absolute (the provenance recorded). Failures raise ``error``, one line naming ``option``."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
-        raise error(f"{option} {spec!r}: give MODULE:FACTORY (e.g. mypkg.feats:make or "
-                           f"path/to/file.py:make)")
+        raise error(f"{option} {spec!r}: give MODULE:FACTORY (e.g. mypkg.feats:make or path/to/file.py:make)")
     if where.endswith(".py") or "/" in where:
         path = Path(where).expanduser().resolve()
         if not path.is_file():
@@ -42,7 +41,7 @@ def load_factory(spec: str, option: str, error: type[SpairstoreError] = Spairsto
             module = importlib.import_module(where)
         except ModuleNotFoundError as e:
             raise error(f"{option} {spec}: cannot import {where} ({e}); put its folder on PYTHONPATH or "
-                               f"give path/to/file.py:{attr}") from None
+                        f"give path/to/file.py:{attr}") from None
         except Exception as e:  # noqa: BLE001 - the user's code
             raise error(f"{option} {spec}: importing {where} raised {type(e).__name__}: {e}") from None
     factory = getattr(module, attr, None)
