@@ -451,11 +451,13 @@ def test_cli_eval_show_and_errors(synth_store: Path, tmp_path: Path, cli) -> Non
     assert d["pck"] == want.to_dict()["pck"]
     from PIL import Image
 
-    assert Image.open(tmp_path / "plot.png").size[0] > 500
+    with Image.open(tmp_path / "plot.png") as im:
+        assert im.size[0] > 500
     pid = int(s.pairs("test").pair_id[2])
     rc, out, err = cli("show", str(synth_store), "--pair", str(pid), "--method", "identity", "-o", str(tmp_path / "p.png"))
     assert rc == 0 and "PCK@0.1" in out, err
-    assert Image.open(tmp_path / "p.png").size[0] > 300
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.size[0] > 300
     rc, out, err = cli("show", str(synth_store), "--pair", str(pid), "-o", str(tmp_path / "gt.png"))
     assert rc == 0 and (tmp_path / "gt.png").stat().st_size > 0
     rc, out, err = cli("eval", str(synth_store), "--method", "identity", "--format", "markdown", "-o", str(tmp_path / "r.md"))

@@ -90,12 +90,12 @@ def test_image_annotations(synth):
         assert ann["pose"] in poses[ann["azimuth_id"]] | {"Unspecified"}
         assert all(ann[k] in (0, 1) for k in ("truncated", "occluded", "difficult"))
         w, h = ann["image_width"], ann["image_height"]
-        image = Image.open(root / "JPEGImages" / cat / f"{name}.jpg")
-        assert image.format == "JPEG" and image.mode == "RGB" and image.size == (w, h)
+        with Image.open(root / "JPEGImages" / cat / f"{name}.jpg") as image:
+            assert image.format == "JPEG" and image.mode == "RGB" and image.size == (w, h)
         assert 250 <= min(w, h) and max(w, h) <= 500
-        mask = Image.open(root / "Segmentation" / cat / f"{name}.png")
-        assert mask.mode in ("L", "P") and mask.size == (w, h)
-        m = np.asarray(mask)
+        with Image.open(root / "Segmentation" / cat / f"{name}.png") as mask:
+            assert mask.mode in ("L", "P") and mask.size == (w, h)
+            m = np.asarray(mask)
         assert set(np.unique(m).tolist()) == {0, VOC_CLASS_INDEX[cat]}
         # bbox: VOC 1-based inclusive extent of the mask's object pixels.
         ys, xs = np.nonzero(m)

@@ -262,9 +262,11 @@ class Transaction:
         """Remove the staging folder (the work is in place, or abandoned) and release the lock. A
         switch this process began and did not end (an exception between its renames) is completed
         first: the target is never left empty."""
-        _complete_switch(self.target, self.dir / "switch.json")
-        remove(self.dir)
-        self.close()
+        try:
+            _complete_switch(self.target, self.dir / "switch.json")
+            remove(self.dir)
+        finally:
+            self.close()  # a failed completion is retried by the next open, which needs the lock free
 
     def close(self) -> None:
         """Release the lock, keeping what is staged (for a resume)."""
