@@ -4,8 +4,9 @@ batch can hold, with its dtype, shape and coordinate frame, in one place.
 Dtypes and per-sample shapes come from the store schema (:mod:`spairstore.core.schema`); the dataset
 widens integer columns to int64 (what torch indexes with). ``B`` is the batch size, ``S`` the store
 size, ``K`` the dataset's ``num_keypoints`` (the store's keypoint slots, or more when given to pad
-stores alike); ``C, h, w`` those of a feature set. Keys come with the ``fields=`` that read them and nothing else changes with flags, except ``flipped`` (with
-an augmentation). A single sample (``dataset[i]``) has the same keys without the ``B`` dimension;
+stores alike); ``C, h, w`` those of a feature set. Keys come with the ``fields=`` that read them and
+nothing else changes with flags, except ``flipped`` (with an augmentation). A single sample
+(``dataset[i]``) has the same keys without the ``B`` dimension;
 ``default_collate`` and :func:`spairstore.collate` give the same batch. Pair batches prefix per-image
 keys with ``src_``/``trg_``; image batches have them bare. :func:`markdown_table` renders this (the
 README's table is tested to equal it) and :func:`expected` gives the keys, dtypes and shapes a given
