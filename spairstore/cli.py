@@ -226,6 +226,7 @@ def store_info(path: Path | str) -> dict:
             "manifest_files": s.manifest.rows,
             "feature_sets": {k: {**v, "bytes": sizes[f"features/{k}/data"]} for k, v in s.feature_sets.items()},
             "incomplete_feature_sets": {} if is_url(s.path) else partial_feature_sets(s.path),
+            "refused_feature_sets": s.stale_feature_sets,
         }
 
 
@@ -280,6 +281,7 @@ def info(
     for k, v in d["incomplete_feature_sets"].items():
         out.append(f"  features     {k}: INCOMPLETE, {v['done']:,} of {v['images'] or '?'} images extracted "
                    f"(re-run `spairstore features` to resume; staged in {v['path']})")
+    out += [f"  features     {k}: REFUSED, {why}" for k, why in d["refused_feature_sets"].items()]
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]
     if left_out:

@@ -7,12 +7,15 @@ store. This module joins the two, so neither the store nor anything after it imp
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import converters
 from converters.synth import SYNTHESIZERS, SynthSummary, synthesize
 
 from .core.records import OnError
+from .store.feature_sets import sidecar_dir
+from .store.reader import open as open_store
 from .store.writer import PackSummary, write
 
 __all__ = ["DATASETS", "SYNTHESIZERS", "PackSummary", "SynthSummary", "pack", "synthesize"]
@@ -32,5 +35,17 @@ def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None 
     def read(wrap, policy):  # noqa: ANN001, ANN202 - a SourceReader
         return converters.read(Path(src), dataset, progress=wrap, on_error=policy, follow_links=follow_links)
 
-    return write(read, out, size=size, overwrite=overwrite, progress=progress, format=format,
-                 shard_bytes=shard_bytes, on_error=on_error, resume=resume)
+    summary = write(read, out, size=size, overwrite=overwrite, progress=progress, format=format,
+                    shard_bytes=shard_bytes, on_error=on_error, resume=resume)
+    return dataclasses.replace(summary, notes=summary.notes + _sets_beside(Path(out)))
+
+
+def _sets_beside(out: Path) -> list[str]:
+    """What the new store makes of feature-set files already beside its path (from a store packed there
+    before): sets of the same images stay valid and are kept, others are refused. Neither is deleted,
+    so a repack never silently loses or adopts a set."""
+    if not any(sidecar_dir(out).glob("*.h5")):
+        return []
+    with open_store(out) as s:
+        return ([f"kept feature set {k!r} of {sidecar_dir(out)}/: made from these same images" for k in s.feature_sets]
+                + [f"feature set {k!r} refused: {why}" for k, why in s.stale_feature_sets.items()])

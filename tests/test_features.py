@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import spairstore
-from spairstore.cli import store_info
+from spairstore.cli import app, store_info
 from spairstore.core import geometry
 from spairstore.core.errors import FeatureError
 from spairstore.features import (
@@ -184,6 +185,9 @@ def test_stale_or_foreign_set_is_refused(lite_store: Path, synth_root: Path, tmp
     shutil.copyfile(sidecar_path(lite_store, "b10"), sidecar_path(p, "b10"))
     s = spairstore.open(p)
     assert "b10" not in s.feature_sets and "b10" in s.stale_feature_sets
+    assert "made from other images" in store_info(p)["refused_feature_sets"]["b10"]
+    shown = CliRunner().invoke(app, ["info", str(p)])
+    assert shown.exit_code == 0 and "features     b10: REFUSED, " in shown.output
     with pytest.raises(spairstore.StoreError, match=r"feature set 'b10' refused: .*b10.h5: made from other "
                                                     r"images than this store's .*--overwrite"):
         s.features("b10", 0)
@@ -467,3 +471,22 @@ def test_staging_meta_is_json(store_copy: Path) -> None:
                                                     "row_shape": [1, 1, 1], "attrs": {}}).close()
     meta = json.loads((staging_dir(store_copy.resolve(), "m") / "meta.json").read_text())
     assert meta["rows"] == 2 and partial_feature_sets(store_copy)["m"]["done"] == 0
+
+
+def test_repack_reports_the_sets_beside_the_store(synth_root: Path, tmp_path: Path) -> None:
+    """Packing over a store keeps the set files beside it: one made from the same images stays valid
+    and the summary says so; after a repack at another size it is refused, and still not deleted."""
+    p = tmp_path / "r.h5"
+    spairstore.pack(synth_root, p, size=64)
+    extract_features(p, layers=["_blocks.4"], name="b4", input_size=64)
+    before = sha256(sidecar_path(p, "b4"))
+    same = spairstore.pack(synth_root, p, size=64, overwrite=True)
+    assert [n for n in same.notes if "b4" in n] == [f"kept feature set 'b4' of {sidecar_dir(p)}/: made from "
+                                                    "these same images"]
+    assert "b4" in spairstore.open(p).feature_sets
+    other = spairstore.pack(synth_root, p, size=48, overwrite=True)
+    assert [n for n in other.notes if "b4" in n] == [f"feature set 'b4' refused: {sidecar_path(p, 'b4')}: made "
+                                                     "from other images than this store's (the store was repacked, "
+                                                     "or the file comes from another store); delete it, or extract "
+                                                     "the set again with --overwrite"]
+    assert "b4" not in spairstore.open(p).feature_sets and sha256(sidecar_path(p, "b4")) == before

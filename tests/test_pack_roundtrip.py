@@ -130,6 +130,10 @@ def test_cli_synth_pack_info(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
     assert info["dataset"] == "spair71k" and info["images"] == 12 and info["image_size"] == 64
+    # pack's summary names fields as info and Store.read do
+    fields = {f: f"{n / 2**20:,.1f} MiB" for f, n in info["fields"].items()}
+    assert "  fields: " + ", ".join(f"{f} {fields[f]}" for f in ("pixels", "mask", "image_bytes", "mask_bytes")) \
+        in r.invoke(app, ["pack", str(tmp_path / "d"), str(tmp_path / "d.h5"), "--size", "64", "--overwrite"]).output
     res = r.invoke(app, ["info", str(tmp_path / "d.h5")])
     from spairstore.core.schema import FORMAT_VERSION
 

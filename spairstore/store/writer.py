@@ -54,6 +54,7 @@ from ..core.schema import (
     Encoding,
     crc_array,
     encode_table,
+    field_of_array,
     image_fields,
 )
 from ..core.version import __version__
@@ -80,7 +81,7 @@ class PackSummary:
     dataset: str
     images: int
     pairs: dict[str, int]
-    field_bytes: dict[str, int]  #: payload bytes per field
+    field_bytes: dict[str, int]  #: payload bytes per field, by the names Store.read takes
     file_bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -456,7 +457,7 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
             tx.close()  # interrupted: the staging data stays for --resume
             raise
         tx.finish()
-    field_bytes = {k.split("/")[1]: int(np.prod(shape)) * dtype.itemsize for k, (shape, dtype) in st.hot.items()}
+    field_bytes = {field_of_array(k) or k: int(np.prod(shape)) * dtype.itemsize for k, (shape, dtype) in st.hot.items()}
     return PackSummary(
         path=out, dataset=records.dataset, images=len(records.images),
         pairs={s: len(p) for s, p in records.pairs.items()}, field_bytes=field_bytes,
