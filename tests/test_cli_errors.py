@@ -80,6 +80,12 @@ def test_zarr_into_a_folder_that_cannot_be_written(synth_root: Path, featured: P
     one_line(res, "/proc/")
 
 
+@pytest.mark.parametrize("command", [["info"], ["eval", "--method", "identity"], ["verify"]])
+def test_a_dataset_folder_where_a_store_goes(synth_root: Path, command: list[str]) -> None:
+    one_line(run_cli(command[0], synth_root, *command[1:]),
+             f"{synth_root}: not a store (neither an HDF5 file nor a Zarr v3 directory)")
+
+
 def test_predictions_pt_of_numpy_arrays(featured: Path, tmp_path: Path) -> None:
     torch.save({"1": np.zeros((3, 2))}, tmp_path / "p.pt")
     one_line(run_cli("eval", featured, "--predictions", tmp_path / "p.pt"),

@@ -213,6 +213,8 @@ def backend_for(path: str | Path, format: str | None = None) -> Backend:
         if b.guess_can_open(path):
             return b
     if by_suffix is None:
+        if not is_url(path) and Path(path).exists():  # e.g. a dataset folder given where a store goes
+            raise StoreError(f"{path}: not a store (neither an HDF5 file nor a Zarr v3 directory)")
         raise StoreError(f"{path}: cannot tell the store format; name it .h5 or .zarr "
                          f"(or pass --format hdf5|zarr)")
     return by_suffix
