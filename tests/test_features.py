@@ -420,6 +420,29 @@ def test_zarr_store_gets_the_same_features(lite_store: Path, tmp_path: Path) -> 
     np.testing.assert_array_equal(s.feature_crc32["b10"], [zlib.crc32(m) for m in s.read("features/b10", rows)])
 
 
+def test_zarr_to_hdf5_writes_the_sets_beside_it(lite_store: Path, tmp_path: Path) -> None:
+    """HDF5 -> Zarr -> HDF5 keeps every set, as set files beside the new store; converting a store
+    without sets over it takes the old store's sets away with it."""
+    from spairstore.store.convert import convert
+
+    z, h = tmp_path / "s.zarr", tmp_path / "back.h5"
+    convert(lite_store, z)
+    convert(z, h)
+    a, b = spairstore.open(lite_store), spairstore.open(h)
+    assert b.feature_sets == a.feature_sets and sorted(p.name for p in sidecar_dir(h).iterdir()) == [
+        f"{k}.h5" for k in sorted(a.feature_sets)]
+    rows = np.arange(len(a))
+    for k in a.feature_sets:
+        np.testing.assert_array_equal(b.read(f"features/{k}", rows), a.read(f"features/{k}", rows))
+    assert verify(h).ok
+    bare = tmp_path / "bare.zarr"
+    convert(h, bare)
+    drop_feature_set(bare, LITE)
+    drop_feature_set(bare, "b10")
+    convert(bare, h, overwrite=True)
+    assert not spairstore.open(h).feature_sets and not sidecar_dir(h).exists()
+
+
 # -- bad input --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, message", [
     ({"backbone": "vgg16"}, "unknown backbone 'vgg16' \\(choose from efficientnet-lite0, resnet50"),

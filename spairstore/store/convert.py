@@ -142,10 +142,11 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
             if not inline:
                 _write_sidecars(r, tmp)
             bar.close()
-            if sidecar_dir(tmp).is_dir():
+            with_sets = sidecar_dir(tmp).is_dir()
+            if with_sets:
                 tx.switch(sidecar_dir(tmp), sidecar_dir(dst))  # sets of these images: valid beside either store
             tx.switch(tmp, dst)
-            if not sidecar_dir(tmp).is_dir() and not inline:
+            if not with_sets and not inline:
                 remove(sidecar_dir(dst))  # the old store's sets
             tx.finish()
         except BaseException:
