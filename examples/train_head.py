@@ -82,10 +82,10 @@ def val_pck(store: spairstore.Store, features: str, head: torch.nn.Module, devic
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     store = spairstore.open(args.store)
-    if args.features not in store.feature_sets:
-        raise SystemExit(f"{args.store}: no feature set {args.features!r} "
-                         f"(store has {', '.join(store.feature_sets) or 'none'}; run spairstore features first)")
-    geom = store.feature_sets[args.features]
+    try:
+        geom = store.feature_set(args.features)
+    except spairstore.StoreError as e:
+        raise SystemExit(f"{e}; run spairstore features first") from None
     field = f"features/{args.features}"
     data = spairstore.PairDataset(store, "trn", fields=("keypoints", field))
     loader = spairstore.Loader(data, args.batch_size, shuffle=True, seed=args.seed, drop_last=True,

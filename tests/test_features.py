@@ -193,6 +193,10 @@ def test_stale_or_foreign_set_is_refused(lite_store: Path, synth_root: Path, tmp
         s.features("b10", 0)
     with pytest.raises(spairstore.StoreError, match="feature set 'b10' refused"):
         s.read("features/b10", [0])
+    with pytest.raises(spairstore.StoreError, match="feature set 'b10' refused"):  # not "no feature set"
+        spairstore.evaluate(s, "test", spairstore.NearestNeighbour("b10"))
+    with pytest.raises(spairstore.StoreError, match="feature set 'b10' refused"):
+        spairstore.PairDataset(s, "test", fields=("features/b10",))
     report = verify(p)
     assert not report.ok and "b10.h5: made from other images" in str(report)
     extract_features(p, layers=["_blocks.4"], name="b10", overwrite=True, input_size=64)  # replaces it

@@ -103,11 +103,8 @@ class NearestNeighbour:
     def __call__(self, store: Store, split: str, rows: np.ndarray, direction: str = "src->trg") -> np.ndarray:
         import torch
 
-        if self.features not in store.feature_sets:
-            raise StoreError(f"{store.path}: no feature set {self.features!r} "
-                             f"(store has {', '.join(store.feature_sets) or 'none'})")
+        geom, size = store.feature_set(self.features), store.image_size
         flip_set = self._flip_set(store) if self.flip else None
-        geom, size = store.feature_sets[self.features], store.image_size
         if self.transform is not None:
             wants = getattr(self.transform, "in_channels", None)
             if wants is not None and int(wants) != int(geom["channels"]):

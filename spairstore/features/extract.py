@@ -191,8 +191,7 @@ def drop_feature_set(store_path: str | Path, name: str) -> None:
     rewritten: the set's own file is deleted. Waits for nothing: refused while a run writes the set."""
     store_path = Path(store_path).resolve()
     with Store(store_path) as store:
-        if name not in store.feature_sets:
-            store._no_set(name)
+        store.feature_set(name)
     tx = Transaction.open(store_path, f"features-{name}", who="`spairstore features` run", error=FeatureError)
     try:
         backend_for(store_path).drop_group(store_path, name)

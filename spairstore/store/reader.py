@@ -460,7 +460,7 @@ class Store:
         name = self._row_array(field)
         if name not in self.shapes or field in ("image_bytes", "mask_bytes"):
             if field.startswith("features/"):
-                self._no_set(field[len("features/"):])
+                self.feature_set(field[len("features/"):])
             raise StoreError(f"{self.path}: no field {field!r} to read by rows; the store has pixels, mask"
                              + "".join(f", features/{n}" for n in self.feature_sets))
         shape = self.shapes[name][0]
@@ -484,7 +484,12 @@ class Store:
                 placed[r] = k
         return out
 
-    def _no_set(self, name: str) -> None:
+    def feature_set(self, name: str) -> dict[str, Any]:
+        """The geometry and provenance of feature set ``name`` (``feature_sets[name]``: ``input_size``,
+        ``stride``, ``cell_offset``, ..., see :mod:`spairstore.core.geometry`). A :class:`StoreError`
+        says why there is none: no set of that name, or its file refused (:attr:`stale_feature_sets`)."""
+        if name in self.feature_sets:
+            return self.feature_sets[name]
         if name in self.stale_feature_sets:
             raise StoreError(f"feature set {name!r} refused: {self.stale_feature_sets[name]}")
         raise StoreError(f"{self.path}: no feature set {name!r} (store has {', '.join(self.feature_sets) or 'none'})")
@@ -524,8 +529,7 @@ class Store:
     def features(self, name: str, i: int) -> np.ndarray:
         """Feature map of image row ``i`` from feature set ``name``: float16 (C, h, w). Its geometry
         (cell -> pixels) is ``feature_sets[name]``; see :func:`spairstore.core.geometry.cell_to_store`."""
-        if name not in self.feature_sets:
-            self._no_set(name)
+        self.feature_set(name)
         i = self._check_row(i)
         return self._rows(f"features/{name}/data", i, i + 1)[0].copy()
 

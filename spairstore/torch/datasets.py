@@ -64,9 +64,8 @@ class _StoreDataset(Dataset):
             raise SpairstoreError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
                                   f"known: {', '.join(FIELDS)}, features/<name>")
         for f in fields:
-            if f.startswith("features/") and f[len("features/"):] not in s.feature_sets:
-                raise SpairstoreError(f"{self.path}: no feature set {f[len('features/'):]!r} "
-                                      f"(store has {', '.join(s.feature_sets) or 'none'})")
+            if f.startswith("features/"):
+                s.feature_set(f[len("features/"):])
         if "mask" in fields and s.shapes["images/mask"][0][0] == 0:
             raise SpairstoreError(f"{self.path}: this store has no masks; drop the 'mask' field")
         if augment is not None and any(f.startswith("features/") for f in fields):
