@@ -438,9 +438,12 @@ def _method(method: str | None, features: str | None, head: Path | None, device:
 
 
 def _source(spec: str, device: str | None, batch_size: int) -> Method | Path:
-    """``identity``, ``nn:FEATURES[:FLIP_RULE]``, a predictions file or ``MODULE:FACTORY``, as ``compare`` names A and B."""
+    """``identity``, ``nn:FEATURES[:FLIP_RULE]``, ``head:PATH``, a predictions file or ``MODULE:FACTORY``, as
+    ``compare`` names A and B."""
     from .eval.methods import get_method
 
+    if spec.startswith("head:"):
+        return _method(None, None, Path(spec[len("head:"):]), device, batch_size)  # type: ignore[return-value]
     if spec == "identity" or spec.startswith("nn:"):
         name, _, rest = spec.partition(":")
         feats, _, flip = rest.partition(":")
@@ -449,13 +452,15 @@ def _source(spec: str, device: str | None, batch_size: int) -> Method | Path:
         return Path(spec)
     if ":" in spec:
         return get_method(spec, None, device, batch_size)
-    raise SpairstoreError(f"{spec}: neither a method (identity, nn:FEATURES, MODULE:FACTORY) nor a predictions file")
+    raise SpairstoreError(f"{spec}: neither a method (identity, nn:FEATURES, head:PATH, MODULE:FACTORY) nor a "
+                          "predictions file")
 
 
 @app.command()
 def compare(
     store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
-    a: Annotated[str, typer.Argument(help="A: a predictions file, identity, nn:FEATURES, nn:FEATURES:FLIP_RULE or MODULE:FACTORY.")],
+    a: Annotated[str, typer.Argument(help="A: a predictions file, identity, nn:FEATURES, nn:FEATURES:FLIP_RULE, "
+                                          "head:PATH (nn on a trained head's maps, as eval --head) or MODULE:FACTORY.")],
     b: Annotated[str, typer.Argument(help="B: likewise; the report gives A - B.")],
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     protocol: Annotated[str | None, typer.Option(help=_PROTOCOL_HELP)] = None,

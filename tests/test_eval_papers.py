@@ -335,7 +335,7 @@ def test_compare_identical_is_exactly_zero(synth_store: Path, tmp_path: Path) ->
                 for c in aggs.values():
                     assert (c["diff"], c["ci"], c["p"]) == (0.0, [0.0, 0.0], 1.0)
     r = run_cli("compare", synth_store, "identity", tmp_path / "nope.npy")
-    assert r.returncode != 0 and "nope.npy: neither a method (identity, nn:FEATURES, MODULE:FACTORY) nor a predictions file" in r.stderr
+    assert r.returncode != 0 and "nope.npy: neither a method (identity, nn:FEATURES, head:PATH, MODULE:FACTORY) nor a predictions file" in r.stderr
     r = run_cli("compare", synth_store, "identity", "identity", "--resamples", "20")
     assert r.returncode == 0 and "20 resamples, seed 0, 95 % interval" in r.stdout
 

@@ -65,6 +65,14 @@ def test_predictions_file_and_head_evaluate_alike(trained: tuple[Path, Path, sub
     assert from_head["method"] == f"nn[{LITE} -> head.pt]"
     assert from_file["pck"] == from_head["pck"] == m["overall"]["head"]
     assert from_file["by_category"] == from_head["by_category"]
+    r = run_cli("compare", store, f"head:{out / 'head.pt'}", out / "test_predictions.npz", "--json",
+                "--resamples", "20", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    overall = json.loads(r.stdout)["overall"]
+    assert [c["diff"] for cells in overall.values() for aggs in cells.values() for c in aggs.values()] == [0.0] * 6
+    r = run_cli("eval", store, "--predictions", out / "head.pt")
+    assert r.returncode == 1 and "head.pt: a head file (save_head), not predictions: evaluate it with " \
+        "`spairstore eval STORE --head PATH` (compare: head:PATH)" in r.stderr
     s = spairstore.open(store)
     t = s.pairs("test")
     with np.load(out / "test_predictions.npz") as z:

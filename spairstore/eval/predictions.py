@@ -6,6 +6,7 @@ Predictions are keypoints in the *original pixels* of the image they are predict
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,9 @@ def _read_file(path: Path) -> Any:
         if suffix in (".pt", ".pth"):
             import torch
 
+            if _is_head(path):
+                raise PredictionsError(f"{path}: a head file (save_head), not predictions: evaluate it with "
+                                       "`spairstore eval STORE --head PATH` (compare: head:PATH)")
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
@@ -100,3 +104,14 @@ def _read_file(path: Path) -> Any:
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's error, said in one line
         raise PredictionsError(f"{path}: cannot read predictions ({type(e).__name__}: {e})") from None
     raise PredictionsError(f"{path}: predictions must be a .npz, .pt or .npy file")
+
+
+def _is_head(path: Path) -> bool:
+    """Whether ``path`` is a torch.export archive carrying a head description (:mod:`.models`)."""
+    from .models import HEAD_META
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith(f"/extra/{HEAD_META}") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
