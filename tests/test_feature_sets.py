@@ -46,6 +46,8 @@ def test_round_trip(store: Path, form: str) -> None:
         maps = {(s.categories[s.images.category[r]], str(s.images.name[r])): ref[r] for r in range(len(s))}
     summary = spairstore.add_feature_set(store, "mine", maps, source="my-model", **GEOMETRY)
     assert summary.extracted == len(s) and summary.shape == (len(s), C, CELLS, CELLS)
+    assert str(summary).startswith(f"feature set 'mine' in {store}: my-model\n")
+    assert f"  run    {len(s)} maps written in " in str(summary) and " on cpu" not in str(summary)
     got = spairstore.open(store)
     np.testing.assert_array_equal(got.read("features/mine", np.arange(len(s))), ref.astype(np.float16))
     attrs = got.feature_sets["mine"]

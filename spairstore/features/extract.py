@@ -226,7 +226,7 @@ class FeatureSummary:
     shape: tuple[int, ...]  #: (N, C, h, w)
     extracted: int  #: images extracted by this run (the rest were staged by an earlier, interrupted one)
     seconds: float  #: extraction time of this run
-    device: str  #: of the first process
+    device: str | None  #: of the first process; None for maps computed elsewhere (add_feature_set)
     processes: int = 1  #: processes that extracted (torchrun)
     flipped: FeatureSummary | None = None  #: the companion set of mirrored images (``flip``)
 
@@ -236,12 +236,18 @@ class FeatureSummary:
 
     def __str__(self) -> str:
         n = self.shape[0]
-        where = self.device if self.processes == 1 else f"{self.processes} {self.device.split(':')[0]} processes"
-        rate = f", {self.extracted / self.seconds:.1f} img/s on {where}" if self.extracted and self.seconds else ""
+        if self.device is None:
+            done, where = "maps written", ""
+        else:
+            done = "images extracted"
+            where = " on " + (self.device if self.processes == 1 else
+                              f"{self.processes} {self.device.split(':')[0]} processes")
+        rate = f", {self.extracted / self.seconds:.1f} img/s{where}" if self.extracted and self.seconds else ""
         resumed = f" ({n - self.extracted:,} resumed from an earlier run)" if self.extracted < n else ""
-        return (f"feature set {self.name!r} in {self.store}: {self.backbone} {', '.join(self.layers)}\n"
+        made = " ".join([self.backbone, ", ".join(self.layers)]).strip()
+        return (f"feature set {self.name!r} in {self.store}: {made}\n"
                 f"  maps   float16 {self.shape[1:]} x {n:,} images = {self.nbytes / 2**20:,.1f} MiB\n"
-                f"  run    {self.extracted:,} images extracted in {self.seconds:.1f} s{rate}{resumed}"
+                f"  run    {self.extracted:,} {done} in {self.seconds:.1f} s{rate}{resumed}"
                 + (f"\n{self.flipped}" if self.flipped else ""))
 
 

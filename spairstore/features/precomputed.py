@@ -168,7 +168,7 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
         finally:
             staging.close()
     return FeatureSummary(store=store_path, name=name, backbone=source, layers=[], shape=(len(s), *shape),
-                          extracted=written, seconds=time.perf_counter() - t0, device="cpu")
+                          extracted=written, seconds=time.perf_counter() - t0, device=None)
 
 
 def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, unit_rows: int, sink: Any,
