@@ -58,11 +58,13 @@ class VerifyReport:
     def __str__(self) -> str:
         head = "OK" if self.ok else f"{len(self.differences):,} DIFFERENCES"
         scope = f", sampling {self.sample:.1%}" if self.sample is not None else ""
+        names = {k: field_of_array(k) or k for k in self.records}
+        w = max([len("source files"), *map(len, names.values())])
         lines = [f"verify {self.path}: {head}{scope}"]
-        lines += [f"  {field_of_array(k) or k:<24} {c:,} of {t:,} records" for k, (c, t) in self.records.items()]
-        lines.append(f"  tables                   {self.tables:,} arrays")
+        lines += [f"  {names[k]:<{w}} {c:,} of {t:,} records" for k, (c, t) in self.records.items()]
+        lines.append(f"  {'tables':<{w}} {self.tables:,} arrays")
         if self.sources is not None:
-            lines.append(f"  source files             {self.sources[0]:,} of {self.sources[1]:,}")
+            lines.append(f"  {'source files':<{w}} {self.sources[0]:,} of {self.sources[1]:,}")
         if self.unchecked:
             lines.append(f"  not covered by a checksum: {', '.join(self.unchecked)}")
         if self.unknown:
