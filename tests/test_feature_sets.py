@@ -12,7 +12,7 @@ import spairstore
 from spairstore.core.errors import FeatureError
 from spairstore.features.extract import partial_feature_sets
 from spairstore.store.convert import convert
-from spairstore.store.feature_sets import sidecar_path
+from spairstore.store.feature_sets import sidecar_dir, sidecar_path
 from spairstore.store.verify import verify
 
 C, CELLS = 4, 6  # maps (4, 6, 6): input_size 96, stride 16
@@ -159,3 +159,10 @@ def test_bad_maps_are_refused_naming_the_row(synth_store: Path, tmp_path: Path, 
     with pytest.raises(FeatureError, match=message):
         spairstore.add_feature_set(store, "bad", maps, **geometry)
     assert "bad" not in spairstore.open(store).feature_sets and not sidecar_path(store, "bad").exists()
+
+
+def test_bad_name_is_refused_before_any_work(synth_store: Path, tmp_path: Path) -> None:
+    store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    with pytest.raises(FeatureError, match=r"feature set name '\.\./x': a letter or digit first"):
+        spairstore.add_feature_set(store, "../x", lambda r: maps_of(1)[0], **GEOMETRY)
+    assert not sidecar_dir(store).exists() and not (tmp_path / "x.h5").exists()

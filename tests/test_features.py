@@ -455,7 +455,8 @@ def test_zarr_to_hdf5_writes_the_sets_beside_it(lite_store: Path, tmp_path: Path
     ({"layers": ["nope"]}, "no module 'nope'"),
     ({"layers": ["_blocks.4", "4"]}, "layers repeat"),
     ({"input_size": 100}, "input size 100 must be a positive multiple of 32"),
-    ({"name": "a/b"}, "feature set name 'a/b'"),
+    ({"name": "a/b"}, "feature set name 'a/b': a letter or digit first, then letters, digits"),
+    ({"name": "-flip"}, "feature set name '-flip': a letter or digit first"),
     ({"batch_size": 0}, "batch size must be at least 1"),
     ({"weights": "/nonexistent/w.pth"}, "/nonexistent/w.pth: weights file not found"),
 ])

@@ -300,7 +300,7 @@ def extract_features(store_path: str | Path, backbone: str | Callable[[], nn.Mod
                            f"(spairstore convert) instead")
     store_path = Path(store_path).resolve()
     if name is not None:
-        _check_name(name)
+        check_name(name)
     if batch_size < 1:
         raise FeatureError(f"batch size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
@@ -318,21 +318,23 @@ def extract_features(store_path: str | Path, backbone: str | Callable[[], nn.Mod
                 device=str(dev)))
             if name is None:
                 name = default_set_name(extractor) if isinstance(extractor, UserExtractor) else str(backbone)
-                _check_name(name)
+                check_name(name)
             run = _SetRun(store, store_path, world, batch_size, dev, progress)
             summary = run(extractor, name, overwrite, keep_same=flip)
             if flip:
                 flip_name = f"{name}-flip"
-                _check_name(flip_name)
+                check_name(flip_name)
                 summary = replace(summary, flipped=run(Flipped(extractor, of=name), flip_name, overwrite))
     finally:
         world.close()
     return summary
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Refuse a feature-set name that could not be a file name on every system (it names the set's file)."""
     if not _NAME.match(name):
-        raise FeatureError(f"feature set name {name!r}: use letters, digits, '_', '-' and '.' (at most 64)")
+        raise FeatureError(f"feature set name {name!r}: a letter or digit first, then letters, digits, '_', '-' "
+                           "and '.' (at most 64 in all)")
 
 
 @dataclass

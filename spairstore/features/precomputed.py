@@ -20,7 +20,7 @@ import numpy as np
 from ..core.errors import FeatureError, StoreError
 from ..store.backends import is_url
 from ..store.reader import Store
-from .extract import _NAME, FeatureSummary, Staging, set_writer
+from .extract import FeatureSummary, Staging, check_name, set_writer
 
 Maps = Union[Iterable[tuple[int, Any]], Callable[[int], Any], Mapping[tuple[str, str], Any]]  # noqa: UP007 - a runtime alias on 3.10
 """``(image_row, array)`` pairs in any order, a function ``row -> array``, or a mapping
@@ -132,8 +132,7 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
     """
     if is_url(store):
         raise FeatureError(f"{store}: remote stores are read-only; add the set to a local copy")
-    if not _NAME.match(name):
-        raise FeatureError(f"feature set name {name!r}: use letters, digits, '_', '-' and '.' (at most 64)")
+    check_name(name)
     if not (isinstance(input_size, int) and input_size > 0):
         raise FeatureError(f"input_size must be a positive integer (input pixels), got {input_size!r}")
     if not (math.isfinite(stride) and stride > 0 and math.isfinite(cell_offset)):
