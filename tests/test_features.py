@@ -501,6 +501,19 @@ def test_staging_meta_is_json(store_copy: Path) -> None:
     assert meta["rows"] == 2 and partial_feature_sets(store_copy)["m"]["done"] == 0
 
 
+def test_unreadable_set_file_is_refused_naming_it(lite_store: Path, tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    shutil.copyfile(lite_store, p)
+    sidecar_dir(p).mkdir()
+    sidecar_path(p, "junk").write_bytes(b"garbage")
+    shutil.copyfile(sidecar_path(lite_store, "b10"), sidecar_path(p, "b10"))
+    os.truncate(sidecar_path(p, "b10"), 1000)
+    s = spairstore.open(p)
+    assert s.stale_feature_sets["junk"] == f"{sidecar_path(p, 'junk')}: not a store (neither an HDF5 file nor a Zarr v3 directory)"
+    assert s.stale_feature_sets["b10"].startswith(f"{sidecar_path(p, 'b10')}: not a readable HDF5 store (")
+    assert "/proc/" not in str(s.stale_feature_sets)
+
+
 def test_repack_reports_the_sets_beside_the_store(synth_root: Path, tmp_path: Path) -> None:
     """Packing over a store keeps the set files beside it: one made from the same images stays valid
     and the summary says so; after a repack at another size it is refused, and still not deleted."""

@@ -282,8 +282,8 @@ class Store:
             f = io.open(path, "rb")  # noqa: SIM115 - kept open while the Store reads the set
             try:
                 problem = self._load_sidecar(path, f)
-            except StoreError as e:
-                problem = str(e)
+            except StoreError as e:  # said of the descriptor path it was opened by: name the file once
+                problem = str(e).removeprefix(f"{_fd_path(f, path)}: ")
             if problem:
                 f.close()
                 self.stale_feature_sets[path.stem] = f"{path}: {problem}"
