@@ -509,7 +509,8 @@ def test_unreadable_set_file_is_refused_naming_it(lite_store: Path, tmp_path: Pa
     shutil.copyfile(sidecar_path(lite_store, "b10"), sidecar_path(p, "b10"))
     os.truncate(sidecar_path(p, "b10"), 1000)
     s = spairstore.open(p)
-    assert s.stale_feature_sets["junk"] == f"{sidecar_path(p, 'junk')}: not a store (neither an HDF5 file nor a Zarr v3 directory)"
+    assert s.stale_feature_sets["junk"] == (f"{sidecar_path(p, 'junk')}: not a store (neither an HDF5 file nor a "
+                                            "Zarr v3 directory)")
     assert s.stale_feature_sets["b10"].startswith(f"{sidecar_path(p, 'b10')}: not a readable HDF5 store (")
     assert "/proc/" not in str(s.stale_feature_sets)
 
