@@ -1,6 +1,7 @@
 """Zarr v3 backend: pack and convert losslessly, raw fast path = zarr-python, remote reads over HTTP."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -221,17 +222,37 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         outputfile.write(source.read(self._remaining))
 
 
-@pytest.fixture()
-def http_root(zarr_store: Path) -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` serving the folder that holds the Zarr store."""
+@contextlib.contextmanager
+def _serve(folder: Path, handler: type[http.server.SimpleHTTPRequestHandler]) -> Iterator[str]:
     pytest.importorskip("aiohttp")
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                          functools.partial(RangeHandler, directory=str(zarr_store.parent)))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{srv.server_port}"
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture()
+def http_root(zarr_store: Path) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` serving the folder that holds the Zarr store."""
+    with _serve(zarr_store.parent, RangeHandler) as root:
+        yield root
+
+
+class NoRangeHandler(http.server.SimpleHTTPRequestHandler):
+    """``python -m http.server`` as it is: every request gets the whole file."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_server_without_range_requests_is_named(zarr_store: Path) -> None:
+    with _serve(zarr_store.parent, NoRangeHandler) as root:
+        s = spairstore.open(f"{root}/{zarr_store.name}")  # metadata are whole files: they read
+        with pytest.raises(spairstore.StoreError, match=r"cannot read images/pixels \(.*checksum.*\); does the "
+                                                        r"server honour HTTP range requests\?"):
+            s.read("pixels", [0, 1])
 
 
 def test_remote_read_over_http_equals_local(zarr_store: Path, http_root: str, tmp_path: Path,

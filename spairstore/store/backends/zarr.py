@@ -203,7 +203,10 @@ class ZarrReader:
                     return _read_rows(a, index)
                 return np.asarray(a[index] if index != () else a[...])
         except (OSError, ValueError) as e:
-            raise StoreError(f"{self.path}: cannot read {name} ({e})") from None
+            # a server that ignores Range sends whole shard files, which then fail their chunks' CRC-32C
+            hint = ("; does the server honour HTTP range requests? (`python -m http.server` does not)"
+                    if self.remote and "checksum" in str(e).lower() else "")
+            raise StoreError(f"{self.path}: cannot read {name} ({e}){hint}") from None
 
     def extent(self, name: str) -> RawExtent | None:
         """Where each chunk of a local, uncompressed, row-chunked array lies (shard indexes read once)."""
