@@ -365,6 +365,11 @@ def test_cli_round_trip(synth_root, tmp_path):
     assert info["dataset"] == "ap10k" and info["images"] == 3 * PER_SPECIES - 6 and info["category_groups"] == {
         "family": ["Felidae", "Hippopotamidae", "Felidae"]}
     assert 0 < n["cross-species"] <= 900 and 0 < n["cross-family"] <= 2 * 30  # Felidae x Hippopotamidae, both ways
+    stats = json.loads(r.invoke(app, ["stats", str(store), "--json"]).output)
+    assert stats["splits"]["test"]["subset"] == {k: n[k] for k in SUBSETS}  # counted from the pair files
+    table = r.invoke(app, ["stats", str(store)]).output.splitlines()
+    test_row = next(ln for ln in table if ln.startswith("test "))
+    assert table[2].split()[-3:] == list(SUBSETS) and test_row.split()[-3:] == [f"{n[k]:,}" for k in SUBSETS]
 
     res = r.invoke(app, ["eval", str(store), "--method", "identity", "--json"])
     assert res.exit_code == 0, res.output
