@@ -427,14 +427,21 @@ def _method(method: str | None, features: str | None, head: Path | None, device:
             flip: str | None = None, progress: bool = True) -> Method | None:
     """The method ``--method``/``--features``/``--head`` name (``--head``: nn on the head's maps of its
     feature set, ``--features`` overriding), or None."""
-    from .eval.methods import NearestNeighbour, get_method
+    from .eval.methods import get_method
 
     if head is not None:
-        from .eval.models import load_head
-
-        h = load_head(head)
-        return NearestNeighbour(features or h.features, device, batch_size, progress=progress, flip=flip, transform=h)
+        return _head_method(head, features, device, batch_size, flip, progress)
     return get_method(method, features, device, batch_size, progress=progress, flip=flip) if method else None
+
+
+def _head_method(head: Path, features: str | None, device: str | None, batch_size: int, flip: str | None = None,
+                 progress: bool = True) -> Method:
+    """NN on the maps a trained head file makes of its feature set (``features`` overriding the set)."""
+    from .eval.methods import NearestNeighbour
+    from .eval.models import load_head
+
+    h = load_head(head)
+    return NearestNeighbour(features or h.features, device, batch_size, progress=progress, flip=flip, transform=h)
 
 
 def _source(spec: str, device: str | None, batch_size: int) -> Method | Path:
@@ -443,7 +450,7 @@ def _source(spec: str, device: str | None, batch_size: int) -> Method | Path:
     from .eval.methods import get_method
 
     if spec.startswith("head:"):
-        return _method(None, None, Path(spec[len("head:"):]), device, batch_size)  # type: ignore[return-value]
+        return _head_method(Path(spec[len("head:"):]), None, device, batch_size)
     if spec == "identity" or spec.startswith("nn:"):
         name, _, rest = spec.partition(":")
         feats, _, flip = rest.partition(":")
