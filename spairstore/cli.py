@@ -317,7 +317,7 @@ def bench(
 
 _METHOD_HELP = ("Predictions from a method: identity (the dataset paper's baseline), nn (needs --features), or "
                 "your own MODULE:FACTORY (or path/to/file.py:FACTORY) returning a method or a predictor "
-                "fn(batch) -> (B, K, 2) target points in store pixels.")
+                "fn(batch) -> (B, K, 2) target points in store pixels; head:PATH is --head PATH.")
 _PROTOCOL_HELP = ("Named protocol: spair, pfpascal, pfwillow, pfwillow-legacy, pfwillow-cats, pfwillow-dhpf, ap10k, "
                   "geoaware, geoaware-sampled (default: the store's dataset's).")
 
@@ -429,6 +429,8 @@ def _method(method: str | None, features: str | None, head: Path | None, device:
     feature set, ``--features`` overriding), or None."""
     from .eval.methods import get_method
 
+    if method is not None and method.startswith("head:"):  # the spelling compare takes
+        head, method = Path(method[len("head:"):]), None
     if head is not None:
         return _head_method(head, features, device, batch_size, flip, progress)
     return get_method(method, features, device, batch_size, progress=progress, flip=flip) if method else None

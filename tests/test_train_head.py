@@ -63,6 +63,8 @@ def test_predictions_file_and_head_evaluate_alike(trained: tuple[Path, Path, sub
     assert r.returncode == 0, r.stderr
     from_head = json.loads(r.stdout)
     assert from_head["method"] == f"nn[{LITE} -> head.pt]"
+    r = run_cli("eval", store, "--method", f"head:{out / 'head.pt'}", "--device", "cpu", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == from_head  # compare's spelling works in eval too
     assert from_file["pck"] == from_head["pck"] == m["overall"]["head"]
     assert from_file["by_category"] == from_head["by_category"]
     r = run_cli("compare", store, f"head:{out / 'head.pt'}", out / "test_predictions.npz", "--json",
