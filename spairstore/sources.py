@@ -30,8 +30,9 @@ def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None 
          follow_links: bool = False) -> PackSummary:
     """Read the dataset at ``src`` (layout detected unless ``dataset`` names one of :data:`DATASETS`) and
     pack it into a store at ``out``. A source file that a symbolic link leads to outside ``src`` is a
-    bad item (see ``on_error``) unless ``follow_links``. See :func:`spairstore.store.writer.write` for
-    the other arguments."""
+    bad item (see ``on_error``) unless ``follow_links``. Feature-set files already beside an HDF5
+    ``out`` (``<out>.features/``) are left in place; the summary's notes say which the new store keeps
+    and which it refuses. See :func:`spairstore.store.writer.write` for the other arguments."""
     def read(wrap, policy):  # noqa: ANN001, ANN202 - a SourceReader
         return converters.read(Path(src), dataset, progress=wrap, on_error=policy, follow_links=follow_links)
 
