@@ -469,7 +469,8 @@ def _source(spec: str, device: str | None, batch_size: int) -> Method | Path:
 def compare(
     store: Annotated[str, typer.Argument(help="Store to evaluate on (path, or URL of a Zarr store).")],
     a: Annotated[str, typer.Argument(help="A: a predictions file, identity, nn:FEATURES, nn:FEATURES:FLIP_RULE, "
-                                          "head:PATH (nn on a trained head's maps, as eval --head) or MODULE:FACTORY.")],
+                                          "head:PATH (nn on a trained head's maps, as eval --head) or "
+                                          "MODULE:FACTORY.")],
     b: Annotated[str, typer.Argument(help="B: likewise; the report gives A - B.")],
     split: Annotated[str, typer.Option(help="Split whose pairs are evaluated.")] = "test",
     protocol: Annotated[str | None, typer.Option(help=_PROTOCOL_HELP)] = None,

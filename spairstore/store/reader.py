@@ -528,7 +528,7 @@ class Store:
 
     def features(self, name: str, i: int) -> np.ndarray:
         """Feature map of image row ``i`` from feature set ``name``: float16 (C, h, w). Its geometry
-        (cell -> pixels) is ``feature_sets[name]``; see :func:`spairstore.core.geometry.cell_to_store`."""
+        (cell -> pixels) is :meth:`feature_set`; see :func:`spairstore.core.geometry.cell_to_store`."""
         self.feature_set(name)
         i = self._check_row(i)
         return self._rows(f"features/{name}/data", i, i + 1)[0].copy()
