@@ -188,12 +188,16 @@ def test_failed_zarr_pack_leaves_nothing(synth_root: Path, tmp_path: Path) -> No
 
 
 # -- remote ------------------------------------------------------------------------------------------
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Python's static file server plus single byte-range requests, as object stores and web servers
-    serve them (``python -m http.server`` ignores ``Range``, which remote Zarr shards need)."""
+class NoRangeHandler(http.server.SimpleHTTPRequestHandler):
+    """``python -m http.server`` as it is (quiet): every request gets the whole file."""
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+class RangeHandler(NoRangeHandler):
+    """Python's static file server plus single byte-range requests, as object stores and web servers
+    serve them (``python -m http.server`` ignores ``Range``, which remote Zarr shards need)."""
 
     def send_head(self):  # type: ignore[no-untyped-def]
         self._remaining = None
@@ -238,13 +242,6 @@ def http_root(zarr_store: Path) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` serving the folder that holds the Zarr store."""
     with _serve(zarr_store.parent, RangeHandler) as root:
         yield root
-
-
-class NoRangeHandler(http.server.SimpleHTTPRequestHandler):
-    """``python -m http.server`` as it is: every request gets the whole file."""
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def test_server_without_range_requests_is_named(zarr_store: Path) -> None:
