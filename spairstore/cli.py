@@ -36,7 +36,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
-    """Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW) in one fast, checksummed store."""
+    """Semantic-correspondence datasets (SPair-71k, PF-PASCAL, PF-WILLOW, AP-10K) in one fast, checksummed store."""
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -135,6 +135,7 @@ def convert(
 
 @app.command()
 def features(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Argument(help="Store to add the feature set to (.h5 file or .zarr directory).")],
     backbone: Annotated[str, typer.Option(help="efficientnet-lite0 (weights ship with spairstore: works offline), "
                                                "resnet50, resnet101, dinov2-vit{s,b,l,g}14[-reg], "
@@ -161,13 +162,26 @@ def features(
              "other settings.")] = False,
     flip: Annotated[bool, typer.Option(
         help="Also store the maps of every image mirrored left to right, as the set NAME-flip.")] = False,
+    drop: Annotated[Optional[list[str]], typer.Option(
+        metavar="NAME", help="Delete feature set NAME instead (repeatable; a NAME-flip companion is a set of its "
+                             "own), or the file of a set the store refuses; nothing else of the store changes.")]
+    = None,
 ) -> None:
     """Run a backbone over every image of a store and add its float16 feature maps (N, C, h, w) as a named
     feature set. An interrupted run leaves the store readable without the set; running the same command
     again resumes it. Several processes: `torchrun --nproc-per-node N -m spairstore features STORE ...`
-    (one per GPU, or CPU processes); each extracts a share of the images."""
-    from .features import extract_features
+    (one per GPU, or CPU processes); each extracts a share of the images. `--drop NAME` deletes a set."""
+    from .features import drop_feature_set, extract_features
 
+    if drop:
+        given = [f"--{k.replace('_', '-')}" for k in ctx.params if k not in ("store", "drop")
+                 and ctx.get_parameter_source(k).name == "COMMANDLINE"]  # by name: typer ships its own click
+        if given:
+            raise SpairstoreError(f"--drop deletes feature sets; it takes no other option (got {', '.join(given)})")
+        for set_name in drop:
+            freed = drop_feature_set(store, set_name)
+            typer.echo(f"dropped feature set {set_name!r} from {store} ({_mib(freed)} freed)")
+        return
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
     with _on_interrupt(f"{store} is unchanged; the maps extracted so far are kept: run the same command "
                        "again to resume"):

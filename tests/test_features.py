@@ -177,6 +177,33 @@ def test_drop_feature_set(lite_store: Path, tmp_path: Path) -> None:
         drop_feature_set(p, "b10")
 
 
+@pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
+def test_drop_from_the_command_line(lite_store: Path, tmp_path: Path, fmt: str) -> None:
+    """`features STORE --drop NAME` deletes that set only; --drop takes no extraction option."""
+    from spairstore.store.convert import convert
+
+    p = copy_store(lite_store, tmp_path / "d.h5") if fmt == "hdf5" else tmp_path / "d.zarr"
+    if fmt == "zarr":
+        convert(lite_store, p)
+    before = spairstore.open(p)
+    kept = before.read(f"features/{LITE}", np.arange(len(before)))
+    size = before.field_bytes()["features/b10/data"]
+    before.close()
+    refused = CliRunner().invoke(app, ["features", str(p), "--drop", "b10", "--flip"])
+    assert refused.exit_code != 0 and "--drop deletes feature sets; it takes no other option (got --flip)" in str(
+        refused.exception)
+    done = CliRunner().invoke(app, ["features", str(p), "--drop", "b10"])
+    assert done.exit_code == 0, done.output
+    assert f"dropped feature set 'b10' from {p} (" in done.output
+    freed = float(done.output.split("(")[1].split(" MiB")[0])
+    assert size / 2**20 - 0.1 <= freed <= size / 2**20 + 0.1  # the set's maps and CRCs, nothing else
+    after = spairstore.open(p)
+    assert sorted(after.feature_sets) == [LITE] and verify(p).ok
+    np.testing.assert_array_equal(after.read(f"features/{LITE}", np.arange(len(after))), kept)
+    gone = CliRunner().invoke(app, ["features", str(p), "--drop", "b10"])
+    assert "no feature set 'b10'" in str(gone.exception)
+
+
 def test_stale_or_foreign_set_is_refused(lite_store: Path, synth_root: Path, tmp_path: Path) -> None:
     """A set file beside a store whose images differ (repacked at another size) is refused by name."""
     p = tmp_path / "other.h5"
@@ -199,8 +226,12 @@ def test_stale_or_foreign_set_is_refused(lite_store: Path, synth_root: Path, tmp
         spairstore.PairDataset(s, "test", fields=("features/b10",))
     report = verify(p)
     assert not report.ok and "b10.h5: made from other images" in str(report)
+    assert f"delete it (`spairstore features {p} --drop b10`)" in s.stale_feature_sets["b10"]
     extract_features(p, layers=["_blocks.4"], name="b10", overwrite=True, input_size=64)  # replaces it
     assert "b10" in spairstore.open(p).feature_sets and verify(p).ok
+    shutil.copyfile(sidecar_path(lite_store, "b10"), sidecar_path(p, "b10"))  # refused again: drop deletes it
+    assert drop_feature_set(p, "b10") == sidecar_path(lite_store, "b10").stat().st_size
+    assert not sidecar_path(p, "b10").exists() and not spairstore.open(p).stale_feature_sets and verify(p).ok
 
 
 def test_readers_opened_before_a_commit(store_copy: Path) -> None:
@@ -529,6 +560,7 @@ def test_repack_reports_the_sets_beside_the_store(synth_root: Path, tmp_path: Pa
     other = spairstore.pack(synth_root, p, size=48, overwrite=True)
     assert [n for n in other.notes if "b4" in n] == [f"feature set 'b4' refused: {sidecar_path(p, 'b4')}: made "
                                                      "from other images than this store's (the store was repacked, "
-                                                     "or the file comes from another store); delete it, or extract "
-                                                     "the set again with --overwrite"]
+                                                     "or the file comes from another store); delete it "
+                                                     f"(`spairstore features {p} --drop b4`), or extract the set "
+                                                     "again with --overwrite"]
     assert "b4" not in spairstore.open(p).feature_sets and sha256(sidecar_path(p, "b4")) == before

@@ -186,15 +186,18 @@ def set_writer(store_path: Path, meta: dict[str, Any], batch_size: int) -> SetWr
     return backend_for(store_path).add_group(store_path, meta["name"], shape, meta["attrs"], meta["store"], batch_size)
 
 
-def drop_feature_set(store_path: str | Path, name: str) -> None:
-    """Remove feature set ``name`` from the local store at ``store_path``. An HDF5 store's file is not
-    rewritten: the set's own file is deleted. Waits for nothing: refused while a run writes the set."""
+def drop_feature_set(store_path: str | Path, name: str) -> int:
+    """Remove feature set ``name`` from the local store at ``store_path``, or delete the file of a set the
+    store refuses (:attr:`Store.stale_feature_sets`); returns the bytes freed on disk. An HDF5 store's
+    file is not rewritten: the set's own file is deleted. Waits for nothing: refused while a run writes
+    the set."""
     store_path = Path(store_path).resolve()
     with Store(store_path) as store:
-        store.feature_set(name)
+        if name not in store.stale_feature_sets:
+            store.feature_set(name)
     tx = Transaction.open(store_path, f"features-{name}", who="`spairstore features` run", error=FeatureError)
     try:
-        backend_for(store_path).drop_group(store_path, name)
+        return backend_for(store_path).drop_group(store_path, name)
     finally:
         tx.finish()
 

@@ -299,7 +299,8 @@ class Store:
                 return f"not a feature-set file of set {name!r} (format {r.attrs.get('format')!r})"
             if r.attrs.get("store_fingerprint") != self.fingerprint:
                 return ("made from other images than this store's (the store was repacked, or the file comes from "
-                        "another store); delete it, or extract the set again with --overwrite")
+                        f"another store); delete it (`spairstore features {self.path} --drop {name}`), or extract "
+                        "the set again with --overwrite")
             data, crc = f"features/{name}/data", f"features/{name}/crc32"
             shapes = r.shapes()
             n = len(self.images["name"])

@@ -120,8 +120,9 @@ class Backend:
         ``name`` of ``shape`` to the local store, inside its transaction."""
         raise NotImplementedError
 
-    def drop_group(self, store: Path, name: str) -> None:
-        """Delete feature set ``name`` of the local store (call inside its transaction)."""
+    def drop_group(self, store: Path, name: str) -> int:
+        """Delete feature set ``name`` of the local store (call inside its transaction); returns the
+        bytes it occupied on disk."""
         raise NotImplementedError
 
 
@@ -151,7 +152,7 @@ class _HDF5Backend(Backend):
 
         return hdf5.SidecarSet(store, name, shape, attrs, store_fingerprint, unit_rows)
 
-    def drop_group(self, store: Path, name: str) -> None:
+    def drop_group(self, store: Path, name: str) -> int:
         from ..feature_sets import sidecar_path
         from ..transaction import fsync_path
 
@@ -159,8 +160,10 @@ class _HDF5Backend(Backend):
         if not path.is_file():
             raise FeatureError(f"{store}: feature set {name!r} is inside the store file (written by an older "
                                f"spairstore); `spairstore convert` it to a new store to drop it")
+        freed = path.stat().st_size
         path.unlink()
         fsync_path(path.parent)
+        return freed
 
 
 class _ZarrBackend(Backend):
@@ -186,10 +189,12 @@ class _ZarrBackend(Backend):
 
         return zarr.ZarrSet(store, name, shape, attrs)
 
-    def drop_group(self, store: Path, name: str) -> None:
+    def drop_group(self, store: Path, name: str) -> int:
         from . import zarr
 
+        freed = disk_bytes(Path(store) / "features" / name)
         zarr.ZarrSet(store, name, (0,), {}).drop()
+        return freed
 
 
 #: the registry: format name -> backend
