@@ -475,3 +475,23 @@ def test_cli_eval_show_and_errors(synth_store: Path, tmp_path: Path, cli) -> Non
         assert rc == 1, (args, out)
         assert msg in err and "Traceback" not in err, (args, err)
         assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("with_predictions", [False, True])
+def test_show_title_fits_a_narrow_pair(store: spairstore.Store, tmp_path: Path, with_predictions: bool) -> None:
+    """Two portrait images make a narrow picture: the title wraps onto lines that stay inside it (a clipped
+    title leaves its ink at the picture's left and right edges)."""
+    from PIL import Image
+
+    from spairstore.eval.viz import show_pair
+
+    out = tmp_path / "p.png"
+    t = store.pairs("test")
+    predictions = t.trg_kps[0, :t.n_kps[0]] if with_predictions else None
+    show_pair(store, "test", 0, out, PROTOCOLS["spair"], predictions=predictions, method="a-long-method-name[x]",
+              height=90)
+    with Image.open(out) as im:
+        ink = np.asarray(im.convert("L")) < 128
+    title = ink[:ink.shape[0] - 90]  # the band above the images
+    assert title.any() and not title[:, :3].any() and not title[:, -3:].any()
+    assert title.any(axis=1).sum() > (22 if with_predictions else 11)  # more than one line of text

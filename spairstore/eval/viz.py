@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Circle
 from PIL import Image
 
@@ -52,19 +53,9 @@ def show_pair(store: Store, split: str, row: int, out: str | Path, protocol: Pro
     qa = q_kps * s[0]
     tb = true * s[1] + [shift, 0]
 
-    fig = _figure(canvas.shape[1] / 100, canvas.shape[0] / 100 + 0.4)
-    ax = fig.add_axes((0, 0, 1, canvas.shape[0] / (canvas.shape[0] + 40)))
-    ax.imshow(canvas)
-    ax.set_axis_off()
-    report = None
-    category = store.categories[int(t.category[row])]
-    title = f"{t.stem[row]}  ({category}, {protocol.direction})"
+    title = [t.stem[row], f"({store.categories[int(t.category[row])]}, {protocol.direction})"]
     if predictions is None:
-        for (x0, y0), (x1, y1) in zip(qa, tb):
-            ax.plot([x0, x1], [y0, y1], "-", color="yellow", lw=1.2)
-        ax.scatter(qa[:, 0], qa[:, 1], s=18, c="yellow", edgecolors="black", linewidths=0.5, zorder=3)
-        ax.scatter(tb[:, 0], tb[:, 1], s=18, c="yellow", edgecolors="black", linewidths=0.5, zorder=3)
-        title += "  ground truth"
+        title.append("ground truth")
     else:
         alpha = protocol.alphas[0] if alpha is None else alpha
         proto = protocol if alpha in protocol.alphas else protocol.replace(alphas=(alpha, *protocol.alphas))
@@ -72,6 +63,20 @@ def show_pair(store: Store, split: str, row: int, out: str | Path, protocol: Pro
         pred[0, :n] = np.asarray(predictions, dtype=np.float64)[:n]
         report = score(store, split, np.array([row]), pred, proto, method=method)
         ok = report.correct[proto.alphas.index(alpha), 0, :n]
+        title.append(f"{method or 'predictions'}: PCK@{alpha_key(alpha)} = {int(ok.sum())}/{n}")
+    lines = _wrap(title, canvas.shape[1])
+    top = 14 * len(lines) + 12  # pixels above the images for the title
+    fig = _figure(canvas.shape[1] / 100, (canvas.shape[0] + top) / 100)
+    ax = fig.add_axes((0, 0, 1, canvas.shape[0] / (canvas.shape[0] + top)))
+    ax.imshow(canvas)
+    ax.set_axis_off()
+    if predictions is None:
+        for (x0, y0), (x1, y1) in zip(qa, tb):
+            ax.plot([x0, x1], [y0, y1], "-", color="yellow", lw=1.2)
+        ax.scatter(qa[:, 0], qa[:, 1], s=18, c="yellow", edgecolors="black", linewidths=0.5, zorder=3)
+        ax.scatter(tb[:, 0], tb[:, 1], s=18, c="yellow", edgecolors="black", linewidths=0.5, zorder=3)
+        report = None
+    else:
         radius = alpha * report.base[0] * s[1]
         pb = pred[0, :n] * s[1] + [shift, 0]
         for i in range(n):
@@ -81,10 +86,30 @@ def show_pair(store: Store, split: str, row: int, out: str | Path, protocol: Pro
         ax.scatter(qa[:, 0], qa[:, 1], s=20, c="white", edgecolors="black", linewidths=0.5, zorder=3)
         ax.scatter(tb[:, 0], tb[:, 1], s=20, c="white", marker="x", zorder=3)
         ax.scatter(pb[:, 0], pb[:, 1], s=22, c=np.where(ok, "lime", "red"), edgecolors="black", linewidths=0.5, zorder=4)
-        title += f"  {method or 'predictions'}: PCK@{alpha_key(alpha)} = {int(ok.sum())}/{n}"
-    fig.suptitle(title, fontsize=9, y=0.995, va="top")
+    fig.text(0.5, 1 - 6 / (canvas.shape[0] + top), "\n".join(lines), fontsize=9, ha="center", va="top",
+             linespacing=1.3)
     fig.savefig(out)
     return report
+
+
+def _wrap(parts: list[str], width_px: int, fontsize: float = 9) -> list[str]:
+    """The title's parts joined two spaces apart into lines that fit ``width_px`` (measured by Agg; a part
+    too long for a line is cut): narrow pictures, e.g. of two portrait images, would otherwise clip it."""
+    font, renderer = FontProperties(size=fontsize), RendererAgg(1, 1, 100)
+
+    def fits(text: str) -> bool:
+        return renderer.get_text_width_height_descent(text, font, ismath=False)[0] <= width_px - 8
+
+    lines: list[str] = []
+    for part in parts:
+        while part:
+            cut = next((k for k in range(len(part), 0, -1) if fits(part[:k])), 1)
+            piece, part = part[:cut], part[cut:]
+            if lines and fits(f"{lines[-1]}  {piece}"):
+                lines[-1] += "  " + piece
+            else:
+                lines.append(piece)
+    return lines
 
 
 def plot_reports(reports: Report | Sequence[Report], out: str | Path) -> None:
