@@ -495,3 +495,16 @@ def test_show_title_fits_a_narrow_pair(store: spairstore.Store, tmp_path: Path, 
     title = ink[:ink.shape[0] - 90]  # the band above the images
     assert title.any() and not title[:, :3].any() and not title[:, -3:].any()
     assert title.any(axis=1).sum() > (22 if with_predictions else 11)  # more than one line of text
+
+
+def test_plot_titles_fit_over_few_categories(store: spairstore.Store, tmp_path: Path) -> None:
+    """The per-category panel of `eval --plot` keeps its title inside the picture however few categories
+    it has (with this store's three, the old one-line title ran off the right edge)."""
+    from PIL import Image
+
+    from spairstore.eval.viz import plot_reports
+
+    plot_reports(spairstore.evaluate(store, "test", Identity()), tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as im:
+        ink = np.asarray(im.convert("L")) < 128
+    assert ink[:40].any() and not ink[:40, -3:].any() and not ink[:40, :3].any()

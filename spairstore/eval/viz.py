@@ -119,8 +119,9 @@ def plot_reports(reports: Report | Sequence[Report], out: str | Path) -> None:
     top = max(0.2, 1.5 * max(p.alphas))
     alphas = np.linspace(0, top, 101)
     cats = [c for c in reports[0].categories if reports[0].to_dict()["counts"]["by_category"][c] > 0]
-    fig = _figure(5 + 0.45 * (len(cats) + 1), 4.2)
-    ax1, ax2 = fig.add_gridspec(1, 2, width_ratios=(5, 0.45 * (len(cats) + 1))).subplots()
+    bars_width = max(2.2, 0.45 * (len(cats) + 1))  # inches; wide enough for its title over few categories
+    fig = _figure(5 + bars_width, 4.2)
+    ax1, ax2 = fig.add_gridspec(1, 2, width_ratios=(5, bars_width)).subplots()
     style = {"per_image": "-", "per_point": "--"}
     width = 0.8 / len(reports)
     for k, r in enumerate(reports):
@@ -138,7 +139,7 @@ def plot_reports(reports: Report | Sequence[Report], out: str | Path) -> None:
     ax1.legend(fontsize=7)
     ax2.set_xticks(np.arange(len(cats) + 1), [ABBREV.get(c, c) for c in cats] + ["all"], rotation=60, fontsize=8)
     ax2.set(ylabel="PCK (%)", ylim=(0, 100),
-            title=f"per category, PCK@{alpha_key(p.alphas[0])} {p.aggregation[0].replace('_', ' ')}")
+            title=f"per category\nPCK@{alpha_key(p.alphas[0])} {p.aggregation[0].replace('_', ' ')}")
     if len(reports) > 1:
         ax2.legend(fontsize=7)
     fig.tight_layout()
