@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -629,7 +630,8 @@ def _error(message: str) -> None:
 
 def main() -> None:
     """Console entry point: user errors, and what the machine refuses (a folder that cannot be written, a
-    full disk, memory), print one line and exit 1, without a traceback."""
+    full disk, memory), print one line and exit 1, without a traceback. An error raised in the user's
+    code (``--backbone``/``--method MODULE:FACTORY``) shows the traceback from its first frame there."""
     try:
         app()
     except SpairstoreError as e:
@@ -641,3 +643,13 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        from .core.user_code import raised, user_frames
+
+        frames = user_frames(e)
+        if frames is None:  # not from the user's code: spairstore's own bug, shown in full
+            raise
+        if _first_process():
+            typer.echo("\nTraceback (most recent call last; your code's frames only):\n" + "".join(frames.format())
+                       + "".join(traceback.format_exception_only(e)), err=True)
+        _error(f"your code raised {raised(e)}")

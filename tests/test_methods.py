@@ -287,6 +287,12 @@ def broken():
 
 def number():
     return 3
+
+def lookup(batch):
+    return batch["src_kps_typo"]   # a bug in the user's predictor
+
+def typo():
+    return lookup
 """
 
 
@@ -317,6 +323,12 @@ def test_eval_and_compare_take_a_users_method(feature_store: Path, tmp_path: Pat
                              ("missing", "has no callable 'missing'")):
         r = CliRunner().invoke(app, [*base, f"{f}:{factory}"])
         assert r.exit_code != 0 and message in str(r.exception) + r.output, (factory, r.output)
+    from tests.conftest import run_cli
+
+    r = run_cli(*base, f"{f}:typo")  # the console entry point: the user's frames and one line naming them
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and err[-1] == f"error: your code raised KeyError: 'src_kps_typo' ({f}, line 25)", err
+    assert f'  File "{f}", line 25, in lookup' in err and not any("spairstore/" in line for line in err), err
 
 
 def test_load_head_refuses_what_is_not_a_head(tmp_path: Path) -> None:

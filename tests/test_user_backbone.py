@@ -3,6 +3,7 @@ the --flip companion set equals the maps of the mirrored images."""
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -68,6 +69,32 @@ def not_a_module():
 
 def broken():
     raise ValueError("no weights here")
+
+
+class Crashes(Tiny):
+    def forward(self, x):
+        return self.conv(x)[:, :, :, 99].view(-1, 7)  # a bug in the user's forward
+
+
+def crashes():
+    return Crashes()
+
+
+class Scaled(Tiny):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return super().forward(x) * self.factor
+
+
+def nan():
+    return Scaled(float("nan"))
+
+
+def huge():
+    return Scaled(1e9)
 '''
 
 
@@ -209,7 +236,7 @@ def test_user_module_on_zarr_store(store_copy: Path, tiny_file: Path, tmp_path: 
     ("no_stride", r"{spec}: the module has no attribute stride \(a feature module declares input_size: "),
     ("bad_std", r"{spec}: attribute std = \(0.2, 0.0, 0.3\) must be 3 positive floats"),
     ("not_a_module", r"{spec}: FACTORY\(\) returned int, not a torch.nn.Module"),
-    ("broken", r"{spec}: FACTORY\(\) raised ValueError: no weights here"),
+    ("broken", r"{spec}: FACTORY\(\) raised ValueError: no weights here \(.*tiny.py, line 50\)"),
     ("nothing", r"--backbone {spec}: .*tiny.py has no callable 'nothing'"),
 ])
 def test_user_module_errors(store_copy: Path, tiny_file: Path, factory: str, message: str) -> None:
@@ -234,3 +261,37 @@ def test_factory_path_errors(store_copy: Path, tiny_file: Path) -> None:
     r = run_cli("features", store_copy, "--backbone", f"{tiny_file}:wrong_shape")
     err = r.stderr.strip()
     assert r.returncode == 1 and "\n" not in err and err.startswith("error: ") and "expected (1, C, 16, 16)" in err
+
+
+def test_an_error_in_the_users_forward_shows_their_frames(store_copy: Path, tiny_file: Path) -> None:
+    """A bug in the user's forward: the traceback starts at their frame (no CLI or spairstore frames
+    above it) and the last line names their file and line; the store is unchanged."""
+    before = store_copy.read_bytes()
+    r = run_cli("features", store_copy, "--backbone", f"{tiny_file}:crashes")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback (most recent call last; your code's frames only):" in err
+    shown = "\n".join(err[err.index("Traceback (most recent call last; your code's frames only):"):])
+    assert f'File "{tiny_file.resolve()}", line 55, in forward' in shown
+    assert set(re.findall(r'File "([^"]+)"', shown)) == {str(tiny_file.resolve())}
+    assert err[-1] == f"error: your code raised IndexError: index 99 is out of bounds for dimension 3 with size 8 " \
+                      f"({tiny_file.resolve()}, line 55)"
+    assert store_copy.read_bytes() == before
+
+
+def test_a_module_whose_own_import_fails_is_not_called_missing(store_copy: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "needs_x.py").write_text("import nosuch_dependency_x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FeatureError, match=r"^--backbone needs_x:make: importing needs_x raised ModuleNotFoundError: "
+                                           r"No module named 'nosuch_dependency_x' \(.*needs_x.py, line 1\)$"):
+        extract_features(store_copy, backbone="needs_x:make")
+
+
+@pytest.mark.parametrize("factory, what", [("nan", "NaN or infinite values"),
+                                           ("huge", r"values beyond float16's range \(\|x\| > 65504\)")])
+def test_maps_that_are_not_finite_in_float16_are_refused(store_copy: Path, tiny_file: Path, factory: str,
+                                                         what: str) -> None:
+    with pytest.raises(FeatureError, match=rf"^{store_copy.resolve()}: the maps of image rows 0, 1, 2, 3, 4 and "
+                                           rf"\d+ more hold {what}$"):
+        extract_features(store_copy, backbone=f"{tiny_file}:{factory}")
+    assert not spairstore.open(store_copy).feature_sets

@@ -6,11 +6,35 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import SpairstoreError
+
+#: source files of the user's code loaded so far: an error raised there is shown from its first frame there
+_USER_FILES: set[str] = set()
+
+
+def user_frames(e: BaseException) -> traceback.StackSummary | None:
+    """The frames of ``e``'s traceback from the first one in the user's code on (what the user debugs:
+    spairstore's and the CLI's frames above it say nothing about their bug), or None if the error did
+    not pass through the user's code."""
+    frames = traceback.extract_tb(e.__traceback__)
+    first = next((k for k, f in enumerate(frames) if _is_user(f)), None)
+    return None if first is None else traceback.StackSummary.from_list(frames[first:])
+
+
+def _is_user(frame: traceback.FrameSummary) -> bool:
+    return frame.filename in _USER_FILES or str(Path(frame.filename).resolve()) in _USER_FILES
+
+
+def raised(e: BaseException) -> str:
+    """``e`` in one line, with the file and line of the user's code it came from (deepest first)."""
+    frames = user_frames(e)
+    at = next((f for f in reversed(frames) if _is_user(f)), None) if frames else None
+    return f"{type(e).__name__}: {e}" + (f" ({at.filename}, line {at.lineno})" if at else "")
 
 
 def load_factory(spec: str, option: str, error: type[SpairstoreError] = SpairstoreError
@@ -30,20 +54,29 @@ def load_factory(spec: str, option: str, error: type[SpairstoreError] = Spairsto
             raise error(f"{path}: not a Python file ({option} {spec})")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # dataclasses and pickling look modules up here
+        _USER_FILES.add(str(path))
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:  # noqa: BLE001 - the user's code: report whatever it raised in one line
             del sys.modules[name]
-            raise error(f"{path}: importing it raised {type(e).__name__}: {e}") from None
+            raise error(f"{path}: importing it raised {raised(e)}") from None
         spec = f"{path}:{attr}"
     else:
         try:
+            found = importlib.util.find_spec(where)
+        except Exception:  # noqa: BLE001 - a parent package that fails to import: import_module says so below
+            found = None
+        if found is not None and found.origin:
+            _USER_FILES.add(str(Path(found.origin).resolve()))
+        try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as e:
+            if e.name is not None and not (where == e.name or where.startswith(f"{e.name}.")):
+                raise error(f"{option} {spec}: importing {where} raised {raised(e)}") from None  # its own import
             raise error(f"{option} {spec}: cannot import {where} ({e}); put its folder on PYTHONPATH or "
                         f"give path/to/file.py:{attr}") from None
         except Exception as e:  # noqa: BLE001 - the user's code
-            raise error(f"{option} {spec}: importing {where} raised {type(e).__name__}: {e}") from None
+            raise error(f"{option} {spec}: importing {where} raised {raised(e)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise error(f"{option} {spec}: {where} has no callable {attr!r}")

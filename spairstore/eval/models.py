@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..core import geometry
 from ..core.device import resolve_device
 from ..core.errors import SpairstoreError
-from ..core.user_code import load_factory
+from ..core.user_code import load_factory, raised
 from ..store.reader import Store
 from ..torch.collate import Batch
 from ..torch.datasets import PairDataset
@@ -187,7 +187,7 @@ def method_from_factory(spec: str, device: str | None = None, batch_size: int = 
     try:
         obj = factory()
     except Exception as e:  # noqa: BLE001 - the user's code: report whatever it raised in one line
-        raise SpairstoreError(f"--method {origin}: FACTORY() raised {type(e).__name__}: {e}") from None
+        raise SpairstoreError(f"--method {origin}: FACTORY() raised {raised(e)}") from None
     if not callable(obj):
         raise SpairstoreError(f"--method {origin}: FACTORY() returned {type(obj).__name__}, not a method or a "
                               "callable fn(batch)")

@@ -76,10 +76,13 @@ def extract_rows(store: Store, extractor: Extractor, rows: Sequence[int] | np.nd
     bar = tqdm(total=len(rows), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for batch in _batches(rows, batch_size, unit_rows):
-            maps = extractor(store.read("pixels", batch)).half()
-            if not torch.isfinite(maps).all():
-                raise FeatureError(f"{store.path}: feature values of image rows {batch.min()}..{batch.max()} "
-                                   f"are not finite in float16 (overflow)")
+            out = extractor(store.read("pixels", batch))
+            maps = out.half()
+            for values, what in ((out, "NaN or infinite values"), (maps, "values beyond float16's range (|x| > 65504)")):
+                bad = batch[~torch.isfinite(values).flatten(1).all(1).cpu().numpy()]
+                if len(bad):
+                    rows_said = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                    raise FeatureError(f"{store.path}: the maps of image rows {rows_said} hold {what}")
             sink(batch, maps.cpu().numpy())
             bar.update(len(batch))
     finally:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core.errors import FeatureError
-from ..core.user_code import load_factory
+from ..core.user_code import load_factory, raised
 from .backbones import Extractor
 
 #: the attributes a user module declares, with what each must be
@@ -104,7 +104,7 @@ class UserExtractor(Extractor):
             try:
                 module = factory()
             except Exception as e:  # noqa: BLE001 - the user's code
-                raise FeatureError(f"{self.spec}: FACTORY() raised {type(e).__name__}: {e}") from None
+                raise FeatureError(f"{self.spec}: FACTORY() raised {raised(e)}") from None
         if not isinstance(module, nn.Module):
             raise FeatureError(f"{self.spec}: FACTORY() returned {type(module).__name__}, not a torch.nn.Module")
         g = _declared(module, self.spec)
