@@ -156,16 +156,20 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def comparison(nn: spairstore.Report, ours: spairstore.Report) -> dict:
-    """NN and head numbers side by side: overall (every α and aggregation), PCK@0.1 per category and per factor."""
+    """NN and head numbers side by side: overall (every α and aggregation), PCK@0.1 per category, per
+    variation factor level (SPair-71k) and per group of each kind the store declares (AP-10K: family, subset)."""
     a, b = nn.to_dict(), ours.to_dict()
     agg = nn.protocol.aggregation[0]
     per_cat = {c: (a["by_category"][c]["0.1"][agg], b["by_category"][c]["0.1"][agg])
                for c in nn.categories if a["counts"]["by_category"][c]}
     per_factor = {f"{k}={lv}": (a["by_factor"][k][lv]["0.1"][agg], b["by_factor"][k][lv]["0.1"][agg])
                   for k in a["by_factor"] for lv in a["by_factor"][k] if a["counts"]["by_factor"][k][lv]}
+    per_group = {kind: {g: (a["by_group"][kind][g]["0.1"][agg], b["by_group"][kind][g]["0.1"][agg])
+                        for g in a["by_group"][kind] if a["counts"]["by_group"][kind][g]}
+                 for kind in a["by_group"]}
     return {"aggregation": agg, "overall": {"nn": a["pck"], "head": b["pck"]}, "by_category": per_cat,
-            "by_factor": per_factor, "categories_better": sum(h > n for n, h in per_cat.values()),
-            "categories": len(per_cat)}
+            "by_factor": per_factor, "by_group": per_group,
+            "categories_better": sum(h > n for n, h in per_cat.values()), "categories": len(per_cat)}
 
 
 def _gain(pairs: dict) -> list:
@@ -186,7 +190,9 @@ def report(nn: spairstore.Report, ours: spairstore.Report, m: dict) -> str:
          f"head better in {m['categories_better']} of {m['categories']} categories"),
         markdown_table("PCK (%) overall", cols, overall),
         markdown_table(f"PCK@0.1 {agg} (%) per category", cols, _gain(m["by_category"])),
-        markdown_table(f"PCK@0.1 {agg} (%) per variation factor", cols, _gain(m["by_factor"])),
+        *([markdown_table(f"PCK@0.1 {agg} (%) per variation factor", cols, _gain(m["by_factor"]))]
+          if m["by_factor"] else []),
+        *[markdown_table(f"PCK@0.1 {agg} (%) per {kind}", cols, _gain(groups)) for kind, groups in m["by_group"].items()],
         "## The head's full report\n\n" + ours.to_markdown(),
     ]) + "\n"
 

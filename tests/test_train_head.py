@@ -80,3 +80,31 @@ def test_predictions_file_and_head_evaluate_alike(trained: tuple[Path, Path, sub
     with np.load(out / "test_predictions.npz") as z:
         assert sorted(map(int, z.files)) == sorted(t.pair_id.tolist())
         assert all(z[str(pid)].shape == (n, 2) for pid, n in zip(t.pair_id, t.n_kps))
+
+
+def test_report_breaks_ap10k_down_by_its_groups(tmp_path: Path) -> None:
+    """On AP-10K (no variation factors) the report has a table per family and per subset, none per factor."""
+    import importlib.util
+
+    from spairstore.eval.methods import Identity
+    from spairstore.sources import SYNTHESIZERS
+
+    root = tmp_path / "AP-10K"
+    SYNTHESIZERS["ap10k"](root, categories=["cat", "lion", "wolf"], images_per_category=34, seed=3)
+    store = spairstore.pack(root, tmp_path / "ap.h5", size=32).path
+    spec = importlib.util.spec_from_file_location("train_head", REPO / "examples" / "train_head.py")
+    train_head = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_head)
+    s = spairstore.open(store)
+    t = s.pairs("test")
+    nn = spairstore.evaluate(s, "test", Identity())
+    ours = spairstore.evaluate(s, "test", t.trg_kps)  # the truth: 100 %
+    m = train_head.comparison(nn, ours)
+    assert m["by_factor"] == {} and sorted(m["by_group"]) == ["family", "subset"]
+    assert sorted(m["by_group"]["family"]) == ["Canidae", "Felidae"]
+    assert {k: h for k, (_, h) in m["by_group"]["subset"].items()} == {
+        k: 100.0 for k, n in nn.to_dict()["counts"]["by_group"]["subset"].items() if n}
+    text = train_head.report(nn, ours, {**m, "features": "f", "store": str(store), "best_epoch": 0, "steps": 0,
+                                        "device": "cpu", "train_wall_s": 0.0, "train_cpu_s": 0.0, "load_average": 0.0,
+                                        "data_wait_share": 0.0})
+    assert "per variation factor" not in text and "per family**" in text and "| cross-species |" in text
