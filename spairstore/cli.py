@@ -500,8 +500,9 @@ def compare(
     device: Annotated[str | None, typer.Option(help="Device for nn (default: cuda if available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per batch for nn.")] = 32,
 ) -> None:
-    """PCK of A minus PCK of B on the same pairs -- overall, per category and per variation factor -- with
-    paired bootstrap confidence intervals (pairs resampled) and p-values."""
+    """PCK of A minus PCK of B on the same pairs -- overall, per category, per group the store declares
+    (AP-10K: family, subset) and per variation factor -- with paired bootstrap confidence intervals (pairs
+    resampled) and p-values."""
     from .eval.compare import compare as run_compare
     from .store.reader import open as open_store
 

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import converters
+import spairstore
 from converters.ap10k import (
     AP10K,
     FLIP_PAIRS,
@@ -405,6 +406,19 @@ def test_cli_round_trip(synth_root, tmp_path):
     assert 0 < json.loads(res.output)["keypoints"] == geo < report["keypoints"]
     text = r.invoke(app, ["eval", str(store), "--method", "identity"]).output
     assert "PCK (%) by subset" in text and "PCK (%) by family" in text
+    # compare breaks the difference down the same way: the truth minus identity, per subset, from the files
+    truth = tmp_path / "truth.npy"
+    np.save(truth, spairstore.open(store).pairs("test").trg_kps.astype(np.float64))
+    res = r.invoke(app, ["compare", str(store), str(truth), "identity", "--json", "--resamples", "50"])
+    assert res.exit_code == 0, res.output
+    by_group = json.loads(res.output)["by_group"]
+    for sub in SUBSETS:
+        cell = by_group["subset"][sub]["0.1"]["per_image"]
+        assert cell["diff"] == pytest.approx(100 - 100 * np.mean(frac[sub]), abs=1e-9) and 0 < cell["p"] <= 1
+    assert set(by_group["family"]) == {"Felidae", "Hippopotamidae"}
+    text = r.invoke(app, ["compare", str(store), str(truth), "identity", "--resamples", "50"]).output
+    row = next(ln for ln in text.splitlines() if ln.startswith("subset cross-family"))
+    assert row.split()[7] == f"{by_group['subset']['cross-family']['0.1']['per_image']['p']:.3f}"  # p: 3 decimals
 
     res = r.invoke(app, ["verify", str(store), "--sources", str(synth_root)])
     assert res.exit_code == 0, res.output

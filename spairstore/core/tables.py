@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-Cell = float | int | None
+Cell = float | int | str | None
 Columns = Sequence[tuple[str, str]]
 Rows = Sequence[tuple[str, Sequence[Cell]]]
 
@@ -15,9 +15,11 @@ ABBREV = {"aeroplane": "aero", "bicycle": "bike", "motorbike": "mbike", "pottedp
 
 
 def cell(v: Cell) -> str:
-    """Counts with thousands separators, percentages with one decimal, ``-`` for nothing."""
+    """Counts with thousands separators, percentages with one decimal, ``-`` for nothing; text as it is."""
     if v is None:
         return "-"
+    if isinstance(v, str):
+        return v
     return f"{v:,}" if isinstance(v, (int, np.integer)) else f"{v:.1f}"
 
 

@@ -1,7 +1,8 @@
 """Paired comparison of two sets of predictions: PCK difference with bootstrap confidence intervals.
 
 Both are scored on the same pairs under the same protocol; the difference ``A - B`` (percentage points)
-is reported overall, per category and per variation-factor level, per image and per point. Its
+is reported overall, per category, per group of the store's groupings (AP-10K: family, subset) and per
+variation-factor level, per image and per point. Its
 uncertainty comes from a paired bootstrap over *pairs*: ``resamples`` times, the evaluated pairs are drawn
 with replacement (``numpy.random.default_rng(seed)``), and A and B are re-scored on the same draw; the
 interval is the central ``confidence`` % of those differences (percentile method), the p-value the two-sided
@@ -25,9 +26,12 @@ from .sensitivity import all_predictions
 
 
 def _groups(rep: Report) -> list[tuple[str, str, np.ndarray]]:
-    """(section, group name, bool (P,) membership): overall, each category, each factor level."""
+    """(section, group name, bool (P,) membership): overall, each category, each group of the store's
+    groupings (AP-10K: family, subset), each factor level."""
     out = [("overall", "all", np.ones(rep.pairs, dtype=bool))]
     out += [("by_category", c, rep.category == j) for j, c in enumerate(rep.categories) if (rep.category == j).any()]
+    for kind, (ids, names) in rep.groups.items():
+        out += [(f"by_group/{kind}", g, ids == j) for j, g in enumerate(names) if (ids == j).any()]
     for f, lab in rep.labels.items():
         if (lab >= 0).any():
             out += [(f"by_factor/{f}", lv, lab == i) for i, lv in enumerate(LEVELS[f]) if (lab == i).any()]
@@ -50,14 +54,16 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         """``{"protocol", "protocol_line", "split", "a", "b", "pairs", "resamples", "seed", "confidence",
         "overall": {"all": {alpha: {aggregation: {"a", "b", "diff", "ci": [lo, hi], "p"}}}},
-        "by_category": {...}, "by_factor": {factor: {level: {...}}}}``; PCK and differences in percent."""
+        "by_category": {...}, "by_group": {grouping: {group: {...}}}, "by_factor": {factor: {level: {...}}}}``;
+        PCK and differences in percent."""
         out: dict[str, Any] = {"protocol": self.protocol.to_dict(), "protocol_line": str(self.protocol),
                                "split": self.split, "a": self.names[0], "b": self.names[1], "pairs": self.pairs,
                                "resamples": self.resamples, "seed": self.seed, "confidence": self.confidence,
-                               "overall": {}, "by_category": {}, "by_factor": {}}
+                               "overall": {}, "by_category": {}, "by_group": {}, "by_factor": {}}
         for section, groups in self.cells.items():
-            if section.startswith("by_factor/"):
-                out["by_factor"][section.split("/", 1)[1]] = groups
+            if "/" in section:
+                kind, name = section.split("/", 1)
+                out[kind][name] = groups
             else:
                 out[section] = groups
         return out
@@ -70,10 +76,10 @@ class Comparison:
         for section, groups in self.cells.items():
             prefix = "" if section in ("overall", "by_category") else section.split("/", 1)[1] + " "
             for g, cells in groups.items():
-                vals: list[float | None] = []
+                vals: list[float | str | None] = []
                 for agg in self.protocol.aggregation:
-                    c = cells[a][agg]
-                    vals += [c["a"], c["b"], c["diff"], c["ci"][0], c["ci"][1], c["p"]]
+                    c = cells[a][agg]  # p is a probability, not a percentage: three decimals (it is never 0)
+                    vals += [c["a"], c["b"], c["diff"], c["ci"][0], c["ci"][1], None if c["p"] is None else f"{c['p']:.3f}"]
                 rows.append((prefix + g, vals))
         head = (f"A = {self.names[0]}\nB = {self.names[1]}\n{self.protocol}\n{self.split}: {self.pairs:,} pairs; paired "
                 f"bootstrap over pairs, {self.resamples:,} resamples, seed {self.seed}, {self.confidence:g} % interval")
