@@ -243,7 +243,21 @@ def test_loader_resumes_mid_epoch(synth_store: Path) -> None:
         epochs.append([b["index"].tolist() for b in resumed])
     assert epochs[0] == whole[3:] and len(epochs) == 2 and epochs[1] != whole and len(epochs[1]) == len(whole)
     assert [b["index"].tolist() for b in first] == whole[3:]  # a loop left early continues too
-    assert [b["index"].tolist() for b in first] == whole  # after a whole epoch: from its start again
+    # a checkpoint saved at the end of an epoch resumes at the next one: the usual loop repeats nothing
+    at_end = first.state_dict()
+    assert (at_end["epoch"], at_end["batches"]) == (4, 0)
+    after = Loader(ds, 4, seed=1, drop_last=True)
+    after.load_state_dict(at_end)
+    rest = []
+    for epoch in range(after.epoch, 5):
+        after.set_epoch(epoch)
+        rest.append([b["index"].tolist() for b in after])
+    assert rest == [epochs[1]]
+    assert [b["index"].tolist() for b in first] == whole  # a whole epoch looped again: from its start
+    assert first.state_dict()["epoch"] == 4
+    for b in first:
+        break
+    assert (first.state_dict()["epoch"], first.state_dict()["batches"]) == (3, 1)  # a loop left early: mid-epoch
 
 
 def test_loader_normalises_pixels_on_the_device(synth_store: Path) -> None:

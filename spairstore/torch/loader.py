@@ -120,7 +120,8 @@ class Loader:
     ``set_epoch(e)`` reshuffles (same order for the same ``(seed, e)`` whatever the worker count) and
     seeds the dataset's augmentations. ``state_dict()`` / ``load_state_dict()`` resume mid-epoch: a loop
     left early (or a restored state) continues with the first batch not yet handed out; a finished
-    epoch starts over.
+    epoch starts over. A state saved once an epoch's loop has finished is the next epoch's start, so an
+    end-of-epoch checkpoint resumes without repeating the epoch it followed.
     """
 
     def __init__(self, dataset: Any, batch_size: int = 32, *, shuffle: bool = True, seed: int = 0,
@@ -141,6 +142,7 @@ class Loader:
         self._std = torch.tensor(std, dtype=torch.float32).view(shape).to(self.device) * 255
         self._pool = BufferPool() if self.device.type == "cpu" else None  # normalised CPU images
         self._done = 0  # batches of the current epoch handed out
+        self._finished = False  # the last loop ran the current epoch to its end
         self._plan = _Plan()
         self._workers: DataLoader | None = None  # made on the first epoch with workers, then kept
 
@@ -153,7 +155,7 @@ class Loader:
         then the position is kept, so that a restored :meth:`state_dict` survives the usual
         ``for epoch in ...: loader.set_epoch(epoch)`` loop."""
         if epoch != self.sampler.epoch:
-            self._done = 0
+            self._done, self._finished = 0, False
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
 
@@ -163,9 +165,11 @@ class Loader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def state_dict(self) -> dict[str, int]:
-        """Where this loader stands: epoch and batches handed out, with what fixes the order."""
+        """Where this loader stands: epoch and batches handed out (after a finished epoch: the next
+        epoch, none), with what fixes the order."""
         s = self.sampler
-        return {"epoch": s.epoch, "batches": self._done, "seed": s.seed, "batch_size": self.batch_size,
+        epoch, done = (s.epoch + 1, 0) if self._finished else (s.epoch, self._done)
+        return {"epoch": epoch, "batches": done, "seed": s.seed, "batch_size": self.batch_size,
                 "rank": s.rank, "world_size": s.world_size, "samples": s.n}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -176,7 +180,7 @@ class Loader:
                 raise SpairstoreError(f"cannot resume: saved {k}={state[k]} but this loader has {k}={mine[k]}")
         self.sampler.set_epoch(state["epoch"])
         self.dataset.set_epoch(state["epoch"])
-        self._done = int(state["batches"])
+        self._done, self._finished = int(state["batches"]), False
 
     def _batches(self) -> list[list[int]]:
         self.sampler.set_epoch(self.sampler.epoch, start=self._done * self.batch_size)
@@ -187,6 +191,7 @@ class Loader:
         return batches
 
     def __iter__(self) -> Iterator[Batch]:
+        self._finished = False
         batches = self._batches()
         cuda = self.device.type == "cuda"
         if self.num_workers == 0:
@@ -205,7 +210,7 @@ class Loader:
                 out = self._to_device(batch)
                 self._done += 1
                 yield out
-            self._done = 0
+            self._done, self._finished = 0, True
         finally:
             close = getattr(source, "close", None)
             if close is not None:
