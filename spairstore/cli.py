@@ -289,10 +289,11 @@ def info(
     out.append(f"  {'per category':<{w + 1}} " + " ".join(f"{h:>8}" for h in ["images", *splits]))
     for c, v in d["categories"].items():
         out.append(f"    {c:<{w}}" + " ".join(f"{v[h]:>8,}" for h in ["images", *splits]))
-    for k, v in d["feature_sets"].items():
+    for k, v in sorted(d["feature_sets"].items()):  # a set, then its -flip companion
+        mirrored = f", of the mirrored images (flip of {v['flip_of']})" if v.get("flipped") else ""
         out.append(f"  features     {k}: {v['backbone']} {','.join(v['layers'])} at {v['input_size']} px, "
                    f"float16 ({v['channels']}, {v['height']}, {v['width']}), stride {v['stride']}, "
-                   f"{_mib(v['bytes'])}")
+                   f"{_mib(v['bytes'])}{mirrored}")
     for k, v in d["incomplete_feature_sets"].items():
         out.append(f"  features     {k}: INCOMPLETE, {v['done']:,} of {v['images'] or '?'} images extracted "
                    f"(re-run `spairstore features` to resume; staged in {v['path']})")

@@ -199,6 +199,8 @@ def test_cli_user_module_and_flip(store_copy: Path, tiny_file: Path) -> None:
     np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
     g, gf = s.feature_sets["u"], s.feature_sets["u-flip"]
     assert gf["flipped"] is True and gf["flip_of"] == "u" and "flipped" not in g
+    shown = [ln for ln in run_cli("info", store_copy).stdout.splitlines() if ln.startswith("  features     u")]
+    assert len(shown) == 2 and shown[1].endswith(", of the mirrored images (flip of u)") and "mirrored" not in shown[0]
     assert {k: gf[k] for k in ("input_size", "stride", "cell_offset", "width", "height", "channels")} == \
         {k: g[k] for k in ("input_size", "stride", "cell_offset", "width", "height", "channels")}
 
