@@ -104,8 +104,9 @@ def pack(
 
     # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
-    kept = (f"{out} is unchanged; the images packed so far are kept: run the same command with --resume "
-            "to continue" if backend_for(out, format).resumable else f"{out} is unchanged (a Zarr pack starts over)")
+    state = "is unchanged" if out.exists() else "was not written"
+    kept = (f"{out} {state}; the images packed so far are kept: run the same command with --resume "
+            "to continue" if backend_for(out, format).resumable else f"{out} {state} (a Zarr pack starts over)")
     with _on_interrupt(kept):
         summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
                         shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume,  # type: ignore[arg-type]

@@ -105,12 +105,14 @@ def test_memory_error_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytes
 
 
 @pytest.mark.parametrize("argv, kept", [
-    (["pack", "{root}", "{tmp}/s.h5"], "{tmp}/s.h5 is unchanged; the images packed so far are kept: run the same "
-                                       "command with --resume to continue"),
-    (["pack", "{root}", "{tmp}/s.zarr"], "{tmp}/s.zarr is unchanged (a Zarr pack starts over)"),
+    (["pack", "{root}", "{tmp}/new.h5"], "{tmp}/new.h5 was not written; the images packed so far are kept: run the "
+                                         "same command with --resume to continue"),
+    (["pack", "{root}", "{tmp}/s.h5", "--overwrite"], "{tmp}/s.h5 is unchanged; the images packed so far are kept: "
+                                                      "run the same command with --resume to continue"),
+    (["pack", "{root}", "{tmp}/s.zarr"], "{tmp}/s.zarr was not written (a Zarr pack starts over)"),
     (["features", "{tmp}/s.h5"], "{tmp}/s.h5 is unchanged; the maps extracted so far are kept: run the same "
                                  "command again to resume"),
-], ids=["pack-hdf5", "pack-zarr", "features"])
+], ids=["pack-hdf5", "repack-hdf5", "pack-zarr", "features"])
 def test_ctrl_c_says_what_was_kept(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str], argv: list[str], kept: str) -> None:
     import spairstore.features
@@ -121,6 +123,7 @@ def test_ctrl_c_says_what_was_kept(synth_root: Path, tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(spairstore.sources, "pack", interrupted)
     monkeypatch.setattr(spairstore.features, "extract_features", interrupted)
+    (tmp_path / "s.h5").touch()  # an existing store (its content does not matter: the work is interrupted at once)
     monkeypatch.setattr(sys, "argv", ["spairstore", *(a.format(root=synth_root, tmp=tmp_path) for a in argv)])
     with pytest.raises(SystemExit) as e:
         cli.main()
