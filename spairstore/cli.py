@@ -393,7 +393,8 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Pairs per batch for --method nn.")] = 32,
 ) -> None:
     """PCK of a method or a predictions file, with the protocol line and the dataset paper's tables: per
-    category, by viewpoint/scale/truncation/occlusion, and the controlled analysis."""
+    category, by viewpoint/scale/truncation/occlusion, and the controlled analysis (SPair-71k); per group
+    the store declares (AP-10K: family, subset)."""
     from .eval.evaluation import evaluate
     from .store.reader import open as open_store
 
