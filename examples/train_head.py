@@ -138,11 +138,9 @@ def train(args: argparse.Namespace) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in ("store", "out")}
     save_head(head, out / "head.pt", features=args.features, geometry=geom,
               extra={"best_epoch": best["epoch"], "val_pck@0.1": best["val"], "settings": settings})
-    t = store.pairs("test")
-    rows = np.arange(t.rows)
-    pred = NearestNeighbour(args.features, device=str(device), transform=head)(store, "test", rows)
-    np.savez(out / "test_predictions.npz", **{str(int(pid)): pred[j, :int(n)]
-                                              for j, (pid, n) in enumerate(zip(t.pair_id, t.n_kps))})
+    # keyed by pair id, and marked with the split's pair list: eval refuses it on other pairs
+    spairstore.save_predictions(out / "test_predictions.npz", store, "test",
+                                NearestNeighbour(args.features, device=str(device), transform=head))
     ours = spairstore.evaluate(store, "test", out / "test_predictions.npz")
     nn = spairstore.evaluate(store, "test", NearestNeighbour(args.features, device=str(device)))
     metrics = {"store": str(args.store), "features": args.features, "device": str(device),

@@ -17,7 +17,7 @@ from .core.errors import SourceError, SpairstoreError, StoreError
 from .core.version import __version__
 from .eval.evaluation import Report, evaluate
 from .eval.methods import Identity, NearestNeighbour
-from .eval.predictions import load_predictions
+from .eval.predictions import load_predictions, save_predictions
 from .eval.protocols import PROTOCOLS, Protocol, get_protocol
 from .store.reader import Store, Table, open
 
@@ -28,7 +28,7 @@ _LAZY = {"pack": "sources", "PackSummary": "sources", "add_feature_set": "featur
 
 __all__ = ["open", "Store", "Table", "SpairstoreError", "SourceError", "StoreError",
            "evaluate", "Report", "Protocol", "PROTOCOLS", "get_protocol", "Identity", "NearestNeighbour",
-           "load_predictions", *_LAZY, "__version__"]
+           "load_predictions", "save_predictions", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:

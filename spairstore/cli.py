@@ -575,7 +575,7 @@ def show(
         if m is not None:
             pred, name = m(s, split, np.array([row]), proto.direction)[0], m.name
         elif predictions:
-            pred, name = load_predictions(predictions, s, split)[row], predictions.name
+            pred, name = load_predictions(predictions, s, split, proto.direction)[row], predictions.name
         alpha = proto.alphas[0] if alpha is None else alpha
         report = show_pair(s, split, row, output, proto, pred, alpha=alpha, method=name)
     typer.echo(f"wrote {output}" + (f" (PCK@{alpha:g}: {report.pck(alpha):.1f}%)" if report else ""))

@@ -508,3 +508,34 @@ def test_plot_titles_fit_over_few_categories(store: spairstore.Store, tmp_path: 
     with Image.open(tmp_path / "p.png") as im:
         ink = np.asarray(im.convert("L")) < 128
     assert ink[:40].any() and not ink[:40, -3:].any() and not ink[:40, :3].any()
+
+
+
+def test_saved_predictions_are_refused_on_other_pairs_or_direction(store: spairstore.Store, tmp_path: Path) -> None:
+    """save_predictions marks the file with the split's pair list and the direction; eval checks both."""
+    from spairstore.eval.predictions import ABOUT_KEY
+
+    path = spairstore.save_predictions(tmp_path / "p.npz", store, "test", Identity())
+    assert not list(tmp_path.glob(".*part"))  # written beside and renamed in
+    assert spairstore.evaluate(store, "test", path).to_dict()["pck"] == \
+        spairstore.evaluate(store, "test", Identity()).to_dict()["pck"]
+    with np.load(path) as z:
+        t = store.pairs("test")
+        assert sorted(set(z.files) - {ABOUT_KEY}) == sorted(str(p) for p in t.pair_id)
+        assert json.loads(str(z[ABOUT_KEY]))["pair_list_sha256"] == store.attrs["pair_list_sha256"]["test"]
+    with pytest.raises(PredictionsError, match=r"p.npz: made for split 'test' of a spair71k store whose pair list "
+                                               r"\(sha256 [0-9a-f]{12}\.\.\.\) is not this store's 'trn'"):
+        spairstore.evaluate(store, "trn", path)
+    back = spairstore.save_predictions(tmp_path / "b.npz", store, "test", Identity(), direction="trg->src")
+    with pytest.raises(PredictionsError, match=r"b.npz: predictions for trg->src, evaluated as src->trg; pass "
+                                               r"--direction trg->src"):
+        spairstore.evaluate(store, "test", back)
+    reverse = PROTOCOLS["spair"].replace(direction="trg->src")
+    assert spairstore.evaluate(store, "test", back, reverse).to_dict()["pck"] == \
+        spairstore.evaluate(store, "test", Identity(), reverse).to_dict()["pck"]
+    with np.load(path) as z:
+        np.savez(tmp_path / "bad.npz", **{**{k: z[k] for k in z.files}, ABOUT_KEY: np.array("{not json")})
+    with pytest.raises(PredictionsError, match=f"bad.npz: its {ABOUT_KEY} entry is not what save_predictions writes"):
+        spairstore.evaluate(store, "test", tmp_path / "bad.npz")
+    with pytest.raises(PredictionsError, match=r"p.txt: predictions are saved as a .npz file"):
+        spairstore.save_predictions(tmp_path / "p.txt", store, "test", Identity())

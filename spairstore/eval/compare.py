@@ -21,8 +21,8 @@ from ..core.schema import LEVELS
 from ..core.tables import text_table
 from ..store.reader import Store
 from .evaluation import Predictions, Report, score, select_pairs, table_split
+from .predictions import all_predictions
 from .protocols import Protocol, alpha_key, get_protocol
-from .sensitivity import all_predictions
 
 
 def _groups(rep: Report) -> list[tuple[str, str, np.ndarray]]:

@@ -97,7 +97,7 @@ def evaluate(store: Store | str | Path, split: str, predictions: Predictions,
         pred = np.asarray(predictions(store, split, rows, proto.direction), dtype=np.float64)
     else:
         method = str(predictions) if isinstance(predictions, (str, Path)) else None
-        pred = load_predictions(predictions, store, split)[rows]
+        pred = load_predictions(predictions, store, split, proto.direction)[rows]
     return score(store, split, rows, pred, proto, method=method, dagger=dagger)
 
 

@@ -1,10 +1,12 @@
-"""Prediction files and arrays: what ``spairstore eval --predictions`` reads.
+"""Prediction files and arrays: what ``spairstore eval --predictions`` reads, and :func:`save_predictions`.
 
 Predictions are keypoints in the *original pixels* of the image they are predicted in (the target for
 ``src->trg``), one per pair keypoint in the pair's keypoint order, x then y.
 """
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -16,22 +18,63 @@ import numpy as np
 from ..core.errors import SpairstoreError
 from ..store.reader import Store
 
+#: The key of a ``.npz`` written by :func:`save_predictions` that says what its predictions were made for.
+ABOUT_KEY = "__spairstore__"
+
 
 class PredictionsError(SpairstoreError):
     """Predictions that do not fit the pairs they are evaluated on."""
 
 
-def load_predictions(source: Any, store: Store, split: str) -> np.ndarray:
+def all_predictions(store: Store, split: str, predictions: Any, direction: str) -> np.ndarray:
+    """Predictions for every pair of ``split`` as :func:`load_predictions` gives them; a method
+    (``method(store, split, rows, direction)``) is run once on all of them."""
+    if callable(predictions):
+        rows = np.arange(store.pairs(split).rows)
+        return np.asarray(predictions(store, split, rows, direction), dtype=np.float64)
+    return load_predictions(predictions, store, split, direction)
+
+
+def save_predictions(path: str | Path, store: Store, split: str, predictions: Any,
+                     direction: str = "src->trg") -> Path:
+    """Write predictions for every pair of ``split`` (any form :func:`load_predictions` reads, or a
+    method, run on them) to the ``.npz`` ``path``: one ``(n_kps, 2)`` array per pair id, original pixels
+    (x, y) of the image predicted in, and under :data:`ABOUT_KEY` the dataset, split, pair-list SHA-256
+    and direction they were made for. Reading the file back checks those, so it is refused on another
+    split or pair list, or in the other direction, instead of scoring the wrong pairs. The file is
+    written beside ``path`` and renamed into place (never half written)."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise PredictionsError(f"{path}: predictions are saved as a .npz file")
+    pred = all_predictions(store, split, predictions, direction)
+    t = store.pairs(split)
+    about = {"format": "spairstore-predictions", "dataset": store.dataset, "split": split,
+             "pair_list_sha256": store.attrs.get("pair_list_sha256", {}).get(split), "direction": direction,
+             "frame": "original pixels (x, y) of the image predicted in"}
+    arrays = {str(int(pid)): pred[j, :int(n)] for j, (pid, n) in enumerate(zip(t.pair_id, t.n_kps))}
+    part = path.with_name(f".{path.name}.part")
+    with open(part, "wb") as f:  # a file object: np.savez would add .npz to a name
+        np.savez(f, **arrays, **{ABOUT_KEY: np.array(json.dumps(about))})
+    os.replace(part, path)
+    return path
+
+
+def load_predictions(source: Any, store: Store, split: str, direction: str | None = None) -> np.ndarray:
     """Predictions for every pair of ``split`` as a float64 ``(P, M, 2)`` array in table order, NaN padded.
 
     ``source`` is an array (padded ``(P, M', 2)`` in table order, or flat ``(sum n_kps, 2)`` with each
     pair's keypoints in turn), a mapping pair id -> ``(n_kps, 2)``, or a ``.npz`` (keys: pair ids),
-    ``.pt`` (a tensor or a dict keyed by pair id) or ``.npy`` file holding one of those.
+    ``.pt`` (a tensor or a dict keyed by pair id) or ``.npy`` file holding one of those. A mapping (file)
+    written by :func:`save_predictions` must have been made for this split's pair list and, when
+    ``direction`` is given, in that direction.
     """
     what = "predictions"
     if isinstance(source, (str, Path)):
         what = str(source)
         source = _read_file(Path(source))
+    if isinstance(source, Mapping) and ABOUT_KEY in source:
+        source = dict(source)
+        _check_about(what, source.pop(ABOUT_KEY), store, split, direction)
     t = store.pairs(split)
     P, M = t.kps_ids.shape
     n = t.n_kps.astype(np.int64)
@@ -67,6 +110,23 @@ def load_predictions(source: Any, store: Store, split: str) -> np.ndarray:
         return out
     raise PredictionsError(f"{what}: array of shape {arr.shape} fits neither ({P}, >= {n.max(initial=0)}, 2) "
                            f"(one row per pair of split {split!r}) nor ({int(n.sum())}, 2) (its keypoints in turn)")
+
+
+def _check_about(what: str, about: Any, store: Store, split: str, direction: str | None) -> None:
+    """Refuse predictions made for other pairs or the other direction (see :func:`save_predictions`)."""
+    try:
+        about = json.loads(str(np.asarray(about)))
+        made_for, theirs = about["split"], about["pair_list_sha256"]
+    except (ValueError, TypeError, KeyError):
+        raise PredictionsError(f"{what}: its {ABOUT_KEY} entry is not what save_predictions writes") from None
+    ours = store.attrs.get("pair_list_sha256", {}).get(split)
+    if theirs and ours and theirs != ours:
+        raise PredictionsError(f"{what}: made for split {made_for!r} of a {about.get('dataset')} store whose pair list "
+                               f"(sha256 {theirs[:12]}...) is not this store's {split!r} ({ours[:12]}...); evaluate "
+                               "it on the store and split it was made for")
+    if direction is not None and about.get("direction", direction) != direction:
+        raise PredictionsError(f"{what}: predictions for {about['direction']}, evaluated as {direction}; pass "
+                               f"--direction {about['direction']}")
 
 
 def _numpy(x: Any) -> np.ndarray:

@@ -14,12 +14,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ..core.tables import markdown_table, text_table
 from ..store.reader import Store
 from .evaluation import Predictions, Report, score, select_pairs, table_split
-from .predictions import load_predictions
+from .predictions import all_predictions
 from .protocols import Protocol, alpha_key, get_protocol
 
 #: Column aggregations: per image, per point, unweighted mean over categories of per-image PCK.
@@ -39,14 +37,6 @@ def conventions(base: Protocol) -> list[tuple[str, Protocol]]:
     rows.append(("20 pairs/category, with replacement (GeoAware-SC)",
                  base.replace(subsample=20, seed=42, sampling="geoaware-sc", aggregation=both)))
     return rows
-
-
-def all_predictions(store: Store, split: str, predictions: Predictions, direction: str) -> np.ndarray:
-    """Predictions for every pair of ``split`` (a method is run once on all of them)."""
-    if callable(predictions):
-        rows = np.arange(store.pairs(split).rows)
-        return np.asarray(predictions(store, split, rows, direction), dtype=np.float64)
-    return load_predictions(predictions, store, split)
 
 
 @dataclass
