@@ -389,6 +389,9 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Same as --report json.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the report here, not stdout.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also save a PCK-vs-alpha and per-category plot (PNG).")] = None,
+    save_predictions: Annotated[Optional[Path], typer.Option(
+        help="Also write the method's predictions for every pair of the split to this .npz, marked with the "
+             "pairs and direction they are for (eval/compare --predictions read it back).")] = None,
     device: Annotated[Optional[str], typer.Option(help="Device for --method nn (default: cuda if available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per batch for --method nn.")] = 32,
 ) -> None:
@@ -412,12 +415,21 @@ def eval_(
         raise SpairstoreError("--per-keypoint adds a table: use --report text, markdown or json with it")
     if sensitivity and (dagger or per_keypoint or plot):
         raise SpairstoreError("--sensitivity makes its own table: leave out --dagger, --per-keypoint and --plot")
+    if save_predictions is not None and predictions is not None:
+        raise SpairstoreError("--save-predictions writes a method's predictions; --predictions already are a file")
     output = output and _output(output)
     plot = plot and _output(plot, ".png")
+    save_predictions = save_predictions and _output(save_predictions, ".npz")
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, direction, threshold, comparison, frame, subsample, seed,
                           aggregation, subset, keypoints)
         source = _method(method, features, head, device, batch_size, flip) or predictions
+        if save_predictions is not None:  # the method runs once, on every pair; the report scores what was saved
+            from .eval.evaluation import table_split
+            from .eval.predictions import save_predictions as save
+
+            name = f"{getattr(source, 'name', 'method')}, saved to {save_predictions}"
+            source = save(save_predictions, s, table_split(s, split, proto), source, proto.direction)
         if sensitivity:
             from .eval.sensitivity import sensitivity_table
 
@@ -425,6 +437,8 @@ def eval_(
             text = table.render(fmt)
         else:
             report = evaluate(s, split, source, proto, dagger=dagger)
+            if save_predictions is not None:
+                report.method = name
             text = report.render(fmt)
             if per_keypoint:
                 text = (json.dumps({"report": report.to_dict(), "per_keypoint": report.per_keypoint()}, indent=2)

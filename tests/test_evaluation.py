@@ -539,3 +539,21 @@ def test_saved_predictions_are_refused_on_other_pairs_or_direction(store: spairs
         spairstore.evaluate(store, "test", tmp_path / "bad.npz")
     with pytest.raises(PredictionsError, match=r"p.txt: predictions are saved as a .npz file"):
         spairstore.save_predictions(tmp_path / "p.txt", store, "test", Identity())
+
+
+def test_eval_saves_a_methods_predictions(synth_store: Path, tmp_path: Path) -> None:
+    """`eval --method M --save-predictions F` reports M's PCK and writes F, which evaluates alike."""
+    from conftest import run_cli
+
+    r = run_cli("eval", synth_store, "--method", "identity", "--direction", "trg->src", "--save-predictions",
+                tmp_path / "id", "--json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert made["method"] == f"identity, saved to {tmp_path / 'id.npz'}"
+    r = run_cli("eval", synth_store, "--predictions", tmp_path / "id.npz", "--direction", "trg->src", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pck"] == made["pck"]
+    r = run_cli("eval", synth_store, "--predictions", tmp_path / "id.npz")
+    assert r.returncode == 1 and "predictions for trg->src, evaluated as src->trg" in r.stderr
+    r = run_cli("eval", synth_store, "--predictions", tmp_path / "id.npz", "--save-predictions", tmp_path / "x.npz")
+    assert r.returncode == 1 and "--save-predictions writes a method's predictions" in r.stderr
