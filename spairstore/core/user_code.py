@@ -70,12 +70,11 @@ def load_factory(spec: str, option: str, error: type[SpairstoreError] = Spairsto
             _USER_FILES.add(str(Path(found.origin).resolve()))
         try:
             module = importlib.import_module(where)
-        except ModuleNotFoundError as e:
-            if e.name is not None and not (where == e.name or where.startswith(f"{e.name}.")):
-                raise error(f"{option} {spec}: importing {where} raised {raised(e)}") from None  # its own import
-            raise error(f"{option} {spec}: cannot import {where} ({e}); put its folder on PYTHONPATH or "
-                        f"give path/to/file.py:{attr}") from None
         except Exception as e:  # noqa: BLE001 - the user's code
+            # Not found is the module itself (or a parent) missing; an import inside it failing is its error.
+            if isinstance(e, ModuleNotFoundError) and (e.name is None or f"{where}.".startswith(f"{e.name}.")):
+                raise error(f"{option} {spec}: cannot import {where} ({e}); put its folder on PYTHONPATH or "
+                            f"give path/to/file.py:{attr}") from None
             raise error(f"{option} {spec}: importing {where} raised {raised(e)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
