@@ -625,6 +625,8 @@ def _output(path: Path, suffix: str | None = None) -> Path:
         path = path.with_name(path.name + suffix)
     if not path.parent.is_dir():
         raise SpairstoreError(f"{path.parent}: output folder does not exist")
+    if not os.access(path.parent, os.W_OK):  # a read-only mount says so before an hour of eval, not after
+        raise SpairstoreError(f"{path.parent}: output folder is not writable")
     return path
 
 

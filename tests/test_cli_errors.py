@@ -2,6 +2,7 @@
 (130 for Ctrl-C), never a traceback; and what it writes, named as written."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -51,8 +52,9 @@ def test_cuda_without_cuda(featured: Path, tmp_path: Path, command: list[str]) -
 @pytest.mark.parametrize("command", [
     ["eval", "--method", "nn", "--features", "f", "-o", "{missing}/report.txt"],
     ["eval", "--method", "nn", "--features", "f", "--plot", "{missing}/plot.png"],
+    ["eval", "--method", "nn", "--features", "f", "--save-predictions", "{missing}/p.npz"],
     ["show", "--pair", "{pair}", "-o", "{missing}/p.png"],
-], ids=["eval-output", "eval-plot", "show-output"])
+], ids=["eval-output", "eval-plot", "eval-save-predictions", "show-output"])
 def test_output_into_a_missing_folder(featured: Path, tmp_path: Path, command: list[str]) -> None:
     import spairstore
 
@@ -60,6 +62,17 @@ def test_output_into_a_missing_folder(featured: Path, tmp_path: Path, command: l
         pair = str(int(s.pairs("test").pair_id[0]))
     args = [a.format(pair=pair, missing=tmp_path / "nowhere") for a in command]
     one_line(run_cli(args[0], featured, *args[1:]), f"{tmp_path / 'nowhere'}: output folder does not exist")
+
+
+def test_output_into_a_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # chmod does not stop root (CI), so the folder is made read-only the way a read-only mount reports it
+    from spairstore.core.errors import SpairstoreError
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path and mode & os.W_OK
+                        else real(p, mode))
+    with pytest.raises(SpairstoreError, match=f"^{tmp_path}: output folder is not writable$"):
+        cli._output(tmp_path / "p", ".npz")
 
 
 def test_show_names_the_file_it_wrote(featured: Path, tmp_path: Path) -> None:

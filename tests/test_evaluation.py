@@ -510,7 +510,6 @@ def test_plot_titles_fit_over_few_categories(store: spairstore.Store, tmp_path: 
     assert ink[:40].any() and not ink[:40, -3:].any() and not ink[:40, :3].any()
 
 
-
 def test_saved_predictions_are_refused_on_other_pairs_or_direction(store: spairstore.Store, tmp_path: Path) -> None:
     """save_predictions marks the file with the split's pair list and the direction; eval checks both."""
     from spairstore.eval.predictions import ABOUT_KEY
@@ -539,6 +538,14 @@ def test_saved_predictions_are_refused_on_other_pairs_or_direction(store: spairs
         spairstore.evaluate(store, "test", tmp_path / "bad.npz")
     with pytest.raises(PredictionsError, match=r"p.txt: predictions are saved as a .npz file"):
         spairstore.save_predictions(tmp_path / "p.txt", store, "test", Identity())
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("model bug")
+
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="model bug"):  # a failing method leaves the old file as it was
+        spairstore.save_predictions(path, store, "test", broken)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*part"))
 
 
 def test_eval_saves_a_methods_predictions(synth_store: Path, tmp_path: Path) -> None:

@@ -46,16 +46,21 @@ def save_predictions(path: str | Path, store: Store, split: str, predictions: An
     path = Path(path)
     if path.suffix.lower() != ".npz":
         raise PredictionsError(f"{path}: predictions are saved as a .npz file")
-    pred = all_predictions(store, split, predictions, direction)
-    t = store.pairs(split)
-    about = {"format": "spairstore-predictions", "dataset": store.dataset, "split": split,
-             "pair_list_sha256": store.attrs.get("pair_list_sha256", {}).get(split), "direction": direction,
-             "frame": "original pixels (x, y) of the image predicted in"}
-    arrays = {str(int(pid)): pred[j, :int(n)] for j, (pid, n) in enumerate(zip(t.pair_id, t.n_kps))}
     part = path.with_name(f".{path.name}.part")
-    with open(part, "wb") as f:  # a file object: np.savez would add .npz to a name
-        np.savez(f, **arrays, **{ABOUT_KEY: np.array(json.dumps(about))})
-    os.replace(part, path)
+    try:
+        # Opened before the method runs: an unwritable place fails now, not after the whole split.
+        with open(part, "wb") as f:  # a file object: np.savez would add .npz to a name
+            pred = all_predictions(store, split, predictions, direction)
+            t = store.pairs(split)
+            about = {"format": "spairstore-predictions", "dataset": store.dataset, "split": split,
+                     "pair_list_sha256": store.attrs.get("pair_list_sha256", {}).get(split),
+                     "direction": direction, "frame": "original pixels (x, y) of the image predicted in"}
+            arrays = {str(int(pid)): pred[j, :int(n)] for j, (pid, n) in enumerate(zip(t.pair_id, t.n_kps))}
+            np.savez(f, **arrays, **{ABOUT_KEY: np.array(json.dumps(about))})
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     return path
 
 
