@@ -58,6 +58,25 @@ def test_round_trip(store: Path, form: str) -> None:
         assert sidecar_path(store, "mine").is_file()
 
 
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16", "grad"])
+def test_maps_as_a_model_gives_them(synth_store: Path, tmp_path: Path, dtype: str) -> None:
+    """numpy's default float64 and torch tensors straight from a model (bfloat16, still needing grad) go
+    in as they come and are stored as float16 of the same values."""
+    import torch
+
+    store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    ref = maps_of(len(spairstore.open(store)))
+    if dtype == "float64":
+        given = ref.astype(np.float64)
+    else:
+        t = torch.from_numpy(ref)
+        given = t.to(torch.bfloat16) if dtype == "bfloat16" else t.clone().requires_grad_(True) * 1
+        ref = given.detach().float().numpy()
+    spairstore.add_feature_set(store, "m", lambda r: given[r], **GEOMETRY)
+    got = spairstore.open(store).read("features/m", np.arange(len(ref)))
+    np.testing.assert_array_equal(got, ref.astype(np.float16))
+
+
 def test_replace_needs_overwrite(store: Path) -> None:
     n = len(spairstore.open(store))
     spairstore.add_feature_set(store, "m", lambda r: maps_of(n)[r], **GEOMETRY)
@@ -111,7 +130,7 @@ def label(s: spairstore.Store, r: int) -> str:
 
 
 @pytest.mark.parametrize("case", ["int", "shape", "nan", "overflow", "twice", "missing", "range", "not-pairs",
-                                  "unknown-key", "missing-key", "geometry", "empty"])
+                                  "unknown-key", "name-key", "missing-key", "geometry", "empty"])
 def test_bad_maps_are_refused_naming_the_row(synth_store: Path, tmp_path: Path, case: str) -> None:
     store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
     s = spairstore.open(store)
@@ -122,7 +141,7 @@ def test_bad_maps_are_refused_naming_the_row(synth_store: Path, tmp_path: Path, 
     maps: object = [(r, bad[r]) for r in range(n)]
     if case == "int":
         maps[5] = (5, np.zeros((C, CELLS, CELLS), dtype=np.int64))
-        message = f"maps of {label(s, 5)}: dtype int64; give float16 or float32"
+        message = f"maps of {label(s, 5)}: dtype int64; give floats"
     elif case == "shape":
         maps = {key(s, r): ref[r] if r != 7 else ref[r][:, :5, :5] for r in range(n)}
         message = rf"maps of {label(s, 7)}: shape \(4, 5, 5\), expected \(4, 6, 6\) like the first map"
@@ -147,6 +166,10 @@ def test_bad_maps_are_refused_naming_the_row(synth_store: Path, tmp_path: Path, 
     elif case == "unknown-key":
         maps = {**{key(s, r): ref[r] for r in range(n)}, ("cat", "nope"): ref[0]}
         message = r"maps key \('cat', 'nope'\): no such image"
+    elif case == "name-key":  # the first key is looked at first, to learn the shape: refused just the same
+        maps = {str(s.images.name[r]): ref[r] for r in range(n)}
+        message = (rf"maps key '{s.images.name[0]}': keys must be \(category, name\) pairs of strings "
+                   r"\(an image name alone is not a key: names repeat across categories\)")
     elif case == "missing-key":
         maps = {key(s, r): ref[r] for r in range(1, n)}
         message = f"maps hold no array for 1 images, e.g. {label(s, 0)}"

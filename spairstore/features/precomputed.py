@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+import torch
 
 from ..core.errors import FeatureError, StoreError
 from ..store.backends import is_url
@@ -24,8 +25,9 @@ from .extract import FeatureSummary, Staging, check_name, set_writer
 
 Maps = Union[Iterable[tuple[int, Any]], Callable[[int], Any], Mapping[tuple[str, str], Any]]  # noqa: UP007 - a runtime alias on 3.10
 """``(image_row, array)`` pairs in any order, a function ``row -> array``, or a mapping
-``(category, name) -> array``; each array (C, H, W) float16 or float32 (numpy, or anything
-``np.asarray`` takes, such as a CPU tensor)."""
+``(category, name) -> array``; each array (C, H, W) of floats: numpy (float16/32/64), a torch tensor
+of any float dtype on any device (bfloat16 included; detached, no grad needed), or anything
+``np.asarray`` takes. Stored as float16."""
 
 #: rows handed to the set writer at once (an HDF5 set's unit: what an interrupted run keeps at least)
 _BATCH = 16
@@ -37,10 +39,15 @@ def _label(store: Store, row: int) -> str:
 
 def _checked(store: Store, row: int, value: Any, shape: tuple[int, ...] | None) -> np.ndarray:
     """``value`` as float16 (C, H, W), refused with a one-line error naming the row when it is not a
-    finite float16/float32 array of ``shape`` (the first map's, when given)."""
+    finite float array of ``shape`` (the first map's, when given)."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise FeatureError(f"maps of {_label(store, row)}: dtype {value.dtype}; give floats")
+        # numpy has no bfloat16; float32 holds it (and float16) exactly
+        value = value.detach().to("cpu", torch.float32 if value.dtype == torch.bfloat16 else value.dtype)
     a = np.asarray(value)
-    if a.dtype not in (np.float16, np.float32):
-        raise FeatureError(f"maps of {_label(store, row)}: dtype {a.dtype}; give float16 or float32")
+    if a.dtype.kind != "f":
+        raise FeatureError(f"maps of {_label(store, row)}: dtype {a.dtype}; give floats")
     if a.ndim != 3 or (shape is not None and a.shape != shape):
         want = f"{shape} like the first map" if shape is not None else "(C, H, W)"
         raise FeatureError(f"maps of {_label(store, row)}: shape {a.shape}, expected {want}")
@@ -53,16 +60,20 @@ def _checked(store: Store, row: int, value: Any, shape: tuple[int, ...] | None) 
     return h
 
 
+def _key_row(store: Store, key: Any) -> int:
+    """The image row of a mapping's ``(category, name)`` key."""
+    if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+        why = " (an image name alone is not a key: names repeat across categories)" if isinstance(key, str) else ""
+        raise FeatureError(f"maps key {key!r}: keys must be (category, name) pairs of strings{why}")
+    try:
+        return store.image_row(*key)
+    except StoreError:
+        raise FeatureError(f"maps key {key!r}: no such image in {store.path}") from None
+
+
 def _rows_of_mapping(store: Store, maps: Mapping[Any, Any]) -> dict[int, Any]:
     """Image row -> key of a ``(category, name)`` mapping that names every image exactly once."""
-    rows: dict[int, Any] = {}
-    for key in maps:
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
-            raise FeatureError(f"maps key {key!r}: keys must be (category, name) pairs of strings")
-        try:
-            rows[store.image_row(*key)] = key
-        except StoreError:
-            raise FeatureError(f"maps key {key!r}: no such image in {store.path}") from None
+    rows = {_key_row(store, key): key for key in maps}
     missing = sorted(set(range(len(store))) - set(rows))
     if missing:
         raise FeatureError(f"maps hold no array for {len(missing)} images, e.g. {_label(store, missing[0])}; "
@@ -88,7 +99,7 @@ def _first(store: Store, maps: Maps) -> tuple[Maps, tuple[int, Any]]:
         key = next(iter(maps), None)
         if key is None:
             raise FeatureError("maps is empty; give one array per image of the store")
-        return maps, (store.image_row(*key), maps[key])
+        return maps, (_key_row(store, key), maps[key])
     if callable(maps):
         return maps, (0, maps(0))
     it = iter(maps)
@@ -117,7 +128,7 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
                     input_size: int, source: str = "precomputed", overwrite: bool = False) -> FeatureSummary:
     """Add feature set ``name`` to the local store at ``store`` from maps computed elsewhere.
 
-    ``maps`` gives one float16/float32 array (C, H, W) per image row (see :data:`Maps`). The geometry
+    ``maps`` gives one float array or tensor (C, H, W) per image row (see :data:`Maps`), stored as float16. The geometry
     is declared like the built-ins record it: the store frame (S x S store pixels, letterboxed) was
     resized to ``input_size`` x ``input_size`` input pixels, each cell spans ``stride`` input pixels
     and cell (col j, row i) is centred at ``((j, i) + cell_offset) * stride`` input pixels (x, y), so
