@@ -28,10 +28,19 @@ def detect(root: str | Path) -> str:
     if not root.is_dir():
         raise SourceError(root, "dataset root is not a directory")
     found = [name for name, c in CONVERTERS.items() if c.detect(root)]
-    if not found:
-        needs = "; ".join(f"{c.title} needs {c.needs()}" for c in CONVERTERS.values())
-        raise SourceError(root, f"no known dataset layout found ({needs})")
-    return found[0]
+    if found:
+        return found[0]
+    # The folder above an unpacked archive (data/ for data/SPair-71k) is the common slip: name the one below.
+    try:
+        below = [(d, c.title) for d in sorted(p for p in root.iterdir() if p.is_dir())
+                 for c in CONVERTERS.values() if c.detect(d)]
+    except OSError:  # an unreadable folder below: only the plain message
+        below = []
+    if below:
+        where = ", ".join(f"{d} holds {title}" for d, title in below[:3])
+        raise SourceError(root, f"no known dataset layout found here, but {where}: give that folder")
+    needs = "; ".join(f"{c.title} needs {c.needs()}" for c in CONVERTERS.values())
+    raise SourceError(root, f"no known dataset layout found ({needs})")
 
 
 def read(root: str | Path, dataset: str | None = None, progress: Progress | None = None,

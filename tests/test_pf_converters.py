@@ -123,6 +123,11 @@ def test_layouts_detected_apart(tmp_path: Path, synth_root: Path) -> None:
     (tmp_path / "voc" / "Annotations").mkdir()  # a VOC root: XML annotations, no class folders
     with pytest.raises(spairstore.SourceError, match="no known dataset layout"):
         converters.detect(tmp_path / "voc")
+    (tmp_path / "data").mkdir()  # the folder above an unpacked archive: the dataset below is named
+    (tmp_path / "data" / "SPair-71k").symlink_to(synth_root)
+    with pytest.raises(spairstore.SourceError, match=f"no known dataset layout found here, but "
+                                                     f"{tmp_path / 'data' / 'SPair-71k'} holds SPair-71k: give that"):
+        converters.detect(tmp_path / "data")
 
 
 # -- bad input -------------------------------------------------------------------------------------
