@@ -103,6 +103,21 @@ def test_nn_batch_size_does_not_matter_and_beats_identity(feature_store: Path) -
     assert nn.pck(0.05) > 90 > ident.pck(0.05) + 40
 
 
+def test_reports_record_what_the_numbers_were_made_from(feature_store: Path) -> None:
+    """Version, store fingerprint and each feature set read (backbone, geometry) are in the JSON and the header."""
+    s = spairstore.open(feature_store)
+    made = {"spairstore": spairstore.__version__, "store_fingerprint": s.fingerprint}
+    nn = spairstore.evaluate(s, "trn", NearestNeighbour("onehot", device="cpu"), "spair")
+    assert nn.to_dict()["provenance"] == {**made, "feature_sets": {"onehot": {
+        "backbone": "onehot", "input_size": s.image_size, "stride": STRIDE}}}
+    header = nn.to_text().split("\n\n")[0].splitlines()
+    assert header[-2:] == [f"feature set onehot: onehot at {s.image_size} px, stride {STRIDE}",
+                           f"spairstore {spairstore.__version__}, store fingerprint {s.fingerprint}"]
+    batch = BatchMethod(lambda b: b["src_kps"], fields=("features/onehot",))
+    assert list(spairstore.evaluate(s, "trn", batch).to_dict()["provenance"]["feature_sets"]) == ["onehot"]
+    assert spairstore.evaluate(s, "trn", Identity()).to_dict()["provenance"] == {**made, "feature_sets": {}}
+
+
 def test_nn_cli_and_show(feature_store: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

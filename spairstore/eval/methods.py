@@ -88,6 +88,11 @@ class NearestNeighbour:
         label = "" if transform is None else f" -> {getattr(transform, 'name', type(transform).__name__)}"
         self.name = f"nn[{features}{label}]" if flip is None else f"nn[{features}{label},flip={flip}]"
 
+    @property
+    def feature_sets(self) -> tuple[str, ...]:
+        """The sets this method reads (for the report's provenance)."""
+        return (self.features, f"{self.features}-flip") if self.flip else (self.features,)
+
     def _flip_set(self, store: Store) -> str:
         name = f"{self.features}-flip"
         geom = store.feature_sets.get(name)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..core import geometry
 from ..core.device import resolve_device
 from ..core.errors import SpairstoreError
+from ..core.schema import field_name
 from ..core.user_code import load_factory, raised
 from ..store.reader import Store
 from ..torch.collate import Batch
@@ -147,9 +148,14 @@ class BatchMethod:
     def __init__(self, fn: Callable[[Batch], Any], fields: Sequence[str] = ("keypoints",), *, name: str | None = None,
                  device: str | None = "cpu", batch_size: int = 32, normalize: bool = True, progress: bool = False):
         self.fn = fn
-        self.fields = tuple(dict.fromkeys(("keypoints", *fields)))
+        self.fields = tuple(dict.fromkeys(("keypoints", *(field_name(f) for f in fields))))
         self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
         self.device, self.batch_size, self.normalize, self.progress = device, batch_size, normalize, progress
+
+    @property
+    def feature_sets(self) -> tuple[str, ...]:
+        """The sets its batches hold (for the report's provenance)."""
+        return tuple(f[len("features/"):] for f in self.fields if f.startswith("features/"))
 
     def __call__(self, store: Store, split: str, rows: np.ndarray, direction: str = "src->trg") -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
