@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from .core.errors import SpairstoreError
+from .core.tables import mib
 
 if TYPE_CHECKING:
     from .eval.methods import Method
@@ -182,7 +183,7 @@ def features(
             raise SpairstoreError(f"--drop deletes feature sets; it takes no other option (got {', '.join(given)})")
         for set_name in drop:
             freed = drop_feature_set(store, set_name)
-            typer.echo(f"dropped feature set {set_name!r} from {store} ({_mib(freed)} freed)")
+            typer.echo(f"dropped feature set {set_name!r} from {store} ({mib(freed)} freed)")
         return
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
     with _on_interrupt(f"{store} is unchanged; the maps extracted so far are kept: run the same command "
@@ -197,10 +198,6 @@ def features(
 def _first_process() -> bool:
     """Not one of torchrun's other processes (they stay quiet: the first reports for the run)."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 def store_info(path: Path | str) -> dict:
@@ -271,7 +268,7 @@ def info(
         f"{d['path']}",
         f"  format       {d['format']} {d['format_version']} in {d['backend']} ({d['created_by']})",
         f"  dataset      {d['dataset']}, {d['images']:,} images at {d['image_size']}x{d['image_size']}"
-        + ("" if d["file_bytes"] is None else f", {_mib(d['file_bytes'])} on disk"),
+        + ("" if d["file_bytes"] is None else f", {mib(d['file_bytes'])} on disk"),
         f"  source files {d['manifest_files']:,} in the manifest",
         "  splits       " + "; ".join(f"{k}: {v['pairs']:,} pairs, {v['images']:,} images"
                                       for k, v in d["splits"].items()),
@@ -283,7 +280,7 @@ def info(
         "  fields",
     ]
     big = sorted(d["field_bytes"].items(), key=lambda kv: -kv[1])
-    out += [f"    {field_of_array(k) or k:<36} {_mib(v):>12}" for k, v in big
+    out += [f"    {field_of_array(k) or k:<36} {mib(v):>12}" for k, v in big
             if v >= 2**20 or k.startswith("images/")][:12]
     splits = list(d["splits"])
     w = max([11, *map(len, d["categories"])])  # PF-WILLOW folders like winebottle(woC) are longer
@@ -294,7 +291,7 @@ def info(
         mirrored = f", of the mirrored images (flip of {v['flip_of']})" if v.get("flipped") else ""
         out.append(f"  features     {k}: {v['backbone']} {','.join(v['layers'])} at {v['input_size']} px, "
                    f"float16 ({v['channels']}, {v['height']}, {v['width']}), stride {v['stride']}, "
-                   f"{_mib(v['bytes'])}{mirrored}")
+                   f"{mib(v['bytes'])}{mirrored}")
     for k, v in d["incomplete_feature_sets"].items():
         out.append(f"  features     {k}: INCOMPLETE, {v['done']:,} of {v['images'] or '?'} images extracted "
                    f"(re-run `spairstore features` to resume; staged in {v['path']})")
@@ -657,6 +654,11 @@ def main() -> None:
     except SpairstoreError as e:
         _error(str(e))
     except OSError as e:
+        from .store.transaction import disk_full
+
+        if disk_full(e):
+            where = f"{e.filename}: " if e.filename else ""
+            _error(f"{where}no space left on the device; make room and run the command again")
         _error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}")
     except MemoryError:
         _error("out of memory (the store or the batch is too big for this machine's RAM)")

@@ -80,6 +80,43 @@ def test_interrupted_pack_resumes_from_its_last_commit(synth_root: Path, referen
     assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]  # the staging folder is gone
 
 
+def test_full_disk(synth_root: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that cannot fit is refused before writing; a disk that fills up while packing keeps the
+    rows packed so far, says where, and --resume finishes the store."""
+    import errno
+    from collections import namedtuple
+
+    from spairstore.store import transaction
+
+    out = tmp_path / "s.h5"
+    usage = shutil.disk_usage
+    monkeypatch.setattr(transaction.shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(1, 1, 2**20))
+    with pytest.raises(spairstore.SpairstoreError, match=rf"^{out}: the store needs about [\d.]+ MiB and {tmp_path} has "
+                                                        r"1\.0 MiB free; make room or write elsewhere$"):
+        spairstore.pack(synth_root, out, size=SIZE)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(transaction.shutil, "disk_usage", usage)
+
+    monkeypatch.setattr(writer, "COMMIT_BYTES", 1)
+    decode, ref = writer.decode_image, spairstore.open(reference)
+    full = (ref.categories[ref.images.category[10]], ref.images.name[10])
+
+    def filling(rec, *args):
+        if rec.key == full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return decode(rec, *args)
+
+    monkeypatch.setattr(writer, "decode_image", filling)
+    with pytest.raises(spairstore.SpairstoreError, match=rf"^{out}: the disk filled up while packing; the images packed "
+                                                        rf"so far are kept in {staging_of(out)}: make room and run the "
+                                                        r"same command with --resume, or delete that folder$"):
+        spairstore.pack(synth_root, out, size=SIZE)
+    assert not out.exists() and (staging_of(out) / "rows.crc").stat().st_size > 0
+    monkeypatch.setattr(writer, "decode_image", decode)
+    spairstore.pack(synth_root, out, size=SIZE, resume=True)
+    assert_same_store(out, reference)
+
+
 def test_resume_refuses_changed_sources_or_options(synth_root: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "SPair"

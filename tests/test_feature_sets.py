@@ -189,3 +189,24 @@ def test_bad_name_is_refused_before_any_work(synth_store: Path, tmp_path: Path) 
     with pytest.raises(FeatureError, match=r"feature set name '\.\./x': a letter or digit first"):
         spairstore.add_feature_set(store, "../x", lambda r: maps_of(1)[0], **GEOMETRY)
     assert not sidecar_dir(store).exists() and not (tmp_path / "x.h5").exists()
+
+
+def test_a_set_or_copy_that_cannot_fit_is_refused_before_writing(synth_store: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sized from the map shape (a set) or the arrays (convert), against the disk's free space; nothing is
+    left behind."""
+    from collections import namedtuple
+
+    from spairstore.store import transaction
+
+    store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    n = len(spairstore.open(store))
+    monkeypatch.setattr(transaction.shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(1, 1, 1000))
+    need = n * C * CELLS * CELLS * 2 / 2**20
+    with pytest.raises(FeatureError, match=rf"^{store}: feature set 'm' needs about {need:.1f} MiB and {tmp_path} has "
+                                           r"0\.0 MiB free; make room$"):
+        spairstore.add_feature_set(store, "m", maps_of(n).__getitem__, **GEOMETRY)
+    with pytest.raises(spairstore.SpairstoreError, match=rf"^{tmp_path / 'c.zarr'}: the converted store needs about"):
+        convert(store, tmp_path / "c.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+

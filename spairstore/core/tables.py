@@ -14,6 +14,11 @@ ABBREV = {"aeroplane": "aero", "bicycle": "bike", "motorbike": "mbike", "pottedp
           "tvmonitor": "tv", "diningtable": "table"}
 
 
+def mib(n: int) -> str:
+    """A byte count as people read disk sizes: ``1,234.5 MiB``."""
+    return f"{n / 2**20:,.1f} MiB"
+
+
 def cell(v: Cell) -> str:
     """Counts with thousands separators, percentages with one decimal, ``-`` for nothing; text as it is."""
     if v is None:

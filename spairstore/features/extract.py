@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from ..core.device import resolve_device
 from ..core.errors import FeatureError, SpairstoreError
+from ..core.tables import mib
 from ..store.backends import backend_for, is_url
 from ..store.feature_sets import SetWriter, Sink
 from ..store.reader import Store
@@ -130,10 +131,20 @@ class Staging:
             if not tx.begin(_settings(meta), restart, describe=_diff, refuse=refuse) \
                     or not (tx.dir / "meta.json").is_file():
                 write_atomic(tx.dir / "meta.json", json.dumps(meta, indent=1).encode())
-            return cls(tx, json.loads((tx.dir / "meta.json").read_text()))
+            staging = cls(tx, json.loads((tx.dir / "meta.json").read_text()))
+            row_bytes, done = int(np.prod(staging.row_shape)) * 2, int(staging.done().sum())  # float16
         except BaseException:
             tx.close()
             raise
+        try:
+            tx.reserve(staging.rows * row_bytes, f"feature set {name!r}", staged=done * row_bytes, elsewhere=False)
+        except SpairstoreError:
+            if done:
+                tx.close()  # rows an earlier run extracted stay for a resume
+            else:
+                tx.finish()
+            raise
+        return staging
 
     @classmethod
     def attach(cls, store_path: Path, name: str) -> Staging:
@@ -253,7 +264,7 @@ class FeatureSummary:
         resumed = f" ({n - self.extracted:,} resumed from an earlier run)" if self.extracted < n else ""
         made = " ".join([self.backbone, ", ".join(self.layers)]).strip()
         return (f"feature set {self.name!r} in {self.store}: {made}\n"
-                f"  maps   float16 {self.shape[1:]} x {n:,} images = {self.nbytes / 2**20:,.1f} MiB\n"
+                f"  maps   float16 {self.shape[1:]} x {n:,} images = {mib(self.nbytes)}\n"
                 f"  run    {self.extracted:,} {done} in {self.seconds:.1f} s{rate}{resumed}"
                 + (f"\n{self.flipped}" if self.flipped else ""))
 

@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from ..core.errors import SpairstoreError, StoreError
 from ..core.schema import FORMAT_NAME, is_hot
+from ..core.tables import mib
 from .backends import ArrayReader, ArrayWriter, RawExtent, backend_for, disk_bytes, is_url, writer_for
 from .feature_sets import set_attrs, sidecar_dir, sidecar_path
 from .reader import Store
-from .transaction import Transaction, remove
+from .transaction import Transaction, disk_full, remove
 
 #: Rows of a hot array copied per step: bounded memory whatever the store size.
 BLOCK_BYTES = 64 << 20
@@ -39,7 +40,7 @@ class ConvertSummary:
 
     def __str__(self) -> str:
         return (f"converted {self.src} into {self.dst} ({self.format}, {self.arrays} arrays, "
-                f"{self.file_bytes / 2**20:,.1f} MiB) in {self.seconds:.1f} s")
+                f"{mib(self.file_bytes)}) in {self.seconds:.1f} s")
 
 
 def copy_arrays(r: ArrayReader, w: ArrayWriter, skip: Callable[[str], bool] = lambda name: False,
@@ -124,13 +125,18 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
     try:
         if r.attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{src}: not a spairstore store (format attribute {r.attrs.get('format')!r})")
+        shapes = r.shapes()
+        total = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
         tx = Transaction.open(dst, "convert", who="convert", error=SpairstoreError)
         try:
             tx.begin({"src": str(src)}, restart=True)  # not resumable: a fresh start each time
+            tx.reserve(total, "the converted store", staged=0)
+        except BaseException:
+            tx.finish()
+            raise
+        try:
             tmp = tx.dir / f"store{dst.suffix}"
             inline = backend.sets_inside
-            shapes = r.shapes()
-            total = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
             bar = tqdm(total=total, desc="convert", unit="B", unit_scale=True, disable=not progress,
                        dynamic_ncols=True)
             w = writer_for(tmp, format, shard_bytes)
@@ -149,9 +155,13 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
             if not with_sets and not inline:
                 remove(sidecar_dir(dst))  # the old store's sets
             tx.finish()
-        except BaseException:
-            tx.close()
-            raise
+        except BaseException as e:
+            if not disk_full(e):
+                tx.close()
+                raise
+            tx.finish()  # a convert starts over anyway: give the space back
+            raise SpairstoreError(f"{dst}: the disk filled up while converting; nothing of it was kept: make room "
+                                  "and run the command again") from None
     finally:
         r.close()
     return ConvertSummary(str(src), dst, format, len(shapes), disk_bytes(dst), time.perf_counter() - t0)

@@ -43,11 +43,17 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import SpairstoreError
+from ..core.tables import mib
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 #: False: always switch directories with the recorded two-rename fallback (the crash tests set it).
 EXCHANGE = True
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk is full (h5py's errors carry the errno only in their text)."""
+    return isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in str(e))
 
 
 def staging_path(target: Path, purpose: str) -> Path:
@@ -137,8 +143,10 @@ class Transaction:
     then :meth:`switch` puts the result in place and :meth:`finish` removes the staging folder.
     Other processes of the same run (torchrun) use :meth:`attach`, without the lock."""
 
-    def __init__(self, target: Path, purpose: str, lock: Any = None):
+    def __init__(self, target: Path, purpose: str, lock: Any = None,
+                 error: type[SpairstoreError] = SpairstoreError):
         self.target = Path(target)
+        self._error = error  # what this job's refusals raise
         self.purpose = purpose
         self.dir = staging_path(self.target, purpose)
         self._lock = lock
@@ -165,7 +173,7 @@ class Transaction:
         except OSError:
             lock.close()
             raise error(f"another {who} is writing {target} (its staging folder {d} is locked)") from None
-        return cls(target, purpose, lock)
+        return cls(target, purpose, lock, error)
 
     @classmethod
     def attach(cls, target: Path, purpose: str) -> Transaction:
@@ -201,6 +209,19 @@ class Transaction:
         write_atomic(self.dir / "settings.json", json.dumps(settings, indent=1).encode())
         self.settings = settings
         return False
+
+    def reserve(self, need: int, what: str, staged: int | None = None, elsewhere: bool = True) -> None:
+        """Refuse, before any writing, a job whose ``need`` bytes (``what`` they are, for the message)
+        do not fit on the target's disk. ``staged``: bytes of it already written (resuming); by default
+        the blocks the staging folder holds. ``elsewhere``: the job could write to another disk."""
+        if staged is None:
+            staged = sum(f.stat().st_blocks * 512 for f in self.dir.rglob("*")
+                         if f.is_file() and f.name not in ("lock", "settings.json"))
+        free = shutil.disk_usage(self.target.parent).free
+        if need - staged > free:
+            more = f" ({mib(need - staged)} of it not yet written)" if staged else ""
+            raise self._error(f"{self.target}: {what} needs about {mib(need)}{more} and {self.target.parent} "
+                                  f"has {mib(free)} free; make room{' or write elsewhere' if elsewhere else ''}")
 
     def discard(self) -> None:
         """Forget the staged work and its settings: the next :meth:`begin` starts afresh."""

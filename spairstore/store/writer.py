@@ -57,6 +57,7 @@ from ..core.schema import (
     field_of_array,
     image_fields,
 )
+from ..core.tables import mib
 from ..core.version import __version__
 from .backends import (
     ArrayWriter,
@@ -70,7 +71,7 @@ from .backends import (
     writer_for,
 )
 from .images import ImageCheck, check_images, decode_image, ordered_map
-from .transaction import Transaction, write_atomic
+from .transaction import Transaction, disk_full, write_atomic
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,6 @@ class PackSummary:
     skipped: list[Skipped] = field(default_factory=list)  #: bad source items left out (also in the store)
 
     def __str__(self) -> str:
-        mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
         lines = [
             f"packed {self.dataset} into {self.path} in {self.seconds:.1f} s ({mib(self.file_bytes)})",
             f"  images: {self.images:,}",
@@ -394,6 +394,11 @@ class _Staging:
 SourceReader = Callable[[Callable[[Iterable[Any], str, int], Iterable[Any]], OnError], DatasetRecords]
 
 
+def _hot_bytes(st: _Structure) -> int:
+    """Bytes of the per-image arrays, stored uncompressed: what the store needs on disk, tables aside."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in st.hot.values())
+
+
 def _read_and_check(read: SourceReader, size: int, on_error: OnError, progress: bool
                     ) -> tuple[DatasetRecords, list[ImageCheck], _Structure]:
     """Step 1, and the structure it determines."""
@@ -435,7 +440,13 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
         try:
             tx.discard()  # a killed Zarr pack's staging: not resumable, swept
             records, checks, st = _read_and_check(read, size, on_error, progress)
+            tx.reserve(_hot_bytes(st), "the store", staged=0)
             _pack_at_once(tx, backend.name, shard_bytes, records, checks, st, size, progress)
+        except OSError as e:
+            if disk_full(e):
+                raise SpairstoreError(f"{out}: the disk filled up while packing; nothing of it was kept "
+                                      "(a Zarr pack starts over): make room and run the command again") from None
+            raise
         finally:
             tx.finish()
     else:
@@ -445,6 +456,7 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
                 tx.discard()
                 notes.append("discarded the staging data of an interrupted pack (pass --resume to continue one)")
             records, checks, st = _read_and_check(read, size, on_error, progress)
+            tx.reserve(_hot_bytes(st), "the store")
             notes += staging.prepare(st, resume)
             _pack_hdf5(staging, records, checks, st, size, progress)
         except SpairstoreError:
@@ -453,8 +465,12 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
             else:
                 tx.finish()
             raise
-        except BaseException:
+        except BaseException as e:
             tx.close()  # interrupted: the staging data stays for --resume
+            if disk_full(e):
+                raise SpairstoreError(f"{out}: the disk filled up while packing; the images packed so far are kept "
+                                      f"in {tx.dir}: make room and run the same command with --resume, or delete "
+                                      "that folder") from None
             raise
         tx.finish()
     field_bytes = {field_of_array(k) or k: int(np.prod(shape)) * dtype.itemsize for k, (shape, dtype) in st.hot.items()}
