@@ -217,6 +217,7 @@ class Transaction:
         if staged is None:
             staged = sum(f.stat().st_blocks * 512 for f in self.dir.rglob("*")
                          if f.is_file() and f.name not in ("lock", "settings.json"))
+        need += need // 100 + 2**20  # tables and container metadata, which the callers do not count
         free = shutil.disk_usage(self.target.parent).free
         if need - staged > free:
             more = f" ({mib(need - staged)} of it not yet written)" if staged else ""
