@@ -116,6 +116,11 @@ def test_reports_record_what_the_numbers_were_made_from(feature_store: Path) -> 
     batch = BatchMethod(lambda b: b["src_kps"], fields=("features/onehot",))
     assert list(spairstore.evaluate(s, "trn", batch).to_dict()["provenance"]["feature_sets"]) == ["onehot"]
     assert spairstore.evaluate(s, "trn", Identity()).to_dict()["provenance"] == {**made, "feature_sets": {}}
+    from spairstore.eval.compare import compare
+
+    c = compare(s, "trn", NearestNeighbour("onehot", device="cpu"), Identity(), "spair", resamples=10)
+    assert c.to_dict()["provenance"] == {**made, "a": nn.provenance["feature_sets"], "b": {}}
+    assert f"\nA reads feature set onehot: onehot at {s.image_size} px" in c.to_text()
 
 
 def test_nn_cli_and_show(feature_store: Path, tmp_path: Path) -> None:

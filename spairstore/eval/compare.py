@@ -12,7 +12,7 @@ bootstrap one, ``min(1, 2 · (min(#(d* <= 0), #(d* >= 0)) + 1) / (R + 1))`` (nev
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import numpy as np
 from ..core.schema import LEVELS
 from ..core.tables import text_table
 from ..store.reader import Store
-from .evaluation import Predictions, Report, score, select_pairs, table_split
+from .evaluation import Predictions, Report, provenance, score, select_pairs, set_line, table_split
 from .predictions import all_predictions
 from .protocols import Protocol, alpha_key, get_protocol
 
@@ -50,15 +50,18 @@ class Comparison:
     seed: int
     confidence: float
     cells: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]]  # section -> group -> alpha -> agg -> cell
+    #: spairstore version, store fingerprint, and the feature sets A and B read (``a``, ``b``: name -> provenance)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"protocol", "protocol_line", "split", "a", "b", "pairs", "resamples", "seed", "confidence",
+        """``{"protocol", "protocol_line", "split", "a", "b", "pairs", "resamples", "seed", "confidence", "provenance",
         "overall": {"all": {alpha: {aggregation: {"a", "b", "diff", "ci": [lo, hi], "p"}}}},
         "by_category": {...}, "by_group": {grouping: {group: {...}}}, "by_factor": {factor: {level: {...}}}}``;
         PCK and differences in percent."""
         out: dict[str, Any] = {"protocol": self.protocol.to_dict(), "protocol_line": str(self.protocol),
                                "split": self.split, "a": self.names[0], "b": self.names[1], "pairs": self.pairs,
                                "resamples": self.resamples, "seed": self.seed, "confidence": self.confidence,
+                               "provenance": self.provenance,
                                "overall": {}, "by_category": {}, "by_group": {}, "by_factor": {}}
         for section, groups in self.cells.items():
             if "/" in section:
@@ -81,8 +84,12 @@ class Comparison:
                     c = cells[a][agg]  # p is a probability, not a percentage: three decimals (it is never 0)
                     vals += [c["a"], c["b"], c["diff"], c["ci"][0], c["ci"][1], None if c["p"] is None else f"{c['p']:.3f}"]
                 rows.append((prefix + g, vals))
+        made = self.provenance
+        sets = "".join(f"\n{side.upper()} reads feature set {n}: {set_line(g)}"
+                       for side in ("a", "b") for n, g in made.get(side, {}).items())
         head = (f"A = {self.names[0]}\nB = {self.names[1]}\n{self.protocol}\n{self.split}: {self.pairs:,} pairs; paired "
-                f"bootstrap over pairs, {self.resamples:,} resamples, seed {self.seed}, {self.confidence:g} % interval")
+                f"bootstrap over pairs, {self.resamples:,} resamples, seed {self.seed}, {self.confidence:g} % interval"
+                + sets + (f"\nspairstore {made['spairstore']}, store fingerprint {made['store_fingerprint']}" if made else ""))
         return head + "\n\n" + text_table(f"PCK@{a} (%): A, B, difference A - B (points), its interval, p-value", cols, rows)
 
     def render(self, fmt: str = "text") -> str:
@@ -146,7 +153,10 @@ def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: 
                         "p": float(min(1.0, 2 * (min((col <= 0).sum(), (col >= 0).sum()) + 1) / (len(col) + 1)))
                         if ok else None}
                 cells.setdefault(section, {}).setdefault(name, {}).setdefault(alpha_key(alpha), {})[agg] = cell
-    return Comparison(proto, split, names, P, resamples, seed, confidence, cells)
+    a_made, b_made = (provenance(store, getattr(m, "feature_sets", ()) if callable(m) else ()) for m in (a, b))
+    made = {"spairstore": a_made["spairstore"], "store_fingerprint": a_made["store_fingerprint"],
+            "a": a_made["feature_sets"], "b": b_made["feature_sets"]}
+    return Comparison(proto, split, names, P, resamples, seed, confidence, cells, made)
 
 
 def _num(v: float) -> float | None:

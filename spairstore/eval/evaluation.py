@@ -252,7 +252,8 @@ def _cells(per_image: np.ndarray, per_point: np.ndarray, j: int, protocol: Proto
 _SET_PROVENANCE = ("backbone", "library", "layers", "weights_sha256", "input_size", "stride", "flip_of")
 
 
-def _set_line(a: dict[str, Any]) -> str:
+def set_line(a: dict[str, Any]) -> str:
+    """A feature set's provenance in one line (report headers)."""
     layers = f" {','.join(map(str, a['layers']))}" if a.get("layers") else ""
     sha = f", weights sha256 {a['weights_sha256'][:12]}" if a.get("weights_sha256") else ""
     return f"{a.get('backbone')}{layers} at {a.get('input_size')} px, stride {a.get('stride')}{sha}"
@@ -471,7 +472,7 @@ class Report:
                    f"({_pct(sh['pairs'])}), {int(self.valid.sum()):,} of {sh['of_keypoints']:,} keypoints ({_pct(sh['keypoints'])})")
         dagger = ("\nPCK†: correct and no other annotated keypoint of the predicted-in image nearer the prediction"
                   if self.nearest_ok is not None else "")
-        sets = "".join(f"\nfeature set {n}: {_set_line(a)}" for n, a in self.provenance.get("feature_sets", {}).items())
+        sets = "".join(f"\nfeature set {n}: {set_line(a)}" for n, a in self.provenance.get("feature_sets", {}).items())
         made = (f"\nspairstore {self.provenance['spairstore']}, store fingerprint {self.provenance['store_fingerprint']}"
                 if self.provenance else "")
         return (f"{self.dataset} {self.split}: {self.pairs:,} pairs, {int(self.valid.sum()):,} keypoints{method}{miss}\n"
