@@ -1,6 +1,7 @@
 """Nearest-neighbour matching on a hand-made feature set that makes the match exact, so no backbone is needed."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -119,7 +120,8 @@ def test_reports_record_what_the_numbers_were_made_from(feature_store: Path) -> 
     from spairstore.eval.compare import compare
 
     c = compare(s, "trn", NearestNeighbour("onehot", device="cpu"), Identity(), "spair", resamples=10)
-    assert c.to_dict()["provenance"] == {**made, "a": nn.provenance["feature_sets"], "b": {}}
+    assert c.to_dict()["provenance"] == {**made, "a": {"feature_sets": nn.provenance["feature_sets"]},
+                                         "b": {"feature_sets": {}}}
     assert f"\nA reads feature set onehot: onehot at {s.image_size} px" in c.to_text()
 
 
@@ -275,6 +277,8 @@ def test_saved_head_loads_without_its_class_and_predicts_the_same(feature_store:
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["method"] == "nn[onehot -> head.pt]"
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()  # the report ties the numbers to this head file
+    assert (d["provenance"]["head"], d["provenance"]["head_sha256"]) == ("head.pt", sha)
     assert d["pck"]["0.1"]["per_image"] == spairstore.evaluate(s, "trn", want, "spair").pck(0.1)
     r = CliRunner().invoke(app, ["eval", str(feature_store), "--head", str(path), "--method", "identity"])
     assert "--head evaluates nn on the head's maps: drop --predictions and --method" in str(r.exception)

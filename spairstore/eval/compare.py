@@ -50,7 +50,8 @@ class Comparison:
     seed: int
     confidence: float
     cells: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]]  # section -> group -> alpha -> agg -> cell
-    #: spairstore version, store fingerprint, and the feature sets A and B read (``a``, ``b``: name -> provenance)
+    #: spairstore version, store fingerprint, and per side (``a``, ``b``) the feature sets it read (name ->
+    #: provenance) and a head's file and SHA-256
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +87,9 @@ class Comparison:
                 rows.append((prefix + g, vals))
         made = self.provenance
         sets = "".join(f"\n{side.upper()} reads feature set {n}: {set_line(g)}"
-                       for side in ("a", "b") for n, g in made.get(side, {}).items())
+                       for side in ("a", "b") for n, g in made.get(side, {}).get("feature_sets", {}).items())
+        sets += "".join(f"\n{side.upper()} head {made[side]['head']}: sha256 {made[side]['head_sha256'][:12]}"
+                        for side in ("a", "b") if "head_sha256" in made.get(side, {}))
         head = (f"A = {self.names[0]}\nB = {self.names[1]}\n{self.protocol}\n{self.split}: {self.pairs:,} pairs; paired "
                 f"bootstrap over pairs, {self.resamples:,} resamples, seed {self.seed}, {self.confidence:g} % interval"
                 + sets + (f"\nspairstore {made['spairstore']}, store fingerprint {made['store_fingerprint']}" if made else ""))
@@ -153,9 +156,10 @@ def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: 
                         "p": float(min(1.0, 2 * (min((col <= 0).sum(), (col >= 0).sum()) + 1) / (len(col) + 1)))
                         if ok else None}
                 cells.setdefault(section, {}).setdefault(name, {}).setdefault(alpha_key(alpha), {})[agg] = cell
-    a_made, b_made = (provenance(store, getattr(m, "feature_sets", ()) if callable(m) else ()) for m in (a, b))
-    made = {"spairstore": a_made["spairstore"], "store_fingerprint": a_made["store_fingerprint"],
-            "a": a_made["feature_sets"], "b": b_made["feature_sets"]}
+    made: dict[str, Any] = {}
+    for side, m in (("a", a), ("b", b)):
+        made.update(provenance(store, getattr(m, "feature_sets", ()) if callable(m) else ()))
+        made[side] = {"feature_sets": made.pop("feature_sets"), **getattr(m, "made_with", {})}
     return Comparison(proto, split, names, P, resamples, seed, confidence, cells, made)
 
 

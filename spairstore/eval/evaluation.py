@@ -94,14 +94,18 @@ def evaluate(store: Store | str | Path, split: str, predictions: Predictions,
     split = table_split(store, split, proto)
     rows = select_pairs(store, split, proto)
     uses: Sequence[str] = ()
+    also: dict[str, str] = {}
     if callable(predictions):
         method = getattr(predictions, "name", getattr(predictions, "__name__", "method"))
         pred = np.asarray(predictions(store, split, rows, proto.direction), dtype=np.float64)
         uses = getattr(predictions, "feature_sets", ())
+        also = getattr(predictions, "made_with", {})
     else:
         method = str(predictions) if isinstance(predictions, (str, Path)) else None
         pred = load_predictions(predictions, store, split, proto.direction)[rows]
-    return score(store, split, rows, pred, proto, method=method, dagger=dagger, feature_sets=uses)
+    report = score(store, split, rows, pred, proto, method=method, dagger=dagger, feature_sets=uses)
+    report.provenance.update(also)
+    return report
 
 
 def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol: Protocol,
@@ -473,8 +477,9 @@ class Report:
         dagger = ("\nPCK†: correct and no other annotated keypoint of the predicted-in image nearer the prediction"
                   if self.nearest_ok is not None else "")
         sets = "".join(f"\nfeature set {n}: {set_line(a)}" for n, a in self.provenance.get("feature_sets", {}).items())
-        made = (f"\nspairstore {self.provenance['spairstore']}, store fingerprint {self.provenance['store_fingerprint']}"
-                if self.provenance else "")
+        p = self.provenance
+        head = f"\nhead {p['head']}: sha256 {p['head_sha256'][:12]}" if "head_sha256" in p else ""
+        made = f"{head}\nspairstore {p['spairstore']}, store fingerprint {p['store_fingerprint']}" if p else ""
         return (f"{self.dataset} {self.split}: {self.pairs:,} pairs, {int(self.valid.sum()):,} keypoints{method}{miss}\n"
                 f"{self.protocol}{sub}{dagger}\npair list sha256 {self.pair_list_sha256}{sets}{made}")
 

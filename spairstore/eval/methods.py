@@ -93,6 +93,12 @@ class NearestNeighbour:
         """The sets this method reads (for the report's provenance)."""
         return (self.features, f"{self.features}-flip") if self.flip else (self.features,)
 
+    @property
+    def made_with(self) -> dict[str, str]:
+        """What else the numbers depend on, for the report's provenance: a loaded head's file and SHA-256."""
+        sha = getattr(self.transform, "sha256", None)
+        return {} if sha is None else {"head": getattr(self.transform, "name", "?"), "head_sha256": sha}
+
     def _flip_set(self, store: Store) -> str:
         name = f"{self.features}-flip"
         geom = store.feature_sets.get(name)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import io
 import json
@@ -43,12 +44,13 @@ class Head(torch.nn.Module):
 
     Attributes: ``features`` (name of the feature set it was trained on), ``in_channels``,
     ``cell_stride`` (input cells per output cell, 1 = the same grid; see
-    :func:`spairstore.core.geometry.regrid`), ``meta`` (the whole JSON, with the caller's ``extra``), ``name``.
+    :func:`spairstore.core.geometry.regrid`), ``meta`` (the whole JSON, with the caller's ``extra``), ``name``,
+    ``sha256`` (of the file it was loaded from; reports record it).
     """
 
-    def __init__(self, graph: torch.nn.Module, meta: dict[str, Any], name: str):
+    def __init__(self, graph: torch.nn.Module, meta: dict[str, Any], name: str, sha256: str | None = None):
         super().__init__()
-        self.graph, self.meta, self.name = graph, meta, name
+        self.graph, self.meta, self.name, self.sha256 = graph, meta, name, sha256
         self.features = str(meta["features"])
         self.in_channels = int(meta["in_channels"])
         self.cell_stride = float(meta.get("cell_stride", 1))
@@ -93,8 +95,9 @@ def load_head(path: str | Path) -> Head:
     if not path.is_file():
         raise SpairstoreError(f"{path}: no such head file (write one with spairstore.eval.models.save_head)")
     extra = {HEAD_META: ""}
+    data = path.read_bytes()
     try:
-        program = torch.export.load(io.BytesIO(path.read_bytes()), extra_files=extra)
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's error, said in one line
         raise SpairstoreError(f"{path}: not a torch.export head file ({type(e).__name__}: {e}); "
                               "write one with spairstore.eval.models.save_head") from None
@@ -102,7 +105,7 @@ def load_head(path: str | Path) -> Head:
         meta = json.loads(extra[HEAD_META])
         if meta.get("format") != HEAD_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
-        return Head(program.module(), meta, path.name)
+        return Head(program.module(), meta, path.name, hashlib.sha256(data).hexdigest())
     except (ValueError, KeyError, TypeError) as e:  # no entry, not JSON, or a declared field missing
         raise SpairstoreError(f"{path}: exported program without a spairstore head description ({HEAD_META}: "
                               f"{e}); write it with spairstore.eval.models.save_head") from None
