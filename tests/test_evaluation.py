@@ -516,6 +516,9 @@ def test_saved_predictions_are_refused_on_other_pairs_or_direction(store: spairs
 
     path = spairstore.save_predictions(tmp_path / "p.npz", store, "test", Identity())
     assert not list(tmp_path.glob(".*part"))  # written beside and renamed in
+    made = spairstore.evaluate(store, "test", path).provenance["predictions"]  # the file says what made it
+    assert made == {"method": "identity", "spairstore": spairstore.__version__,
+                    "store_fingerprint": store.fingerprint, "feature_sets": {}}
     assert spairstore.evaluate(store, "test", path).to_dict()["pck"] == \
         spairstore.evaluate(store, "test", Identity()).to_dict()["pck"]
     with np.load(path) as z:

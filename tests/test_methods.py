@@ -104,7 +104,7 @@ def test_nn_batch_size_does_not_matter_and_beats_identity(feature_store: Path) -
     assert nn.pck(0.05) > 90 > ident.pck(0.05) + 40
 
 
-def test_reports_record_what_the_numbers_were_made_from(feature_store: Path) -> None:
+def test_reports_record_what_the_numbers_were_made_from(feature_store: Path, tmp_path: Path) -> None:
     """Version, store fingerprint and each feature set read (backbone, geometry) are in the JSON and the header."""
     s = spairstore.open(feature_store)
     made = {"spairstore": spairstore.__version__, "store_fingerprint": s.fingerprint}
@@ -117,6 +117,12 @@ def test_reports_record_what_the_numbers_were_made_from(feature_store: Path) -> 
     batch = BatchMethod(lambda b: b["src_kps"], fields=("features/onehot",))
     assert list(spairstore.evaluate(s, "trn", batch).to_dict()["provenance"]["feature_sets"]) == ["onehot"]
     assert spairstore.evaluate(s, "trn", Identity()).to_dict()["provenance"] == {**made, "feature_sets": {}}
+    saved = spairstore.save_predictions(tmp_path / "p.npz", s, "trn", NearestNeighbour("onehot", device="cpu"))
+    again = spairstore.evaluate(s, "trn", saved, "spair")
+    assert again.provenance["predictions"] == {"method": "nn[onehot]", **nn.provenance}
+    assert again.to_text().split("\n\n")[0].splitlines()[-2:] == [
+        "predictions made by nn[onehot] (spairstore " + spairstore.__version__ + ")",
+        f"  feature set onehot: onehot at {s.image_size} px, stride {STRIDE}"]
     from spairstore.eval.compare import compare
 
     c = compare(s, "trn", NearestNeighbour("onehot", device="cpu"), Identity(), "spair", resamples=10)

@@ -20,9 +20,10 @@ import numpy as np
 from ..core.schema import LEVELS
 from ..core.tables import text_table
 from ..store.reader import Store
-from .evaluation import Predictions, Report, provenance, score, select_pairs, set_line, table_split
+from .evaluation import Predictions, Report, score, select_pairs, table_split
 from .predictions import all_predictions
 from .protocols import Protocol, alpha_key, get_protocol
+from .provenance import describe, method_provenance
 
 
 def _groups(rep: Report) -> list[tuple[str, str, np.ndarray]]:
@@ -86,10 +87,7 @@ class Comparison:
                     vals += [c["a"], c["b"], c["diff"], c["ci"][0], c["ci"][1], None if c["p"] is None else f"{c['p']:.3f}"]
                 rows.append((prefix + g, vals))
         made = self.provenance
-        sets = "".join(f"\n{side.upper()} reads feature set {n}: {set_line(g)}"
-                       for side in ("a", "b") for n, g in made.get(side, {}).get("feature_sets", {}).items())
-        sets += "".join(f"\n{side.upper()} head {made[side]['head']}: sha256 {made[side]['head_sha256'][:12]}"
-                        for side in ("a", "b") if "head_sha256" in made.get(side, {}))
+        sets = "".join(describe(made.get(side, {}), f"{side.upper()} reads ") for side in ("a", "b"))
         head = (f"A = {self.names[0]}\nB = {self.names[1]}\n{self.protocol}\n{self.split}: {self.pairs:,} pairs; paired "
                 f"bootstrap over pairs, {self.resamples:,} resamples, seed {self.seed}, {self.confidence:g} % interval"
                 + sets + (f"\nspairstore {made['spairstore']}, store fingerprint {made['store_fingerprint']}" if made else ""))
@@ -158,8 +156,9 @@ def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: 
                 cells.setdefault(section, {}).setdefault(name, {}).setdefault(alpha_key(alpha), {})[agg] = cell
     made: dict[str, Any] = {}
     for side, m in (("a", a), ("b", b)):
-        made.update(provenance(store, getattr(m, "feature_sets", ()) if callable(m) else ()))
-        made[side] = {"feature_sets": made.pop("feature_sets"), **getattr(m, "made_with", {})}
+        one = method_provenance(store, m)
+        made.update({k: one.pop(k) for k in ("spairstore", "store_fingerprint")})
+        made[side] = one
     return Comparison(proto, split, names, P, resamples, seed, confidence, cells, made)
 
 

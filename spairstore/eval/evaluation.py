@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -23,11 +23,11 @@ from ..core.errors import StoreError
 from ..core.records import pair_list_sha256
 from ..core.schema import LEVELS
 from ..core.tables import markdown_table, text_table
-from ..core.version import __version__
 from ..store.reader import Store
 from .methods import Method
-from .predictions import PredictionsError, load_predictions
+from .predictions import PredictionsError, load_predictions, predictions_about
 from .protocols import Protocol, alpha_key, get_protocol
+from .provenance import describe, method_provenance, provenance
 
 #: Predictions in the original pixels of the predicted-in image (the target for src->trg): a padded
 #: ``(P, M, 2)`` array with one row per pair of the split in table order, a flat ``(sum n_kps, 2)``
@@ -93,30 +93,29 @@ def evaluate(store: Store | str | Path, split: str, predictions: Predictions,
     proto = get_protocol(protocol, store.dataset)
     split = table_split(store, split, proto)
     rows = select_pairs(store, split, proto)
-    uses: Sequence[str] = ()
-    also: dict[str, str] = {}
     if callable(predictions):
         method = getattr(predictions, "name", getattr(predictions, "__name__", "method"))
         pred = np.asarray(predictions(store, split, rows, proto.direction), dtype=np.float64)
-        uses = getattr(predictions, "feature_sets", ())
-        also = getattr(predictions, "made_with", {})
     else:
         method = str(predictions) if isinstance(predictions, (str, Path)) else None
         pred = load_predictions(predictions, store, split, proto.direction)[rows]
-    report = score(store, split, rows, pred, proto, method=method, dagger=dagger, feature_sets=uses)
-    report.provenance.update(also)
-    return report
+    made = method_provenance(store, predictions)
+    about = predictions_about(predictions)
+    if about is not None and about.get("method") and "made_by" in about:  # saved from a method: what it was
+        made["predictions"] = {"method": about.get("method"), **about["made_by"]}
+    return score(store, split, rows, pred, proto, method=method, dagger=dagger, made=made)
 
 
 def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol: Protocol,
-          method: str | None = None, dagger: bool = False, feature_sets: Sequence[str] = ()) -> Report:
+          method: str | None = None, dagger: bool = False, made: dict[str, Any] | None = None) -> Report:
     """Score ``pred`` (float (len(rows), M, 2), original pixels of the predicted-in image) for pair ``rows``.
 
     With ``keypoints="geo-aware"`` only that subset is scored (:func:`~spairstore.eval.subsets.geo_aware_mask`),
     on the pairs holding at least one such keypoint; the report keeps the share of pairs and keypoints.
     ``dagger``: PCK† too -- a keypoint counts only if correct *and* no other annotated keypoint of the
     predicted-in image (``images/keypoints``, every visible slot) lies strictly nearer the prediction.
-    ``feature_sets``: the sets the method read, whose provenance the report records."""
+    ``made``: what the predictions were made from (:func:`~spairstore.eval.provenance.method_provenance`;
+    by default the version and store only)."""
     split = table_split(store, split, protocol)
     t = store.pairs(split)
     im = store.images
@@ -187,7 +186,7 @@ def score(store: Store, split: str, rows: np.ndarray, pred: np.ndarray, protocol
         missing=int((valid & ~np.isfinite(pred).all(-1)).sum()), groups=pair_groups(store, split, rows),
         kps_ids=t.kps_ids[rows].astype(np.int64), nearest_ok=nearest_ok, subset_share=share,
         pair_list_sha256=pair_list_sha256(split, zip(t.pair_id[rows].tolist(), keys(t.src[rows]), keys(t.trg[rows]))),
-        provenance=provenance(store, feature_sets),
+        provenance=provenance(store) if made is None else made,
     )
 
 
@@ -250,25 +249,6 @@ def _cells(per_image: np.ndarray, per_point: np.ndarray, j: int, protocol: Proto
     val = {"per_image": per_image, "per_point": per_point}
     return {alpha_key(a): {agg: (None if np.isnan(val[agg][i, j]) else float(val[agg][i, j]))
                            for agg in protocol.aggregation} for i, a in enumerate(protocol.alphas)}
-
-
-#: what of a feature set's attributes says which maps were scored (see ``info`` for the rest)
-_SET_PROVENANCE = ("backbone", "library", "layers", "weights_sha256", "input_size", "stride", "flip_of")
-
-
-def set_line(a: dict[str, Any]) -> str:
-    """A feature set's provenance in one line (report headers)."""
-    layers = f" {','.join(map(str, a['layers']))}" if a.get("layers") else ""
-    sha = f", weights sha256 {a['weights_sha256'][:12]}" if a.get("weights_sha256") else ""
-    return f"{a.get('backbone')}{layers} at {a.get('input_size')} px, stride {a.get('stride')}{sha}"
-
-
-def provenance(store: Store, feature_sets: Sequence[str] = ()) -> dict[str, Any]:
-    """What a number was computed from: the spairstore version, the store's fingerprint (its images at
-    its size) and, per feature set read, the backbone, weights' SHA-256 and geometry."""
-    sets = {n: {k: store.feature_sets[n][k] for k in _SET_PROVENANCE if store.feature_sets[n].get(k) is not None}
-            for n in dict.fromkeys(feature_sets) if n in store.feature_sets}
-    return {"spairstore": __version__, "store_fingerprint": store.fingerprint, "feature_sets": sets}
 
 
 @dataclass
@@ -476,12 +456,14 @@ class Report:
                    f"({_pct(sh['pairs'])}), {int(self.valid.sum()):,} of {sh['of_keypoints']:,} keypoints ({_pct(sh['keypoints'])})")
         dagger = ("\nPCK†: correct and no other annotated keypoint of the predicted-in image nearer the prediction"
                   if self.nearest_ok is not None else "")
-        sets = "".join(f"\nfeature set {n}: {set_line(a)}" for n, a in self.provenance.get("feature_sets", {}).items())
-        p = self.provenance
-        head = f"\nhead {p['head']}: sha256 {p['head_sha256'][:12]}" if "head_sha256" in p else ""
-        made = f"{head}\nspairstore {p['spairstore']}, store fingerprint {p['store_fingerprint']}" if p else ""
+        p, made = self.provenance, ""
+        if p:
+            made = describe(p) + f"\nspairstore {p['spairstore']}, store fingerprint {p['store_fingerprint']}"
+        if "predictions" in p:
+            q = p["predictions"]
+            made += f"\npredictions made by {q.get('method')} (spairstore {q.get('spairstore')}){describe(q, '  ')}"
         return (f"{self.dataset} {self.split}: {self.pairs:,} pairs, {int(self.valid.sum()):,} keypoints{method}{miss}\n"
-                f"{self.protocol}{sub}{dagger}\npair list sha256 {self.pair_list_sha256}{sets}{made}")
+                f"{self.protocol}{sub}{dagger}\npair list sha256 {self.pair_list_sha256}{made}")
 
     def to_text(self) -> str:
         """Terminal tables, laid out like the dataset paper (category names abbreviated)."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..core.errors import SpairstoreError
 from ..store.reader import Store
+from .provenance import method_provenance
 
 #: The key of a ``.npz`` written by :func:`save_predictions` that says what its predictions were made for.
 ABOUT_KEY = "__spairstore__"
@@ -40,7 +41,8 @@ def save_predictions(path: str | Path, store: Store, split: str, predictions: An
     """Write predictions for every pair of ``split`` (any form :func:`load_predictions` reads, or a
     method, run on them) to the ``.npz`` ``path``: one ``(n_kps, 2)`` array per pair id, original pixels
     (x, y) of the image predicted in, and under :data:`ABOUT_KEY` the dataset, split, pair-list SHA-256
-    and direction they were made for. Reading the file back checks those, so it is refused on another
+    and direction they were made for, and the method's name and provenance (``made_by``: its feature
+    sets, head, the version), which a report of the file repeats. Reading the file back checks those, so it is refused on another
     split or pair list, or in the other direction, instead of scoring the wrong pairs. The file is
     written beside ``path`` and renamed into place (never half written)."""
     path = Path(path)
@@ -54,7 +56,9 @@ def save_predictions(path: str | Path, store: Store, split: str, predictions: An
             t = store.pairs(split)
             about = {"format": "spairstore-predictions", "dataset": store.dataset, "split": split,
                      "pair_list_sha256": store.attrs.get("pair_list_sha256", {}).get(split),
-                     "direction": direction, "frame": "original pixels (x, y) of the image predicted in"}
+                     "direction": direction, "frame": "original pixels (x, y) of the image predicted in",
+                     "method": getattr(predictions, "name", None) if callable(predictions) else None,
+                     "made_by": method_provenance(store, predictions)}
             arrays = {str(int(pid)): pred[j, :int(n)] for j, (pid, n) in enumerate(zip(t.pair_id, t.n_kps))}
             np.savez(f, **arrays, **{ABOUT_KEY: np.array(json.dumps(about))})
         os.replace(part, path)
@@ -62,6 +66,19 @@ def save_predictions(path: str | Path, store: Store, split: str, predictions: An
         part.unlink(missing_ok=True)
         raise
     return path
+
+
+def predictions_about(source: Any) -> dict[str, Any] | None:
+    """The :data:`ABOUT_KEY` entry of a ``.npz`` file :func:`save_predictions` wrote (what the predictions
+    were made for, and ``method``/``made_by``: what made them); None for anything else."""
+    if not isinstance(source, (str, Path)) or Path(source).suffix.lower() != ".npz":
+        return None
+    try:
+        with np.load(source, allow_pickle=False) as z:
+            about = json.loads(str(z[ABOUT_KEY])) if ABOUT_KEY in z.files else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return about if isinstance(about, dict) else None
 
 
 def load_predictions(source: Any, store: Store, split: str, direction: str | None = None) -> np.ndarray:
