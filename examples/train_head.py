@@ -74,6 +74,14 @@ def matching_loss(query: torch.Tensor, ref: torch.Tensor, r_cell: torch.Tensor, 
     return F.cross_entropy(logits[valid], r_cell[valid])
 
 
+def schedule(opt: torch.optim.Optimizer, lr: float, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One cycle up to ``lr`` and down over ``total`` steps, warming up for 10 % of them but at least 1.5
+    (OneCycleLR divides by the warm-up's length); a smoke test of under 4 steps keeps ``lr`` constant."""
+    if total < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=max(0.1, 1.5 / total))
+
+
 def val_pck(store: spairstore.Store, features: str, head: torch.nn.Module, device: str) -> float:
     """PCK@0.1 (the store's protocol, first aggregation) of NN on the head's maps over ``val``."""
     return spairstore.evaluate(store, "val", NearestNeighbour(features, device=device, transform=head)).pck(0.1)
@@ -94,7 +102,9 @@ def train(args: argparse.Namespace) -> dict:
     head = ResidualHead(int(geom["channels"]), args.hidden).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = min(len(loader), args.max_steps or len(loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps, pct_start=0.1)
+    if not steps:
+        raise SystemExit(f"{args.store}: trn has {len(data)} pairs, fewer than --batch-size {args.batch_size}")
+    sched = schedule(opt, args.lr, args.epochs * steps)
 
     best = {"epoch": 0, "val": val_pck(store, args.features, head, str(device)), "state": copy.deepcopy(head.state_dict())}
     history = [{"epoch": 0, "val_pck@0.1": best["val"]}]

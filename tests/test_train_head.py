@@ -108,3 +108,26 @@ def test_report_breaks_ap10k_down_by_its_groups(tmp_path: Path) -> None:
                                         "device": "cpu", "train_wall_s": 0.0, "train_cpu_s": 0.0, "load_average": 0.0,
                                         "data_wait_share": 0.0})
     assert "per variation factor" not in text and "per family**" in text and "| cross-species |" in text
+
+
+def test_schedule_of_any_length() -> None:
+    """Short runs (a smoke test of --max-steps 1, or 10 steps, which divided by zero in OneCycleLR) step
+    through; long ones warm up over 10 % of the steps to the peak rate and end near zero."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_head", REPO / "examples" / "train_head.py")
+    train_head = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_head)
+    for total in (1, 2, 3, 4, 5, 10, 15, 363):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
+        sched = train_head.schedule(opt, 0.002, total)
+        rates = []
+        for _ in range(total):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert all(np.isfinite(rates)) and max(rates) <= 0.002 + 1e-12, total
+    assert abs(rates.index(max(rates)) - 0.1 * 363) <= 1 and rates[-1] < 1e-5
+
