@@ -164,7 +164,8 @@ def features(
         help="Replace an existing feature set of this name, and discard an unfinished run of it made with "
              "other settings.")] = False,
     flip: Annotated[bool, typer.Option(
-        help="Also store the maps of every image mirrored left to right, as the set NAME-flip.")] = False,
+        help="Also store the maps of every image mirrored left to right, as the set NAME-flip "
+             "(an existing NAME made with the same settings is kept: only the companion is extracted).")] = False,
     drop: Annotated[Optional[list[str]], typer.Option(
         metavar="NAME", help="Delete feature set NAME instead (repeatable; a NAME-flip companion is a set of its "
                              "own), or the file of a set the store refuses; nothing else of the store changes.")]

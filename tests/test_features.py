@@ -163,7 +163,8 @@ def test_other_sets_and_pixels_survive_adding_and_replacing(lite_store: Path, tm
     assert sorted(f.name for f in sidecar_dir(p).iterdir()) == ["b10.h5", f"{LITE}.h5"]
     new_bytes = after.field_bytes()[f"features/{LITE}/data"]
     assert new_bytes < sidecar_path(p, LITE).stat().st_size < new_bytes + 2**16
-    with pytest.raises(FeatureError, match="exists; pass --overwrite"):
+    with pytest.raises(FeatureError, match=r"'b10' exists, made with other settings \(layers _blocks.10 there, "
+                                           r"_blocks.7,_blocks.10 here\); pass --overwrite"):
         extract_features(p, backbone=LITE, name="b10")
 
 

@@ -217,7 +217,7 @@ def test_flip_rerun_keeps_the_set_and_resumes_the_companion(store_copy: Path, ti
     fe = UserExtractor(f"{tiny_file}:make")
     np.testing.assert_allclose(s.features("u-flip", 2).astype(np.float32), fe(mirrored)[0].numpy(),
                                rtol=2e-3, atol=2e-2)
-    with pytest.raises(FeatureError, match="'u' exists; pass --overwrite"):
+    with pytest.raises(FeatureError, match="'u' exists, made with these same settings; pass --overwrite"):
         extract_features(store_copy, backbone=f"{tiny_file}:make", name="u")
 
 

@@ -56,6 +56,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _RESUME_KEYS = ("backbone", "layers", "weights_sha256", "weights", "input_size", "normalization", "stride",
                 "cell_offset", "width", "height", "channels", "dtype")
 
+#: a setting that differs, and the settings that then differ because of it
+_CAUSES = (("backbone", _RESUME_KEYS[1:]), ("weights", ("weights_sha256",)),
+           ("layers", ("stride", "cell_offset", "width", "height", "channels")),
+           ("input_size", ("width", "height")))
+
 
 def _batches(rows: np.ndarray, batch_size: int, unit_rows: int | None) -> Iterator[np.ndarray]:
     """``rows`` in order, cut at every change of unit (``row // unit_rows``), then into ``batch_size``."""
@@ -348,6 +353,22 @@ def extract_features(store_path: str | Path, backbone: str | Callable[[], nn.Mod
     return summary
 
 
+def _made_with(published: dict[str, Any], attrs: dict[str, Any]) -> str:
+    """How an existing set's settings compare with this run's, for the "exists" error."""
+    keys = [k for k in _RESUME_KEYS if published.get(k) != attrs.get(k)]
+    for cause, effects in _CAUSES:  # name what the user chose, not the map shape that follows from it
+        if cause in keys:
+            keys = [k for k in keys if k not in effects]
+    differ = [f"{k} {_setting(published.get(k))} there, {_setting(attrs.get(k))} here" for k in keys]
+    return f"made with other settings ({'; '.join(differ)})" if differ else "made with these same settings"
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return value[:12] if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else str(value)
+
+
 def check_name(name: str) -> None:
     """Refuse a feature-set name that could not be a file name on every system (it names the set's file)."""
     if not _NAME.match(name):
@@ -387,7 +408,8 @@ class _SetRun:
             nonlocal staging, target
             exists = published is not None
             if exists and not overwrite:
-                raise FeatureError(f"{store_path}: feature set {name!r} exists; pass --overwrite to replace it")
+                raise FeatureError(f"{store_path}: feature set {name!r} exists, {_made_with(published, attrs)}; "
+                                   f"pass --overwrite to replace it")
             staging = Staging.open(store_path, meta, restart=overwrite)
             target = set_writer(store_path, staging.meta, batch_size)
             rows = target.prepare(staging.tx, replace=exists)
