@@ -528,12 +528,24 @@ def test_nn_flip_matches_loop(flip_store: Path, rule: str) -> None:
     assert (np.nan_to_num(got) != np.nan_to_num(plain)).any()
 
 
-def test_nn_flip_needs_its_set(flip_store: Path) -> None:
+def test_nn_flip_needs_its_set(flip_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import h5py
+
     from spairstore.eval.methods import NearestNeighbour, get_method
 
     s = spairstore.open(flip_store)
-    with pytest.raises(spairstore.StoreError, match="needs the feature set 'rand-flip-flip' with attributes flip_of"):
+    with pytest.raises(spairstore.StoreError, match="needs the feature set 'rand-flip-flip', the maps of the mirrored "
+                                                    "images: run the features command that made 'rand-flip' again"):
         NearestNeighbour("rand-flip", flip="adaptive")(s, "trn", np.arange(2))
+    other = Path(shutil.copyfile(flip_store, tmp_path / "other.h5"))
+    with h5py.File(other, "a") as f:  # a set named like a companion that is not one
+        sets = json.loads(f.attrs["feature_sets"])
+        sets["rand-flip"].pop("flip_of")
+        f.attrs["feature_sets"] = json.dumps(sets)
+    with pytest.raises(spairstore.StoreError, match="needs the feature set 'rand-flip' with attributes flip_of"):
+        NearestNeighbour("rand", flip="adaptive")(spairstore.open(other), "trn", np.arange(2))
     with pytest.raises(spairstore.SpairstoreError, match="unknown flip rule 'always'"):
         NearestNeighbour("rand", flip="always")
     with pytest.raises(spairstore.SpairstoreError, match="--flip applies to method nn only"):

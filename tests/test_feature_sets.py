@@ -211,3 +211,33 @@ def test_a_set_or_copy_that_cannot_fit_is_refused_before_writing(synth_store: Pa
         convert(store, tmp_path / "c.zarr")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
 
+
+
+def test_flip_companion_for_test_time_flip(synth_store: Path, tmp_path: Path) -> None:
+    """``flip_of`` makes maps of the mirrored images a ``-flip`` companion that ``eval --flip`` reads;
+    a companion that could not pair with its set is refused."""
+    from spairstore.eval.methods import NearestNeighbour
+    from spairstore.features.backbones import flip_attrs
+
+    store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    s = spairstore.open(store)
+    rows = np.arange(s.pairs("trn").rows)
+    spairstore.add_feature_set(store, "mine", maps_of(len(s)).__getitem__, **GEOMETRY)
+    with pytest.raises(spairstore.StoreError, match=r"needs the feature set 'mine-flip', the maps of the mirrored "
+                                                    r"images: run .* again with --flip .* flip_of='mine'"):
+        NearestNeighbour("mine", flip="adaptive-mutual")(spairstore.open(store), "trn", rows)
+    with pytest.raises(FeatureError, match="are named 'mine-flip'"):
+        spairstore.add_feature_set(store, "mirror", maps_of(len(s), 1).__getitem__, flip_of="mine", **GEOMETRY)
+    with pytest.raises(FeatureError, match=r"geometry of 'mine' \(input_size 112 here, 96 in 'mine'; stride 18.6"):
+        spairstore.add_feature_set(store, "mine-flip", maps_of(len(s), 1).__getitem__, flip_of="mine",
+                                   **{**GEOMETRY, "input_size": 112, "stride": 112 / 6})
+    with pytest.raises(spairstore.StoreError, match="no feature set 'other'"):
+        spairstore.add_feature_set(store, "other-flip", maps_of(len(s), 1).__getitem__, flip_of="other", **GEOMETRY)
+    assert sorted(spairstore.open(store).feature_sets) == ["mine"]
+
+    spairstore.add_feature_set(store, "mine-flip", maps_of(len(s), 1).__getitem__, flip_of="mine", **GEOMETRY)
+    s = spairstore.open(store)
+    assert flip_attrs("mine").items() <= s.feature_sets["mine-flip"].items()
+    flipped = NearestNeighbour("mine", device="cpu", flip="adaptive-mutual")(s, "trn", rows)
+    plain = NearestNeighbour("mine", device="cpu")(s, "trn", rows)
+    assert (np.nan_to_num(flipped) != np.nan_to_num(plain)).any()  # the mirrored source won some pairs

@@ -102,7 +102,12 @@ class NearestNeighbour:
     def _flip_set(self, store: Store) -> str:
         name = f"{self.features}-flip"
         geom = store.feature_sets.get(name)
-        if geom is None or geom.get("flip_of") != self.features or not geom.get("flipped"):
+        if geom is None:
+            raise StoreError(f"{store.path}: --flip needs the feature set {name!r}, the maps of the mirrored "
+                             f"images: run the features command that made {self.features!r} again with --flip "
+                             f"(only the mirrored images are extracted), or add_feature_set(..., "
+                             f"flip_of={self.features!r})")
+        if geom.get("flip_of") != self.features or not geom.get("flipped"):
             raise StoreError(f"{store.path}: --flip needs the feature set {name!r} with attributes flip_of "
                              f"{self.features!r} and flipped true (features of the mirrored images)")
         if store.keypoint_flip is None:

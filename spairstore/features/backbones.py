@@ -349,9 +349,14 @@ class Flipped(Extractor):
         return self.inner.maps(x)
 
     def provenance(self) -> dict[str, Any]:
-        return {**self.inner.provenance(), "flipped": True, "flip_of": self.of,
-                "flip": "maps of the store frame mirrored left to right: cell (j, i) is centred at store x = "
-                        "S - (j + cell_offset) * stride * S / input_size, y as unflipped"}
+        return {**self.inner.provenance(), **flip_attrs(self.of)}
+
+
+def flip_attrs(of: str) -> dict[str, Any]:
+    """The attributes that make a set the ``-flip`` companion of set ``of`` (maps of the mirrored frames)."""
+    return {"flipped": True, "flip_of": of,
+            "flip": "maps of the store frame mirrored left to right: cell (j, i) is centred at store x = "
+                    "S - (j + cell_offset) * stride * S / input_size, y as unflipped"}
 
 
 class FeatureExtractor(Extractor):

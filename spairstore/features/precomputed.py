@@ -21,6 +21,7 @@ import torch
 from ..core.errors import FeatureError, StoreError
 from ..store.backends import is_url
 from ..store.reader import Store
+from .backbones import flip_attrs
 from .extract import FeatureSummary, Staging, check_name, set_writer
 
 Maps = Union[Iterable[tuple[int, Any]], Callable[[int], Any], Mapping[tuple[str, str], Any]]  # noqa: UP007 - a runtime alias on 3.10
@@ -125,7 +126,8 @@ def _row(store: Store, item: Any) -> int:
 
 
 def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, cell_offset: float,
-                    input_size: int, source: str = "precomputed", overwrite: bool = False) -> FeatureSummary:
+                    input_size: int, source: str = "precomputed", flip_of: str | None = None,
+                    overwrite: bool = False) -> FeatureSummary:
     """Add feature set ``name`` to the local store at ``store`` from maps computed elsewhere.
 
     ``maps`` gives one float array or tensor (C, H, W) per image row (see :data:`Maps`), stored as float16. The geometry
@@ -134,6 +136,11 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
     and cell (col j, row i) is centred at ``((j, i) + cell_offset) * stride`` input pixels (x, y), so
     H = W = input_size / stride (rounded either way). ``source`` names where the maps come from (the
     set's ``backbone`` attribute).
+
+    ``flip_of`` marks the maps as those of every store frame mirrored left to right, in the mirrored
+    frame (cell ``(j, i)`` centred at store ``x = S - (j + cell_offset) * stride * S / input_size``), the
+    companion of the existing set ``flip_of`` that test-time flip reads (``eval --flip``): ``name`` must then
+    be ``<flip_of>-flip``, and the geometry and map shape those of ``flip_of``.
 
     Every image row must be given exactly once, every map with the same shape and finite values; the
     first problem is a one-line :class:`FeatureError` naming the row or key. A set ``name`` that exists
@@ -162,6 +169,9 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
                  "normalization": None, "stride": stride, "cell_offset": cell_offset,
                  "cell_centre": "cell (col j, row i) is centred at ((j, i) + cell_offset) * stride input pixels",
                  "width": shape[2], "height": shape[1], "channels": shape[0], "dtype": "float16"}
+        if flip_of is not None:
+            attrs.update(flip_attrs(flip_of))
+            _check_companion(s, name, flip_of, attrs)
         exists = name in s.feature_sets
         if exists and not overwrite:
             raise FeatureError(f"{store_path}: feature set {name!r} exists; pass overwrite=True to replace it")
@@ -179,6 +189,19 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
             staging.close()
     return FeatureSummary(store=store_path, name=name, backbone=source, layers=[], shape=(len(s), *shape),
                           extracted=written, seconds=time.perf_counter() - t0, device=None)
+
+
+def _check_companion(store: Store, name: str, flip_of: str, attrs: dict[str, Any]) -> None:
+    """Refuse a ``flip_of`` set that test-time flip could not pair with its unflipped set."""
+    if name != f"{flip_of}-flip":
+        raise FeatureError(f"feature set {name!r}: the maps of the mirrored images of {flip_of!r} are named "
+                           f"{flip_of + '-flip'!r} (test-time flip looks for that name)")
+    of = store.feature_set(flip_of)
+    differ = [f"{k} {attrs[k]} here, {of.get(k)} in {flip_of!r}"
+              for k in ("input_size", "stride", "cell_offset", "width", "height", "channels") if attrs[k] != of.get(k)]
+    if differ:
+        raise FeatureError(f"feature set {name!r}: the mirrored images' maps need the geometry of {flip_of!r} "
+                           f"({'; '.join(differ)})")
 
 
 def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, unit_rows: int, sink: Any,
