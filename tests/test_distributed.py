@@ -166,7 +166,8 @@ def test_an_error_stops_every_process_with_one_message(stores: dict[str, Path], 
     r = run("features", str(store), *ARGS)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {store}: feature set 'd' exists; pass --overwrite to replace it"]
+    assert errors == [f"error: {store}: feature set 'd' exists, made with these same settings; pass --overwrite "
+                      f"to replace it"]
 
 
 def test_overwrite_replaces_a_zarr_set_in_place(reference: dict, tmp_path: Path) -> None:
