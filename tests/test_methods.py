@@ -323,6 +323,14 @@ def lookup(batch):
 
 def typo():
     return lookup
+
+class Maps(torch.nn.Module):      # a feature module (spairstore features --backbone), not a method
+    input_size, stride, cell_offset = 64, 8, 0.5
+    def forward(self, x):
+        return x
+
+def feature_module():
+    return Maps()
 """
 
 
@@ -350,7 +358,10 @@ def test_eval_and_compare_take_a_users_method(feature_store: Path, tmp_path: Pat
     assert (d["a"], cell["a"], cell["diff"]) == (f"{f}:truth", 100.0, 0.0)
     for factory, message in (("broken", "FACTORY() raised RuntimeError: no weights here"),
                              ("number", "FACTORY() returned int, not a method or a callable fn(batch)"),
-                             ("missing", "has no callable 'missing'")):
+                             ("missing", "has no callable 'missing'"),
+                             ("feature_module", f"FACTORY() returned a feature module (it declares input_size, "
+                              f"stride and cell_offset: images in, maps out), not a method; extract its maps with "
+                              f"`spairstore features STORE --backbone {f}:feature_module --name N`")):
         r = CliRunner().invoke(app, [*base, f"{f}:{factory}"])
         assert r.exit_code != 0 and message in str(r.exception) + r.output, (factory, r.output)
     from tests.conftest import run_cli

@@ -230,9 +230,9 @@ def test_progress_bar(tmp_path, capsys):
 @pytest.mark.parametrize("kwargs, message", [
     ({"categories": ["unicorn"]}, "unknown category"),
     ({"categories": []}, "empty"),
-    ({"images_per_category": 3}, "images_per_category"),
-    ({"images_per_category": 2.5}, "images_per_category"),
-    ({"images_per_category": True}, "images_per_category"),
+    ({"images_per_category": 3}, "images per category must be between 6"),
+    ({"images_per_category": 2.5}, "images per category must be an integer"),
+    ({"images_per_category": True}, "images per category must be an integer"),
     ({"seed": -1}, "seed"),
 ])
 def test_bad_arguments(tmp_path, kwargs, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 
@@ -165,6 +166,21 @@ def test_user_module_from_sys_path_and_as_object(store_copy: Path, tiny_file: Pa
     np.testing.assert_array_equal(s.read("features/bypath", [0, 3]), s.read("features/byobject", [0, 3]))
     assert s.feature_sets["bypath"]["module"] == "tiny:make"
     assert s.feature_sets["byobject"]["weights_sha256"] == s.feature_sets["bypath"]["weights_sha256"]
+
+
+def test_user_module_in_the_working_directory(store_copy: Path, tiny_file: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``spairstore`` script has no working directory on sys.path (``python -m`` has): a MODULE found
+    only there is imported all the same, after everything installed."""
+    shutil.copyfile(tiny_file, tiny_file.with_name("tiny_in_cwd.py"))
+    monkeypatch.chdir(tiny_file.parent)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != Path.cwd()])
+    extract_features(store_copy, backbone="tiny_in_cwd:make", name="cwd")
+    assert sys.path[-1] == str(Path.cwd())
+    s = spairstore.open(store_copy)
+    assert s.feature_sets["cwd"]["module_file"] == str(tiny_file.with_name("tiny_in_cwd.py").resolve())
+    with pytest.raises(FeatureError, match=r"cannot import tiny_elsewhere .*PYTHONPATH"):
+        extract_features(store_copy, backbone="tiny_elsewhere:make", name="nope")
 
 
 def test_user_module_resumes_like_a_builtin(store_copy: Path, tiny_file: Path) -> None:

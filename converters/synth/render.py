@@ -380,9 +380,9 @@ def check_args(out_dir: Path, images_per_category: Any, categories: Sequence[str
     """The arguments of a synthesizer checked (:class:`SpairstoreError` naming the bad one), and the
     categories to write: ``categories`` (default: all of ``known``) in ``known``'s order."""
     if isinstance(images_per_category, bool) or not isinstance(images_per_category, (int, np.integer)):
-        raise SpairstoreError(f"images_per_category must be an integer, got {images_per_category!r}")
+        raise SpairstoreError(f"images per category must be an integer, got {images_per_category!r}")
     if not fewest <= images_per_category <= most:
-        raise SpairstoreError(f"images_per_category must be between {fewest} ({why_fewest}) and {most}, "
+        raise SpairstoreError(f"images per category must be between {fewest} ({why_fewest}) and {most}, "
                               f"got {images_per_category}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise SpairstoreError(f"seed must be a non-negative integer, got {seed!r}")

@@ -40,7 +40,8 @@ def raised(e: BaseException) -> str:
 def load_factory(spec: str, option: str, error: type[SpairstoreError] = SpairstoreError
                  ) -> tuple[Callable[[], Any], str]:
     """The callable ``spec`` (``MODULE:FACTORY`` or ``path/to/file.py:FACTORY``) names, and ``spec`` with a
-    file path made absolute (the provenance recorded). Failures raise ``error``, one line naming ``option``."""
+    file path made absolute (the provenance recorded). ``MODULE`` is looked up on ``sys.path``, then in the
+    working directory. Failures raise ``error``, one line naming ``option``."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
         raise error(f"{option} {spec!r}: give MODULE:FACTORY (e.g. mypkg.feats:make or path/to/file.py:make)")
@@ -62,6 +63,7 @@ def load_factory(spec: str, option: str, error: type[SpairstoreError] = Spairsto
             raise error(f"{path}: importing it raised {raised(e)}") from None
         spec = f"{path}:{attr}"
     else:
+        _cwd_if_there(where)
         try:
             found = importlib.util.find_spec(where)
         except Exception:  # noqa: BLE001 - a parent package that fails to import: import_module says so below
@@ -80,3 +82,15 @@ def load_factory(spec: str, option: str, error: type[SpairstoreError] = Spairsto
     if not callable(factory):
         raise error(f"{option} {spec}: {where} has no callable {attr!r}")
     return factory, spec
+
+
+def _cwd_if_there(where: str) -> None:
+    """Put the working directory on ``sys.path`` (last, so it shadows nothing installed) when ``where``'s
+    top-level module is found only there: ``python -m spairstore`` and ``torchrun -m`` see it, and the
+    ``spairstore`` script should too (as uvicorn's and gunicorn's ``MODULE:APP`` do)."""
+    top = where.partition(".")[0]
+    cwd = Path.cwd()
+    if any(p in ("", ".") or Path(p).resolve() == cwd for p in sys.path if isinstance(p, str)):
+        return
+    if importlib.util.find_spec(top) is None and ((cwd / f"{top}.py").is_file() or (cwd / top).is_dir()):
+        sys.path.append(str(cwd))  # spawned workers inherit sys.path, so they import it too

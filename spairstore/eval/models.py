@@ -200,6 +200,12 @@ def method_from_factory(spec: str, device: str | None = None, batch_size: int = 
     if not callable(obj):
         raise SpairstoreError(f"--method {origin}: FACTORY() returned {type(obj).__name__}, not a method or a "
                               "callable fn(batch)")
+    if isinstance(obj, torch.nn.Module) and not hasattr(obj, "fields") and all(
+            hasattr(obj, a) for a in ("input_size", "stride", "cell_offset")):
+        raise SpairstoreError(f"--method {origin}: FACTORY() returned a feature module (it declares input_size, "
+                              f"stride and cell_offset: images in, maps out), not a method; extract its maps with "
+                              f"`spairstore features STORE --backbone {spec} --name N`, then `eval --method nn "
+                              f"--features N`")
     if isinstance(obj, BatchMethod) or _required_positional(obj) >= 3:
         if not hasattr(obj, "name"):
             obj.name = origin
