@@ -295,7 +295,7 @@ def info(
                    f"{mib(v['bytes'])}{mirrored}")
     for k, v in d["incomplete_feature_sets"].items():
         out.append(f"  features     {k}: INCOMPLETE, {v['done']:,} of {v['images'] or '?'} images extracted "
-                   f"(re-run `spairstore features` to resume; staged in {v['path']})")
+                   f"({v['resume']} to resume; staged in {v['path']})")
     out += [f"  features     {k}: REFUSED, {why}" for k, why in d["refused_feature_sets"].items()]
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]

@@ -110,6 +110,28 @@ def test_interrupted_run_resumes_without_asking_for_done_rows(synth_store: Path,
         spairstore.add_feature_set(store, "r", failing, **GEOMETRY)
 
 
+def test_an_unordered_iterable_keeps_what_it_gave_before_a_crash(synth_store: Path, tmp_path: Path) -> None:
+    """HDF5 writes any rows as they come (no unit waits in memory for rows given later), so an iterable
+    in reverse order that dies after 17 maps leaves a batch of 16 written, and `info` says what resumes it."""
+    store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
+    n = len(spairstore.open(store))
+    ref = maps_of(n)
+
+    def backwards(stop: int | None):
+        for k, row in enumerate(range(n - 1, -1, -1)):
+            if k == stop:
+                raise RuntimeError("model crashed")
+            yield row, ref[row]
+
+    with pytest.raises(RuntimeError, match="model crashed"):
+        spairstore.add_feature_set(store, "b", backwards(17), **GEOMETRY)
+    partial = partial_feature_sets(store)["b"]
+    assert partial["done"] == 16 and partial["resume"].startswith("call spairstore.add_feature_set again")
+    summary = spairstore.add_feature_set(store, "b", backwards(None), **GEOMETRY)
+    assert summary.extracted == n - 16
+    np.testing.assert_array_equal(spairstore.open(store).read("features/b", np.arange(n)), ref.astype(np.float16))
+
+
 def test_other_settings_are_refused_while_a_run_is_unfinished(synth_store: Path, tmp_path: Path) -> None:
     store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
     ref = maps_of(24)

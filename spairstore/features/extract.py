@@ -184,7 +184,8 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
-    """Unfinished feature sets staged beside the store: name -> ``{"path", "done", "images", "backbone"}``."""
+    """Unfinished feature sets staged beside the store: name -> ``{"path", "done", "images", "backbone",
+    "resume"}`` (``resume``: what resumes it, the command or the call that started it)."""
     store_path = Path(store_path).resolve()
     out = {}
     head = f".{store_path.name}.features-"
@@ -195,8 +196,11 @@ def partial_feature_sets(store_path: str | Path) -> dict[str, dict[str, Any]]:
             done = int(np.count_nonzero(Transaction(store_path, f"features-{name}").done(int(meta["rows"]))))
         except (OSError, ValueError, KeyError, SpairstoreError):
             meta, done = {}, 0
-        out[name] = {"path": str(d), "done": done, "images": meta.get("rows"),
-                     "backbone": meta.get("attrs", {}).get("backbone")}
+        attrs = meta.get("attrs", {})
+        resume = ("call spairstore.add_feature_set again with the same name and settings"
+                  if attrs.get("library") == "precomputed" else "re-run `spairstore features`")
+        out[name] = {"path": str(d), "done": done, "images": meta.get("rows"), "backbone": attrs.get("backbone"),
+                     "resume": resume}
     return out
 
 

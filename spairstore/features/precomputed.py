@@ -20,6 +20,7 @@ import torch
 
 from ..core.errors import FeatureError, StoreError
 from ..store.backends import is_url
+from ..store.feature_sets import SetWriter
 from ..store.reader import Store
 from .backbones import flip_attrs
 from .extract import FeatureSummary, Staging, check_name, set_writer
@@ -181,8 +182,7 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
         try:
             target = set_writer(store_path, staging.meta, _BATCH)
             todo = target.prepare(staging.tx, replace=exists)
-            written = _write(s, source_rows(todo), todo, target.unit_rows, target.sink(staging.tx, 0, staging.sync_seconds),
-                             shape)
+            written = _write(s, source_rows(todo), todo, target, target.sink(staging.tx, 0, staging.sync_seconds), shape)
             target.commit(staging.tx)
             staging.finish()
         finally:
@@ -204,14 +204,17 @@ def _check_companion(store: Store, name: str, flip_of: str, attrs: dict[str, Any
                            f"({'; '.join(differ)})")
 
 
-def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, unit_rows: int, sink: Any,
+def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, target: SetWriter, sink: Any,
            shape: tuple[int, ...]) -> int:
-    """Validate the maps of rows ``todo`` and hand them to ``sink`` unit by unit (a unit is flushed, in
-    batches of consecutive rows, once all its rows arrived: iterables may come in any order)."""
+    """Validate the maps of rows ``todo`` and hand them to ``sink`` in batches of rows, ascending. Where
+    the format writes units whole (Zarr shards), a unit goes once all its rows arrived: rows of an
+    iterable in another order wait in memory for the rest of their unit. Elsewhere (HDF5) every
+    :data:`_BATCH` rows go as they come, so memory stays a batch and a killed run keeps what it wrote."""
     wanted = np.zeros(len(store), dtype=bool)
     wanted[todo] = True
     seen = np.zeros(len(store), dtype=bool)
-    left = {int(u): int(c) for u, c in zip(*np.unique(todo // unit_rows, return_counts=True))}
+    units = todo // target.unit_rows if target.whole_units else np.zeros(len(todo), np.int64)
+    left = {int(u): int(c) for u, c in zip(*np.unique(units, return_counts=True))}
     pending: dict[int, dict[int, np.ndarray]] = {}
     try:
         for item in items:
@@ -222,14 +225,15 @@ def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, uni
             value = _checked(store, row, item[1], shape)
             if not wanted[row]:
                 continue  # written by an earlier, interrupted run
-            unit = row // unit_rows
-            pending.setdefault(unit, {})[row] = value
+            unit = row // target.unit_rows if target.whole_units else 0
+            waiting = pending.setdefault(unit, {})
+            waiting[row] = value
             left[unit] -= 1
-            if not left[unit]:
-                rows = np.array(sorted(pending[unit]), dtype=np.int64)
+            if not left[unit] or (not target.whole_units and len(waiting) == _BATCH):
+                rows = np.array(sorted(waiting), dtype=np.int64)
                 for start in range(0, len(rows), _BATCH):
                     batch = rows[start:start + _BATCH]
-                    sink(batch, np.stack([pending[unit][int(r)] for r in batch]))
+                    sink(batch, np.stack([waiting[int(r)] for r in batch]))
                 del pending[unit]
         missing = np.flatnonzero(wanted & ~seen)
         if len(missing):

@@ -72,9 +72,12 @@ class SetWriter(Protocol):
     """Stages one feature set of a store inside its transaction and commits it (see the module doc).
 
     ``unit_rows``: rows of the block one process writes whole (a Zarr shard; for HDF5 any batch).
+    ``whole_units``: whether a unit must reach the sink in one go (a Zarr shard is one file, written once);
+    where not (HDF5), any rows, in any order, may be written in any batch.
     """
 
     unit_rows: int
+    whole_units: bool
 
     def prepare(self, tx: Transaction, replace: bool) -> np.ndarray:
         """Make the staged set ready (creating it if new) and return the image rows still to write,

@@ -256,6 +256,8 @@ class SidecarSet:
     array's offset; the commit fills the CRCs, marks the file finished and renames it to
     ``<store>.features/<name>.h5``. The maps are written once: the cost of adding a set is the set."""
 
+    whole_units = False  # rows are written in place, each flagged on its own
+
     def __init__(self, store: Path, name: str, shape: tuple[int, ...], attrs: dict[str, Any],
                  store_fingerprint: str, unit_rows: int):
         self.store, self.name, self.shape = Path(store), name, tuple(shape)

@@ -422,6 +422,8 @@ class ZarrSet:
     attributes (:func:`publish`), so readers see the whole set or none of it. Units are shards, as many
     rows as a shard of the pixels."""
 
+    whole_units = True
+
     def __init__(self, store: Path, name: str, shape: tuple[int, ...], attrs: dict[str, Any]):
         self.store, self.name, self.shape, self.attrs = Path(store), name, tuple(shape), attrs
         self.array_name = f"features/{name}/data"
