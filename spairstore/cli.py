@@ -241,6 +241,7 @@ def store_info(path: Path | str) -> dict:
             "feature_sets": {k: {**v, "bytes": sizes[f"features/{k}/data"]} for k, v in s.feature_sets.items()},
             "incomplete_feature_sets": {} if is_url(s.path) else partial_feature_sets(s.path),
             "refused_feature_sets": s.stale_feature_sets,
+            "misplaced_feature_sets": {k: str(v) for k, v in s.misplaced_feature_sets().items()},
         }
 
 
@@ -254,6 +255,7 @@ def info(
     """Describe a store: format, dataset, sizes per field, counts per split and category, build config,
     notes, and what pack left out."""
     from .core.records import Skipped, report_skipped
+    from .store.feature_sets import sidecar_dir
 
     d = store_info(store)
     if as_json:
@@ -297,6 +299,8 @@ def info(
         out.append(f"  features     {k}: INCOMPLETE, {v['done']:,} of {v['images'] or '?'} images extracted "
                    f"({v['resume']} to resume; staged in {v['path']})")
     out += [f"  features     {k}: REFUSED, {why}" for k, why in d["refused_feature_sets"].items()]
+    out += [f"  features     {k}: NOT HERE, {p} holds it (made from this store's images: move or copy its folder "
+            f"to {sidecar_dir(Path(d['path']))})" for k, p in d["misplaced_feature_sets"].items()]
     out.append("  build        " + json.dumps(d["build_config"]))
     out += [f"  note         {n}" for n in d["notes"]]
     if left_out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,6 +234,32 @@ def test_stale_or_foreign_set_is_refused(lite_store: Path, synth_root: Path, tmp
     shutil.copyfile(sidecar_path(lite_store, "b10"), sidecar_path(p, "b10"))  # refused again: drop deletes it
     assert drop_feature_set(p, "b10") == sidecar_path(lite_store, "b10").stat().st_size
     assert not sidecar_path(p, "b10").exists() and not spairstore.open(p).stale_feature_sets and verify(p).ok
+
+
+def test_a_store_copied_without_its_folder_points_at_its_sets(lite_store: Path, tmp_path: Path) -> None:
+    """A store renamed or copied without its ``.features`` folder has no sets; it says where sets of its
+    images lie (`info`, and the error of any read of one) instead of "store has none"."""
+    here = tmp_path / "spair.h5"
+    shutil.copyfile(lite_store, here)
+    shutil.copytree(sidecar_dir(lite_store), sidecar_dir(here))
+    (sidecar_dir(here) / "junk.h5").write_bytes(b"garbage")  # not a set: skipped, not an error
+    copy = tmp_path / "spair-copy.h5"
+    shutil.copyfile(lite_store, copy)
+    s = spairstore.open(copy)
+    assert not s.feature_sets and s.misplaced_feature_sets() == {"b10": sidecar_path(here, "b10"),
+                                                                 LITE: sidecar_path(here, LITE)}
+    with pytest.raises(spairstore.StoreError, match=re.escape(
+            f"{copy}: no feature set 'b10' (store has none); {sidecar_path(here, 'b10')} is one made from this "
+            f"store's images (the store renamed or copied without its folder?): move or copy spair.h5.features to "
+            f"{sidecar_dir(copy)}")):
+        spairstore.PairDataset(s, "test", fields=("features/b10",))
+    shown = CliRunner().invoke(app, ["info", str(copy)])
+    assert shown.exit_code == 0 and (f"features     b10: NOT HERE, {sidecar_path(here, 'b10')} holds it (made from "
+                                     f"this store's images: move or copy its folder to {sidecar_dir(copy)})") in shown.output
+    shutil.copytree(sidecar_dir(here), sidecar_dir(copy))
+    s = spairstore.open(copy)
+    assert sorted(s.feature_sets) == sorted(["b10", LITE]) and not s.misplaced_feature_sets()
+    assert not spairstore.open(here).misplaced_feature_sets()  # its own sets are not misplaced elsewhere
 
 
 def test_readers_opened_before_a_commit(store_copy: Path) -> None:

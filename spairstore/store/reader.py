@@ -290,6 +290,28 @@ class Store:
             else:
                 self._sidecars[path] = f
 
+    def misplaced_feature_sets(self) -> dict[str, Path]:
+        """Feature-set files made from this store's images but lying in another ``*.features`` folder
+        beside it, as when the store was renamed or copied without its own folder: name -> file (sets
+        this store has are left out). Empty for Zarr and URL stores, whose sets are inside them."""
+        if self._file is None:
+            return {}
+        own = sidecar_dir(Path(self.path))
+        out: dict[str, Path] = {}
+        for path in sorted(own.parent.glob("*.features/*.h5")):
+            if path.parent == own or path.stem in self.feature_sets or path.stem in out:
+                continue
+            try:
+                r = reader_for(path)
+            except (OSError, StoreError):
+                continue  # not an HDF5 file: not a set at all
+            try:
+                if r.attrs.get("format") == SIDECAR_FORMAT and r.attrs.get("store_fingerprint") == self.fingerprint:
+                    out[path.stem] = path
+            finally:
+                r.close()
+        return out
+
     def _load_sidecar(self, path: Path, f: io.BufferedReader) -> str | None:
         """Load one sidecar set (``f`` is ``path`` opened); returns what is wrong with it, if anything."""
         name = path.stem
@@ -493,7 +515,13 @@ class Store:
             return self.feature_sets[name]
         if name in self.stale_feature_sets:
             raise StoreError(f"feature set {name!r} refused: {self.stale_feature_sets[name]}")
-        raise StoreError(f"{self.path}: no feature set {name!r} (store has {', '.join(self.feature_sets) or 'none'})")
+        has = f"store has {', '.join(self.feature_sets) or 'none'}"
+        found = self.misplaced_feature_sets().get(name)
+        if found is not None:
+            raise StoreError(f"{self.path}: no feature set {name!r} ({has}); {found} is one made from this store's "
+                             f"images (the store renamed or copied without its folder?): move or copy "
+                             f"{found.parent.name} to {sidecar_dir(Path(self.path))}")
+        raise StoreError(f"{self.path}: no feature set {name!r} ({has})")
 
     def _check_row(self, i: int) -> int:
         if not -len(self) <= i < len(self):
