@@ -213,8 +213,8 @@ def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, tar
     wanted = np.zeros(len(store), dtype=bool)
     wanted[todo] = True
     seen = np.zeros(len(store), dtype=bool)
-    units = todo // target.unit_rows if target.whole_units else np.zeros(len(todo), np.int64)
-    left = {int(u): int(c) for u, c in zip(*np.unique(units, return_counts=True))}
+    unit_rows = target.unit_rows if target.whole_units else len(store)  # else one unit, flushed every _BATCH rows
+    left = {int(u): int(c) for u, c in zip(*np.unique(todo // unit_rows, return_counts=True))}
     pending: dict[int, dict[int, np.ndarray]] = {}
     try:
         for item in items:
@@ -225,7 +225,7 @@ def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, tar
             value = _checked(store, row, item[1], shape)
             if not wanted[row]:
                 continue  # written by an earlier, interrupted run
-            unit = row // target.unit_rows if target.whole_units else 0
+            unit = row // unit_rows
             waiting = pending.setdefault(unit, {})
             waiting[row] = value
             left[unit] -= 1
