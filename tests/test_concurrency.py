@@ -139,3 +139,89 @@ def test_store_is_usable_after_fork_without_reopening(synth_store: Path) -> None
     child = q.get(timeout=60)
     p.join()
     assert child == np.concatenate([s.pixels(i).ravel() for i in range(len(s))]).tobytes()
+
+
+def test_open_zarr_store_keeps_its_files_when_repacked(synth_root: Path, tmp_path: Path) -> None:
+    """A Zarr pack --overwrite puts new shard files where the old ones were: an open Store reads the files
+    it opened (it used to read the new bytes at the old offsets: pixels failing their own CRC)."""
+    path = tmp_path / "s.zarr"
+    spairstore.pack(synth_root, path, size=24)
+    old = spairstore.open(path)  # nothing read yet
+    spairstore.pack(synth_root, path, size=40, overwrite=True)
+    assert old.pixels(0).shape == (24, 24, 3) and consistent(old)
+    copy = pickle.loads(pickle.dumps(old))  # a spawn worker's Store: opens the path anew
+    with pytest.raises(spairstore.StoreError, match=r"images/pixels was replaced since .*rebuild the dataset"):
+        copy.pixels(0)
+    assert spairstore.open(path).image_size == 40
+
+
+def _constant(value: float):
+    return lambda row: np.full((4, 6, 6), value, np.float32)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_open_store_keeps_the_feature_set_it_opened(synth_root: Path, tmp_path: Path, suffix: str) -> None:
+    """A feature set replaced or dropped while a Store reads it: the Store reads the old maps, every row
+    (a Zarr set spans several shard files here); a copy opened anew refuses the new set, and a dropped
+    set by name, but reads what did not change."""
+    from spairstore import add_feature_set
+
+    path = tmp_path / f"s{suffix}"
+    spairstore.pack(synth_root, path, size=24, shard_bytes=4 * 24 * 24 * 3)
+    geometry = {"stride": 4, "cell_offset": 0.5, "input_size": 24}
+    add_feature_set(path, "a", _constant(1.0), **geometry)
+    add_feature_set(path, "b", _constant(5.0), **geometry)
+    old = spairstore.open(path)
+    old.features("a", 0)
+    ds = PairDataset(old, "trn", fields=("features/a",))
+    if suffix == ".zarr":
+        assert len(old.extents["features/a/data"].files) > 1
+    add_feature_set(path, "a", _constant(2.0), **geometry, overwrite=True)
+    add_feature_set(path, "c", _constant(3.0), **geometry)
+    from spairstore.features.extract import drop_feature_set
+
+    drop_feature_set(path, "b")
+    assert all((old.features("a", i) == 1).all() and (old.features("b", i) == 5).all() for i in range(len(old)))
+    copy = pickle.loads(pickle.dumps(old))
+    with pytest.raises(spairstore.StoreError, match="feature set 'a' was replaced since"):
+        copy.features("a", 0)
+    with pytest.raises(spairstore.StoreError, match="feature set 'b' was dropped since"):
+        copy.read("features/b", [0])
+    with pytest.raises(spairstore.StoreError, match="feature set 'a' was replaced since.*rebuild the dataset"):
+        pickle.loads(pickle.dumps(ds))[0]
+    assert (ds[0]["src_features/a"] == 1).all()
+    assert consistent(copy) and (copy.features("c", 3) == 3).all()  # unchanged arrays and a new set read on
+    assert (spairstore.open(path).features("a", len(old) - 1) == 2).all()
+
+
+_OPEN_WITH_LIMIT = """
+import resource, sys
+import spairstore
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), int(sys.argv[3])))
+try:
+    s = spairstore.open(sys.argv[1])
+except spairstore.StoreError as e:
+    print("StoreError:", e)
+else:
+    print("opened", len(s._mapped), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def test_a_zarr_store_of_many_files_raises_the_open_file_limit(synth_root: Path, tmp_path: Path) -> None:
+    """Each mapped shard file holds a descriptor: the soft limit is raised towards the hard one, and
+    where the hard one is too low the error says so instead of `Too many open files`."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.zarr"
+    spairstore.pack(synth_root, path, size=24, shard_bytes=24 * 24 * 3)
+    n = len(spairstore.open(path)._mapped)
+    assert n > 30
+
+    def run(soft: int, hard: int) -> str:
+        return subprocess.run([sys.executable, "-c", _OPEN_WITH_LIMIT, str(path), str(soft), str(hard)],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert run(24, 4096) == f"opened {n} {n + 1024}\n"
+    assert run(24, 24).startswith(f"StoreError: {path}: mapping its {n} payload files needs more open files than "
+                                  "this process may have (`ulimit -n` 24); raise the limit")

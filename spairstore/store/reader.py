@@ -4,24 +4,30 @@ Small tables are loaded into RAM as numpy arrays: image metadata and categories 
 opened, a split's pair table and the manifest on first use (a DataLoader worker needs neither).
 Payloads (pixels, masks, original bytes, features) are read from memory maps of the files at the
 byte offsets the backend reports (:class:`~spairstore.store.backends.RawExtent`:
-one contiguous extent in HDF5, one location per record in a sharded Zarr store), mapped lazily in
-each process, so a Store is safe to use after ``fork`` and pickles (as its path) for ``spawn``.
+one contiguous extent in HDF5, one location per record in a sharded Zarr store). A Store is safe to
+use after ``fork`` and pickles (as its path and the :attr:`~Store.identity` it read) for ``spawn``.
 Arrays a backend cannot locate as plain bytes (compressed, or remote) are read through the backend
 library instead, one call per batch.
 
 A store is trusted only after checks: its layout must match :mod:`spairstore.core.schema` (every field's
 dtype and shape), its offsets and indices must stay inside what they index, and every extent read
-raw must lie inside its file; anything else is a :class:`StoreError`. A Store keeps the file of an
-HDF5 store open: when a new version is packed to the same path (an atomic rename), readers go on
-reading the old file until they open the store again.
+raw must lie inside its file; anything else is a :class:`StoreError`.
+
+A Store reads the version it opened until it is opened again. It keeps an HDF5 store's file (and each
+set file beside it) open and maps it through that descriptor; it maps every payload file of a Zarr
+store when it opens, because a pack ``--overwrite`` or a replaced feature set puts new files where the
+old ones were, which a later open by path would mix with the old offsets. A copy unpickled in another
+process refuses, on the first read of an array, files that are not the versions the original read.
 """
 from __future__ import annotations
 
+import errno
 import io
 import math
 import mmap
 import os
-from collections.abc import ItemsView, Iterator, KeysView
+import resource
+from collections.abc import Callable, ItemsView, Iterator, KeysView
 from pathlib import Path
 from typing import Any
 
@@ -106,26 +112,19 @@ def _group(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
 
 class _RawArray:
     """An array read from the plain files of its :class:`RawExtent` through one read-only memory map
-    per file, made on first use in the reading process; files in ``pinned`` (path -> descriptor held
-    since the store was opened) are mapped through that descriptor, not their path."""
+    per file (uint8, from ``open_map(path)``), asked for on first use in the reading process."""
 
-    def __init__(self, ext: RawExtent, pinned: dict[Path, int]):
+    def __init__(self, ext: RawExtent, open_map: Callable[[Path], np.ndarray]):
         self.ext = ext
         self.row_shape = ext.shape[1:]
         self.row_bytes = math.prod(self.row_shape) * ext.dtype.itemsize
         self._files: dict[int, np.ndarray] = {}
-        self._pinned = pinned
+        self._open_map = open_map
 
     def _file(self, k: int) -> np.ndarray:
         m = self._files.get(k)
         if m is None:
-            pinned = self._pinned.get(Path(self.ext.files[k]))
-            fd = os.open(self.ext.files[k], os.O_RDONLY) if pinned is None else pinned
-            try:
-                m = self._files[k] = np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), np.uint8)
-            finally:
-                if pinned is None:
-                    os.close(fd)
+            m = self._files[k] = self._open_map(Path(self.ext.files[k]))
         return m
 
     def _piece(self, c: int, start: int, stop: int) -> np.ndarray:
@@ -175,27 +174,37 @@ class Store:
         self._backend: ArrayReader | None = None
         #: feature-set files beside an HDF5 store (path -> open file), see :meth:`_load_sidecars`
         self._sidecars: dict[Path, io.BufferedReader] = {}
+        #: maps of a directory store's payload files, made at open (see :meth:`_pin_payloads`)
+        self._mapped: dict[Path, np.ndarray] = {}
+        #: version of every payload file read raw (path -> :func:`_file_version`), at open
+        self._versions: dict[Path, tuple[int, ...]] = {}
+        #: the versions an earlier Store on this path read (see :meth:`require_identity`)
+        self._expected: dict[str, Any] = {}
         if isinstance(self.path, Path) and not self.path.exists():
             try:
                 recover(self.path)  # a directory switch a killed process left half done
             except OSError:
                 pass  # cannot write here: the open below says what is missing
         for _ in range(3):
-            # Pin the file first, then check the tables came from that same file: a pack may rename
-            # a new version into place at any moment.
+            # Pin the file (or note the directory's root node) first, then check the tables and maps
+            # came from that same version: a pack or a feature-set commit may replace it at any moment.
             self._file = self._pin()
+            listing = self._listing()
             try:
                 backend = reader_for(self.path)
                 try:
                     self._load(backend)
                 finally:
                     backend.close()
+            except _Changed:
+                self.close()
+                continue
             except BaseException:
                 self.close()
                 raise
             #: (device, inode) of the store file this Store reads; None for a directory or URL
             self._opened = None if self._file is None else _identity(os.fstat(self._file.fileno()))
-            if self._opened is None or self._path_identity() == self._opened:
+            if (self._listing() == listing) if self._file is None else (self._path_identity() == self._opened):
                 return
             self.close()
         raise StoreError(f"{self.path}: the store kept being replaced while it was opened")
@@ -207,6 +216,16 @@ class Store:
             return io.open(self.path, "rb")
         except OSError:
             return None  # the backend says why
+
+    def _listing(self) -> tuple[int, ...] | None:
+        """Version of a local directory store's root node (``zarr.json``), which every pack, feature-set
+        commit and drop rewrites; None otherwise."""
+        if not isinstance(self.path, Path) or self._file is not None:
+            return None
+        try:
+            return _file_version(os.stat(self.path / "zarr.json"))
+        except OSError:
+            return None
 
     def _path_identity(self) -> tuple[int, int] | None:
         try:
@@ -258,6 +277,7 @@ class Store:
         self.stale_feature_sets: dict[str, str] = {}
         if self._file is not None:
             self._load_sidecars()
+        self._pin_payloads()
         self._check_extents()
         self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
         self._image_rows = {(self.categories[c], str(nm)): i
@@ -289,6 +309,36 @@ class Store:
                 self.stale_feature_sets[path.stem] = f"{path}: {problem}"
             else:
                 self._sidecars[path] = f
+
+    def _pin_payloads(self) -> None:
+        """Note the version of every payload file read raw, mapping now those no descriptor pins (a
+        directory store's shard files): the Store then keeps reading them when new files are put where
+        they were. Raises :class:`_Changed` if one went away while the store was opened."""
+        pinned = self._pinned()
+        self._versions, self._mapped = {}, {}
+        files = {Path(f) for ext in self.extents.values() if ext is not None for f in ext.files}
+        _allow_open_files(len(files - pinned.keys()))
+        for file in sorted(files):
+            if file in pinned:
+                self._versions[file] = _file_version(os.fstat(pinned[file]))
+                continue
+            try:
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    st = os.fstat(fd)
+                    self._versions[file] = _file_version(st)
+                    self._mapped[file] = (np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), np.uint8)
+                                          if st.st_size else np.zeros(0, np.uint8))
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                raise _Changed(file) from None
+            except OSError as e:
+                if e.errno != errno.EMFILE:
+                    raise
+                raise StoreError(f"{self.path}: mapping its {len(files)} payload files needs more open files than "
+                                 f"this process may have (`ulimit -n` {resource.getrlimit(resource.RLIMIT_NOFILE)[0]});"
+                                 " raise the limit, or convert the store with larger shards") from None
 
     def misplaced_feature_sets(self) -> dict[str, Path]:
         """Feature-set files made from this store's images but lying in another ``*.features`` folder
@@ -383,8 +433,7 @@ class Store:
                 if not mine.any():
                     continue
                 if file not in sizes:
-                    pinned = self._pinned().get(Path(file))
-                    sizes[file] = (os.stat(file) if pinned is None else os.fstat(pinned)).st_size
+                    sizes[file] = self._versions[Path(file)][2]
                 end = int(ends[mine].max())
                 if end > sizes[file]:
                     raise StoreError(f"{self.path}: {name} (up to byte {end:,} of {Path(file).name}) lies past the "
@@ -403,22 +452,36 @@ class Store:
         return perm
 
     @property
-    def identity(self) -> tuple[int, int] | None:
-        """(device, inode) of the store file this Store reads, pinned at open: a pack or features commit
-        renames a new file over the path, so a new identity means a new version. None for a directory
-        or URL."""
-        return self._opened
+    def identity(self) -> dict[str, Any]:
+        """Which version of the store this Store reads, fixed at open: ``file``, (device, inode) of an
+        HDF5 store file (None for a directory or URL); ``files``, (device, inode, size, mtime in ns) of
+        each payload file read straight from disk; ``feature_sets``, the set names. Packs and feature-set
+        commits write new files, never into old ones, so another identity means another version."""
+        return {"file": self._opened, "files": dict(self._versions), "feature_sets": list(self.feature_sets)}
 
-    def require_identity(self, identity: tuple[int, int] | None) -> None:
-        """Raise StoreError (closing this Store) unless it reads the file of ``identity``, the
-        :attr:`identity` of an earlier Store on this path (None: nothing to check)."""
-        if identity is not None and self._opened != tuple(identity):
+    def require_identity(self, identity: dict[str, Any] | None) -> None:
+        """Hold this Store to ``identity``, the :attr:`identity` of an earlier Store on this path (None:
+        nothing to check): a store file of another version raises :class:`StoreError` now (closing this
+        Store); a payload file or feature set of another version raises when it is first read."""
+        if identity is None:
+            return
+        if identity["file"] is not None and self._opened != tuple(identity["file"]):
             self.close()
             raise StoreError(f"{self.path} was replaced by a new version since it was first opened here; "
                              "open the store again (rebuild the dataset) to read the new version")
+        self._expected = identity
+
+    def _require_versions(self, name: str, ext: RawExtent) -> None:
+        expected = self._expected.get("files", {})
+        for file in map(Path, ext.files):
+            if expected.get(file, self._versions.get(file)) != self._versions.get(file):
+                what = f"feature set {name.split('/')[1]!r}" if name.startswith("features/") else name
+                raise StoreError(f"{self.path}: {what} was replaced since the store was first opened here "
+                                 f"({_shown(file, self.path)} is a new file); open the store again (rebuild the dataset) "
+                                 "to read the new version")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "identity": self._opened}
+        return {"path": self.path, "identity": self.identity}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"])  # type: ignore[misc]
@@ -434,8 +497,27 @@ class Store:
             ext = self.extents.get(name)
             if ext is None:
                 return None
-            a = self._maps[name] = _RawArray(ext, self._pinned())
+            self._require_versions(name, ext)
+            a = self._maps[name] = _RawArray(ext, self._open_map)
         return a
+
+    def _open_map(self, path: Path) -> np.ndarray:
+        """A read-only uint8 map of payload file ``path``: the one made at open, else one made now
+        through the descriptor pinned at open, else (a closed Store reading on) by path, if the file
+        there is still the version this Store opened."""
+        m = self._mapped.get(path)
+        if m is not None:
+            return m
+        pinned = self._pinned().get(path)
+        fd = os.open(path, os.O_RDONLY) if pinned is None else pinned
+        try:
+            if pinned is None and _file_version(os.fstat(fd)) != self._versions.get(path):
+                raise StoreError(f"{path}: not the file this store read when it was opened (it was replaced "
+                                 "since); open the store again")
+            return np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), np.uint8)
+        finally:
+            if pinned is None:
+                os.close(fd)
 
     def _pinned(self) -> dict[Path, int]:
         """Descriptors of the files this Store opened (store file, sidecar sets), by path."""
@@ -515,6 +597,9 @@ class Store:
             return self.feature_sets[name]
         if name in self.stale_feature_sets:
             raise StoreError(f"feature set {name!r} refused: {self.stale_feature_sets[name]}")
+        if name in self._expected.get("feature_sets", ()):
+            raise StoreError(f"{self.path}: feature set {name!r} was dropped since the store was first opened "
+                             "here; open the store again (rebuild the dataset)")
         has = f"store has {', '.join(self.feature_sets) or 'none'}"
         found = self.misplaced_feature_sets().get(name)
         if found is not None:
@@ -639,7 +724,7 @@ class Store:
         return self._rows(name, start, stop)
 
     def close(self) -> None:
-        self._maps = {}
+        self._maps, self._mapped = {}, {}
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -675,6 +760,29 @@ def _fd_path(f: io.BufferedReader, path: Path) -> Path:
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
+
+
+def _shown(file: Path, store: Path | str) -> str:
+    """``file`` as a user finds it: inside a directory store, its path there; else its name."""
+    return str(file.relative_to(store)) if isinstance(store, Path) and file.is_relative_to(store) else file.name
+
+
+def _allow_open_files(n: int) -> None:
+    """Raise this process's soft limit on open files towards the hard one where ``n`` more (each memory
+    map holds a descriptor) would come near it, as a store of many shards needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and n + 512 > soft:  # 512: what else the process may hold open
+        want = n + 1024
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(hard, want), hard))
+
+
+def _file_version(st: os.stat_result) -> tuple[int, int, int, int]:
+    # The inode alone may be reused by a file written after the old one was deleted.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _Changed(StoreError):
+    """A payload file went away while the store was opened: open it again."""
 
 
 def open(path: str | Path) -> Store:  # noqa: A001 - mirrors h5py.File / zarr.open

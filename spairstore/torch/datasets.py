@@ -2,8 +2,9 @@
 
 A dataset holds the store's path and the numpy tables it needs, nothing else: it pickles for ``spawn``
 and ``forkserver`` workers, and each process opens the store itself on first use (a store opened before a
-``fork`` re-maps its payloads in the child). A process that finds another version of the store at the
-path (repacked, or a features commit) raises StoreError rather than mix it with the dataset's tables. Batches are read whole: :meth:`PairDataset.__getitems__`
+``fork`` reads on in the child through the files it opened). A process that finds another version of the
+store, or of a feature set it reads, at the path (repacked, or a features commit) raises StoreError rather
+than mix it with the dataset's tables and maps. Batches are read whole: :meth:`PairDataset.__getitems__`
 (which ``torch.utils.data.DataLoader`` calls with a batch's indices) reads the batch's distinct images
 once, in storage order, straight into the batch tensors: in a DataLoader worker those are allocated in
 shared memory, so the batch crosses to the main process without another copy; elsewhere they come from
@@ -96,7 +97,7 @@ class _StoreDataset(Dataset):
         self.epoch = int(epoch)
 
     def store(self) -> Store:
-        """This process's store (opened on first use; a forked child re-maps the payloads itself).
+        """This process's store (opened on first use; a forked child reads through the files the parent opened).
         Raises StoreError where the path now holds another version than the one the tables came from."""
         if self._store is None:
             store = Store(self.path)
