@@ -146,3 +146,39 @@ def test_feature_maps_are_verified(store: tuple[Path, Path], tmp_path: Path) -> 
         flip(f, start + 3, np.random.default_rng(1))
     assert [d.what for d in verify(path).differences] == [
         f"features/lite row 7 ({s.categories[s.images.category[7]]}/{s.images.name[7]})"]
+
+
+def test_evaluation_refuses_a_damaged_map_or_mask(store: tuple[Path, Path], tmp_path: Path) -> None:
+    """NN reads every feature map and mask it scores with its CRC-32 checked: a flipped bit in a test
+    image's map or mask stops the evaluation with the row named, not a slightly different PCK."""
+    from spairstore.features import extract_features
+    from spairstore.store.feature_sets import sidecar_path
+
+    path = tmp_path / "feat.h5"
+    shutil.copy(store[1], path)
+    extract_features(path, layers=["_blocks.4"], name="lite", batch_size=16)
+    extract_features(path, layers=["_blocks.4"], name="lite", batch_size=16, flip=True)
+    s = spairstore.open(path)
+    clean = spairstore.evaluate(s, "test", spairstore.NearestNeighbour("lite", flip="adaptive"))
+    r = int(s.pairs("test").trg[0])
+    key = f"{s.categories[s.images.category[r]]}/{s.images.name[r]}"
+    with h5py.File(sidecar_path(path, "lite"), "r") as h:
+        d = h["features/lite/data"]
+        start = d.id.get_offset() + r * int(np.prod(d.shape[1:])) * d.dtype.itemsize
+    with open(sidecar_path(path, "lite"), "r+b") as f:
+        flip(f, start + 5, np.random.default_rng(2))
+    with pytest.raises(spairstore.StoreError, match=rf"features/lite of image row {r} \({key}\) is damaged: .*"
+                                                    "spairstore verify"):
+        spairstore.evaluate(spairstore.open(path), "test", spairstore.NearestNeighbour("lite"))
+    with open(sidecar_path(path, "lite"), "r+b") as f:
+        flip(f, start + 5, np.random.default_rng(2))  # the same XOR again: repaired
+    with h5py.File(path, "r") as h:
+        offset, _ = record_span(h, "mask", r)
+    with open(path, "r+b") as f:
+        flip(f, offset, np.random.default_rng(3))
+    res = run_cli("eval", path, "--method", "nn", "--features", "lite", "--flip", "adaptive")
+    assert res.returncode == 1 and f"mask of image row {r} ({key}) is damaged" in res.stderr, res.stderr
+    with open(path, "r+b") as f:
+        flip(f, offset, np.random.default_rng(3))
+    again = spairstore.evaluate(spairstore.open(path), "test", spairstore.NearestNeighbour("lite", flip="adaptive"))
+    assert str(again) == str(clean)

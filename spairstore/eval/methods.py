@@ -185,7 +185,7 @@ class NearestNeighbour:
         after the transform (checked to give a (U, C', h', w') map on ``grid``)."""
         import torch
 
-        fmap = torch.from_numpy(store.read(f"features/{name}", rows)).to(device).float()
+        fmap = torch.from_numpy(store.read(f"features/{name}", rows, check=True)).to(device).float()
         if self.transform is not None:
             y = self.transform(fmap)
             shape = tuple(getattr(y, "shape", ()))
@@ -234,7 +234,7 @@ def _best_cells(query_maps: torch.Tensor, query_cells: np.ndarray, target_maps: 
 
 def _foreground(store: Store, rows: np.ndarray, points: np.ndarray, size: int) -> np.ndarray:
     """(U, h*w) bool: the store mask at each cell centre ``points`` (store pixels) holds an object class."""
-    masks = store.read("mask", rows)
+    masks = store.read("mask", rows, check=True)
     x = np.clip(np.floor(points[:, 0]).astype(np.int64), 0, size - 1)
     y = np.clip(np.floor(points[:, 1]).astype(np.int64), 0, size - 1)
     m = masks[:, y, x]

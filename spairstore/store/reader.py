@@ -27,6 +27,7 @@ import math
 import mmap
 import os
 import resource
+import zlib
 from collections.abc import Callable, ItemsView, Iterator, KeysView
 from pathlib import Path
 from typing import Any
@@ -549,14 +550,43 @@ class Store:
         """The array a per-image field (one spelling, see :func:`field_name`) is read from."""
         return f"{field}/data" if field.startswith("features/") else FIELD_ARRAYS.get(field, "")
 
-    def read(self, field: str, rows: np.ndarray | list[int], out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, field: str, rows: np.ndarray | list[int], out: np.ndarray | None = None,
+             check: bool = False) -> np.ndarray:
         """Image rows of a per-image array for a batch, in the given order, into ``out`` if given.
 
         ``field`` is ``pixels`` (uint8 (B, S, S, 3)), ``mask`` (uint8 (B, S, S)) or ``features/<name>``
-        (float16 (B, C, h, w)); old spellings (``images/pixels``, ``features:<name>``) warn and work. Each distinct row is read once, in storage order, straight into ``out``
-        (repeats are copied from there); a store read through its library (compressed or remote) gets
-        one library call per batch.
+        (float16 (B, C, h, w)); old spellings (``images/pixels``, ``features:<name>``) warn and work.
+        Each distinct row is read once, in storage order, straight into ``out`` (repeats are copied from
+        there); a store read through its library (compressed or remote) gets one library call per batch.
+        ``check``: each distinct row must match the CRC-32 the store holds for it (else
+        :class:`StoreError` naming the row), as evaluation reads; costs about a pass over the bytes.
         """
+        out = self._read(field, rows, out)
+        if check:
+            self._check_crc(field_name(field), np.asarray(rows, dtype=np.int64), out)
+        return out
+
+    def _check_crc(self, field: str, rows: np.ndarray, got: np.ndarray) -> None:
+        stored = (self.feature_crc32.get(field[len("features/"):]) if field.startswith("features/")
+                  else self.images[f"crc32_{field}"])
+        if stored is None:
+            return  # a set written without CRCs: nothing to check against
+        if got.dtype != self.shapes[self._row_array(field)][1]:
+            raise TypeError(f"check=True needs out of the stored dtype {self.shapes[self._row_array(field)][1]}, "
+                            f"got {got.dtype}")
+        seen: set[int] = set()
+        for k, r in enumerate(rows.tolist()):
+            if r in seen:
+                continue
+            seen.add(r)
+            crc = zlib.crc32(np.ascontiguousarray(got[k]))
+            if crc != int(stored[r]):
+                key = f"{self.categories[self.images.category[r]]}/{self.images.name[r]}"
+                raise StoreError(f"{self.path}: {field} of image row {r} ({key}) is damaged: its CRC-32 is "
+                                 f"{crc:08x}, the store holds {int(stored[r]):08x}; `spairstore verify "
+                                 f"{self.path}` lists every damaged record")
+
+    def _read(self, field: str, rows: np.ndarray | list[int], out: np.ndarray | None) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1:
             raise TypeError(f"rows must be a 1-d sequence of image rows, got shape {rows.shape} "
