@@ -80,8 +80,12 @@ def test_maps_as_a_model_gives_them(synth_store: Path, tmp_path: Path, dtype: st
 def test_replace_needs_overwrite(store: Path) -> None:
     n = len(spairstore.open(store))
     spairstore.add_feature_set(store, "m", lambda r: maps_of(n)[r], **GEOMETRY)
-    with pytest.raises(FeatureError, match="feature set 'm' exists; pass overwrite=True"):
+    with pytest.raises(FeatureError, match="feature set 'm' exists, made with these same settings; pass overwrite=True"):
         spairstore.add_feature_set(store, "m", lambda r: maps_of(n)[r], **GEOMETRY)
+    other = {**GEOMETRY, "cell_offset": GEOMETRY["cell_offset"] + 0.25}
+    with pytest.raises(FeatureError, match=rf"exists, made with other settings \(cell_offset {GEOMETRY['cell_offset']} "
+                                           rf"there, {other['cell_offset']} here\); pass overwrite=True"):
+        spairstore.add_feature_set(store, "m", lambda r: maps_of(n)[r], **other)
     spairstore.add_feature_set(store, "m", lambda r: maps_of(n, seed=2)[r], overwrite=True, **GEOMETRY)
     np.testing.assert_array_equal(spairstore.open(store).features("m", 3), maps_of(n, seed=2)[3].astype(np.float16))
 

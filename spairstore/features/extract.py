@@ -357,7 +357,7 @@ def extract_features(store_path: str | Path, backbone: str | Callable[[], nn.Mod
     return summary
 
 
-def _made_with(published: dict[str, Any], attrs: dict[str, Any]) -> str:
+def made_with(published: dict[str, Any], attrs: dict[str, Any]) -> str:
     """How an existing set's settings compare with this run's, for the "exists" error."""
     keys = [k for k in _RESUME_KEYS if published.get(k) != attrs.get(k)]
     for cause, effects in _CAUSES:  # name what the user chose, not the map shape that follows from it
@@ -412,7 +412,7 @@ class _SetRun:
             nonlocal staging, target
             exists = published is not None
             if exists and not overwrite:
-                raise FeatureError(f"{store_path}: feature set {name!r} exists, {_made_with(published, attrs)}; "
+                raise FeatureError(f"{store_path}: feature set {name!r} exists, {made_with(published, attrs)}; "
                                    f"pass --overwrite to replace it")
             staging = Staging.open(store_path, meta, restart=overwrite)
             target = set_writer(store_path, staging.meta, batch_size)

@@ -23,7 +23,7 @@ from ..store.backends import is_url
 from ..store.feature_sets import SetWriter
 from ..store.reader import Store
 from .backbones import flip_attrs
-from .extract import FeatureSummary, Staging, check_name, set_writer
+from .extract import FeatureSummary, Staging, check_name, made_with, set_writer
 
 Maps = Union[Iterable[tuple[int, Any]], Callable[[int], Any], Mapping[tuple[str, str], Any]]  # noqa: UP007 - a runtime alias on 3.10
 """``(image_row, array)`` pairs in any order, a function ``row -> array``, or a mapping
@@ -175,7 +175,8 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
             _check_companion(s, name, flip_of, attrs)
         exists = name in s.feature_sets
         if exists and not overwrite:
-            raise FeatureError(f"{store_path}: feature set {name!r} exists; pass overwrite=True to replace it")
+            raise FeatureError(f"{store_path}: feature set {name!r} exists, {made_with(s.feature_sets[name], attrs)}; "
+                               "pass overwrite=True to replace it")
         source_rows = _source(s, maps)
         staging = Staging.open(store_path, {"name": name, "store": s.fingerprint, "rows": len(s),
                                             "row_shape": list(shape), "attrs": attrs}, restart=overwrite)
