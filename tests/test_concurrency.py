@@ -149,9 +149,10 @@ def test_open_zarr_store_keeps_its_files_when_repacked(synth_root: Path, tmp_pat
     old = spairstore.open(path)  # nothing read yet
     spairstore.pack(synth_root, path, size=40, overwrite=True)
     assert old.pixels(0).shape == (24, 24, 3) and consistent(old)
-    copy = pickle.loads(pickle.dumps(old))  # a spawn worker's Store: opens the path anew
-    with pytest.raises(spairstore.StoreError, match=r"images/pixels was replaced since .*rebuild the dataset"):
-        copy.pixels(0)
+    with pytest.raises(spairstore.StoreError, match="replaced by a new version since this Store opened it"):
+        old.pairs("val")  # a table read on first use: gone with the old directory, not taken from the new
+    with pytest.raises(spairstore.StoreError, match="replaced by a new version since it was first opened here"):
+        pickle.loads(pickle.dumps(old))  # a spawn worker's Store: opens the path anew
     assert spairstore.open(path).image_size == 40
 
 
@@ -225,3 +226,18 @@ def test_a_zarr_store_of_many_files_raises_the_open_file_limit(synth_root: Path,
     assert run(24, 4096) == f"opened {n} {n + 1024}\n"
     assert run(24, 24).startswith(f"StoreError: {path}: mapping its {n} payload files needs more open files than "
                                   "this process may have (`ulimit -n` 24); raise the limit")
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_a_closed_store_reads_on_only_while_its_version_is_there(synth_root: Path, tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"s{suffix}"
+    spairstore.pack(synth_root, path, size=24)
+    with spairstore.open(path) as s:
+        pass
+    assert s.pixels(1).shape == (24, 24, 3) and len(s.pairs("test")) > 0  # closed: opens its files again
+    s.close()
+    spairstore.pack(synth_root, path, size=40, overwrite=True)
+    with pytest.raises(spairstore.StoreError, match="replaced"):
+        s.pairs("val")
+    with pytest.raises(spairstore.StoreError, match="replaced since"):
+        s.pixels(2)

@@ -203,8 +203,8 @@ class Store:
             except BaseException:
                 self.close()
                 raise
-            #: (device, inode) of the store file this Store reads; None for a directory or URL
-            self._opened = None if self._file is None else _identity(os.fstat(self._file.fileno()))
+            #: (device, inode) of the store file or local directory this Store reads; None for a URL
+            self._opened = _identity(os.fstat(self._file.fileno())) if self._file is not None else self._path_identity()
             if (self._listing() == listing) if self._file is None else (self._path_identity() == self._opened):
                 return
             self.close()
@@ -455,7 +455,7 @@ class Store:
     @property
     def identity(self) -> dict[str, Any]:
         """Which version of the store this Store reads, fixed at open: ``file``, (device, inode) of an
-        HDF5 store file (None for a directory or URL); ``files``, (device, inode, size, mtime in ns) of
+        HDF5 store file or a Zarr store's directory (None for a URL); ``files``, (device, inode, size, mtime in ns) of
         each payload file read straight from disk; ``feature_sets``, the set names. Packs and feature-set
         commits write new files, never into old ones, so another identity means another version."""
         return {"file": self._opened, "files": dict(self._versions), "feature_sets": list(self.feature_sets)}
@@ -535,6 +535,9 @@ class Store:
         self._after_fork()
         if self._backend is None:
             # The very file this Store opened, even where a new version was renamed over its path since.
+            if self._file is None and self._opened is not None and self._path_identity() != self._opened:
+                raise StoreError(f"{self.path} was replaced by a new version since this Store opened it (tables "
+                                 "it had not read yet are gone with the old one); open the store again")
             self._backend = reader_for(self.path if self._file is None else _fd_path(self._file, Path(self.path)))
         return self._backend
 
@@ -754,6 +757,8 @@ class Store:
         return self._rows(name, start, stop)
 
     def close(self) -> None:
+        """Release the Store's files and maps. It may still be read afterwards: it then opens its files
+        by path again, as long as they are the versions it opened (else :class:`StoreError`)."""
         self._maps, self._mapped = {}, {}
         if self._backend is not None:
             self._backend.close()
