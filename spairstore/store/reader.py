@@ -808,7 +808,10 @@ def _allow_open_files(n: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and n + 512 > soft:  # 512: what else the process may hold open
         want = n + 1024
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(hard, want), hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(hard, want), hard))
+        except (ValueError, OSError):
+            pass  # e.g. macOS caps it below an unlimited hard limit: mapping then says what to do
 
 
 def _file_version(st: os.stat_result) -> tuple[int, int, int, int]:
