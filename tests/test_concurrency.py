@@ -241,3 +241,53 @@ def test_a_closed_store_reads_on_only_while_its_version_is_there(synth_root: Pat
         s.pairs("val")
     with pytest.raises(spairstore.StoreError, match="replaced since"):
         s.pixels(2)
+
+
+def _zarr_writer(path: Path, root: Path, rounds: int, done) -> None:
+    """Replace feature set 'a' (constant maps of value k; k = 0 makes shards of zeros, which zarr would
+    leave unwritten) and repack the store, ``rounds`` times each."""
+    from spairstore import add_feature_set
+
+    try:
+        for k in range(rounds):
+            add_feature_set(path, "a", lambda row, k=k: np.full((4, 6, 6), k, np.float32), stride=4,
+                            cell_offset=0.5, input_size=24, overwrite=True)
+        for k in range(rounds):
+            spairstore.pack(root, path, size=(24, 32)[k % 2], overwrite=True, shard_bytes=20000)
+    finally:
+        done.set()
+
+
+def _zarr_reader(path: Path, done, results) -> None:
+    opened, problems = 0, []
+    while not done.is_set():
+        try:
+            s = spairstore.open(path)
+            rows = np.arange(len(s))
+            s.read("pixels", rows, check=True)
+            if "a" in s.feature_sets and len(np.unique(s.read("features/a", rows, check=True))) != 1:
+                problems.append("a mix of two versions of set 'a'")
+            opened += 1
+        except Exception as e:  # every error is a failure: report it
+            problems.append(f"{type(e).__name__}: {e}")
+    results.put((opened, problems[:3]))
+
+
+def test_readers_open_a_zarr_store_while_its_sets_and_itself_are_replaced(synth_root: Path, tmp_path: Path) -> None:
+    """Stores opened at any moment of a feature-set replacement or a pack --overwrite (a directory
+    exchange) read one whole version: no error (a file gone or an index of the old version met during
+    the open retries it) and never a set of mixed maps."""
+    path = tmp_path / "s.zarr"
+    spairstore.pack(synth_root, path, size=24, shard_bytes=20000)
+    ctx = multiprocessing.get_context("fork")
+    done, results = ctx.Event(), ctx.Queue()
+    readers = [ctx.Process(target=_zarr_reader, args=(path, done, results), daemon=True) for _ in range(2)]
+    writer = ctx.Process(target=_zarr_writer, args=(path, synth_root, 8, done))
+    for p in (*readers, writer):
+        p.start()
+    writer.join(180)
+    assert writer.exitcode == 0
+    got = [results.get(timeout=60) for _ in readers]
+    for r in readers:
+        r.join(10)
+    assert all(opened > 10 and problems == [] for opened, problems in got), got

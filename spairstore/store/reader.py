@@ -27,6 +27,7 @@ import math
 import mmap
 import os
 import resource
+import time
 import zlib
 from collections.abc import Callable, ItemsView, Iterator, KeysView
 from pathlib import Path
@@ -186,9 +187,10 @@ class Store:
                 recover(self.path)  # a directory switch a killed process left half done
             except OSError:
                 pass  # cannot write here: the open below says what is missing
-        for _ in range(3):
+        for attempt in range(10):
             # Pin the file (or note the directory's root node) first, then check the tables and maps
             # came from that same version: a pack or a feature-set commit may replace it at any moment.
+            time.sleep(0.05 * attempt)  # let a commit that overlapped the last attempt finish (2.25 s in all)
             self._file = self._pin()
             listing = self._listing()
             try:
@@ -197,15 +199,20 @@ class Store:
                     self._load(backend)
                 finally:
                     backend.close()
-            except _Changed:
+            except Exception as e:
+                same = self._same_version(listing)
                 self.close()
-                continue
+                if not same:
+                    continue  # read across a replacement (a file gone, an index of the old one): again
+                if isinstance(e, FileNotFoundError):
+                    raise StoreError(f"{self.path}: {e.filename} is missing") from None
+                raise
             except BaseException:
                 self.close()
                 raise
             #: (device, inode) of the store file or local directory this Store reads; None for a URL
             self._opened = _identity(os.fstat(self._file.fileno())) if self._file is not None else self._path_identity()
-            if (self._listing() == listing) if self._file is None else (self._path_identity() == self._opened):
+            if self._same_version(listing):
                 return
             self.close()
         raise StoreError(f"{self.path}: the store kept being replaced while it was opened")
@@ -217,6 +224,13 @@ class Store:
             return io.open(self.path, "rb")
         except OSError:
             return None  # the backend says why
+
+    def _same_version(self, listing: tuple[int, ...] | None) -> bool:
+        """Whether the path still holds the version this open started on: the pinned file (HDF5), or
+        a root node of the ``listing`` version (a directory store)."""
+        if self._file is not None:
+            return self._path_identity() == _identity(os.fstat(self._file.fileno()))
+        return self._listing() == listing
 
     def _listing(self) -> tuple[int, ...] | None:
         """Version of a local directory store's root node (``zarr.json``), which every pack, feature-set
@@ -300,7 +314,10 @@ class Store:
         if not folder.is_dir():
             return
         for path in sorted(folder.glob("*.h5")):
-            f = io.open(path, "rb")  # noqa: SIM115 - kept open while the Store reads the set
+            try:
+                f = io.open(path, "rb")  # noqa: SIM115 - kept open while the Store reads the set
+            except FileNotFoundError:
+                continue  # dropped since the folder was listed
             try:
                 problem = self._load_sidecar(path, f)
             except StoreError as e:  # said of the descriptor path it was opened by: name the file once
@@ -314,7 +331,7 @@ class Store:
     def _pin_payloads(self) -> None:
         """Note the version of every payload file read raw, mapping now those no descriptor pins (a
         directory store's shard files): the Store then keeps reading them when new files are put where
-        they were. Raises :class:`_Changed` if one went away while the store was opened."""
+        they were."""
         pinned = self._pinned()
         self._versions, self._mapped = {}, {}
         files = {Path(f) for ext in self.extents.values() if ext is not None for f in ext.files}
@@ -324,7 +341,7 @@ class Store:
                 self._versions[file] = _file_version(os.fstat(pinned[file]))
                 continue
             try:
-                fd = os.open(file, os.O_RDONLY)
+                fd = os.open(file, os.O_RDONLY)  # FileNotFoundError: see __init__
                 try:
                     st = os.fstat(fd)
                     self._versions[file] = _file_version(st)
@@ -332,8 +349,6 @@ class Store:
                                           if st.st_size else np.zeros(0, np.uint8))
                 finally:
                     os.close(fd)
-            except FileNotFoundError:
-                raise _Changed(file) from None
             except OSError as e:
                 if e.errno != errno.EMFILE:
                     raise
@@ -405,6 +420,8 @@ class Store:
             return math.prod(shape) * dtype.itemsize * (5 if dtype.kind == "S" else 1)
 
         tables = {k: decoded(*v) for k, v in self.shapes.items() if not is_hot(k)}
+        if sum(tables.values()) <= TABLE_FLOOR:
+            return []  # within the floor: no need to walk a directory store's files for its size
         on_disk = disk_bytes(self.path) if isinstance(self.path, Path) else 0
         budget = max(TABLE_FLOOR, TABLE_RATIO * on_disk)
         if sum(tables.values()) <= budget:
@@ -817,10 +834,6 @@ def _allow_open_files(n: int) -> None:
 def _file_version(st: os.stat_result) -> tuple[int, int, int, int]:
     # The inode alone may be reused by a file written after the old one was deleted.
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-class _Changed(StoreError):
-    """A payload file went away while the store was opened: open it again."""
 
 
 def open(path: str | Path) -> Store:  # noqa: A001 - mirrors h5py.File / zarr.open

@@ -8,6 +8,7 @@ can read them without the library.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -260,6 +261,13 @@ def reader_for(path: str | Path) -> ArrayReader:
 def disk_bytes(path: Path) -> int:
     """Bytes a local store occupies: its file, or every file of its directory."""
     path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    if not path.is_dir():
+        return path.stat().st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name), follow_symlinks=False).st_size
+            except FileNotFoundError:
+                pass  # a writer's temporary file, renamed or removed since the walk listed it
+    return total

@@ -322,7 +322,8 @@ class UnlistedArray:
     def __init__(self, store: Path, name: str):
         self.path = Path(store) / name
         with _quiet():
-            self._a = zarr.open_array(str(self.path), mode="r+")
+            # write_empty_chunks is a run-time setting, not stored: a shard of all-zero maps is a file too
+            self._a = zarr.open_array(str(self.path), mode="r+").with_config({"write_empty_chunks": True})
         self.shape: tuple[int, ...] = tuple(self._a.shape)
         self.dtype = np.dtype(self._a.dtype)
         self.shard_rows = _shard_rows_of(self._a)
