@@ -77,6 +77,18 @@ def test_maps_as_a_model_gives_them(synth_store: Path, tmp_path: Path, dtype: st
     np.testing.assert_array_equal(got, ref.astype(np.float16))
 
 
+def test_maps_of_zeros(store: Path) -> None:
+    """Zero maps (a blank image, a ReLU that never fired) are written like any other: zarr leaves a
+    chunk equal to its fill value unwritten unless told, which failed the commit with FileNotFoundError."""
+    n = len(spairstore.open(store))
+    ref = maps_of(n)
+    ref[: n // 2] = 0
+    spairstore.add_feature_set(store, "z", ref.__getitem__, **GEOMETRY)
+    s = spairstore.open(store)
+    np.testing.assert_array_equal(s.read("features/z", np.arange(n), check=True), ref.astype(np.float16))
+    assert verify(store).ok and (s.extents["features/z/data"].offsets >= 0).all()  # every map on disk
+
+
 def test_replace_needs_overwrite(store: Path) -> None:
     n = len(spairstore.open(store))
     spairstore.add_feature_set(store, "m", lambda r: maps_of(n)[r], **GEOMETRY)
