@@ -94,6 +94,9 @@ def train(args: argparse.Namespace) -> dict:
         geom = store.feature_set(args.features)
     except spairstore.StoreError as e:
         raise SystemExit(f"{e}; run spairstore features first") from None
+    if geom.get("flipped"):  # its cells lie mirrored: the keypoints would land on the wrong parts
+        raise SystemExit(f"{args.store}: feature set {args.features!r} holds the maps of the mirrored images; "
+                         f"train on {geom.get('flip_of')!r}")
     field = f"features/{args.features}"
     data = spairstore.PairDataset(store, "trn", fields=("keypoints", field))
     loader = spairstore.Loader(data, args.batch_size, shuffle=True, seed=args.seed, drop_last=True,
@@ -224,7 +227,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    m = train(args)
+    try:
+        m = train(args)
+    except spairstore.SpairstoreError as e:  # bad input: one line, as the CLI says it
+        raise SystemExit(f"error: {e}") from None
     o = m["overall"]
     print(f"test PCK@0.1 {m['aggregation']}: NN {o['nn']['0.1'][m['aggregation']]:.1f} -> head "
           f"{o['head']['0.1'][m['aggregation']]:.1f}; better in {m['categories_better']} of {m['categories']} "

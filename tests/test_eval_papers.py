@@ -536,9 +536,16 @@ def test_nn_flip_needs_its_set(flip_store: Path, tmp_path: Path) -> None:
     from spairstore.eval.methods import NearestNeighbour, get_method
 
     s = spairstore.open(flip_store)
-    with pytest.raises(spairstore.StoreError, match="needs the feature set 'rand-flip-flip', the maps of the mirrored "
-                                                    "images: run the features command that made 'rand-flip' again"):
-        NearestNeighbour("rand-flip", flip="adaptive")(s, "trn", np.arange(2))
+    for flip in (None, "adaptive"):  # the companion itself is no set to match on: its cells lie mirrored
+        with pytest.raises(spairstore.StoreError, match="feature set 'rand-flip' holds the maps of the mirrored "
+                                                        "images .*; match on --features rand, with --flip"):
+            NearestNeighbour("rand-flip", flip=flip)(s, "trn", np.arange(2))
+    other = Path(shutil.copyfile(flip_store, tmp_path / "other.h5"))
+    with h5py.File(other, "a") as f:  # a store whose only set is a companion: its flip is missing
+        f.attrs["feature_sets"] = json.dumps({"rand": json.loads(f.attrs["feature_sets"])["rand"]})
+    with pytest.raises(spairstore.StoreError, match="needs the feature set 'rand-flip', the maps of the mirrored "
+                                                    "images: run the features command that made 'rand' again"):
+        NearestNeighbour("rand", flip="adaptive")(spairstore.open(other), "trn", np.arange(2))
     other = Path(shutil.copyfile(flip_store, tmp_path / "other.h5"))
     with h5py.File(other, "a") as f:  # a set named like a companion that is not one
         sets = json.loads(f.attrs["feature_sets"])

@@ -131,3 +131,24 @@ def test_schedule_of_any_length() -> None:
         assert all(np.isfinite(rates)) and max(rates) <= 0.002 + 1e-12, total
     assert abs(rates.index(max(rates)) - 0.1 * 363) <= 1 and rates[-1] < 1e-5
 
+
+
+def test_a_set_of_mirrored_maps_is_refused_in_one_line(trained: tuple[Path, Path, subprocess.CompletedProcess],
+                                                       tmp_path: Path) -> None:
+    """A `-flip` companion holds the maps of the mirrored images: trained on with unmirrored keypoints it
+    taught the head nothing (NN 1.4 -> head 1.4 on the demo store) and said nothing."""
+    from spairstore.store.feature_sets import sidecar_dir
+
+    store = tmp_path / "s.h5"
+    shutil.copyfile(trained[0], store)
+    shutil.copytree(sidecar_dir(trained[0]), sidecar_dir(store))
+    s = spairstore.open(store)
+    g = s.feature_set(LITE)
+    spairstore.add_feature_set(store, f"{LITE}-flip", lambda r: s.features(LITE, r)[..., ::-1].copy(),
+                               stride=g["stride"], cell_offset=g["cell_offset"], input_size=g["input_size"],
+                               flip_of=LITE)
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "train_head.py"), str(store), "--features",
+                        f"{LITE}-flip", "--out", str(tmp_path / "run")], check=False, capture_output=True, text=True,
+                       env=cli_env(), timeout=300)
+    assert r.returncode == 1 and r.stderr == (f"{store}: feature set '{LITE}-flip' holds the maps of the mirrored "
+                                              f"images; train on '{LITE}'\n"), r.stderr

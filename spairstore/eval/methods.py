@@ -120,6 +120,10 @@ class NearestNeighbour:
         import torch
 
         geom, size = store.feature_set(self.features), store.image_size
+        if geom.get("flipped"):
+            raise StoreError(f"{store.path}: feature set {self.features!r} holds the maps of the mirrored images "
+                             f"(the companion that --flip reads); match on --features {geom.get('flip_of')}, with "
+                             "--flip for test-time flip")
         flip_set = self._flip_set(store) if self.flip else None
         if self.transform is not None:
             wants = getattr(self.transform, "in_channels", None)
