@@ -346,6 +346,11 @@ def test_synth_layout(synth_root, tmp_path):
     again = synthesize(tmp_path / "again", images_per_category=PER_SPECIES, categories=["hippo", "lion", "cat"], seed=3)
     tree = lambda r: {str(p.relative_to(r)): p.read_bytes() for p in sorted(r.rglob("*")) if p.is_file()}
     assert tree(again.out_dir) == tree(synth_root)  # the same seed writes the same bytes
+    assert again.pairs["trn"] == 0 and str(again).endswith(
+        f"\n  note: no trn pairs: the benchmark's rule takes each species' last 30 images (after its exclusions) "
+        f"for test and the 20 before them for val, so {PER_SPECIES} images per species leave trn empty; the "
+        "default, 60, gives each species about 6 trn images")
+    assert synthesize(tmp_path / "default", categories=["cat"]).notes == ()
 
 
 def test_cli_round_trip(synth_root, tmp_path):

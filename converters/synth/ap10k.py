@@ -134,4 +134,9 @@ def synthesize(out_dir: str | Path, images_per_category: int = 60, categories: S
                      (("src_json_path", p.src), ("trg_json_path", p.trg))}
             (folder / f"{p.stem}.json").write_text(json.dumps(paths), encoding="ascii")
         counts[split] = len(pairs)
-    return SynthSummary(out_dir=out_dir, images=n * len(species), pairs=counts, seconds=time.perf_counter() - start)
+    empty = [split for split in ("trn", "val") if not counts.get(split)]
+    notes = (f"no {' or '.join(empty)} pairs: the benchmark's rule takes each species' last 30 images (after its "
+             f"exclusions) for test and the 20 before them for val, so {n} images per species leave "
+             f"{' and '.join(empty)} empty; the default, 60, gives each species about 6 trn images",) if empty else ()
+    return SynthSummary(out_dir=out_dir, images=n * len(species), pairs=counts, seconds=time.perf_counter() - start,
+                        notes=notes)

@@ -66,10 +66,12 @@ class SynthSummary:
     images: int  #: images written (a JPEG and an annotation each, plus a mask where the dataset has them)
     pairs: dict[str, int]  #: pair files written per split
     seconds: float  #: wall-clock time taken
+    notes: tuple[str, ...] = ()  #: what the user should know, e.g. why a split is empty
 
     def __str__(self) -> str:
         pairs = ", ".join(f"{s} {n:,}" for s, n in self.pairs.items())
-        return f"wrote {self.images:,} images and pairs ({pairs}) to {self.out_dir} in {self.seconds:.1f} s"
+        return "\n".join([f"wrote {self.images:,} images and pairs ({pairs}) to {self.out_dir} in {self.seconds:.1f} s",
+                          *(f"  note: {n}" for n in self.notes)])
 
 
 @dataclass(frozen=True)
