@@ -472,9 +472,10 @@ class Store:
     @property
     def identity(self) -> dict[str, Any]:
         """Which version of the store this Store reads, fixed at open: ``file``, (device, inode) of an
-        HDF5 store file or a Zarr store's directory (None for a URL); ``files``, (device, inode, size, mtime in ns) of
-        each payload file read straight from disk; ``feature_sets``, the set names. Packs and feature-set
-        commits write new files, never into old ones, so another identity means another version."""
+        HDF5 store file or a Zarr store's directory (None for a URL); ``files``, (device, inode, size,
+        mtime in ns) of each payload file read straight from disk; ``feature_sets``, the set names. Packs
+        and feature-set commits write new files, never into old ones, so another identity means another
+        version."""
         return {"file": self._opened, "files": dict(self._versions), "feature_sets": list(self.feature_sets)}
 
     def require_identity(self, identity: dict[str, Any] | None) -> None:
@@ -495,8 +496,8 @@ class Store:
             if expected.get(file, self._versions.get(file)) != self._versions.get(file):
                 what = f"feature set {name.split('/')[1]!r}" if name.startswith("features/") else name
                 raise StoreError(f"{self.path}: {what} was replaced since the store was first opened here "
-                                 f"({_shown(file, self.path)} is a new file); open the store again (rebuild the dataset) "
-                                 "to read the new version")
+                                 f"({_shown(file, self.path)} is a new file); open the store again (rebuild the "
+                                 "dataset) to read the new version")
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "identity": self.identity}
@@ -824,9 +825,9 @@ def _allow_open_files(n: int) -> None:
     map holds a descriptor) would come near it, as a store of many shards needs."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and n + 512 > soft:  # 512: what else the process may hold open
-        want = n + 1024
+        want = n + 1024 if hard == resource.RLIM_INFINITY else min(hard, n + 1024)
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(hard, want), hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (ValueError, OSError):
             pass  # e.g. macOS caps it below an unlimited hard limit: mapping then says what to do
 
