@@ -262,6 +262,7 @@ def info(
         typer.echo(json.dumps(d, indent=2))
         return
     from .core.schema import field_of_array
+    from .eval.provenance import untrained
 
     left_out = [Skipped.from_json(x) for x in d["skipped"]]
     if skipped:
@@ -294,7 +295,7 @@ def info(
         mirrored = f", of the mirrored images (flip of {v['flip_of']})" if v.get("flipped") else ""
         out.append(f"  features     {k}: {v['backbone']} {','.join(v['layers'])} at {v['input_size']} px, "
                    f"float16 ({v['channels']}, {v['height']}, {v['width']}), stride {v['stride']}, "
-                   f"{mib(v['bytes'])}{mirrored}")
+                   f"{mib(v['bytes'])}{mirrored}{untrained(v)}")
     for k, v in d["incomplete_feature_sets"].items():
         out.append(f"  features     {k}: INCOMPLETE, {v['done']:,} of {v['images'] or '?'} images extracted "
                    f"({v['resume']} to resume; staged in {v['path']})")

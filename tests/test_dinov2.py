@@ -2,6 +2,7 @@
 mapping against an independent forward pass of the original architecture, HF folders, register tokens."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -130,6 +131,14 @@ def test_cli_random_vits14_on_a_store(store_copy: Path) -> None:
     ref = tokens[:, 1:].transpose(1, 2).reshape(3, 384, 4, 4).numpy()
     got = s.read("features/dinov2-vits14", rows).astype(np.float32)
     np.testing.assert_allclose(got, ref, rtol=5e-3, atol=5e-3 * np.abs(ref).max())
+    # numbers of an untrained network say so wherever they are shown
+    line = next(x for x in run_cli("info", store_copy).stdout.splitlines() if "features     dinov2-vits14:" in x)
+    assert line.endswith(", untrained: random (seed 0) weights"), line
+    r = run_cli("eval", store_copy, "--method", "nn", "--features", "dinov2-vits14", "--device", "cpu", "--json")
+    assert json.loads(r.stdout)["provenance"]["feature_sets"]["dinov2-vits14"]["weights"] == "random (seed 0)"
+    report = spairstore.evaluate(s, "test", spairstore.NearestNeighbour("dinov2-vits14", device="cpu"))
+    assert "feature set dinov2-vits14: dinov2-vits14 layernorm at 56 px, stride 14, untrained: random (seed 0) " \
+        "weights" in str(report)
 
 
 @pytest.mark.parametrize("backbone, layer", [("dinov2-vits14", "encoder.layer.0"), ("dinov2-vits14-reg", "0"),

@@ -11,18 +11,29 @@ from ..store.reader import Store
 _SET_PROVENANCE = ("backbone", "library", "layers", "weights_sha256", "input_size", "stride", "flip_of")
 
 
+def untrained(a: dict[str, Any]) -> str:
+    """", untrained: random (seed 0) weights" for a set a backbone made without trained weights
+    (``--weights random``, for pipeline tests), so no one reports its numbers as the backbone's; else ""."""
+    w = a.get("weights")
+    return f", untrained: {w} weights" if isinstance(w, str) and w.startswith("random") else ""
+
+
 def set_line(a: dict[str, Any]) -> str:
     """A feature set's provenance in one line (report headers)."""
     layers = f" {','.join(map(str, a['layers']))}" if a.get("layers") else ""
     sha = f", weights sha256 {a['weights_sha256'][:12]}" if a.get("weights_sha256") else ""
-    return f"{a.get('backbone')}{layers} at {a.get('input_size')} px, stride {a.get('stride')}{sha}"
+    return f"{a.get('backbone')}{layers} at {a.get('input_size')} px, stride {a.get('stride')}{sha}{untrained(a)}"
 
 
 def provenance(store: Store, feature_sets: Sequence[str] = ()) -> dict[str, Any]:
     """What a number was computed from: the spairstore version, the store's fingerprint (its images at
-    its size) and, per feature set read, the backbone, weights' SHA-256 and geometry."""
-    sets = {n: {k: store.feature_sets[n][k] for k in _SET_PROVENANCE if store.feature_sets[n].get(k) is not None}
-            for n in dict.fromkeys(feature_sets) if n in store.feature_sets}
+    its size) and, per feature set read, the backbone, weights' SHA-256 (or that they were random) and
+    geometry."""
+    def of(a: dict[str, Any]) -> dict[str, Any]:
+        keys = (*_SET_PROVENANCE, "weights") if untrained(a) else _SET_PROVENANCE
+        return {k: a[k] for k in keys if a.get(k) is not None}
+
+    sets = {n: of(store.feature_sets[n]) for n in dict.fromkeys(feature_sets) if n in store.feature_sets}
     return {"spairstore": __version__, "store_fingerprint": store.fingerprint, "feature_sets": sets}
 
 
