@@ -375,6 +375,7 @@ def test_cli_round_trip(synth_root, tmp_path):
     assert stats["splits"]["test"]["subset"] == {k: n[k] for k in SUBSETS}  # counted from the pair files
     table = r.invoke(app, ["stats", str(store)]).output.splitlines()
     test_row = next(ln for ln in table if ln.startswith("test "))
+    assert table[0] == "ap10k: pairs per split and subset (images: used by the split)"  # no difficulty levels
     assert table[2].split()[-3:] == list(SUBSETS) and test_row.split()[-3:] == [f"{n[k]:,}" for k in SUBSETS]
 
     res = r.invoke(app, ["eval", str(store), "--method", "identity", "--json"])

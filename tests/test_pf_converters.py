@@ -285,3 +285,5 @@ def test_identity_baseline_and_stats_on_pf_stores(tmp_path: Path, dataset: str) 
     stats = json.loads(res.output)["splits"]
     assert {k: v["pairs"] for k, v in stats.items()} == {k: len(v) for k, v in exp.pairs.items()}
     assert stats["test"]["viewpoint"]["unknown"] == len(exp.pairs["test"])
+    res = runner.invoke(app, ["stats", str(out)])
+    assert res.output.startswith(f"{dataset}: pairs per split (images: used by the split)\n"), res.output

@@ -48,7 +48,9 @@ def _tables(stats: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]], lis
              + [splits[s][k][lv] for k, lvs in levels.items() for lv in lvs]) for s in names]
     rows.append(("total", [total(lambda s: s["pairs"]), total(lambda s: s["images"])]
                  + [total(lambda s, k=k, lv=lv: s[k][lv]) for k, lvs in levels.items() for lv in lvs]))
-    t1 = (f"{stats['dataset']}: pairs per split and difficulty level (images: used by the split)", cols, rows)
+    by = [w for w, has in (("difficulty level", set(levels) - {"subset"}), ("subset", "subset" in levels)) if has]
+    t1 = (f"{stats['dataset']}: pairs per split{''.join(f' and {w}' for w in by)} (images: used by the split)",
+          cols, rows)
     cols = [("", s) for s in names] + [("", "total")]
     rows = [(c, [splits[s]["category"][c] for s in names] + [total(lambda s, c=c: s["category"][c])])
             for c in stats["categories"]]
