@@ -153,6 +153,24 @@ def test_cli_pack_format_convert_and_overwrite(synth_root: Path, synth_store: Pa
     assert json.loads(res.output)["backend"] == "zarr"
 
 
+def test_a_part_of_a_store_says_which_store_to_open(zarr_store: Path, tmp_path: Path) -> None:
+    """A group or array inside a Zarr store, or a feature set's file beside an HDF5 store, opened by
+    mistake: the error names the store to open instead."""
+    from spairstore.features.precomputed import add_feature_set
+    from spairstore.store.feature_sets import sidecar_path
+
+    for part in (zarr_store / "images", zarr_store / "images" / "pixels"):
+        with pytest.raises(spairstore.StoreError, match=re.escape(f"{part}: not a store but a part of the store "
+                                                                  f"{zarr_store.resolve()}: open that")):
+            spairstore.open(part)
+    h5 = tmp_path / "s.h5"
+    convert(zarr_store, h5)
+    add_feature_set(h5, "m", lambda r: np.zeros((2, 3, 3), np.float32), stride=8, cell_offset=0.5, input_size=24)
+    with pytest.raises(spairstore.StoreError, match=re.escape(f"not a spairstore store (the file of feature set 'm' "
+                                                              f"of the store {h5}: open that)")):
+        spairstore.open(sidecar_path(h5, "m"))
+
+
 def test_bad_paths_and_formats(synth_store: Path, tmp_path: Path) -> None:
     with pytest.raises(spairstore.SpairstoreError, match="cannot tell the store format"):
         convert(synth_store, tmp_path / "out.bin")

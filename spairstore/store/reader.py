@@ -258,7 +258,7 @@ class Store:
     def _load_checked(self, backend: ArrayReader) -> None:
         attrs = backend.attrs
         if attrs.get("format") != FORMAT_NAME:
-            raise StoreError(f"{self.path}: not a spairstore store (format attribute {attrs.get('format')!r})")
+            raise StoreError(f"{self.path}: not a spairstore store ({self._not_a_store(attrs)})")
         version = str(attrs.get("format_version", ""))
         try:
             major = int(version.split(".")[0])
@@ -297,6 +297,15 @@ class Store:
         self.keypoint_flip: np.ndarray | None = self._flip_table(attrs.get("keypoint_flip"))
         self._image_rows = {(self.categories[c], str(nm)): i
                             for i, (c, nm) in enumerate(zip(self.images.category, self.images.name))}
+
+    def _not_a_store(self, attrs: dict[str, Any]) -> str:
+        """What the path is instead, where it is a set's file (a part of a Zarr store is told by its
+        backend)."""
+        if attrs.get("format") == SIDECAR_FORMAT and isinstance(self.path, Path) \
+                and self.path.parent.name.endswith(".features"):
+            store = self.path.parent.with_name(self.path.parent.name.removesuffix(".features"))
+            return f"the file of feature set {attrs.get('name')!r} of the store {store}: open that"
+        return f"format attribute {attrs.get('format')!r}"
 
     @property
     def fingerprint(self) -> str:

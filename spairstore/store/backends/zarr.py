@@ -15,6 +15,7 @@ remote array, is read through zarr-python, a batch of rows per call.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import warnings
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 from zarr.core.sync import sync
 
 from ...core.errors import FeatureError, StoreError
-from ...core.schema import describe
+from ...core.schema import FORMAT_NAME, describe
 from ..feature_sets import check_complete, crc32_rows
 from ..transaction import RowFlags, Transaction, fsync_paths, remove, target_lock
 from . import RawExtent, is_url
@@ -162,6 +163,19 @@ class ZarrWriter:
             zarr.consolidate_metadata(str(self.path))
 
 
+def _enclosing_store(path: Path) -> Path | None:
+    """The spairstore Zarr store a local group or array node lies inside (a parent whose root node
+    says so), or None."""
+    for up in path.resolve().parents:
+        try:
+            node = json.loads((up / "zarr.json").read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(node, dict) and node.get("attributes", {}).get("format") == FORMAT_NAME:
+            return up
+    return None
+
+
 class ZarrReader:
     """Reads a Zarr store from a local directory or an fsspec URL (read-only)."""
 
@@ -171,6 +185,9 @@ class ZarrReader:
         if not self.remote and (self.path / ".zgroup").is_file() and not (self.path / "zarr.json").is_file():
             # Refused before zarr walks it: its v2 reader's failures leave asyncio tasks warning at exit.
             raise StoreError(f"{self.path}: a Zarr v2 store; spairstore reads Zarr v3 only")
+        inside = None if self.remote else _enclosing_store(self.path)
+        if inside is not None:
+            raise StoreError(f"{self.path}: not a store but a part of the store {inside}: open that")
         try:
             with _quiet():
                 self._g = zarr.open_group(str(self.path), mode="r", zarr_format=3)
