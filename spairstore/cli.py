@@ -83,7 +83,8 @@ def pack(
     size: Annotated[int, typer.Option(help="Side of the square letterboxed pixels and masks, in store pixels.")] = 512,
     dataset: Annotated[Optional[str], typer.Option(
         help="Source layout: spair71k, pfpascal, pfwillow or ap10k; detected when omitted.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT once the new store is complete.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at OUT once the new store is complete "
+                                                 "(anything else at OUT is refused).")] = False,
     format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of OUT decides.")] = None,
     shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
     on_error: Annotated[str, typer.Option(help="fail: stop at the first bad source file; skip: leave bad "
@@ -101,10 +102,12 @@ def pack(
     from PIL import Image
 
     from .sources import pack as pack_
-    from .store.backends import backend_for
+    from .store.backends import backend_for, check_replaceable
 
     # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
+    if out.exists():
+        check_replaceable(out)  # before the format is asked of it
     state = "is unchanged" if out.exists() else "was not written"
     kept = (f"{out} {state}; the images packed so far are kept: run the same command with --resume "
             "to continue" if backend_for(out, format).resumable else f"{out} {state} (a Zarr pack starts over)")
@@ -126,7 +129,8 @@ def convert(
     src: Annotated[str, typer.Argument(help="Store to read: .h5 file, .zarr directory or Zarr URL.")],
     dst: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
     format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of DST decides.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing DST once the copy is complete.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at DST once the copy is complete "
+                                                 "(anything else at DST is refused).")] = False,
     shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
 ) -> None:
     """Copy a store into another format (HDF5 <-> Zarr), losslessly: every array and attribute equal."""

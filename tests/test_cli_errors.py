@@ -93,6 +93,26 @@ def test_zarr_into_a_folder_that_cannot_be_written(synth_root: Path, featured: P
     one_line(res, "/proc/")
 
 
+@pytest.mark.parametrize("command", [["pack", "{root}"], ["convert", "{store}"]], ids=["pack", "convert"])
+@pytest.mark.parametrize("target", ["results.zarr", "model.h5", "folder"])
+def test_overwrite_replaces_stores_only(synth_root: Path, featured: Path, tmp_path: Path, command: list[str],
+                                        target: str) -> None:
+    """A folder of results or a model's .h5 where a store goes stays as it was, --overwrite or not."""
+    out = tmp_path / target
+    if target.endswith(".h5"):
+        out.write_bytes(b"my weights")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+    args = [a.format(root=synth_root, store=featured) for a in command]
+    kind = "a file" if target.endswith(".h5") else "a folder"
+    res = run_cli(*args, out, "--overwrite", *(["--format", "zarr"] if target == "folder" else []))
+    one_line(res, f"{out}: exists and is {kind}, not a spairstore store; a store is written only to a new path or "
+                  "over another store (--overwrite): move it away or write elsewhere")
+    assert (out.read_bytes() == b"my weights") if target.endswith(".h5") else \
+        [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("command", [["info"], ["eval", "--method", "identity"], ["verify"]])
 def test_a_dataset_folder_where_a_store_goes(synth_root: Path, command: list[str]) -> None:
     one_line(run_cli(command[0], synth_root, *command[1:]),
@@ -134,9 +154,9 @@ def test_ctrl_c_says_what_was_kept(synth_root: Path, tmp_path: Path, monkeypatch
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
+    spairstore.sources.pack(synth_root, tmp_path / "s.h5", size=16)  # an existing store
     monkeypatch.setattr(spairstore.sources, "pack", interrupted)
     monkeypatch.setattr(spairstore.features, "extract_features", interrupted)
-    (tmp_path / "s.h5").touch()  # an existing store (its content does not matter: the work is interrupted at once)
     monkeypatch.setattr(sys, "argv", ["spairstore", *(a.format(root=synth_root, tmp=tmp_path) for a in argv)])
     with pytest.raises(SystemExit) as e:
         cli.main()

@@ -142,10 +142,11 @@ def test_cli_synth_pack_info(tmp_path: Path) -> None:
 
 def test_pack_refuses_to_replace_without_overwrite(synth_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.h5"
-    out.write_bytes(b"old")
-    with pytest.raises(spairstore.SpairstoreError, match="--overwrite"):
+    spairstore.pack(synth_root, out, size=24)
+    old = out.read_bytes()
+    with pytest.raises(spairstore.SpairstoreError, match="s.h5 exists; pass --overwrite"):
         spairstore.pack(synth_root, out, size=32)
-    assert out.read_bytes() == b"old"
+    assert out.read_bytes() == old
     spairstore.pack(synth_root, out, size=32, overwrite=True)
     assert spairstore.open(out).image_size == 32
     assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]

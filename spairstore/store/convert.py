@@ -20,7 +20,16 @@ from tqdm import tqdm
 from ..core.errors import SpairstoreError, StoreError
 from ..core.schema import FORMAT_NAME, is_hot
 from ..core.tables import mib
-from .backends import ArrayReader, ArrayWriter, RawExtent, backend_for, disk_bytes, is_url, writer_for
+from .backends import (
+    ArrayReader,
+    ArrayWriter,
+    RawExtent,
+    backend_for,
+    check_replaceable,
+    disk_bytes,
+    is_url,
+    writer_for,
+)
 from .feature_sets import set_attrs, sidecar_dir, sidecar_path
 from .reader import Store
 from .transaction import Transaction, disk_full, remove
@@ -117,8 +126,10 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
     dst = Path(dst)
     if not is_url(src) and Path(src).resolve() == dst.resolve():
         raise SpairstoreError(f"{dst}: source and destination are the same store")
-    if dst.exists() and not overwrite:
-        raise SpairstoreError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
+    if dst.exists():
+        check_replaceable(dst)
+        if not overwrite:
+            raise SpairstoreError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
     backend = backend_for(dst, format)
     format = backend.name
     r = _StoreArrays(Store(src))

@@ -64,6 +64,7 @@ from .backends import (
     RawExtent,
     RowWriter,
     backend_for,
+    check_replaceable,
     disk_bytes,
     mark_complete,
     reader_for,
@@ -427,8 +428,10 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
     ErrorPolicy(on_error)  # validates the choice before any work
     if size < 8:
         raise SpairstoreError(f"store size must be at least 8 pixels, got {size}")
-    if out.exists() and not overwrite:
-        raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists():
+        check_replaceable(out)
+        if not overwrite:
+            raise SpairstoreError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
     if not out.parent.is_dir():
         raise SpairstoreError(f"{out.parent}: output directory does not exist")
     backend = backend_for(out, format)

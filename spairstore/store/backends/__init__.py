@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from ...core.errors import FeatureError, SpairstoreError, StoreError
+from ...core.schema import FORMAT_NAME
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -271,3 +272,23 @@ def disk_bytes(path: Path) -> int:
             except FileNotFoundError:
                 pass  # a writer's temporary file, renamed or removed since the walk listed it
     return total
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse, in one line, to write a store over ``path`` unless it holds a spairstore store: a file or
+    folder of anything else (a model's .h5, a folder of results) is the user's, and ``--overwrite``
+    replaces stores only."""
+    try:
+        r = reader_for(path)
+        try:
+            ours = r.attrs.get("format") == FORMAT_NAME
+        finally:
+            r.close()
+    except (SpairstoreError, OSError):
+        ours = False
+    if not ours:
+        folder = Path(path).is_dir()
+        into = f" (to write into this folder, name the store: {Path(path) / 'spair.h5'})" if folder else ""
+        raise SpairstoreError(f"{path}: exists and is {'a folder' if folder else 'a file'}, not a spairstore store; a "
+                              "store is written only to a new path or over another store (--overwrite): move it away "
+                              f"or write elsewhere{into}")
