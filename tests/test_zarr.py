@@ -19,6 +19,7 @@ import spairstore
 from spairstore.store.backends import reader_for
 from spairstore.store.backends import zarr as zarr_backend
 from spairstore.store.convert import convert
+from spairstore.store.verify import verify
 
 
 def assert_stores_equal(a: Path | str, b: Path | str) -> None:
@@ -169,6 +170,30 @@ def test_a_part_of_a_store_says_which_store_to_open(zarr_store: Path, tmp_path: 
     with pytest.raises(spairstore.StoreError, match=re.escape(f"not a spairstore store (the file of feature set 'm' "
                                                               f"of the store {h5}: open that)")):
         spairstore.open(sidecar_path(h5, "m"))
+
+
+def test_repack_keeps_the_sets_of_the_same_images(synth_root: Path, tmp_path: Path) -> None:
+    """pack --overwrite of a Zarr store keeps its feature sets where the new store holds the same images,
+    as an HDF5 store keeps the set files beside it; of other images they go, and the summary says so."""
+    from spairstore.features.precomputed import add_feature_set
+
+    out = tmp_path / "s.zarr"
+    spairstore.pack(synth_root, out, size=24, shard_bytes=20000)
+    maps = np.random.default_rng(0).standard_normal((len(spairstore.open(out)), 2, 3, 3)).astype(np.float32)
+    for name in ("m", "m-flip"):
+        add_feature_set(out, name, maps.__getitem__, stride=8, cell_offset=0.5, input_size=24,
+                        flip_of="m" if name == "m-flip" else None)
+    old = spairstore.open(out)
+    summary = spairstore.pack(synth_root, out, size=24, overwrite=True)
+    assert "kept feature set 'm' of the store replaced: made from these same images" in summary.notes
+    s = spairstore.open(out)
+    assert sorted(s.feature_sets) == ["m", "m-flip"] and s.feature_sets["m-flip"]["flip_of"] == "m"
+    np.testing.assert_array_equal(s.read("features/m", np.arange(len(s)), check=True), maps.astype(np.float16))
+    assert verify(out).ok and (old.features("m", 3) == maps[3].astype(np.float16)).all()
+    summary = spairstore.pack(synth_root, out, size=32, overwrite=True)
+    assert summary.notes[-1] == ("feature sets m, m-flip of the store replaced were made from other images (another "
+                                 "size or source): dropped with it")
+    assert spairstore.open(out).feature_sets == {} and verify(out).ok
 
 
 def test_bad_paths_and_formats(synth_store: Path, tmp_path: Path) -> None:

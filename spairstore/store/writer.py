@@ -331,10 +331,12 @@ def _pack_hdf5(staging: _Staging, records: DatasetRecords, checks: list[ImageChe
 
 
 def _pack_at_once(tx: Transaction, fmt: str, shard_bytes: int | None, records: DatasetRecords,
-                  checks: list[ImageCheck], st: _Structure, size: int, progress: bool) -> None:
-    """A store built in one go in the transaction's staging folder and switched into place (Zarr)."""
+                  checks: list[ImageCheck], st: _Structure, size: int, progress: bool) -> list[str]:
+    """A store built in one go in the transaction's staging folder and switched into place (Zarr), with
+    the feature sets of the store it replaces where its images are the same; returns notes."""
     tmp = tx.dir / f"store{tx.target.suffix}"
-    w = writer_for(tmp, fmt, shard_bytes)
+    backend = backend_for(tmp, fmt)
+    w = backend.build(tmp, shard_bytes)
     try:
         _create(w, st, crc_arrays=False)
         crc = _write_rows(w, records, checks, st, size, progress)
@@ -342,7 +344,9 @@ def _pack_at_once(tx: Transaction, fmt: str, shard_bytes: int | None, records: D
             w.put(crc_array(f"images/{k}"), crc[k].astype(np.uint32))
     finally:
         w.close()
+    notes = backend.keep_groups(tx.target, tmp) if tx.target.exists() else []
     tx.switch(tmp)
+    return notes
 
 
 class _Staging:
@@ -444,7 +448,7 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
             tx.discard()  # a killed Zarr pack's staging: not resumable, swept
             records, checks, st = _read_and_check(read, size, on_error, progress)
             tx.reserve(_hot_bytes(st), "the store", staged=0)
-            _pack_at_once(tx, backend.name, shard_bytes, records, checks, st, size, progress)
+            notes += _pack_at_once(tx, backend.name, shard_bytes, records, checks, st, size, progress)
         except OSError as e:
             if disk_full(e):
                 raise SpairstoreError(f"{out}: the disk filled up while packing; nothing of it was kept "

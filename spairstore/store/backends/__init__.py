@@ -127,6 +127,11 @@ class Backend:
         bytes it occupied on disk."""
         raise NotImplementedError
 
+    def keep_groups(self, old: Path, new: Path) -> list[str]:
+        """Before the new store ``new`` replaces ``old``: keep old's feature sets that belong to new's
+        images; returns a note per set. (Sets kept beside the store need nothing.)"""
+        return []
+
 
 class _HDF5Backend(Backend):
     name, suffixes, resumable, sets_inside = "hdf5", (".h5", ".hdf5", ".hdf"), True, False
@@ -197,6 +202,11 @@ class _ZarrBackend(Backend):
         freed = disk_bytes(Path(store) / "features" / name)
         zarr.ZarrSet(store, name, (0,), {}).drop()
         return freed
+
+    def keep_groups(self, old: Path, new: Path) -> list[str]:
+        from . import zarr
+
+        return zarr.keep_sets(old, new)
 
 
 #: the registry: format name -> backend

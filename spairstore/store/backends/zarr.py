@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +32,7 @@ from zarr.core.sync import sync
 
 from ...core.errors import FeatureError, StoreError
 from ...core.schema import FORMAT_NAME, describe
-from ..feature_sets import check_complete, crc32_rows
+from ..feature_sets import check_complete, crc32_rows, fingerprint
 from ..transaction import RowFlags, Transaction, fsync_paths, remove, target_lock
 from . import RawExtent, is_url
 
@@ -431,6 +433,42 @@ def unpublish(store: Path, group: str, attrs: dict[str, Any]) -> None:
         fsync_paths([store / group])
     _consolidate(store)
     remove(store / group)
+
+
+def keep_sets(old: Path, new: Path) -> list[str]:
+    """Carry the feature sets of the store ``old`` over into the store ``new`` that is to replace it
+    (``pack --overwrite``), where both hold the same images (:func:`~spairstore.store.feature_sets.fingerprint`),
+    as an HDF5 store keeps its set files: their files are hard-linked (copied across file systems) and
+    published in ``new``. Returns what became of each set, for the pack's notes."""
+    if not (old / "zarr.json").is_file():
+        return []
+    o, n = ZarrReader(old), ZarrReader(new)
+    try:
+        sets = dict(o.attrs.get("feature_sets", {}))
+        same = sets and all(r.attrs.get("format") == FORMAT_NAME for r in (o, n)) and len({
+            fingerprint(r.shapes()["images/crc32_pixels"][0][0], int(r.attrs["image_size"]),
+                        r.read("images/crc32_pixels")) for r in (o, n)}) == 1
+    finally:
+        o.close()
+        n.close()
+    if not sets:
+        return []
+    if not same:
+        return [f"feature sets {', '.join(sets)} of the store replaced were made from other images (another size "
+                "or source): dropped with it"]
+    kept: dict[str, Any] = {}
+    for name, attrs in sets.items():
+        shutil.copytree(old / "features" / name, new / "features" / name, copy_function=_link_or_copy)
+        kept[name] = attrs
+        publish(new, f"features/{name}", {}, {"feature_sets": dict(kept)})
+    return [f"kept feature set {k!r} of the store replaced: made from these same images" for k in kept]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # set files are never written in place: the two stores may share them
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 class ZarrSet:
