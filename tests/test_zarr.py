@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,9 +191,13 @@ def test_repack_keeps_the_sets_of_the_same_images(synth_root: Path, tmp_path: Pa
     assert sorted(s.feature_sets) == ["m", "m-flip"] and s.feature_sets["m-flip"]["flip_of"] == "m"
     np.testing.assert_array_equal(s.read("features/m", np.arange(len(s)), check=True), maps.astype(np.float16))
     assert verify(out).ok and (old.features("m", 3) == maps[3].astype(np.float16)).all()
+    shutil.rmtree(out / "features" / "m-flip")  # damaged by hand: the repack goes on without it
+    summary = spairstore.pack(synth_root, out, size=24, overwrite=True)
+    assert summary.notes[-1] == "feature set 'm-flip' of the store replaced has no files (damaged): not kept"
+    assert sorted(spairstore.open(out).feature_sets) == ["m"]
     summary = spairstore.pack(synth_root, out, size=32, overwrite=True)
-    assert summary.notes[-1] == ("feature sets m, m-flip of the store replaced were made from other images (another "
-                                 "size or source): dropped with it")
+    assert summary.notes[-1] == ("feature set m was made from other images than the new store's (another size or "
+                                 "source): dropped with the store replaced")
     assert spairstore.open(out).feature_sets == {} and verify(out).ok
 
 

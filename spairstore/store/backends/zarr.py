@@ -454,14 +454,19 @@ def keep_sets(old: Path, new: Path) -> list[str]:
     if not sets:
         return []
     if not same:
-        return [f"feature sets {', '.join(sets)} of the store replaced were made from other images (another size "
-                "or source): dropped with it"]
+        which = f"feature set {next(iter(sets))} was" if len(sets) == 1 else f"feature sets {', '.join(sets)} were"
+        return [f"{which} made from other images than the new store's (another size or source): dropped with the "
+                "store replaced"]
     kept: dict[str, Any] = {}
+    notes = []
     for name, attrs in sets.items():
+        if not (old / "features" / name / "zarr.json").is_file():
+            notes.append(f"feature set {name!r} of the store replaced has no files (damaged): not kept")
+            continue
         shutil.copytree(old / "features" / name, new / "features" / name, copy_function=_link_or_copy)
         kept[name] = attrs
         publish(new, f"features/{name}", {}, {"feature_sets": dict(kept)})
-    return [f"kept feature set {k!r} of the store replaced: made from these same images" for k in kept]
+    return [f"kept feature set {k!r} of the store replaced: made from these same images" for k in kept] + notes
 
 
 def _link_or_copy(src: str, dst: str) -> None:
