@@ -111,6 +111,9 @@ def test_overwrite_replaces_stores_only(synth_root: Path, featured: Path, tmp_pa
                   "over another store (--overwrite): move it away or write elsewhere")
     assert (out.read_bytes() == b"my weights") if target.endswith(".h5") else \
         [p.name for p in out.iterdir()] == ["notes.txt"]
+    if target == "results.zarr":  # an empty folder holds nothing to lose: replaced like a store
+        (out / "notes.txt").unlink()
+        assert run_cli(*args, out, "--overwrite").returncode == 0 and (out / "zarr.json").is_file()
 
 
 @pytest.mark.parametrize("command", [["info"], ["eval", "--method", "identity"], ["verify"]])

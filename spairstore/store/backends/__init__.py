@@ -287,7 +287,9 @@ def disk_bytes(path: Path) -> int:
 def check_replaceable(path: Path) -> None:
     """Refuse, in one line, to write a store over ``path`` unless it holds a spairstore store: a file or
     folder of anything else (a model's .h5, a folder of results) is the user's, and ``--overwrite``
-    replaces stores only."""
+    replaces stores only. An empty folder holds nothing to lose."""
+    if Path(path).is_dir() and not any(Path(path).iterdir()):
+        return
     try:
         r = reader_for(path)
         try:
