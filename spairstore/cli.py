@@ -102,15 +102,17 @@ def pack(
     from PIL import Image
 
     from .sources import pack as pack_
-    from .store.backends import backend_for, check_replaceable
+    from .store.backends import backend_for
 
     # In this process a would-be decompression bomb is an error, not a warning, whatever its size.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
-    if out.exists():
-        check_replaceable(out)  # before the format is asked of it
+    try:
+        resumable = backend_for(out, format).resumable
+    except SpairstoreError:
+        resumable = False  # pack says what is wrong with OUT
     state = "is unchanged" if out.exists() else "was not written"
     kept = (f"{out} {state}; the images packed so far are kept: run the same command with --resume "
-            "to continue" if backend_for(out, format).resumable else f"{out} {state} (a Zarr pack starts over)")
+            "to continue" if resumable else f"{out} {state} (a Zarr pack starts over)")
     with _on_interrupt(kept):
         summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
                         shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume,  # type: ignore[arg-type]
