@@ -132,7 +132,8 @@ def convert(
     dst: Annotated[Path, typer.Argument(help="Store to write: a .h5 file or a .zarr directory.")],
     format: Annotated[Optional[str], typer.Option(help="hdf5 or zarr; by default the suffix of DST decides.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store at DST once the copy is complete "
-                                                 "(anything else at DST is refused).")] = False,
+                                                 "(anything else at DST is refused); its feature sets of the "
+                                                 "same images that SRC lacks are kept.")] = False,
     shard_mb: Annotated[float, typer.Option(help="Zarr only: shard size of pixels, masks and features, MiB.")] = 64,
 ) -> None:
     """Copy a store into another format (HDF5 <-> Zarr), losslessly: every array and attribute equal."""

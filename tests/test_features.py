@@ -485,7 +485,7 @@ def test_zarr_store_gets_the_same_features(lite_store: Path, tmp_path: Path) -> 
 
 def test_zarr_to_hdf5_writes_the_sets_beside_it(lite_store: Path, tmp_path: Path) -> None:
     """HDF5 -> Zarr -> HDF5 keeps every set, as set files beside the new store; converting a store
-    without sets over it takes the old store's sets away with it."""
+    without sets over it keeps the old store's sets of the same images (as a repack does), saying so."""
     from spairstore.store.convert import convert
 
     z, h = tmp_path / "s.zarr", tmp_path / "back.h5"
@@ -502,8 +502,10 @@ def test_zarr_to_hdf5_writes_the_sets_beside_it(lite_store: Path, tmp_path: Path
     convert(h, bare)
     drop_feature_set(bare, LITE)
     drop_feature_set(bare, "b10")
-    convert(bare, h, overwrite=True)
-    assert not spairstore.open(h).feature_sets and not sidecar_dir(h).exists()
+    summary = convert(bare, h, overwrite=True)
+    assert sorted(spairstore.open(h).feature_sets) == sorted(a.feature_sets) and verify(h).ok
+    assert sorted(summary.notes) == [f"kept feature set {k!r} of the store replaced: made from these same images"
+                                     for k in sorted(a.feature_sets)]
 
 
 # -- bad input --------------------------------------------------------------------------------------

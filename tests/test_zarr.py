@@ -201,6 +201,43 @@ def test_repack_keeps_the_sets_of_the_same_images(synth_root: Path, tmp_path: Pa
     assert spairstore.open(out).feature_sets == {} and verify(out).ok
 
 
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+def test_convert_over_a_store_keeps_its_sets(synth_root: Path, tmp_path: Path, fmt: str) -> None:
+    """convert --overwrite loses no set of the store it replaces that the source lacks: those of the same
+    images are kept (HDF5: set files hard-linked beside the new store), the source's set of a name wins,
+    and of other images an HDF5 set file stays (refused) while a Zarr set goes; the notes say each."""
+    from spairstore.features.precomputed import add_feature_set
+
+    dst, src, other = tmp_path / f"d.{fmt}", tmp_path / "src.zarr", tmp_path / "other.zarr"
+    spairstore.pack(synth_root, dst, size=24)
+    spairstore.pack(synth_root, src, size=24)
+    spairstore.pack(synth_root, other, size=32)
+    n = len(spairstore.open(dst))
+    maps = np.random.default_rng(1).standard_normal((n, 2, 3, 3)).astype(np.float32)
+    for store, name, m in ((dst, "mine", maps), (dst, "both", maps), (src, "both", -maps)):
+        add_feature_set(store, name, m.__getitem__, stride=8, cell_offset=0.5, input_size=24)
+    summary = convert(src, dst, overwrite=True)
+    assert sorted(summary.notes) == [
+        "feature set 'both' of the store replaced: replaced by the new store's set of that name",
+        "kept feature set 'mine' of the store replaced: made from these same images"]
+    assert "  note: kept feature set 'mine'" in str(summary)
+    s = spairstore.open(dst)
+    assert sorted(s.feature_sets) == ["both", "mine"] and verify(dst).ok
+    np.testing.assert_array_equal(s.read("features/mine", np.arange(n), check=True), maps.astype(np.float16))
+    np.testing.assert_array_equal(s.read("features/both", np.arange(n), check=True), (-maps).astype(np.float16))
+    s.close()
+    summary = convert(other, dst, overwrite=True)
+    s = spairstore.open(dst)
+    assert s.feature_sets == {} and verify(dst).ok is (fmt == "zarr")  # verify reports a refused set file
+    if fmt == "h5":
+        assert sorted(s.stale_feature_sets) == ["both", "mine"]
+        assert summary.notes[0] == ("feature set 'both' of the store replaced was made from other images: its file "
+                                    "stays beside the new store, which refuses it")
+    else:
+        assert summary.notes == ["feature sets both, mine were made from other images than the new store's "
+                                 "(another size or source): dropped with the store replaced"]
+
+
 def test_bad_paths_and_formats(synth_store: Path, tmp_path: Path) -> None:
     with pytest.raises(spairstore.SpairstoreError, match="cannot tell the store format"):
         convert(synth_store, tmp_path / "out.bin")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,11 @@ class ConvertSummary:
     arrays: int
     file_bytes: int
     seconds: float
+    notes: list[str] = field(default_factory=list)  #: what became of the sets of the store replaced
 
     def __str__(self) -> str:
-        return (f"converted {self.src} into {self.dst} ({self.format}, {self.arrays} arrays, "
-                f"{mib(self.file_bytes)}) in {self.seconds:.1f} s")
+        return "\n".join([f"converted {self.src} into {self.dst} ({self.format}, {self.arrays} arrays, "
+                          f"{mib(self.file_bytes)}) in {self.seconds:.1f} s", *(f"  note: {n}" for n in self.notes)])
 
 
 def copy_arrays(r: ArrayReader, w: ArrayWriter, skip: Callable[[str], bool] = lambda name: False,
@@ -118,7 +119,9 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
     the copy is complete. ``shard_bytes`` is the Zarr shard size of hot arrays.
 
     Feature sets come along: into the Zarr store's groups, or (to HDF5) as feature-set files beside the
-    new store (``<dst>.features/<name>.h5``), as ``spairstore features`` writes them.
+    new store (``<dst>.features/<name>.h5``), as ``spairstore features`` writes them. Those of the store
+    replaced that ``src`` has no set of that name for are kept where made from the same images (as a
+    ``pack --overwrite`` keeps them); the summary's notes say what became of each.
     """
     t0 = time.perf_counter()
     if is_url(dst):
@@ -159,12 +162,13 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
             if not inline:
                 _write_sidecars(r, tmp)
             bar.close()
+            notes = backend.keep_groups(dst, tmp) if dst.exists() and backend.guess_can_open(dst) else []
             with_sets = sidecar_dir(tmp).is_dir()
             if with_sets:
                 tx.switch(sidecar_dir(tmp), sidecar_dir(dst))  # sets of these images: valid beside either store
             tx.switch(tmp, dst)
             if not with_sets and not inline:
-                remove(sidecar_dir(dst))  # the old store's sets
+                remove(sidecar_dir(dst))  # an empty folder: keep_groups kept every set file
             tx.finish()
         except BaseException as e:
             if not disk_full(e):
@@ -175,4 +179,4 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
                                   "and run the command again") from None
     finally:
         r.close()
-    return ConvertSummary(str(src), dst, format, len(shapes), disk_bytes(dst), time.perf_counter() - t0)
+    return ConvertSummary(str(src), dst, format, len(shapes), disk_bytes(dst), time.perf_counter() - t0, notes)

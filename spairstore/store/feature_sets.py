@@ -54,6 +54,32 @@ def fingerprint(images: int, image_size: int, crc32_pixels: np.ndarray) -> str:
     return h.hexdigest()[:32]
 
 
+def images_fingerprint(r: Any) -> str:
+    """:func:`fingerprint` of the store that the backend reader ``r`` (an ``ArrayReader``) reads."""
+    return fingerprint(r.shapes()["images/crc32_pixels"][0][0], int(r.attrs["image_size"]),
+                       r.read("images/crc32_pixels"))
+
+
+_FATES = {
+    "kept": "kept feature set {!r} of the store replaced: made from these same images",
+    "replaced": "feature set {!r} of the store replaced: replaced by the new store's set of that name",
+    "damaged": "feature set {!r} of the store replaced has no files (damaged): not kept",
+    "refused": "feature set {!r} of the store replaced was made from other images: its file stays beside the new "
+               "store, which refuses it",
+}
+
+
+def kept_notes(fates: dict[str, str]) -> list[str]:
+    """The notes of a ``pack``/``convert --overwrite`` on what became of each set of the store it
+    replaced: name -> ``kept``, ``replaced``, ``damaged``, ``refused`` or ``other images`` (dropped)."""
+    notes = [_FATES[f].format(name) for name, f in fates.items() if f in _FATES]
+    if dropped := [name for name, f in fates.items() if f == "other images"]:
+        which = f"feature set {dropped[0]} was" if len(dropped) == 1 else f"feature sets {', '.join(dropped)} were"
+        notes.append(f"{which} made from other images than the new store's (another size or source): dropped with "
+                     "the store replaced")
+    return notes
+
+
 def crc32_rows(block: np.ndarray) -> np.ndarray:
     """CRC-32 of each row of ``block``: uint32 (len(block),)."""
     return np.array([zlib.crc32(row) for row in np.ascontiguousarray(block)], dtype=np.uint32)

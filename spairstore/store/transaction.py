@@ -79,6 +79,15 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """``dst`` as a hard link of ``src`` (a copy across file systems): for files never written in place,
+    which two stores may then share."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` durably: a crash leaves the old content or the new one."""
     tmp = path.with_name(path.name + ".tmp")

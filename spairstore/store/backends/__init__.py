@@ -128,9 +128,10 @@ class Backend:
         raise NotImplementedError
 
     def keep_groups(self, old: Path, new: Path) -> list[str]:
-        """Before the new store ``new`` replaces ``old``: keep old's feature sets that belong to new's
-        images; returns a note per set. (Sets kept beside the store need nothing.)"""
-        return []
+        """Before the store ``new``, built apart, replaces ``old`` (``pack``/``convert --overwrite``):
+        keep old's feature sets that new has no set of that name for, where they belong to new's
+        images; returns a note per set of old."""
+        raise NotImplementedError
 
 
 class _HDF5Backend(Backend):
@@ -171,6 +172,11 @@ class _HDF5Backend(Backend):
         path.unlink()
         fsync_path(path.parent)
         return freed
+
+    def keep_groups(self, old: Path, new: Path) -> list[str]:
+        from . import hdf5
+
+        return hdf5.keep_sets(old, new)
 
 
 class _ZarrBackend(Backend):

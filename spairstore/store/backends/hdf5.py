@@ -21,8 +21,16 @@ import numpy as np
 
 from ...core.errors import FeatureError, StoreError
 from ...core.schema import ROOT_ATTRS, describe
-from ..feature_sets import check_complete, crc32_rows, set_attrs, sidecar_dir, sidecar_path
-from ..transaction import Transaction, fsync_path, write_atomic
+from ..feature_sets import (
+    check_complete,
+    crc32_rows,
+    images_fingerprint,
+    kept_notes,
+    set_attrs,
+    sidecar_dir,
+    sidecar_path,
+)
+from ..transaction import Transaction, fsync_path, link_or_copy, write_atomic
 from . import RawExtent
 
 #: h5py/HDF5 exceptions a damaged or hostile file can raise; the reader turns them into StoreError.
@@ -246,6 +254,38 @@ class HDF5Reader:
 
     def close(self) -> None:
         self._f.close()
+
+
+def keep_sets(old: Path, new: Path) -> list[str]:
+    """Before the staged store ``new`` replaces the HDF5 store ``old`` (``convert --overwrite``; a pack
+    leaves the set files in place): hard-link each set file beside ``old`` that ``new`` has no set of
+    that name for beside ``new``, so no set file is lost -- one made from other images stays, refused
+    by the new store, as after a repack. Returns a note per set (:func:`~..feature_sets.kept_notes`)."""
+    files = sorted(sidecar_dir(old).glob("*.h5"))
+    if not files:
+        return []
+    r = HDF5Reader(new)
+    try:
+        mine = images_fingerprint(r)
+    finally:
+        r.close()
+    fates = {}
+    for file in files:
+        name = file.stem
+        if sidecar_path(new, name).exists():
+            fates[name] = "replaced"
+            continue
+        try:
+            r = HDF5Reader(file)
+            theirs = r.attrs.get("store_fingerprint")
+            r.close()
+        except StoreError:
+            theirs = None
+        sidecar_dir(new).mkdir(exist_ok=True)
+        link_or_copy(file, sidecar_path(new, name))
+        fates[name] = "kept" if theirs == mine else "refused"
+    fsync_path(sidecar_dir(new))
+    return kept_notes(fates)
 
 
 # -- a feature set in its own file beside the store (see spairstore.store.feature_sets) --------------

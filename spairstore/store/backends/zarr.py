@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -32,8 +31,8 @@ from zarr.core.sync import sync
 
 from ...core.errors import FeatureError, StoreError
 from ...core.schema import FORMAT_NAME, describe
-from ..feature_sets import check_complete, crc32_rows, fingerprint
-from ..transaction import RowFlags, Transaction, fsync_paths, remove, target_lock
+from ..feature_sets import check_complete, crc32_rows, images_fingerprint, kept_notes
+from ..transaction import RowFlags, Transaction, fsync_paths, link_or_copy, remove, target_lock
 from . import RawExtent, is_url
 
 #: Default shard size of hot arrays. Larger shards mean fewer files; a shard is also the unit one
@@ -437,43 +436,35 @@ def unpublish(store: Path, group: str, attrs: dict[str, Any]) -> None:
 
 def keep_sets(old: Path, new: Path) -> list[str]:
     """Carry the feature sets of the store ``old`` over into the store ``new`` that is to replace it
-    (``pack --overwrite``), where both hold the same images (:func:`~spairstore.store.feature_sets.fingerprint`),
-    as an HDF5 store keeps its set files: their files are hard-linked (copied across file systems) and
-    published in ``new``. Returns what became of each set, for the pack's notes."""
+    (``pack``/``convert --overwrite``), where both hold the same images
+    (:func:`~spairstore.store.feature_sets.images_fingerprint`) and ``new`` has no set of that name: their
+    files are hard-linked (copied across file systems) and published in ``new``. Returns what became of
+    each set, for the notes (:func:`~spairstore.store.feature_sets.kept_notes`)."""
     if not (old / "zarr.json").is_file():
         return []
     o, n = ZarrReader(old), ZarrReader(new)
     try:
         sets = dict(o.attrs.get("feature_sets", {}))
-        same = sets and all(r.attrs.get("format") == FORMAT_NAME for r in (o, n)) and len({
-            fingerprint(r.shapes()["images/crc32_pixels"][0][0], int(r.attrs["image_size"]),
-                        r.read("images/crc32_pixels")) for r in (o, n)}) == 1
+        have = dict(n.attrs.get("feature_sets", {}))
+        same = bool(sets) and all(r.attrs.get("format") == FORMAT_NAME for r in (o, n)) and len(
+            {images_fingerprint(r) for r in (o, n)}) == 1
     finally:
         o.close()
         n.close()
-    if not sets:
-        return []
-    if not same:
-        which = f"feature set {next(iter(sets))} was" if len(sets) == 1 else f"feature sets {', '.join(sets)} were"
-        return [f"{which} made from other images than the new store's (another size or source): dropped with the "
-                "store replaced"]
-    kept: dict[str, Any] = {}
-    notes = []
+    fates: dict[str, str] = {}
     for name, attrs in sets.items():
-        if not (old / "features" / name / "zarr.json").is_file():
-            notes.append(f"feature set {name!r} of the store replaced has no files (damaged): not kept")
-            continue
-        shutil.copytree(old / "features" / name, new / "features" / name, copy_function=_link_or_copy)
-        kept[name] = attrs
-        publish(new, f"features/{name}", {}, {"feature_sets": dict(kept)})
-    return [f"kept feature set {k!r} of the store replaced: made from these same images" for k in kept] + notes
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # set files are never written in place: the two stores may share them
-    except OSError:
-        shutil.copy2(src, dst)
+        if name in have:
+            fates[name] = "replaced"
+        elif not same:
+            fates[name] = "other images"
+        elif not (old / "features" / name / "zarr.json").is_file():
+            fates[name] = "damaged"
+        else:
+            shutil.copytree(old / "features" / name, new / "features" / name, copy_function=link_or_copy)
+            have[name] = attrs
+            publish(new, f"features/{name}", {}, {"feature_sets": dict(have)})
+            fates[name] = "kept"
+    return kept_notes(fates)
 
 
 class ZarrSet:
