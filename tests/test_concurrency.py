@@ -299,3 +299,49 @@ def test_readers_open_a_zarr_store_while_its_sets_and_itself_are_replaced(synth_
     for r in readers:
         r.join(10)
     assert all(opened > 10 and problems == [] for opened, problems in got), got
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_a_store_is_not_replaced_while_a_set_is_written_into_it(synth_root: Path, tmp_path: Path, suffix: str) -> None:
+    """pack and convert over a store are refused while a feature set is being added to it (on Zarr the
+    set's shards lie in the store directory the switch moves away), other sets may be added meanwhile,
+    and a set is refused while a pack replaces the store; each refusal leaves everything as it was."""
+    from spairstore.features.precomputed import add_feature_set
+    from spairstore.store.convert import convert
+    from spairstore.store.transaction import Transaction
+    from spairstore.store.verify import verify
+
+    out, other = tmp_path / f"s{suffix}", tmp_path / "o.zarr"
+    spairstore.pack(synth_root, out, size=24)
+    spairstore.pack(synth_root, other, size=24)
+    n = len(spairstore.open(out))
+    maps = np.random.default_rng(0).standard_normal((n, 2, 3, 3)).astype(np.float32)
+    tried: list[str] = []
+
+    def with_jobs_meanwhile(row: int) -> np.ndarray:
+        if row == 5:
+            for job in (lambda: spairstore.pack(synth_root, out, size=32, overwrite=True),
+                        lambda: convert(other, out, overwrite=True)):
+                with pytest.raises(spairstore.SpairstoreError) as e:
+                    job()
+                tried.append(str(e.value))
+            add_feature_set(out, "side", maps.__getitem__, stride=8, cell_offset=0.5, input_size=24)
+        return maps[row]
+
+    add_feature_set(out, "m", with_jobs_meanwhile, stride=8, cell_offset=0.5, input_size=24)
+    assert tried == [f"{out}: a `spairstore features` run is adding or dropping a set of it; wait for it to finish "
+                     f"(or stop it) and run {who} again" for who in ("pack", "convert")]
+    s = spairstore.open(out)
+    assert sorted(s.feature_sets) == ["m", "side"] and s.image_size == 24 and verify(out).ok
+    np.testing.assert_array_equal(s.read("features/m", np.arange(n), check=True), maps.astype(np.float16))
+    s.close()
+    tx = Transaction.open(out, "pack", who="pack")  # a pack under way
+    try:
+        with pytest.raises(spairstore.SpairstoreError, match=f"^{out}: a pack or convert is replacing it; wait"):
+            add_feature_set(out, "late", maps.__getitem__, stride=8, cell_offset=0.5, input_size=24)
+        with pytest.raises(spairstore.SpairstoreError, match=f"^another pack or convert is writing {out}; wait"):
+            convert(other, out, overwrite=True)
+    finally:
+        tx.close()
+    assert sorted(spairstore.open(out).feature_sets) == ["m", "side"]
+    convert(other, out, overwrite=True)  # free again

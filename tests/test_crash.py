@@ -2,7 +2,6 @@
 ``pack --resume`` finishes it to a store equal to an uninterrupted pack."""
 from __future__ import annotations
 
-import fcntl
 import json
 import multiprocessing
 import shutil
@@ -17,6 +16,7 @@ import pytest
 
 import spairstore
 import spairstore.store.writer as writer
+from spairstore.store.transaction import Transaction
 from tests.conftest import cli_command, cli_env, run_cli
 
 SIZE = 48
@@ -144,12 +144,12 @@ def test_resume_refuses_changed_sources_or_options(synth_root: Path, tmp_path: P
 
 def test_second_pack_to_the_same_path_is_refused(synth_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.h5"
-    staging_of(out).mkdir()
-    with open(staging_of(out) / "lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # as a running pack holds it
-        with pytest.raises(spairstore.SpairstoreError, match="another pack is writing"):
-            spairstore.pack(synth_root, out, size=SIZE)
+    running = Transaction.open(out, "pack", who="pack")  # as a running pack holds it
+    with pytest.raises(spairstore.SpairstoreError, match=f"^another pack or convert is writing {out}; wait"):
+        spairstore.pack(synth_root, out, size=SIZE)
+    running.close()
     spairstore.pack(synth_root, out, size=SIZE)  # once released, a pack goes ahead
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # nor is the job lock file left behind
 
 
 def _pack_child(root: Path, out: Path) -> None:
@@ -210,7 +210,7 @@ def test_sigkill_at_random_moments(synth_root: Path, reference: Path, tmp_path: 
             kills += 1
             now = out.read_bytes() if out.exists() else None
             assert now in ((old_bytes, new_bytes) if had_old else (None, new_bytes)), f"kill {kills}"
-            assert {p.name for p in out.parent.iterdir()} <= {out.name, staging_of(out).name}
+            assert {p.name for p in out.parent.iterdir()} <= {out.name, staging_of(out).name, f".{out.name}.busy"}
             phases.append(_phase(out))
             if kills % 4:
                 continue
@@ -304,7 +304,8 @@ def test_sigkill_while_adding_or_replacing_a_set(synth_root: Path, tmp_path: Pat
             assert seeds and s.feature_sets["s"]["backbone"] == f"seed{seeds[0]}", f"kill {kills}: half a set"
             assert store.read_bytes() == digest
             assert {p.name for p in tmp_path.iterdir()} <= {store.name, sidecar_dir(store).name,
-                                                             f".{store.name}.features-s.staging"}
+                                                             f".{store.name}.features-s.staging",
+                                                             f".{store.name}.busy"}
             assert verify(store).ok
             current = seeds[0]  # killed after the switch: new in place, the staging still there
             if not killed:
@@ -352,7 +353,7 @@ def test_zarr_overwrite_killed_anywhere_always_opens(synth_root: Path, tmp_path:
         killed = run(rng.uniform(0, 1.2 * work))
         kills += killed
         assert spairstore.open(out).image_size in (16, SIZE), f"kill {kills}"
-        assert {p.name for p in tmp_path.iterdir()} <= {out.name, ".s.zarr.pack.staging", ".s.zarr.lock"}
+        assert {p.name for p in tmp_path.iterdir()} <= {out.name, ".s.zarr.pack.staging", ".s.zarr.lock", ".s.zarr.busy"}
         if spairstore.open(out).image_size == SIZE:
             spairstore.pack(synth_root, out, size=16, overwrite=True)  # back to the old store, for the next kill
     assert kills >= 8

@@ -159,6 +159,7 @@ class Transaction:
         self.purpose = purpose
         self.dir = staging_path(self.target, purpose)
         self._lock = lock
+        self._busy: int | None = None  # the descriptor of the target's job lock (see open)
         self.settings: dict[str, Any] = {}
 
     @classmethod
@@ -166,10 +167,29 @@ class Transaction:
              ) -> Transaction:
         """Lock the staging folder of ``purpose`` on ``target`` (creating it), after completing any
         switch a killed process left half done. ``who`` names the job in the error a second,
-        concurrent run gets (e.g. ``pack``)."""
+        concurrent run gets (e.g. ``pack``). Jobs that change the target in place (``features-*``) may
+        run side by side; a job that replaces it (``pack``, ``convert``) runs alone: a Zarr set being
+        written into a store directory that a pack moves away would fail half done, or publish into
+        the new store a set of the old one's images."""
         target = Path(target)
         if not target.parent.is_dir():
             raise error(f"{target.parent}: output directory does not exist")
+        replaces = not purpose.startswith("features-")
+        busy, held_by_features = _job_lock(target, replaces)
+        if busy is None:
+            if held_by_features:
+                raise error(f"{target}: a `spairstore features` run is adding or dropping a set of it; wait for it "
+                            f"to finish (or stop it) and run {who} again")
+            raise error(f"another pack or convert is writing {target}; wait for it to finish" if replaces else
+                        f"{target}: a pack or convert is replacing it; wait for that to finish and start again")
+        try:
+            return cls._open(target, purpose, who, error, busy)
+        except BaseException:
+            _release_job_lock(target, busy)
+            raise
+
+    @classmethod
+    def _open(cls, target: Path, purpose: str, who: str, error: type[SpairstoreError], busy: int) -> Transaction:
         recover(target)
         d = staging_path(target, purpose)
         try:
@@ -182,7 +202,9 @@ class Transaction:
         except OSError:
             lock.close()
             raise error(f"another {who} is writing {target} (its staging folder {d} is locked)") from None
-        return cls(target, purpose, lock, error)
+        tx = cls(target, purpose, lock, error)
+        tx._busy = busy
+        return tx
 
     @classmethod
     def attach(cls, target: Path, purpose: str) -> Transaction:
@@ -304,6 +326,55 @@ class Transaction:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        if self._busy is not None:
+            _release_job_lock(self.target, self._busy)
+            self._busy = None
+
+
+def _job_lock(target: Path, exclusive: bool) -> tuple[int | None, bool]:
+    """Lock ``target``'s job lock file ``.<name>.busy`` exclusive (a job replacing the target) or shared
+    (one changing it in place). Returns its descriptor, or None and whether shared holders (rather than
+    an exclusive one) refused it. The last holder deletes the file (:func:`_release_job_lock`), so a
+    lock counts only on the file still at the path: else it is taken again."""
+    path = target.with_name(f".{target.name}.busy")
+    refusals = 0
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
+            shared = exclusive and _try_flock(fd, fcntl.LOCK_SH)  # refused only while another job holds it exclusive
+            os.close(fd)
+            refusals += 1
+            if refusals == 10:
+                return None, shared
+            time.sleep(0.01)  # a last holder deleting the file holds it exclusive for an instant
+            continue
+        if _same_file(fd, path):
+            return fd, False
+        os.close(fd)  # deleted by its last holder meanwhile
+
+
+def _release_job_lock(target: Path, fd: int) -> None:
+    """Unlock a job lock of :func:`_job_lock`, deleting the file if no other job holds it."""
+    path = target.with_name(f".{target.name}.busy")
+    if _try_flock(fd, fcntl.LOCK_EX) and _same_file(fd, path):
+        path.unlink()
+    os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _try_flock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
