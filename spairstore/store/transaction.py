@@ -175,7 +175,10 @@ class Transaction:
         if not target.parent.is_dir():
             raise error(f"{target.parent}: output directory does not exist")
         replaces = not purpose.startswith("features-")
-        busy, held_by_features = _job_lock(target, replaces)
+        try:
+            busy, held_by_features = _job_lock(target, replaces)
+        except OSError as e:
+            raise error(f"{target.parent}: cannot write beside {target.name} ({e.strerror})") from None
         if busy is None:
             if held_by_features:
                 raise error(f"{target}: a `spairstore features` run is adding or dropping a set of it; wait for it "
