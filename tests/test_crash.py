@@ -151,7 +151,7 @@ def test_second_pack_to_the_same_path_is_refused(synth_root: Path, tmp_path: Pat
     spairstore.pack(synth_root, out, size=SIZE)  # once released, a pack goes ahead
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # nor is the job lock file left behind
     (tmp_path / ".s.h5.busy").mkdir()  # as where nothing may be written beside the store
-    with pytest.raises(spairstore.SpairstoreError, match=rf"^{tmp_path}: cannot write beside s.h5 \(Is a directory\)$"):
+    with pytest.raises(spairstore.SpairstoreError, match=rf"^{tmp_path}/.s.h5.busy: cannot create the job lock file of s.h5 \(Is a directory\)$"):
         spairstore.pack(synth_root, out, size=SIZE, overwrite=True)
 
 

@@ -178,7 +178,8 @@ class Transaction:
         try:
             busy, held_by_features = _job_lock(target, replaces)
         except OSError as e:
-            raise error(f"{target.parent}: cannot write beside {target.name} ({e.strerror})") from None
+            raise error(f"{target.with_name(f'.{target.name}.busy')}: cannot create the job lock file of "
+                        f"{target.name} ({e.strerror})") from None
         if busy is None:
             if held_by_features:
                 raise error(f"{target}: a `spairstore features` run is adding or dropping a set of it; wait for it "
