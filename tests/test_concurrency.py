@@ -342,6 +342,8 @@ def test_a_store_is_not_replaced_while_a_set_is_written_into_it(synth_root: Path
         with pytest.raises(spairstore.SpairstoreError, match=f"^another pack or convert is writing {out}; wait"):
             convert(other, out, overwrite=True)
     finally:
-        tx.close()
+        tx.finish()
     assert sorted(spairstore.open(out).feature_sets) == ["m", "side"]
     convert(other, out, overwrite=True)  # free again
+    beside = {p.name for p in tmp_path.iterdir()} - {out.name, other.name, f"{out.name}.features"}
+    assert not beside, beside  # no lock or staging file is left

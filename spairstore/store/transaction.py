@@ -384,12 +384,18 @@ def _try_flock(fd: int, kind: int) -> bool:
 @contextmanager
 def target_lock(target: Path) -> Iterator[None]:
     """Serialise the commits of transactions of different purposes that change one shared file of
-    ``target`` (a Zarr store's root metadata)."""
-    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    ``target`` (a Zarr store's root metadata), with the lock file ``.<name>.lock``, deleted on release."""
+    path = target.with_name(f".{target.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # deleted by the holder we waited for: lock the file at the path now
+    try:
         yield
     finally:
+        path.unlink()  # while still held: nothing is left beside the store
         os.close(fd)
 
 
