@@ -38,7 +38,7 @@ def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None 
 
     summary = write(read, out, size=size, overwrite=overwrite, progress=progress, format=format,
                     shard_bytes=shard_bytes, on_error=on_error, resume=resume)
-    return dataclasses.replace(summary, notes=summary.notes + _sets_beside(Path(out)))
+    return dataclasses.replace(summary, notes=summary.notes + _sets_beside(summary.path))
 
 
 def _sets_beside(out: Path) -> list[str]:

@@ -238,6 +238,36 @@ def test_convert_over_a_store_keeps_its_sets(synth_root: Path, tmp_path: Path, f
                                  "(another size or source): dropped with the store replaced"]
 
 
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+def test_a_store_named_by_a_link_is_replaced_where_the_link_points(synth_root: Path, tmp_path: Path, fmt: str) -> None:
+    """pack and convert --overwrite through a symbolic link (a store on another disk) write the store it
+    leads to, as open reads it, keeping the link; its sets stay, and a job through the link and one
+    through the real path exclude each other."""
+    from spairstore.features.precomputed import add_feature_set
+
+    real, link, src = tmp_path / "disk" / f"s.{fmt}", tmp_path / f"l.{fmt}", tmp_path / "src.zarr"
+    real.parent.mkdir()
+    spairstore.pack(synth_root, real, size=24)
+    spairstore.pack(synth_root, src, size=24)
+    link.symlink_to(real)
+    n = len(spairstore.open(link))
+    add_feature_set(link, "m", np.zeros((n, 2, 3, 3), np.float32).__getitem__, stride=8, cell_offset=0.5,
+                    input_size=24)
+    assert spairstore.pack(synth_root, link, size=24, overwrite=True).path == real
+    assert convert(src, link, overwrite=True).dst == real
+    assert link.is_symlink() and link.resolve() == real and sorted(p.name for p in tmp_path.iterdir()) == [
+        "disk", link.name, src.name]
+    assert sorted(spairstore.open(link).feature_sets) == ["m"] and verify(real).ok
+
+    def meanwhile(row: int) -> np.ndarray:
+        if row == 5:  # (row 0 is read first, for the shape, before the set's run begins)
+            with pytest.raises(spairstore.SpairstoreError, match="a `spairstore features` run is adding"):
+                spairstore.pack(synth_root, link, size=24, overwrite=True)
+        return np.zeros((2, 3, 3), np.float32)
+
+    add_feature_set(real, "k", meanwhile, stride=8, cell_offset=0.5, input_size=24)
+
+
 def test_bad_paths_and_formats(synth_store: Path, tmp_path: Path) -> None:
     with pytest.raises(spairstore.SpairstoreError, match="cannot tell the store format"):
         convert(synth_store, tmp_path / "out.bin")

@@ -32,7 +32,7 @@ from .backends import (
 )
 from .feature_sets import set_attrs, sidecar_dir, sidecar_path
 from .reader import Store
-from .transaction import Transaction, disk_full, remove
+from .transaction import Transaction, disk_full, remove, through_link
 
 #: Rows of a hot array copied per step: bounded memory whatever the store size.
 BLOCK_BYTES = 64 << 20
@@ -126,7 +126,7 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
     t0 = time.perf_counter()
     if is_url(dst):
         raise SpairstoreError(f"{dst}: convert writes local stores only (remote stores are read-only)")
-    dst = Path(dst)
+    dst = through_link(dst)
     if not is_url(src) and Path(src).resolve() == dst.resolve():
         raise SpairstoreError(f"{dst}: source and destination are the same store")
     if dst.exists():

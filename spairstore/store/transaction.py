@@ -56,6 +56,13 @@ def disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in str(e))
 
 
+def through_link(path: str | Path) -> Path:
+    """Where a job writes the store named ``path``: a symbolic link's target (as :class:`~spairstore.Store`
+    opens it), so that replacing the store keeps the link and its target's disk; other paths as given."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def staging_path(target: Path, purpose: str) -> Path:
     """The fixed staging folder of ``purpose`` on ``target``."""
     return target.with_name(f".{target.name}.{purpose}.staging")

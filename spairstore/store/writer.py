@@ -72,7 +72,7 @@ from .backends import (
     writer_for,
 )
 from .images import ImageCheck, check_images, decode_image, ordered_map
-from .transaction import Transaction, disk_full, write_atomic
+from .transaction import Transaction, disk_full, through_link, write_atomic
 
 
 @dataclass(frozen=True)
@@ -428,7 +428,7 @@ def write(read: SourceReader, out: str | Path, size: int = 512, overwrite: bool 
     pack of the same sources and options that was interrupted (killed, Ctrl-C) from its staging folder.
     """
     t0 = time.perf_counter()
-    out = Path(out)
+    out = through_link(out)
     ErrorPolicy(on_error)  # validates the choice before any work
     if size < 8:
         raise SpairstoreError(f"store size must be at least 8 pixels, got {size}")
