@@ -70,6 +70,11 @@ def _batches(rows: np.ndarray, batch_size: int, unit_rows: int | None) -> Iterat
             yield run[start:start + batch_size]
 
 
+def image_label(store: Store, row: int) -> str:
+    """``image row 17 (cat/2008_000123)``: an image as errors name it."""
+    return f"image row {row} ({store.categories[store.images.category[row]]}/{store.images.name[row]})"
+
+
 def extract_rows(store: Store, extractor: Extractor, rows: Sequence[int] | np.ndarray, sink: Sink,
                  batch_size: int = 16, progress: bool = False, desc: str = "features",
                  unit_rows: int | None = None) -> int:
@@ -88,8 +93,9 @@ def extract_rows(store: Store, extractor: Extractor, rows: Sequence[int] | np.nd
                 for values, what in ((out, "NaN or infinite values"), (maps, "values beyond float16's range (|x| > 65504)")):
                     bad = batch[~torch.isfinite(values).flatten(1).all(1).cpu().numpy()]
                     if len(bad):
-                        rows_said = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-                        raise FeatureError(f"{store.path}: the maps of image rows {rows_said} hold {what}")
+                        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+                        raise FeatureError(f"{store.path}: the maps of {image_label(store, int(bad[0]))}{more} hold "
+                                           f"{what}")
             sink(batch, maps.cpu().numpy())
             bar.update(len(batch))
     finally:

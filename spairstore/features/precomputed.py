@@ -23,7 +23,7 @@ from ..store.backends import is_url
 from ..store.feature_sets import SetWriter
 from ..store.reader import Store
 from .backbones import flip_attrs
-from .extract import FeatureSummary, Staging, check_name, made_with, set_writer
+from .extract import FeatureSummary, Staging, check_name, image_label, made_with, set_writer
 
 Maps = Union[Iterable[tuple[int, Any]], Callable[[int], Any], Mapping[tuple[str, str], Any]]  # noqa: UP007 - a runtime alias on 3.10
 """``(image_row, array)`` pairs in any order, a function ``row -> array``, or a mapping
@@ -35,30 +35,26 @@ of any float dtype on any device (bfloat16 included; detached, no grad needed), 
 _BATCH = 16
 
 
-def _label(store: Store, row: int) -> str:
-    return f"image row {row} ({store.categories[store.images.category[row]]}/{store.images.name[row]})"
-
-
 def _checked(store: Store, row: int, value: Any, shape: tuple[int, ...] | None) -> np.ndarray:
     """``value`` as float16 (C, H, W), refused with a one-line error naming the row when it is not a
     finite float array of ``shape`` (the first map's, when given)."""
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
-            raise FeatureError(f"maps of {_label(store, row)}: dtype {value.dtype}; give floats")
+            raise FeatureError(f"maps of {image_label(store, row)}: dtype {value.dtype}; give floats")
         # numpy has no bfloat16; float32 holds it (and float16) exactly
         value = value.detach().to("cpu", torch.float32 if value.dtype == torch.bfloat16 else value.dtype)
     a = np.asarray(value)
     if a.dtype.kind != "f":
-        raise FeatureError(f"maps of {_label(store, row)}: dtype {a.dtype}; give floats")
+        raise FeatureError(f"maps of {image_label(store, row)}: dtype {a.dtype}; give floats")
     if a.ndim != 3 or (shape is not None and a.shape != shape):
         want = f"{shape} like the first map" if shape is not None else "(C, H, W)"
-        raise FeatureError(f"maps of {_label(store, row)}: shape {a.shape}, expected {want}")
+        raise FeatureError(f"maps of {image_label(store, row)}: shape {a.shape}, expected {want}")
     if not np.isfinite(a).all():
-        raise FeatureError(f"maps of {_label(store, row)}: holds NaN or infinite values")
+        raise FeatureError(f"maps of {image_label(store, row)}: holds NaN or infinite values")
     with np.errstate(over="ignore"):
         h = a.astype(np.float16)
     if not np.isfinite(h).all():
-        raise FeatureError(f"maps of {_label(store, row)}: values beyond float16's range (|x| > 65504)")
+        raise FeatureError(f"maps of {image_label(store, row)}: values beyond float16's range (|x| > 65504)")
     return h
 
 
@@ -78,7 +74,7 @@ def _rows_of_mapping(store: Store, maps: Mapping[Any, Any]) -> dict[int, Any]:
     rows = {_key_row(store, key): key for key in maps}
     missing = sorted(set(range(len(store))) - set(rows))
     if missing:
-        raise FeatureError(f"maps hold no array for {len(missing)} images, e.g. {_label(store, missing[0])}; "
+        raise FeatureError(f"maps hold no array for {len(missing)} images, e.g. {image_label(store, missing[0])}; "
                            f"give every image of the store")
     return rows
 
@@ -163,7 +159,7 @@ def add_feature_set(store: str | Path, name: str, maps: Maps, *, stride: float, 
         shape = _checked(s, row0, value0, None).shape
         cells = input_size / stride
         if shape[1] != shape[2] or shape[1] not in (math.floor(cells), math.ceil(cells)):
-            raise FeatureError(f"maps of {_label(s, row0)} are {shape[1]}x{shape[2]} cells; input_size {input_size} / "
+            raise FeatureError(f"maps of {image_label(s, row0)} are {shape[1]}x{shape[2]} cells; input_size {input_size} / "
                                f"stride {stride} makes {cells:g}x{cells:g} (square maps of the square frame)")
         attrs = {"backbone": source, "library": "precomputed", "layers": [], "weights": None, "weights_sha256": None,
                  "input_size": input_size, "resize": "declared by the caller of add_feature_set",
@@ -221,7 +217,7 @@ def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, tar
         for item in items:
             row = _row(store, item)
             if seen[row]:
-                raise FeatureError(f"maps gave {_label(store, row)} twice; give every image exactly once")
+                raise FeatureError(f"maps gave {image_label(store, row)} twice; give every image exactly once")
             seen[row] = True
             value = _checked(store, row, item[1], shape)
             if not wanted[row]:
@@ -238,7 +234,7 @@ def _write(store: Store, items: Iterable[tuple[int, Any]], todo: np.ndarray, tar
                 del pending[unit]
         missing = np.flatnonzero(wanted & ~seen)
         if len(missing):
-            raise FeatureError(f"maps hold no array for {len(missing)} images, e.g. {_label(store, int(missing[0]))}; "
+            raise FeatureError(f"maps hold no array for {len(missing)} images, e.g. {image_label(store, int(missing[0]))}; "
                                f"give every image of the store (the rows given so far are kept for a re-run)")
     finally:
         sink.close()
