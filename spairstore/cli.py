@@ -139,8 +139,11 @@ def convert(
     """Copy a store into another format (HDF5 <-> Zarr), losslessly: every array and attribute equal."""
     from .store.convert import convert as convert_
 
-    typer.echo(str(convert_(src, dst, format=format, overwrite=overwrite, shard_bytes=_shard_bytes(shard_mb),
-                            progress=True)))
+    before = f"{dst} is unchanged" if dst.exists() else f"{dst} was not written"
+    with _on_interrupt(f"{before}; nothing of the copy was kept (a convert starts over)"):
+        summary = convert_(src, dst, format=format, overwrite=overwrite, shard_bytes=_shard_bytes(shard_mb),
+                           progress=True)
+    typer.echo(str(summary))
 
 
 @app.command()

@@ -148,11 +148,14 @@ def test_memory_error_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     (["pack", "{root}", "{tmp}/s.zarr"], "{tmp}/s.zarr was not written (a Zarr pack starts over)"),
     (["features", "{tmp}/s.h5"], "{tmp}/s.h5 is unchanged; the maps extracted so far are kept: run the same "
                                  "command again to resume"),
-], ids=["pack-hdf5", "repack-hdf5", "pack-zarr", "features"])
+    (["convert", "{tmp}/s.h5", "{tmp}/c.zarr"], "{tmp}/c.zarr was not written; nothing of the copy was kept (a "
+                                                "convert starts over)"),
+], ids=["pack-hdf5", "repack-hdf5", "pack-zarr", "features", "convert"])
 def test_ctrl_c_says_what_was_kept(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str], argv: list[str], kept: str) -> None:
     import spairstore.features
     import spairstore.sources
+    import spairstore.store.convert
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -160,6 +163,7 @@ def test_ctrl_c_says_what_was_kept(synth_root: Path, tmp_path: Path, monkeypatch
     spairstore.sources.pack(synth_root, tmp_path / "s.h5", size=16)  # an existing store
     monkeypatch.setattr(spairstore.sources, "pack", interrupted)
     monkeypatch.setattr(spairstore.features, "extract_features", interrupted)
+    monkeypatch.setattr(spairstore.store.convert, "convert", interrupted)
     monkeypatch.setattr(sys, "argv", ["spairstore", *(a.format(root=synth_root, tmp=tmp_path) for a in argv)])
     with pytest.raises(SystemExit) as e:
         cli.main()

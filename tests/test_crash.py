@@ -390,3 +390,31 @@ def test_recorded_switch_killed_between_its_renames_is_finished_by_the_next_open
     assert sorted(p.name for p in (tmp_path / ".s.zarr.pack.staging").iterdir()) == ["lock"]  # old store gone
     spairstore.pack(synth_root, out, size=16, overwrite=True)  # the next pack sweeps the staging folder
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize("dst", ["c.zarr", "c.h5"])
+def test_an_interrupted_or_killed_convert_leaves_nothing_and_the_next_starts_over(
+        synth_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dst: str) -> None:
+    """A convert is never resumed: Ctrl-C mid-copy leaves no staged copy (the disk space comes back), and
+    what a killed one staged is swept by the next instead of failing it (zarr's FileExistsError)."""
+    import spairstore.store.convert as conv
+    from spairstore.store.verify import verify
+
+    out = tmp_path / dst
+    copy = conv.copy_arrays
+
+    def interrupted(r, w, *args, **kwargs):
+        copy(r, w, skip=lambda a: not a.startswith("images/"))  # part of the arrays, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "copy_arrays", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        conv.convert(synth_store, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    staging = tmp_path / f".{dst}.convert.staging"  # as a SIGKILL mid-copy leaves it
+    (staging / f"store{out.suffix}").mkdir(parents=True)
+    (staging / f"store{out.suffix}" / "zarr.json").write_text("{}")
+    (staging / "settings.json").write_text(json.dumps({"src": str(synth_store)}))
+    conv.convert(synth_store, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dst] and verify(out).ok

@@ -143,7 +143,8 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
         total = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
         tx = Transaction.open(dst, "convert", who="convert", error=SpairstoreError)
         try:
-            tx.begin({"src": str(src)}, restart=True)  # not resumable: a fresh start each time
+            tx.discard()  # not resumable: what a killed convert staged is swept, never resumed
+            tx.begin({"src": str(src)})
             tx.reserve(total, "the converted store", staged=0)
         except BaseException:
             tx.finish()
@@ -151,17 +152,17 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
         try:
             tmp = tx.dir / f"store{dst.suffix}"
             inline = backend.sets_inside
-            bar = tqdm(total=total, desc="convert", unit="B", unit_scale=True, disable=not progress,
-                       dynamic_ncols=True)
-            w = writer_for(tmp, format, shard_bytes)
-            try:
-                copy_arrays(r, w, skip=lambda a: not inline and a.startswith("features/"), progress=bar.update)
-                w.set_attrs(r.attrs if inline or "feature_sets" not in r.attrs else {**r.attrs, "feature_sets": {}})
-            finally:
-                w.close()
-            if not inline:
-                _write_sidecars(r, tmp)
-            bar.close()
+            with tqdm(total=total, desc="convert", unit="B", unit_scale=True, disable=not progress,
+                      dynamic_ncols=True) as bar:
+                w = writer_for(tmp, format, shard_bytes)
+                try:
+                    copy_arrays(r, w, skip=lambda a: not inline and a.startswith("features/"), progress=bar.update)
+                    w.set_attrs(r.attrs if inline or "feature_sets" not in r.attrs
+                                else {**r.attrs, "feature_sets": {}})
+                finally:
+                    w.close()
+                if not inline:
+                    _write_sidecars(r, tmp)
             notes = backend.keep_groups(dst, tmp) if dst.exists() and backend.guess_can_open(dst) else []
             with_sets = sidecar_dir(tmp).is_dir()
             if with_sets:
@@ -171,10 +172,9 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, overwri
                 remove(sidecar_dir(dst))  # an empty folder: keep_groups kept every set file
             tx.finish()
         except BaseException as e:
+            tx.finish()  # (Ctrl-C, an error) a convert starts over anyway: give the space back
             if not disk_full(e):
-                tx.close()
                 raise
-            tx.finish()  # a convert starts over anyway: give the space back
             raise SpairstoreError(f"{dst}: the disk filled up while converting; nothing of it was kept: make room "
                                   "and run the command again") from None
     finally:
