@@ -17,6 +17,10 @@ A :class:`Transaction` on a *target* (the store path) for a *purpose* (``pack``,
 * ``switch.json`` -- only while a directory replaces another without ``renameat2(RENAME_EXCHANGE)``
   (see :meth:`Transaction.switch`).
 
+Beside the staging folders, the job lock ``.<target name>.busy`` (deleted by its last holder): a job
+changing the target in place (``features-<name>``) holds it shared, one replacing the target (``pack``,
+``convert``) exclusive, so a store is never switched away under a set being written into it.
+
 The finished result replaces the target atomically: a file with ``rename``; a directory with
 ``renameat2(RENAME_EXCHANGE)`` (Linux >= 3.15 on most file systems), else with two renames recorded
 in ``switch.json`` first, which :func:`recover` completes (the next transaction on the target, or
@@ -402,7 +406,7 @@ def target_lock(target: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        path.unlink()  # while still held: nothing is left beside the store
+        path.unlink(missing_ok=True)  # while still held: nothing is left beside the store
         os.close(fd)
 
 
