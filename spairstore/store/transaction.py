@@ -349,22 +349,32 @@ class Transaction:
 def _job_lock(target: Path, exclusive: bool) -> tuple[int | None, bool]:
     """Lock ``target``'s job lock file ``.<name>.busy`` exclusive (a job replacing the target) or shared
     (one changing it in place). Returns its descriptor, or None and whether shared holders (rather than
-    an exclusive one) refused it. The last holder deletes the file (:func:`_release_job_lock`), so a
-    lock counts only on the file still at the path: else it is taken again."""
+    an exclusive one) refused it. The last holder deletes the file (:func:`_release_job_lock`)."""
     path = target.with_name(f".{target.name}.busy")
-    refusals = 0
+    for _ in range(10):
+        fd = _lock_at(path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if fd is not None:
+            return fd, False
+        time.sleep(0.01)  # a last holder deleting the file holds it exclusive for an instant
+    probe = _lock_at(path, fcntl.LOCK_SH) if exclusive else None  # refused only while a job holds it exclusive
+    if probe is not None:
+        os.close(probe)
+    return None, probe is not None
+
+
+def _lock_at(path: Path, kind: int, block: bool = False) -> int | None:
+    """A descriptor of the file at ``path`` (created if missing) locked with ``kind``, or None where the
+    lock is refused (without ``block``). A lock counts only on the file still at the path, which its
+    last holder deletes: else it is taken again."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
-            shared = exclusive and _try_flock(fd, fcntl.LOCK_SH)  # refused only while another job holds it exclusive
+        try:
+            fcntl.flock(fd, kind if block else kind | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
-            refusals += 1
-            if refusals == 10:
-                return None, shared
-            time.sleep(0.01)  # a last holder deleting the file holds it exclusive for an instant
-            continue
+            return None
         if _same_file(fd, path):
-            return fd, False
+            return fd
         os.close(fd)  # deleted by its last holder meanwhile
 
 
@@ -397,12 +407,8 @@ def target_lock(target: Path) -> Iterator[None]:
     """Serialise the commits of transactions of different purposes that change one shared file of
     ``target`` (a Zarr store's root metadata), with the lock file ``.<name>.lock``, deleted on release."""
     path = target.with_name(f".{target.name}.lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if _same_file(fd, path):
-            break
-        os.close(fd)  # deleted by the holder we waited for: lock the file at the path now
+    fd = _lock_at(path, fcntl.LOCK_EX, block=True)
+    assert fd is not None  # a blocking lock is never refused
     try:
         yield
     finally:
