@@ -90,6 +90,12 @@ def val_pck(store: spairstore.Store, features: str, head: torch.nn.Module, devic
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     store = spairstore.open(args.store)
+    missing = [split for split in ("trn", "val", "test") if split not in store.splits]
+    if missing:  # e.g. PF-WILLOW, test only: a head trained elsewhere is evaluated there with eval --head
+        raise SystemExit(f"{args.store}: no {' or '.join(missing)} split (the store has {', '.join(store.splits)}); "
+                         "this script trains on trn, selects on val and reports on test: train on a store that "
+                         f"has them and evaluate the head on this one with `spairstore eval {args.store} --head "
+                         "DIR/head.pt` (after `spairstore features` of the same backbone here)")
     try:
         geom = store.feature_set(args.features)
     except spairstore.StoreError as e:

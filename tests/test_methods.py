@@ -295,6 +295,68 @@ def test_saved_head_loads_without_its_class_and_predicts_the_same(feature_store:
     assert (tmp_path / "head.png").stat().st_size > 0 and "PCK@0.1" in r.stdout
 
 
+
+def test_a_head_reads_only_maps_of_the_network_it_was_trained_on(feature_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.h5"
+    shutil.copy(feature_store, out)
+    with h5py.File(out, "a") as f:
+        sets, data = json.loads(f.attrs["feature_sets"]), f["features/onehot/data"][...]
+        g = {**sets["onehot"], "layers": ["blocks.3"]}
+        sets["onehot"] = {**g, "backbone": "/home/a/mine.py:make", "weights_sha256": "ab" * 32}
+        sets["moved"] = {**g, "backbone": "/home/b/mine.py:make", "weights_sha256": "ab" * 32}  # same weights
+        sets["retrained"] = {**g, "backbone": "/home/a/mine.py:make", "weights_sha256": "cd" * 32}
+        sets["deeper"] = {**sets["onehot"], "layers": ["blocks.9"]}
+        sets["precomputed"] = {**g, "backbone": "dift", "weights_sha256": None}
+        for name in ("moved", "retrained", "deeper", "precomputed"):
+            f.create_dataset(f"features/{name}/data", data=data)
+        f.attrs["feature_sets"] = json.dumps(sets)
+    s = spairstore.open(out)
+    head = load_head(save_head(torch.nn.Conv2d(31, 31, 1), tmp_path / "head.pt", features="onehot",
+                               geometry=s.feature_sets["onehot"]))
+    assert head.made_by == {"backbone": "/home/a/mine.py:make", "layers": ["blocks.3"], "weights_sha256": "ab" * 32}
+    rows = np.arange(6)
+    want = NearestNeighbour("onehot", device="cpu", transform=head)(s, "trn", rows)
+    # the same weights are the same network wherever its code lies
+    np.testing.assert_array_equal(NearestNeighbour("moved", device="cpu", transform=head)(s, "trn", rows), want)
+    for name, said in [("retrained", "weights_sha256 abababababab; 'retrained' has weights_sha256 cdcdcdcdcdcd"),
+                       ("deeper", "layers blocks.3; 'deeper' has layers blocks.9"),
+                       ("precomputed", "backbone /home/a/mine.py:make, weights_sha256 abababababab; 'precomputed' "
+                                       "has backbone dift, weights_sha256 none")]:
+        with pytest.raises(spairstore.SpairstoreError) as e:
+            NearestNeighbour(name, device="cpu", transform=head)(s, "trn", rows)
+        assert str(e.value) == (f"nn[{name} -> head.pt]: the head was trained on maps of another network than "
+                                f"feature set '{name}' of {out} (trained on {said}); evaluate it on a set made with "
+                                "the backbone, layers and weights it was trained on"), str(e.value)
+
+
+class SoftmaxOverCells(torch.nn.Module):
+    """A head whose code fixes the grid (it flattens the maps with the numbers it was built for)."""
+
+    def __init__(self, h: int, w: int):
+        super().__init__()
+        self.h, self.w = h, w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], self.h * self.w).softmax(-1).reshape(x.shape[0], x.shape[1], self.h, self.w)
+
+
+def test_a_saved_head_runs_on_any_grid_unless_its_code_fixes_one(feature_store: Path, tmp_path: Path) -> None:
+    geom = spairstore.open(feature_store).feature_sets["onehot"]
+    h, w = geom["height"], geom["width"]
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(31, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    head = load_head(save_head(conv, tmp_path / "conv.pt", features="onehot", geometry=geom))
+    for shape in [(1, 31, h, w), (3, 31, 5, 7), (2, 31, 2 * h, w + 1)]:  # another store, input size, aspect
+        x = torch.randn(shape)
+        torch.testing.assert_close(head(x), conv(x))
+    fixed = load_head(save_head(torch.nn.Sequential(torch.nn.Conv2d(31, 4, 1), SoftmaxOverCells(h, w)),
+                                tmp_path / "fixed.pt", features="onehot", geometry=geom))
+    assert fixed(torch.randn(2, 31, h, w)).shape == (2, 4, h, w)
+    with pytest.raises(spairstore.SpairstoreError, match=rf"^fixed.pt: the head's graph runs only on maps like those "
+                       rf"it was exported with, {h} x {w} cells \(Guard failed: .*\), not 5 x 7: extract the set at "
+                       rf"that grid \(input_size {geom['input_size']}\) or save a head that works on any grid$"):
+        fixed(torch.randn(1, 31, 5, 7))
+
 USER_METHODS = """
 import torch
 from spairstore.eval.models import BatchMethod

@@ -82,6 +82,29 @@ def test_predictions_file_and_head_evaluate_alike(trained: tuple[Path, Path, sub
         assert all(z[str(pid)].shape == (n, 2) for pid, n in zip(t.pair_id, t.n_kps))
 
 
+def test_a_head_is_evaluated_on_another_dataset_and_a_store_without_trn_is_refused(
+        trained: tuple[Path, Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
+    from pfdata import make_pfwillow
+
+    _, out, _ = trained
+    make_pfwillow(tmp_path / "W")
+    willow = tmp_path / "w.h5"
+    spairstore.pack(tmp_path / "W", willow, size=64)
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "train_head.py"), str(willow), "--features", LITE,
+                        "--out", str(tmp_path / "run")], check=False, capture_output=True, text=True, env=cli_env(),
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"{willow}: no trn or val split (the store has test); this script trains on trn, selects on val and "
+        f"reports on test: train on a store that has them and evaluate the head on this one with `spairstore eval "
+        f"{willow} --head DIR/head.pt` (after `spairstore features` of the same backbone here)"), r.stderr
+    assert not (tmp_path / "run").exists()
+    extract_features(willow, backbone=LITE, batch_size=8)  # the same network at another input size
+    r = run_cli("eval", willow, "--head", out / "head.pt", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["method"], d["pairs"], d["protocol"]["name"]) == (f"nn[{LITE} -> head.pt]", 36, "pfwillow")
+
+
 def test_report_breaks_ap10k_down_by_its_groups(tmp_path: Path) -> None:
     """On AP-10K (no variation factors) the report has a table per family and per subset, none per factor."""
     import importlib.util

@@ -130,6 +130,18 @@ class NearestNeighbour:
             if wants is not None and int(wants) != int(geom["channels"]):
                 raise SpairstoreError(f"{self.name}: the transform takes {wants} channels, feature set "
                                       f"{self.features!r} has {geom['channels']}; use the set it was trained on")
+            made_by = getattr(self.transform, "made_by", {})
+            # weights name the network wherever its code lies; without them (precomputed maps) the source does
+            keys = ("layers", "weights_sha256") if made_by.get("weights_sha256") and geom.get("weights_sha256") \
+                else ("backbone", "layers", "weights_sha256")
+            differ = [k for k in keys if k in made_by and k in geom and made_by[k] != geom[k]]
+            if differ:
+                def said(a: dict) -> str:
+                    return ", ".join(f"{k} {_said(a[k])}" for k in differ)
+                raise SpairstoreError(f"{self.name}: the head was trained on maps of another network than feature "
+                                      f"set {self.features!r} of {store.path} (trained on {said(made_by)}; "
+                                      f"{self.features!r} has {said(geom)}); evaluate it on a set made with the "
+                                      "backbone, layers and weights it was trained on")
             geom = geometry.regrid(geom, getattr(self.transform, "cell_stride", 1))
         device = resolve_device(self.device)
         h, w = int(geom["height"]), int(geom["width"])
@@ -217,6 +229,13 @@ def _evaluating(module: Any, device: Any) -> Iterator[None]:
         yield
     finally:
         module.train(was)
+
+def _said(value: Any) -> str:
+    """A feature-set attribute as an error message shows it: layers joined, a SHA-256 shortened."""
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)[:12] if len(str(value)) == 64 else str(value)
+
 
 def _flat_cell(points: np.ndarray, geom: dict, size: int) -> np.ndarray:
     """Store pixels (..., 2) -> row-major index of the nearest feature cell."""

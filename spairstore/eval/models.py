@@ -37,6 +37,9 @@ from ..torch.loader import Loader
 #: Name of the JSON entry a head file carries beside the exported program.
 HEAD_META = "spairstore-head.json"
 HEAD_FORMAT = 1
+#: Feature-set attributes that say which network made the maps a head was trained on; a set of the same
+#: channels made otherwise (another backbone, layers or weights) is refused rather than scored as noise.
+MADE_BY = ("backbone", "layers", "weights_sha256")
 
 
 class Head(torch.nn.Module):
@@ -44,8 +47,9 @@ class Head(torch.nn.Module):
 
     Attributes: ``features`` (name of the feature set it was trained on), ``in_channels``,
     ``cell_stride`` (input cells per output cell, 1 = the same grid; see
-    :func:`spairstore.core.geometry.regrid`), ``meta`` (the whole JSON, with the caller's ``extra``), ``name``,
-    ``sha256`` (of the file it was loaded from; reports record it).
+    :func:`spairstore.core.geometry.regrid`), ``made_by`` (that set's :data:`MADE_BY` attributes, which
+    :class:`~spairstore.NearestNeighbour` checks against the set it reads), ``meta`` (the whole JSON, with
+    the caller's ``extra``), ``name``, ``sha256`` (of the file it was loaded from; reports record it).
     """
 
     def __init__(self, graph: torch.nn.Module, meta: dict[str, Any], name: str, sha256: str | None = None):
@@ -54,9 +58,19 @@ class Head(torch.nn.Module):
         self.features = str(meta["features"])
         self.in_channels = int(meta["in_channels"])
         self.cell_stride = float(meta.get("cell_stride", 1))
+        self.made_by: dict[str, Any] = dict(meta.get("made_by", {}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
+        try:
+            return self.graph(x)
+        except AssertionError as e:  # the exported graph's own shape check, the only one it can fail so
+            if "Guard failed" not in str(e):
+                raise
+            g = self.meta.get("geometry", {})
+            raise SpairstoreError(f"{self.name}: the head's graph runs only on maps like those it was exported "
+                                  f"with, {g.get('height')} x {g.get('width')} cells ({e}), not "
+                                  f"{' x '.join(map(str, x.shape[2:]))}: extract the set at that grid "
+                                  f"(input_size {g.get('input_size')}) or save a head that works on any grid") from None
 
     def train(self, mode: bool = True) -> Head:
         """The exported graph was traced in eval mode and has no other; only the flag changes."""
@@ -70,19 +84,23 @@ def save_head(head: torch.nn.Module, path: str | Path, *, features: str, geometr
     keeps its device and mode.
 
     ``geometry`` is the attributes of the feature set it maps (``store.feature_sets[features]``): the
-    example input is float32 ``(2, channels, height, width)`` and the batch dimension stays dynamic.
+    example input is float32 ``(2, channels, height, width)``; the batch dimension stays dynamic, and so do
+    height and width unless the head's code fixes them (then it runs only on that grid); its
+    :data:`MADE_BY` attributes are kept, so the head is only applied to maps of the same network.
     ``cell_stride`` declares a grid change (see :func:`~spairstore.core.geometry.regrid`); ``extra``
     (JSON-serialisable) is kept in the file's metadata, e.g. the training settings.
     """
     path = Path(path)
     c, h, w = int(geometry["channels"]), int(geometry["height"]), int(geometry["width"])
     # a CPU copy is exported: the caller's module keeps its device and mode
+    # any grid (another store or input size) unless the head's code fixes one: AUTO keeps what it can dynamic
     program = torch.export.export(copy.deepcopy(head).cpu().eval(), (torch.zeros(2, c, h, w),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+                                  dynamic_shapes=({0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO,
+                                                   3: torch.export.Dim.AUTO},))
     meta = {"format": HEAD_FORMAT, "features": features, "in_channels": c, "cell_stride": float(cell_stride),
             "geometry": {k: geometry[k] for k in ("input_size", "stride", "cell_offset", "width", "height",
                                                    "channels") if k in geometry},
-            "extra": extra or {}}
+            "made_by": {k: geometry[k] for k in MADE_BY if k in geometry}, "extra": extra or {}}
     buf = io.BytesIO()  # a buffer, not the path: torch.export wants a .pt2 name and would warn about .pt
     torch.export.save(program, buf, extra_files={HEAD_META: json.dumps(meta)})
     path.write_bytes(buf.getvalue())
