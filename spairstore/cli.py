@@ -526,20 +526,24 @@ def compare(
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples of the pairs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     confidence: Annotated[float, typer.Option(help="Interval, percent.")] = 95.0,
+    min_pairs: Annotated[int | None, typer.Option(
+        help="Fewest pairs a group needs for an interval and p-value (default 10); smaller groups get the "
+             "difference only (the bootstrap of a few pairs cannot show how much they vary).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     device: Annotated[str | None, typer.Option(help="Device for nn (default: cuda if available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per batch for nn.")] = 32,
 ) -> None:
     """PCK of A minus PCK of B on the same pairs -- overall, per category, per group the store declares
     (AP-10K: family, subset) and per variation factor -- with paired bootstrap confidence intervals (pairs
-    resampled) and p-values."""
+    resampled) and p-values, and each group's pair count."""
     from .eval.compare import compare as run_compare
     from .store.reader import open as open_store
 
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, None, None, None, None, None, None, aggregation, subset, keypoints)
         result = run_compare(s, split, _source(a, device, batch_size), _source(b, device, batch_size), proto,
-                             resamples=resamples, seed=seed, confidence=confidence, names=(a, b))
+                             resamples=resamples, seed=seed, confidence=confidence, names=(a, b),
+                             min_pairs=min_pairs)
     typer.echo(result.render("json" if as_json else "text"))
 
 

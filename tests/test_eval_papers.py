@@ -301,7 +301,7 @@ def test_compare_bootstrap_matches_loop(synth: spairstore.Store) -> None:
     from spairstore.eval.compare import compare
 
     a, b = scattered(synth, "test", 11), scattered(synth, "test", 12)
-    res = compare(synth, "test", a, b, resamples=300, seed=4).to_dict()
+    res = compare(synth, "test", a, b, resamples=300, seed=4, min_pairs=1).to_dict()
     fa, fb = per_pair_fraction(synth, a, 0.1), per_pair_fraction(synth, b, 0.1)
     cell = res["overall"]["all"]["0.1"]["per_image"]
     assert cell["diff"] == pytest.approx(100 * (fa.mean() - fb.mean()))
@@ -321,12 +321,38 @@ def test_compare_bootstrap_matches_loop(synth: spairstore.Store) -> None:
     assert res["resamples"] == 300 and res["seed"] == 4 and set(res["by_factor"]) >= {"viewpoint", "scale"}
 
 
+def test_compare_gives_no_interval_to_a_group_of_a_few_pairs(synth: spairstore.Store) -> None:
+    from spairstore.eval.compare import MIN_PAIRS, compare
+
+    a, b = scattered(synth, "test", 11), scattered(synth, "test", 12)
+    t = synth.pairs("test")
+    counts = {c: int((t.category == j).sum()) for j, c in enumerate(synth.categories) if (t.category == j).any()}
+    assert max(counts.values()) < 3 <= t.rows < MIN_PAIRS  # 6 pairs, 2 per category
+    for min_pairs, overall_ci, category_ci in ((3, True, False), (1, True, True), (None, False, False)):
+        d = compare(synth, "test", a, b, resamples=200, min_pairs=min_pairs).to_dict()
+        assert d["min_pairs"] == (min_pairs or MIN_PAIRS)
+        cells = [(d["overall"]["all"], t.rows, overall_ci)] + [(d["by_category"][c], n, category_ci)
+                                                              for c, n in counts.items()]
+        for groups, n, has_ci in cells:
+            cell = groups["0.1"]["per_image"]
+            assert cell["pairs"] == n and cell["diff"] is not None
+            assert (cell["ci"] != [None, None] and cell["p"] is not None) == has_ci, (n, min_pairs, cell)
+    text = compare(synth, "test", a, b, resamples=200, min_pairs=3).to_text()
+    assert "95 % interval (none for a group of fewer than 3 pairs)" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.split()[:1] in (["all"], *(
+        [c] for c in counts))}
+    assert rows["all"][0] == str(t.rows) and "-" not in rows["all"][:7], rows
+    for c, n in counts.items():
+        assert rows[c][0] == str(n) and rows[c][4:7] == ["-", "-", "-"], rows
+
+
 def test_compare_identical_is_exactly_zero(synth_store: Path, tmp_path: Path) -> None:
     from conftest import run_cli
 
     s = spairstore.open(synth_store)
     np.save(tmp_path / "ident.npy", Identity()(s, "test", np.arange(s.pairs("test").rows)))
-    r = run_cli("compare", synth_store, "identity", tmp_path / "ident.npy", "--json", "--resamples", "50")
+    r = run_cli("compare", synth_store, "identity", tmp_path / "ident.npy", "--json", "--resamples", "50",
+                "--min-pairs", "1")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     for section in ("overall", "by_category"):

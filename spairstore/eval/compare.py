@@ -7,7 +7,10 @@ uncertainty comes from a paired bootstrap over *pairs*: ``resamples`` times, the
 with replacement (``numpy.random.default_rng(seed)``), and A and B are re-scored on the same draw; the
 interval is the central ``confidence`` % of those differences (percentile method), the p-value the two-sided
 bootstrap one, ``min(1, 2 · (min(#(d* <= 0), #(d* >= 0)) + 1) / (R + 1))`` (never 0: its resolution is
-``2 / (R + 1)``). Identical inputs give exactly 0, an interval [0, 0] and p = 1.
+``2 / (R + 1)``). Identical inputs give exactly 0, an interval [0, 0] and p = 1. A group of fewer than
+``min_pairs`` pairs (:data:`MIN_PAIRS` unless given) gets its difference but no interval or p-value: the
+bootstrap of a handful of pairs only shows their spread, so one pair, or two that gained alike, would read
+as certain (p = 2 / (R + 1)).
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ from .evaluation import Predictions, Report, score, select_pairs, table_split
 from .predictions import all_predictions
 from .protocols import Protocol, alpha_key, get_protocol
 from .provenance import describe, method_provenance
+
+#: Fewest pairs a group needs for an interval and a p-value (:func:`compare`'s ``min_pairs``).
+MIN_PAIRS = 10
 
 
 def _groups(rep: Report) -> list[tuple[str, str, np.ndarray]]:
@@ -50,20 +56,22 @@ class Comparison:
     resamples: int
     seed: int
     confidence: float
+    min_pairs: int
     cells: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]]  # section -> group -> alpha -> agg -> cell
     #: spairstore version, store fingerprint, and per side (``a``, ``b``) the feature sets it read (name ->
     #: provenance) and a head's file and SHA-256
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"protocol", "protocol_line", "split", "a", "b", "pairs", "resamples", "seed", "confidence", "provenance",
-        "overall": {"all": {alpha: {aggregation: {"a", "b", "diff", "ci": [lo, hi], "p"}}}},
-        "by_category": {...}, "by_group": {grouping: {group: {...}}}, "by_factor": {factor: {level: {...}}}}``;
-        PCK and differences in percent."""
+        """``{"protocol", "protocol_line", "split", "a", "b", "pairs", "resamples", "seed", "confidence",
+        "min_pairs", "provenance", "overall": {"all": {alpha: {aggregation: {"a", "b", "diff", "ci": [lo, hi], "p",
+        "pairs"}}}}, "by_category": {...}, "by_group": {grouping: {group: {...}}}, "by_factor": {factor: {level:
+        {...}}}}``; PCK and differences in percent, ``pairs`` the group's pairs scored (``ci`` and ``p`` null
+        below ``min_pairs``)."""
         out: dict[str, Any] = {"protocol": self.protocol.to_dict(), "protocol_line": str(self.protocol),
                                "split": self.split, "a": self.names[0], "b": self.names[1], "pairs": self.pairs,
                                "resamples": self.resamples, "seed": self.seed, "confidence": self.confidence,
-                               "provenance": self.provenance,
+                               "min_pairs": self.min_pairs, "provenance": self.provenance,
                                "overall": {}, "by_category": {}, "by_group": {}, "by_factor": {}}
         for section, groups in self.cells.items():
             if "/" in section:
@@ -75,13 +83,13 @@ class Comparison:
 
     def to_text(self, alpha: float | None = None) -> str:
         a = alpha_key(self.protocol.alphas[0] if alpha is None else alpha)
-        cols = [(agg.replace("_", " "), n) for agg in self.protocol.aggregation
-                for n in ("A", "B", "A-B", "ci lo", "ci hi", "p")]
+        cols = [("", "pairs")] + [(agg.replace("_", " "), n) for agg in self.protocol.aggregation
+                                  for n in ("A", "B", "A-B", "ci lo", "ci hi", "p")]
         rows = []
         for section, groups in self.cells.items():
             prefix = "" if section in ("overall", "by_category") else section.split("/", 1)[1] + " "
             for g, cells in groups.items():
-                vals: list[float | str | None] = []
+                vals: list[float | int | str | None] = [cells[a][self.protocol.aggregation[0]]["pairs"]]
                 for agg in self.protocol.aggregation:
                     c = cells[a][agg]  # p is a probability, not a percentage: three decimals (it is never 0)
                     vals += [c["a"], c["b"], c["diff"], c["ci"][0], c["ci"][1], None if c["p"] is None else f"{c['p']:.3f}"]
@@ -89,7 +97,8 @@ class Comparison:
         made = self.provenance
         sets = "".join(describe(made.get(side, {}), f"{side.upper()} reads ") for side in ("a", "b"))
         head = (f"A = {self.names[0]}\nB = {self.names[1]}\n{self.protocol}\n{self.split}: {self.pairs:,} pairs; paired "
-                f"bootstrap over pairs, {self.resamples:,} resamples, seed {self.seed}, {self.confidence:g} % interval"
+                f"bootstrap over pairs, {self.resamples:,} resamples, seed {self.seed}, {self.confidence:g} % interval "
+                f"(none for a group of fewer than {self.min_pairs} pairs)"
                 + sets + (f"\nspairstore {made['spairstore']}, store fingerprint {made['store_fingerprint']}" if made else ""))
         return head + "\n\n" + text_table(f"PCK@{a} (%): A, B, difference A - B (points), its interval, p-value", cols, rows)
 
@@ -106,11 +115,15 @@ class Comparison:
 
 def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: str | Protocol | None = None,
             resamples: int = 1000, seed: int = 0, confidence: float = 95.0,
-            names: tuple[str, str] = ("A", "B")) -> Comparison:
+            names: tuple[str, str] = ("A", "B"), min_pairs: int | None = None) -> Comparison:
     """PCK of ``a`` minus that of ``b`` (each predictions or a method, as :func:`~spairstore.eval.evaluation.evaluate`
-    takes) on the pairs ``protocol`` selects, with paired bootstrap intervals (see the module docstring)."""
+    takes) on the pairs ``protocol`` selects, with paired bootstrap intervals for groups of at least
+    ``min_pairs`` pairs (None: :data:`MIN_PAIRS`; see the module docstring)."""
+    min_pairs = MIN_PAIRS if min_pairs is None else min_pairs
     if resamples < 1:
         raise ValueError(f"resamples must be a positive number, got {resamples}")
+    if min_pairs < 1:
+        raise ValueError(f"min_pairs must be a positive number, got {min_pairs}")
     if not 0 < confidence < 100:
         raise ValueError(f"confidence must be a percentage between 0 and 100, got {confidence}")
     proto = get_protocol(protocol, store.dataset)
@@ -124,6 +137,7 @@ def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: 
         frac = [np.where(has, c / nv, 0.0) for c in nc]
     groups = _groups(reps[0])
     member = np.stack([g for _, _, g in groups], 1).astype(np.float64)  # (P, G)
+    scored = (member * has[:, None]).sum(0).astype(int)  # pairs of each group with keypoints to score
     P = reps[0].pairs
     rng = np.random.default_rng(seed)
     # Each resample's multiplicity of every pair: (R, P), from R draws of P pairs with replacement.
@@ -148,8 +162,8 @@ def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: 
             boot = stat(weight, xa - xb, den)  # (R, G)
             for k, (section, name, _) in enumerate(groups):
                 col = boot[:, k][np.isfinite(boot[:, k])]
-                ok = np.isfinite(diff[k]) and len(col)
-                cell = {"a": _num(pa[k]), "b": _num(pb[k]), "diff": _num(diff[k]),
+                ok = np.isfinite(diff[k]) and len(col) and scored[k] >= min_pairs
+                cell = {"a": _num(pa[k]), "b": _num(pb[k]), "diff": _num(diff[k]), "pairs": int(scored[k]),
                         "ci": [float(np.percentile(col, lo_q)), float(np.percentile(col, hi_q))] if ok else [None, None],
                         "p": float(min(1.0, 2 * (min((col <= 0).sum(), (col >= 0).sum()) + 1) / (len(col) + 1)))
                         if ok else None}
@@ -159,7 +173,7 @@ def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: 
         one = method_provenance(store, m)
         made.update({k: one.pop(k) for k in ("spairstore", "store_fingerprint")})
         made[side] = one
-    return Comparison(proto, split, names, P, resamples, seed, confidence, cells, made)
+    return Comparison(proto, split, names, P, resamples, seed, confidence, min_pairs, cells, made)
 
 
 def _num(v: float) -> float | None:
