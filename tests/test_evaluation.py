@@ -567,3 +567,22 @@ def test_eval_saves_a_methods_predictions(synth_store: Path, tmp_path: Path) -> 
     assert r.returncode == 1 and "predictions for trg->src, evaluated as src->trg" in r.stderr
     r = run_cli("eval", synth_store, "--predictions", tmp_path / "id.npz", "--save-predictions", tmp_path / "x.npz")
     assert r.returncode == 1 and "--save-predictions writes a method's predictions" in r.stderr
+
+
+def test_results_show_one_line_as_a_repr_and_their_tables_in_a_notebook(store: spairstore.Store) -> None:
+    from spairstore.eval.compare import compare
+    from spairstore.eval.sensitivity import sensitivity_table
+
+    rep = spairstore.evaluate(store, "test", spairstore.Identity())
+    d = rep.to_dict()["pck"]["0.1"]
+    assert repr(rep) == (f"<Report spair71k test, identity, protocol spair: {rep.pairs:,} pairs, PCK@0.1 per image "
+                         f"{d['per_image']:.1f}, per point {d['per_point']:.1f}>")
+    assert rep._repr_markdown_() == rep.to_markdown()  # what Jupyter shows for a bare `report`
+    pred = spairstore.Identity()(store, "test", np.arange(store.pairs("test").rows))
+    c = compare(store, "test", pred, pred, names=("mine", "identity"), min_pairs=1)
+    assert repr(c) == f"<Comparison test, protocol spair: {rep.pairs:,} pairs, PCK@0.1 per image mine - identity 0.0 " \
+                      "[0.0, 0.0], p 1.000>"
+    assert c._repr_markdown_() == f"```\n{c.to_text()}\n```"
+    table = sensitivity_table(store, "test", pred)
+    assert repr(table).startswith("<SensitivityTable test: base, strict <, ") and len(repr(table)) < 200
+    assert table._repr_markdown_() == table.to_markdown()

@@ -361,3 +361,15 @@ def test_one_name_per_field_old_spellings_warn(synth_store: Path) -> None:
 
     info = store_info(synth_store)
     assert set(info["fields"]) == {"pixels", "mask", "image_bytes", "mask_bytes"}
+
+
+def test_datasets_and_the_loader_say_what_they_are(synth_store: Path) -> None:
+    s = spairstore.open(synth_store)
+    pairs = PairDataset(synth_store, "trn", fields=("pixels", "keypoints"))
+    assert repr(pairs) == f"PairDataset({synth_store.name}, split 'trn': {s.pairs('trn').rows:,} pairs, fields pixels, " \
+                          "keypoints)"
+    assert repr(ImageDataset(synth_store)) == f"ImageDataset({synth_store.name}, all images: {len(s):,} images, " \
+                                              "fields pixels, keypoints)"
+    loader = Loader(pairs, 4, num_workers=2, rank=1, world_size=2)
+    assert repr(loader) == (f"Loader({pairs!r}: batch_size 4, {len(loader):,} batches per epoch, shuffled, rank 1 of 2, "
+                            "2 workers, device cpu, epoch 0)")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..core.schema import LEVELS
-from ..core.tables import text_table
+from ..core.tables import cell, text_table
 from ..store.reader import Store
 from .evaluation import Predictions, Report, score, select_pairs, table_split
 from .predictions import all_predictions
@@ -111,6 +111,16 @@ class Comparison:
 
     def __str__(self) -> str:
         return self.to_text()
+
+    def __repr__(self) -> str:
+        a, agg = alpha_key(self.protocol.alphas[0]), self.protocol.aggregation[0]
+        c = self.cells["overall"]["all"][a][agg]
+        ci = "" if c["p"] is None else f" [{c['ci'][0]:.1f}, {c['ci'][1]:.1f}], p {c['p']:.3f}"
+        return (f"<Comparison {self.split}, protocol {self.protocol.name}: {self.pairs:,} pairs, PCK@{a} "
+                f"{agg.replace('_', ' ')} {self.names[0]} - {self.names[1]} {cell(c['diff'])}{ci}>")
+
+    def _repr_markdown_(self) -> str:
+        return f"```\n{self.to_text()}\n```"
 
 
 def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: str | Protocol | None = None,

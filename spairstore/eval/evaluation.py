@@ -22,7 +22,7 @@ import numpy as np
 from ..core.errors import StoreError
 from ..core.records import pair_list_sha256
 from ..core.schema import LEVELS
-from ..core.tables import markdown_table, text_table
+from ..core.tables import cell, markdown_table, text_table
 from ..store.reader import Store
 from .methods import Method
 from .predictions import PredictionsError, load_predictions, predictions_about
@@ -509,3 +509,14 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_text()
+
+    def __repr__(self) -> str:
+        """One line; ``print`` shows the tables, and so does a notebook (``_repr_markdown_``)."""
+        a = alpha_key(self.protocol.alphas[0])
+        pck = ", ".join(f"{agg.replace('_', ' ')} {cell(v)}" for agg, v in self.to_dict()["pck"][a].items())
+        method = f", {self.method}" if self.method else ""
+        return (f"<Report {self.dataset} {self.split}{method}, protocol {self.protocol.name}: {self.pairs:,} pairs, "
+                f"PCK@{a} {pck}>")
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()

@@ -94,6 +94,12 @@ class SensitivityTable:
     def __str__(self) -> str:
         return self.to_text()
 
+    def __repr__(self) -> str:
+        return f"<SensitivityTable {self.split}: {', '.join(change for change, _, _ in self.rows)}>"
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
 
 def sensitivity_table(store: Store, split: str, predictions: Predictions,
                       protocol: str | Protocol | None = None) -> SensitivityTable:

@@ -52,6 +52,8 @@ def _store_path(store: str | Path | Store) -> Path | str:
 class _StoreDataset(Dataset):
     """Shared machinery: the path, the lazily opened store, field parsing and payload reads."""
 
+    item = "items"  #: what one index is, for the repr
+
     def __init__(self, store: str | Path | Store, fields: Sequence[str], augment: Augment | None, seed: int,
                  num_keypoints: int | None = None):
         self.path = _store_path(store)
@@ -91,6 +93,12 @@ class _StoreDataset(Dataset):
             self._images["keypoints"] = np.concatenate([self._images["keypoints"], pad], axis=1)
         self.num_keypoints = self._images["keypoints"].shape[1]  #: K: every keypoint field is padded to it
         self._flip = s.keypoint_flip
+
+    def __repr__(self) -> str:
+        split = "all images" if getattr(self, "split", None) is None else f"split {self.split!r}"
+        extra = "" if self.augment is None else f", augment {self.augment!r}"
+        return (f"{type(self).__name__}({self.path.name}, {split}: {len(self):,} {self.item}, fields "
+                f"{', '.join(self.fields)}{extra})")
 
     def set_epoch(self, epoch: int) -> None:
         """Augmentation randomness is a function of ``(seed, epoch, index)``: the same for any worker count."""
@@ -201,6 +209,8 @@ class PairDataset(_StoreDataset):
     from its own annotation (all slots) and a pair keeps the slots present in both images after the flip.
     """
 
+    item = "pairs"
+
     def __init__(self, store: str | Path | Store, split: str, fields: Sequence[str] = ("pixels", "keypoints"),
                  augment: Augment | None = None, seed: int = 0, num_keypoints: int | None = None):
         super().__init__(store, fields, augment, seed, num_keypoints)
@@ -275,6 +285,8 @@ class ImageDataset(_StoreDataset):
     Same arguments and fields as :class:`PairDataset` (``labels`` does not apply); ``keypoints`` are the
     image's K annotated slots, (B, K, 2) store pixels, NaN where ``keypoints_valid`` is False.
     """
+
+    item = "images"
 
     def __init__(self, store: str | Path | Store, split: str | None = None,
                  fields: Sequence[str] = ("pixels", "keypoints"), augment: Augment | None = None, seed: int = 0,

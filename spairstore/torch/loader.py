@@ -146,6 +146,13 @@ class Loader:
         self._plan = _Plan()
         self._workers: DataLoader | None = None  # made on the first epoch with workers, then kept
 
+    def __repr__(self) -> str:
+        sm = self.sampler
+        rank = f", rank {sm.rank} of {sm.world_size}" if sm.world_size > 1 else ""
+        workers = f", {self.num_workers} workers" if self.num_workers else ""
+        return (f"Loader({self.dataset!r}: batch_size {self.batch_size}, {len(self):,} batches per epoch"
+                f"{', shuffled' if sm.shuffle else ''}{rank}{workers}, device {self.device}, epoch {self.epoch})")
+
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
