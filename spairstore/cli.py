@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from .core.errors import SpairstoreError
-from .core.tables import mib
+from .core.tables import brief, mib
 
 if TYPE_CHECKING:
     from .eval.methods import Method
@@ -313,7 +313,7 @@ def info(
     out += [f"  features     {k}: NOT HERE, {p} holds it (made from this store's images: move or copy its folder "
             f"to {sidecar_dir(Path(d['path']))})" for k, p in d["misplaced_feature_sets"].items()]
     out.append("  build        " + json.dumps(d["build_config"]))
-    out += [f"  note         {n}" for n in d["notes"]]
+    out += [f"  note         {brief(n)}" for n in d["notes"]]
     if left_out:
         out.append(f"  skipped      {len(left_out):,} source items (--skipped lists each)")
         out += [f"    {ln}" for ln in report_skipped(left_out, every=0, examples=1)]

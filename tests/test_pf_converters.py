@@ -287,3 +287,16 @@ def test_identity_baseline_and_stats_on_pf_stores(tmp_path: Path, dataset: str) 
     assert stats["test"]["viewpoint"]["unknown"] == len(exp.pairs["test"])
     res = runner.invoke(app, ["stats", str(out)])
     assert res.output.startswith(f"{dataset}: pairs per split (images: used by the split)\n"), res.output
+
+
+def test_a_long_note_is_shortened_for_the_terminal_only() -> None:
+    from spairstore.core.tables import brief
+
+    items = "; ".join(f"a/{i:03d} = b/{i:03d}" for i in range(40))
+    assert brief("short; note") == "short; note"
+    out = brief(f"40 copies: {items}")
+    assert out.startswith("40 copies: a/000 = b/000; a/001 = b/001;") and len(out) < 320
+    shown = out.split("; and ")[0].count("; ") + 1
+    assert out.endswith(f"; and {40 - shown} more (`spairstore info STORE --json` lists them all)")
+    assert brief("x" * 300).endswith("x... (`spairstore info STORE --json` gives the whole note)")
+

@@ -79,7 +79,9 @@ def test_real_pfwillow_pair_list_built_from_annotations(willow_store: tuple[Path
     assert any("built the published pair list" in n and "900 ordered pairs" in n for n in summary.notes)
     dup = [n for n in summary.notes if "byte-identical" in n]
     assert len(dup) == 1 and dup[0].startswith("30 images") and "car(G)/Cars_006a = car(M)/Cars_006a" in dup[0]
-    assert s.attrs["notes"] == summary.notes
+    assert s.attrs["notes"] == summary.notes  # whole; the terminal gets the first three copies
+    assert "car(G)/Cars_017a = car(M)/Cars_017a; and 27 more (`spairstore info STORE --json` lists them all)\n" \
+        in str(summary)
 
 
 def test_real_pfwillow_with_pair_csv(tmp_path: Path) -> None:

@@ -19,6 +19,17 @@ def mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def brief(note: str, limit: int = 240) -> str:
+    """A note for the terminal: one that lists more than fits ``limit`` characters keeps its first items
+    (``; ``-separated) and says how many it left out; the store keeps the whole note (``info --json``)."""
+    if len(note) <= limit:
+        return note
+    cut = note.rfind("; ", 0, limit)
+    if cut < 0:
+        return note[:limit] + "... (`spairstore info STORE --json` gives the whole note)"
+    return f"{note[:cut]}; and {note.count('; ', cut)} more (`spairstore info STORE --json` lists them all)"
+
+
 def cell(v: Cell) -> str:
     """Counts with thousands separators, percentages with one decimal, ``-`` for nothing; text as it is."""
     if v is None:

@@ -57,7 +57,7 @@ from ..core.schema import (
     field_of_array,
     image_fields,
 )
-from ..core.tables import mib
+from ..core.tables import brief, mib
 from ..core.version import __version__
 from .backends import (
     ArrayWriter,
@@ -96,7 +96,7 @@ class PackSummary:
             "  pairs:  " + ", ".join(f"{s} {n:,}" for s, n in self.pairs.items()),
             "  fields: " + ", ".join(f"{k} {mib(v)}" for k, v in self.field_bytes.items()),
         ]
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  note: {brief(n)}" for n in self.notes]
         if self.skipped:
             kinds = {k: sum(s.kind == k for s in self.skipped) for k in ("image", "pair")}
             lines.append(f"  skipped {kinds['image']:,} images and {kinds['pair']:,} pairs "
