@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from spairstore.core.errors import SourceError
@@ -44,11 +45,14 @@ def detect(root: str | Path) -> str:
 
 
 def read(root: str | Path, dataset: str | None = None, progress: Progress | None = None,
-         on_error: OnError = "fail", follow_links: bool = False) -> DatasetRecords:
+         on_error: OnError = "fail", follow_links: bool = False,
+         categories: Sequence[str] | None = None) -> DatasetRecords:
     """Read a dataset root into canonical records, with the named converter or the detected one.
     ``progress(iterable, description, total)`` wraps the long loops (e.g. a tqdm bar); files that
-    symbolic links lead to outside the root are bad items unless ``follow_links``."""
+    symbolic links lead to outside the root are bad items unless ``follow_links``; ``categories`` keeps
+    only those categories' images and the pairs between them."""
     name = dataset or detect(root)
     if name not in CONVERTERS:
         raise SourceError(root, f"unknown dataset {name!r} (known: {', '.join(CONVERTERS)})")
-    return CONVERTERS[name](root, progress=progress, on_error=on_error, follow_links=follow_links).read()
+    return CONVERTERS[name](root, progress=progress, on_error=on_error, follow_links=follow_links,
+                            categories=categories).read()

@@ -59,6 +59,13 @@ def _no_progress(items: Iterable[Any], description: str, total: int) -> Iterable
     return items
 
 
+def _in(rec: ImageRecord | PairRecord, categories: set[str]) -> bool:
+    """Whether a record stays under ``--categories``: an image of one, a pair whose two images are."""
+    if isinstance(rec, ImageRecord):
+        return rec.category in categories
+    return rec.src[0] in categories and rec.trg[0] in categories
+
+
 def _present(folder: Path, pattern: str) -> bool:
     """Whether ``folder`` holds a path matching a ``layout`` entry (``<...>`` any name, ``/`` a folder)."""
     glob = re.sub(r"<[^>]*>", "*", pattern)
@@ -86,8 +93,11 @@ class Converter(ABC):
     mask_classes: ClassVar[int] = 0  #: see ``DatasetRecords.mask_classes``
 
     def __init__(self, root: str | Path, progress: Progress | None = None, on_error: OnError = "fail",
-                 follow_links: bool = False):
+                 follow_links: bool = False, categories: Sequence[str] | None = None):
         self.root = Path(root).resolve()
+        #: the categories to keep (``pack --categories``), None for all: images of others and pairs using
+        #: one are left out after reading, so the dataset's own checks still see the whole root
+        self.only = None if categories is None else list(dict.fromkeys(categories))
         #: read files that symbolic links lead to outside the root (else they are bad items)
         self.follow_links = follow_links
         self._remarks: dict[str, list[str]] = {}  # what -> files it was seen in
@@ -106,7 +116,7 @@ class Converter(ABC):
         self.images: dict[tuple[str, str], ImageRecord] = {}
         #: images left out under ``skip``, by ``category/name``
         self.skipped_images: dict[str, Skipped] = {}
-        self._kept: list[str] = []  # files of the kept items
+        self._kept: list[tuple[ImageRecord | PairRecord, str]] = []  # kept records and their files
 
     # -- the layout ------------------------------------------------------------------------------
     @classmethod
@@ -208,6 +218,10 @@ class Converter(ABC):
     def read(self) -> DatasetRecords:
         """Every image and pair of the root as canonical records, checked as they are read."""
         images = self.finish_images(self._collect("image", self.image_items(), "image annotations"))
+        unknown = [c for c in self.only or () if c not in self.categories]
+        if unknown:
+            raise SourceError(self.root, f"--categories: no category {', '.join(map(repr, unknown))} in this "
+                                         f"{self.title} root (it has {', '.join(self.categories)})")
         self.images = {im.key: im for im in images}
         self.skipped_images = {s.key: s for s in self.policy.skipped if s.kind == "image"}
         pairs = {split: self._collect("pair", items, f"{split} pairs") for split, items in self.pair_items()}
@@ -218,14 +232,35 @@ class Converter(ABC):
         self.notes += [f"{len(files):,} {what}, e.g. {files[0]}" for what, files in self._remarks.items()]
         for p in self.sources:
             self.inside(p)
-        sources = [*(self.root / p for p in self._kept), *self.sources, *(im.image_path for im in images),
+        categories, kept = self.categories, self._kept
+        flip, groups = self.keypoint_flip(), self.keypoint_groups()
+        category_groups = self.category_groups
+        if self.only is not None:
+            keep = set(self.only)
+            images = [im for im in images if im.category in keep]
+            pairs = {split: [p for p in ps if p.src[0] in keep and p.trg[0] in keep] for split, ps in pairs.items()}
+            self.notes.append(f"--categories: kept {len(keep)} of the {len(categories)} categories "
+                              f"({', '.join(c for c in categories if c in keep)}): {len(images):,} images, "
+                              + ", ".join(f"{split} {len(ps):,} pairs" for split, ps in pairs.items()))
+            self.notes += [f"split {split!r} has no pair within those categories: not packed"
+                           for split, ps in pairs.items() if not ps]
+            pairs = {split: ps for split, ps in pairs.items() if ps}
+            if not pairs:
+                raise SourceError(self.root, "--categories: no pair has both images in those categories")
+            category_groups = {g: [v for c, v in zip(categories, vs) if c in keep] for g, vs in category_groups.items()}
+            categories = [c for c in categories if c in keep]
+            flip = None if flip is None else {c: v for c, v in flip.items() if c in keep}
+            groups = {c: v for c, v in groups.items() if c in keep}
+            kept = [(rec, path) for rec, path in kept if _in(rec, keep)]
+        sources = [*(self.root / p for _, p in kept), *self.sources, *(im.image_path for im in images),
                    *(im.mask_path for im in images if im.mask_path is not None)]
         return DatasetRecords(
-            dataset=self.name, root=self.root, categories=self.categories, num_keypoints=self.num_keypoints,
+            dataset=self.name, root=self.root, categories=categories, num_keypoints=self.num_keypoints,
             images=images, pairs=pairs, sources=list(dict.fromkeys(sources)), notes=self.notes,
-            skipped=self.policy.skipped, digests=self.digests, keypoint_flip=self.keypoint_flip(),
-            category_groups=self.category_groups, subset_names=list(self.subset_names),
-            keypoint_groups=self.keypoint_groups(), mask_classes=self.mask_classes,
+            skipped=self.policy.skipped, digests=self.digests, keypoint_flip=flip,
+            category_groups=category_groups, subset_names=list(self.subset_names),
+            keypoint_groups=groups, mask_classes=self.mask_classes,
+            category_filter=None if self.only is None else categories,
         )
 
     def _read_item(self, item: Item[R]) -> R | None:
@@ -255,5 +290,5 @@ class Converter(ABC):
             first[key] = item.path
             records.append(rec)
             if item.path:
-                self._kept.append(item.path)
+                self._kept.append((rec, item.path))
         return records

@@ -66,7 +66,7 @@ def synth(
 
     if dataset not in SYNTHESIZERS:
         raise SpairstoreError(f"--dataset must be one of {', '.join(SYNTHESIZERS)}, not {dataset!r}")
-    cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
+    cats = _names(categories)
     size = {} if images_per_category is None else {"images_per_category": images_per_category}
     if unseen:
         if dataset != "spair71k":
@@ -93,6 +93,9 @@ def pack(
                                               "into OUT from its staging folder (.OUT.pack.staging/).")] = False,
     follow_links: Annotated[bool, typer.Option("--follow-links", help="Also pack files that symbolic links "
                                                "lead to outside SRC (by default each is a bad item).")] = False,
+    categories: Annotated[Optional[str], typer.Option(
+        help="Comma-separated categories to pack (e.g. cat,dog), with the pairs between their images; "
+             "default: all.")] = None,
 ) -> None:
     """Pack a dataset folder into one store: decoded, letterboxed pixels and masks, original bytes,
     annotations, pair tables and a SHA-256 manifest of every source file. A killed pack leaves the
@@ -116,8 +119,13 @@ def pack(
     with _on_interrupt(kept):
         summary = pack_(src, out, size=size, dataset=dataset, overwrite=overwrite, progress=True, format=format,
                         shard_bytes=_shard_bytes(shard_mb), on_error=on_error, resume=resume,  # type: ignore[arg-type]
-                        follow_links=follow_links)
+                        follow_links=follow_links, categories=_names(categories))
     typer.echo(str(summary))
+
+
+def _names(listed: str | None) -> list[str] | None:
+    """A comma-separated ``--categories`` as a list (None: not given)."""
+    return [c.strip() for c in listed.split(",") if c.strip()] if listed else None
 
 
 def _shard_bytes(shard_mb: float) -> int:

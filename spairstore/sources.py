@@ -8,6 +8,7 @@ store. This module joins the two, so neither the store nor anything after it imp
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import converters
@@ -27,14 +28,17 @@ DATASETS = tuple(converters.CONVERTERS)
 def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None = None,
          overwrite: bool = False, progress: bool = False, format: str | None = None,
          shard_bytes: int | None = None, on_error: OnError = "fail", resume: bool = False,
-         follow_links: bool = False) -> PackSummary:
+         follow_links: bool = False, categories: Sequence[str] | None = None) -> PackSummary:
     """Read the dataset at ``src`` (layout detected unless ``dataset`` names one of :data:`DATASETS`) and
     pack it into a store at ``out``. A source file that a symbolic link leads to outside ``src`` is a
-    bad item (see ``on_error``) unless ``follow_links``. Feature-set files already beside an HDF5
+    bad item (see ``on_error``) unless ``follow_links``. ``categories`` packs only those categories'
+    images and the pairs between them (the whole root is still read and checked; the store's
+    ``build_config`` and notes record the choice). Feature-set files already beside an HDF5
     ``out`` (``<out>.features/``) are left in place; the summary's notes say which the new store keeps
     and which it refuses. See :func:`spairstore.store.writer.write` for the other arguments."""
     def read(wrap, policy):  # noqa: ANN001, ANN202 - a SourceReader
-        return converters.read(Path(src), dataset, progress=wrap, on_error=policy, follow_links=follow_links)
+        return converters.read(Path(src), dataset, progress=wrap, on_error=policy, follow_links=follow_links,
+                               categories=categories)
 
     summary = write(read, out, size=size, overwrite=overwrite, progress=progress, format=format,
                     shard_bytes=shard_bytes, on_error=on_error, resume=resume)

@@ -192,6 +192,22 @@ def test_subsets_and_caps(capped):
     assert rec.pairs["trn"] == []
 
 
+def test_categories_keep_the_pairs_between_them_and_their_families(capped):
+    root, _ = capped
+    rec = read(root, categories=["lion", "cat"])
+    assert rec.categories == ["cat", "lion"] == rec.category_filter
+    assert rec.category_groups == {"family": ["Felidae", "Felidae"]}
+    assert {im.category for im in rec.images} == {"cat", "lion"}
+    for split in ("test", "val"):
+        by = Counter(SUBSETS[p.subset] for p in rec.pairs[split])
+        assert set(by) == {"intra-species", "cross-species"}  # cross-family pairs need the hippo
+        assert all({p.src[0], p.trg[0]} <= {"cat", "lion"} for p in rec.pairs[split])
+    assert "trn" not in rec.pairs and "split 'trn' has no pair within those categories: not packed" in rec.notes
+    hippo = read(root, categories=["hippo"])
+    assert hippo.category_groups == {"family": ["Hippopotamidae"]}
+    assert {SUBSETS[p.subset] for p in hippo.pairs["test"]} == {"intra-species"}
+
+
 def test_trn_intra_species_cap_is_fifty_per_image():
     rng = np.random.default_rng(3)
     visible = {("cat", f"{i:04d}"): rng.random(NUM_KEYPOINTS) < 0.6 for i in range(110)}  # 60 trn images
@@ -424,7 +440,7 @@ def test_cli_round_trip(synth_root, tmp_path):
     assert set(by_group["family"]) == {"Felidae", "Hippopotamidae"}
     text = r.invoke(app, ["compare", str(store), str(truth), "identity", "--resamples", "50"]).output
     row = next(ln for ln in text.splitlines() if ln.startswith("subset cross-family"))
-    assert row.split()[7] == f"{by_group['subset']['cross-family']['0.1']['per_image']['p']:.3f}"  # p: 3 decimals
+    assert row.split()[8] == f"{by_group['subset']['cross-family']['0.1']['per_image']['p']:.3f}"  # p: 3 decimals
 
     res = r.invoke(app, ["verify", str(store), "--sources", str(synth_root)])
     assert res.exit_code == 0, res.output

@@ -163,3 +163,36 @@ def test_partial_splits_pack_and_say_so(synth_root: Path, tmp_path: Path) -> Non
     assert "trn" not in summary.pairs and any("'trn' absent" in n for n in summary.notes)
     s = spairstore.open(tmp_path / "s.h5")
     assert s.splits == ["val", "test"] and any("trn" in n for n in s.attrs["notes"])
+
+
+def test_pack_keeps_only_the_categories_asked_for(synth_root: Path, synth_store: Path, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    r = run_cli("pack", synth_root, tmp_path / "c.h5", "--size", "96", "--categories", "dog, cat")
+    assert r.returncode == 0, r.stderr
+    full, part = spairstore.open(synth_store), spairstore.open(tmp_path / "c.h5")
+    assert part.categories == ["cat", "dog"] and part.attrs["build_config"]["categories"] == ["cat", "dog"]
+    assert full.attrs["build_config"]["categories"] == "all"
+    keys = list(zip(np.array(full.categories)[full.images.category], full.images.name))
+    kept = [i for i, (c, _) in enumerate(keys) if c in ("cat", "dog")]
+    assert len(part) == len(kept)
+    for j, i in enumerate(kept):  # every value of each kept image is the full store's
+        assert (part.categories[part.images.category[j]], part.images.name[j]) == keys[i]
+        np.testing.assert_array_equal(part.pixels(j), full.pixels(i))
+        np.testing.assert_array_equal(part.images.keypoints[j], full.images.keypoints[i])
+        assert part.image_bytes(j) == full.image_bytes(i)
+    for split in full.splits:
+        f, p = full.pairs(split), part.pairs(split)
+        rows = np.flatnonzero(np.isin(np.array(full.categories)[f.category], ["cat", "dog"]))
+        np.testing.assert_array_equal(p.pair_id, f.pair_id[rows])  # the dataset's ids, not renumbered
+        np.testing.assert_array_equal(p.n_kps, f.n_kps[rows])  # the table is as wide as its most keypoints
+        np.testing.assert_array_equal(p.src_kps, f.src_kps[rows][:, :p.src_kps.shape[1]])
+        np.testing.assert_array_equal(p.trg_kps, f.trg_kps[rows][:, :p.trg_kps.shape[1]])
+        assert [keys[i] for i in f.src[rows]] == [(part.categories[part.images.category[i]], part.images.name[i])
+                                                  for i in p.src]
+    assert not [m for m in part.manifest.path if "aeroplane" in m] and len(part.manifest.path) < len(full.manifest.path)
+    assert "--categories: kept 2 of the 3 categories (cat, dog): 16 images, trn " in r.stdout
+    r = run_cli("pack", synth_root, tmp_path / "x.h5", "--categories", "cat,wolf")
+    assert r.returncode == 1 and r.stderr.strip().endswith(
+        "--categories: no category 'wolf' in this SPair-71k root (it has aeroplane, cat, dog)"), r.stderr
+    assert not (tmp_path / "x.h5").exists()

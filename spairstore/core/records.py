@@ -108,6 +108,8 @@ class DatasetRecords:
     #: mask values ``0..mask_classes - 1`` are the dataset's classes (255 too: VOC's void outline); other
     #: values get a note. 0: not checked.
     mask_classes: int = 0
+    #: the categories ``pack --categories`` kept (of a root with more), None for all of them
+    category_filter: list[str] | None = None
 
     def image_index(self) -> dict[tuple[str, str], int]:
         return {im.key: i for i, im in enumerate(self.images)}

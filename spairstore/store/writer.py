@@ -190,6 +190,7 @@ def _structure(records: DatasetRecords, checks: list[ImageCheck], size: int, on_
         "build_config": {
             "dataset": records.dataset,
             "source_root": str(records.root),
+            "categories": records.category_filter or "all",
             "size": size,
             "letterbox": "centred, black padding",
             "resample": {"pixels": "bilinear", "mask": "nearest"},
