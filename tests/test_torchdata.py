@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Subset, random_split
 
 import spairstore
 from spairstore import ImageDataset, Loader, PairDataset, ShardSampler, SpairstoreError, StoreError, collate
@@ -373,3 +373,28 @@ def test_datasets_and_the_loader_say_what_they_are(synth_store: Path) -> None:
     loader = Loader(pairs, 4, num_workers=2, rank=1, world_size=2)
     assert repr(loader) == (f"Loader({pairs!r}: batch_size 4, {len(loader):,} batches per epoch, shuffled, rank 1 of 2, "
                             "2 workers, device cpu, epoch 0)")
+
+
+def test_loader_takes_subsets_and_other_map_style_datasets(synth_store: Path) -> None:
+    """random_split / Subset keep the whole-batch read (and the augmentation's epoch, in workers too);
+    ConcatDataset and other datasets are read sample by sample: the same batches either way."""
+    ds = PairDataset(synth_store, "trn", fields=("pixels", "keypoints"), augment=HFlip(0.5))
+    train, _ = random_split(ds, [0.75, 0.25], generator=torch.Generator().manual_seed(0))
+    for wrapped, workers, ctx in ((Subset(ds, range(1, len(ds), 2)), 2, "spawn"), (train, 0, None)):
+        loader = Loader(wrapped, 5, seed=3, num_workers=workers, multiprocessing_context=ctx, normalize=False)
+        assert loader.dataset is wrapped
+        loader.set_epoch(2)
+        got = list(loader)
+        order = ShardSampler(len(wrapped), seed=3)
+        order.set_epoch(2)
+        ds.set_epoch(2)
+        idx = [int(wrapped.indices[i]) for i in order]
+        want = [ds.fetch(idx[i:i + 5]) for i in range(0, len(idx), 5)]
+        assert any(b["src_flipped"].any() for b in want)
+        for a, b in zip(got, want, strict=True):
+            assert_batches_equal(a, b)
+    parts = [PairDataset(synth_store, split, fields=("keypoints",)) for split in ("trn", "val")]
+    got = list(Loader(ConcatDataset(parts), 4, shuffle=False, num_workers=2, multiprocessing_context="fork"))
+    want = collate([p[i] for p in parts for i in range(len(p))])
+    np.testing.assert_array_equal(torch.cat([b["src_kps"] for b in got]), want["src_kps"])
+    np.testing.assert_array_equal(torch.cat([b["pair_id"] for b in got]), want["pair_id"])

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from ..core import geometry
@@ -129,22 +130,6 @@ def load_head(path: str | Path) -> Head:
                               f"{e}); write it with spairstore.eval.models.save_head") from None
 
 
-class _Rows:
-    """Pair rows ``rows`` of a :class:`PairDataset` as a dataset of their own, position ``i`` -> ``rows[i]``."""
-
-    def __init__(self, dataset: PairDataset, rows: np.ndarray):
-        self.dataset, self.rows = dataset, np.asarray(rows, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def fetch(self, indices: Sequence[int], alloc: Any = None) -> Batch:
-        return self.dataset.fetch(self.rows[np.asarray(indices, dtype=np.int64)], alloc)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-
 def reversed_pairs(batch: Batch) -> Batch:
     """The batch with its sides swapped (every ``src_*`` key becomes ``trg_*`` and back), as ``trg->src``
     presents it: the query image is always ``src_``."""
@@ -181,7 +166,7 @@ class BatchMethod:
     def __call__(self, store: Store, split: str, rows: np.ndarray, direction: str = "src->trg") -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         out = np.full((len(rows), store.pairs(split).kps_ids.shape[1], 2), np.nan)
-        loader = Loader(_Rows(PairDataset(store, split, self.fields), rows), self.batch_size, shuffle=False,
+        loader = Loader(Subset(PairDataset(store, split, self.fields), rows), self.batch_size, shuffle=False,
                         rank=0, world_size=1, device=resolve_device(self.device), normalize=self.normalize)
         at = 0
         with torch.no_grad():

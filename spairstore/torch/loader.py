@@ -2,7 +2,8 @@
 
 The loader samples with a :class:`~spairstore.torch.sampler.ShardSampler` (deterministic per ``(seed, epoch)``,
 sharded by rank, resumable mid-epoch), reads whole batches from a :class:`~spairstore.PairDataset` or
-:class:`~spairstore.ImageDataset`, and hands them over on ``device``:
+:class:`~spairstore.ImageDataset` -- also through ``Subset`` (``random_split``) -- and sample by sample
+from any other map-style dataset (``ConcatDataset``, your own), and hands them over on ``device``:
 
 - ``num_workers=0`` (the fast path for a store: reads are memory copies that release the GIL): a
   background thread reads the next batches while the current one is used; on CUDA it reads straight
@@ -24,12 +25,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from ..core.device import resolve_device
 from ..core.errors import SpairstoreError
-from .collate import Batch, collate
-from .memory import BufferPool
+from .collate import Batch, Samples, collate
+from .memory import Alloc, BufferPool
 from .sampler import ShardSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,6 +41,50 @@ def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Page-locked host memory from torch's caching host allocator, which hands a block out again only
     once the ``non_blocking`` copies that read it have completed: a reused ring of pinned buffers."""
     return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _fetch(dataset: Any, indices: list[int], alloc: Alloc | None) -> Batch:
+    """The batch ``indices`` of ``dataset``: read whole where it (or what a ``Subset`` selects from) is a
+    spairstore dataset, else its samples collated."""
+    if hasattr(dataset, "fetch"):
+        return dataset.fetch(indices, alloc)
+    if isinstance(dataset, Subset):
+        return _fetch(dataset.dataset, [int(dataset.indices[i]) for i in indices], alloc)
+    return collate([dataset[i] for i in indices])
+
+
+def _set_epoch(dataset: Any, epoch: int) -> None:
+    """``set_epoch`` of ``dataset``, or of every dataset a ``Subset`` or ``ConcatDataset`` wraps."""
+    if isinstance(dataset, Subset):
+        _set_epoch(dataset.dataset, epoch)
+    elif isinstance(dataset, ConcatDataset):
+        for d in dataset.datasets:
+            _set_epoch(d, epoch)
+    elif hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
+class _Source(Dataset):
+    """A dataset as the loader reads it, in this process or in a worker: batches through :func:`_fetch`,
+    and each batch's epoch (:class:`EpochBatch`) set on every spairstore dataset inside first."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        _set_epoch(self.dataset, epoch)
+
+    def fetch(self, indices: Sequence[int], alloc: Alloc | None = None) -> Batch:
+        return _fetch(self.dataset, list(indices), alloc)
+
+    def __getitems__(self, indices: Sequence[int]) -> Samples:
+        epoch = getattr(indices, "epoch", None)
+        if epoch is not None:
+            self.set_epoch(epoch)
+        return Samples(self.fetch(indices))
 
 
 class EpochBatch(list):
@@ -105,7 +150,9 @@ class Loader:
     """Iterate a spairstore dataset in batches on ``device``; one ``for`` loop is one epoch (of this rank).
 
     Args:
-        dataset: a :class:`~spairstore.PairDataset` or :class:`~spairstore.ImageDataset`.
+        dataset: a :class:`~spairstore.PairDataset` or :class:`~spairstore.ImageDataset`, or a
+            ``Subset`` of one (read in whole batches as well), or any map-style dataset of same-shape
+            samples (``ConcatDataset``, your own: read sample by sample and stacked).
         batch_size: samples per batch; the last batch of an epoch may be shorter unless ``drop_last``.
         shuffle, seed, rank, world_size, pad: the :class:`~spairstore.torch.sampler.ShardSampler` (rank and
             world size default to ``torch.distributed``'s). ``pad=True`` gives every rank the same
@@ -133,6 +180,7 @@ class Loader:
             raise SpairstoreError("batch_size and prefetch must be >= 1 and num_workers >= 0")
         self.device = resolve_device(device)
         self.dataset = dataset
+        self._source = _Source(dataset)
         self.sampler = ShardSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=pad)
         self.batch_size, self.drop_last = int(batch_size), drop_last
         self.num_workers, self.multiprocessing_context, self.prefetch = num_workers, multiprocessing_context, prefetch
@@ -164,7 +212,7 @@ class Loader:
         if epoch != self.sampler.epoch:
             self._done, self._finished = 0, False
         self.sampler.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
+        self._source.set_epoch(epoch)
 
     def __len__(self) -> int:
         """Batches in one whole epoch of this rank."""
@@ -186,7 +234,7 @@ class Loader:
             if state[k] != mine[k]:
                 raise SpairstoreError(f"cannot resume: saved {k}={state[k]} but this loader has {k}={mine[k]}")
         self.sampler.set_epoch(state["epoch"])
-        self.dataset.set_epoch(state["epoch"])
+        self._source.set_epoch(state["epoch"])
         self._done, self._finished = int(state["batches"]), False
 
     def _batches(self) -> list[list[int]]:
@@ -203,10 +251,10 @@ class Loader:
         cuda = self.device.type == "cuda"
         if self.num_workers == 0:
             source: Iterator[Batch] = _prefetched(
-                lambda b: self.dataset.fetch(b, alloc=_pinned if cuda else None), batches, self.prefetch)
+                lambda b: self._source.fetch(b, alloc=_pinned if cuda else None), batches, self.prefetch)
         else:
             if self._workers is None:
-                self._workers = DataLoader(self.dataset, batch_sampler=self._plan, num_workers=self.num_workers,
+                self._workers = DataLoader(self._source, batch_sampler=self._plan, num_workers=self.num_workers,
                                            collate_fn=collate, multiprocessing_context=self.multiprocessing_context,
                                            prefetch_factor=self.prefetch, persistent_workers=True)
             self._plan.batches = [EpochBatch(b, self.epoch) for b in batches]
