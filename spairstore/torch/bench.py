@@ -334,7 +334,8 @@ def run(store: str | Path, source: str | Path | None = None, split: str = "trn",
         raise SpairstoreError("batch size, batches, rounds and memory batches must be >= 1, workers >= 0")
     s = Store(store)
     if s.pairs(split).rows < batch_size:
-        raise SpairstoreError(f"{s.path}: split {split!r} has {s.pairs(split).rows} pairs, fewer than a batch of {batch_size}")
+        raise SpairstoreError(f"{s.path}: split {split!r} has {s.pairs(split).rows} pairs, fewer than a batch of "
+                              f"{batch_size}; pass a smaller --batch-size or another --split")
     if s.dataset != "spair71k" and source is not None:
         raise SpairstoreError(f"{s.path}: the raw-file loader reads SPair-71k sources; this store holds {s.dataset}")
     store_ds = PairDataset(s, split, fields=FIELDS)
