@@ -197,4 +197,4 @@ def test_pack_keeps_only_the_categories_asked_for(synth_root: Path, synth_store:
         "--categories: no category 'wolf' in this SPair-71k root (it has aeroplane, cat, dog)"), r.stderr
     assert not (tmp_path / "x.h5").exists()
     r = run_cli("pack", synth_root, tmp_path / "x.h5", "--categories", ",")
-    assert r.returncode == 1 and r.stderr.strip().endswith("--categories names no category (it has aeroplane, cat, dog)")
+    assert r.returncode == 1 and r.stderr.strip().endswith("--categories names no category (this SPair-71k root has aeroplane, cat, dog)")
