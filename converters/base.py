@@ -22,6 +22,7 @@ source files behind what was kept.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -235,36 +236,42 @@ class Converter(ABC):
         self.notes += [f"{len(files):,} {what}, e.g. {files[0]}" for what, files in self._remarks.items()]
         for p in self.sources:
             self.inside(p)
-        categories, kept = self.categories, self._kept
-        flip, groups = self.keypoint_flip(), self.keypoint_groups()
-        category_groups = self.category_groups
-        if self.only is not None:
-            keep = set(self.only)
-            images = [im for im in images if im.category in keep]
-            pairs = {split: [p for p in ps if p.src[0] in keep and p.trg[0] in keep] for split, ps in pairs.items()}
-            self.notes.append(f"--categories: kept {len(keep)} of the {len(categories)} categories "
-                              f"({', '.join(c for c in categories if c in keep)}): {len(images):,} images, "
-                              + ", ".join(f"{split} {len(ps):,} pairs" for split, ps in pairs.items()))
-            self.notes += [f"split {split!r} has no pair within those categories: not packed"
-                           for split, ps in pairs.items() if not ps]
-            pairs = {split: ps for split, ps in pairs.items() if ps}
-            if not pairs:
-                raise SourceError(self.root, "--categories: no pair has both images in those categories")
-            category_groups = {g: [v for c, v in zip(categories, vs) if c in keep] for g, vs in category_groups.items()}
-            categories = [c for c in categories if c in keep]
-            flip = None if flip is None else {c: v for c, v in flip.items() if c in keep}
-            groups = {c: v for c, v in groups.items() if c in keep}
-            kept = [(rec, path) for rec, path in kept if _in(rec, keep)]
-        sources = [*(self.root / p for _, p in kept), *self.sources, *(im.image_path for im in images),
-                   *(im.mask_path for im in images if im.mask_path is not None)]
-        return DatasetRecords(
-            dataset=self.name, root=self.root, categories=categories, num_keypoints=self.num_keypoints,
-            images=images, pairs=pairs, sources=list(dict.fromkeys(sources)), notes=self.notes,
-            skipped=self.policy.skipped, digests=self.digests, keypoint_flip=flip,
-            category_groups=category_groups, subset_names=list(self.subset_names),
-            keypoint_groups=groups, mask_classes=self.mask_classes,
-            category_filter=None if self.only is None else categories,
+        records = DatasetRecords(
+            dataset=self.name, root=self.root, categories=self.categories, num_keypoints=self.num_keypoints,
+            images=images, pairs=pairs, sources=self._sources(self._kept, images), notes=self.notes,
+            skipped=self.policy.skipped, digests=self.digests, keypoint_flip=self.keypoint_flip(),
+            category_groups=self.category_groups, subset_names=list(self.subset_names),
+            keypoint_groups=self.keypoint_groups(), mask_classes=self.mask_classes,
         )
+        return records if self.only is None else self._within(records, set(self.only))
+
+    def _sources(self, kept: list[tuple[ImageRecord | PairRecord, str]], images: list[ImageRecord]) -> list[Path]:
+        """Every source file behind the records kept, for the manifest: item files, other files read
+        (pair lists), images and masks."""
+        return list(dict.fromkeys([*(self.root / p for _, p in kept), *self.sources, *(im.image_path for im in images),
+                                   *(im.mask_path for im in images if im.mask_path is not None)]))
+
+    def _within(self, rec: DatasetRecords, keep: set[str]) -> DatasetRecords:
+        """``rec`` restricted to the categories ``keep`` (``--categories``): their images, the pairs whose
+        two images are among them, the per-category declarations and the files behind what stays."""
+        cats = rec.categories
+        images = [im for im in rec.images if im.category in keep]
+        pairs = {split: [p for p in ps if _in(p, keep)] for split, ps in rec.pairs.items()}
+        notes = [f"--categories: kept {len(keep)} of the {len(cats)} categories ({', '.join(c for c in cats if c in keep)}"
+                 f"): {len(images):,} images, " + ", ".join(f"{split} {len(ps):,} pairs" for split, ps in pairs.items())]
+        notes += [f"split {split!r} has no pair within those categories: not packed" for split, ps in pairs.items()
+                  if not ps]
+        pairs = {split: ps for split, ps in pairs.items() if ps}
+        if not pairs:
+            raise SourceError(self.root, "--categories: no pair has both images in those categories")
+        flip = rec.keypoint_flip
+        return dataclasses.replace(
+            rec, categories=[c for c in cats if c in keep], images=images, pairs=pairs, notes=rec.notes + notes,
+            sources=self._sources([(r, p) for r, p in self._kept if _in(r, keep)], images),
+            keypoint_flip=None if flip is None else {c: v for c, v in flip.items() if c in keep},
+            keypoint_groups={c: v for c, v in rec.keypoint_groups.items() if c in keep},
+            category_groups={g: [v for c, v in zip(cats, vs) if c in keep] for g, vs in rec.category_groups.items()},
+            category_filter=[c for c in cats if c in keep])
 
     def _read_item(self, item: Item[R]) -> R | None:
         """The item's record, its image files (which the writer reads) checked to lie inside the root."""
