@@ -163,11 +163,14 @@ def test_killed_run_leaves_store_readable_and_resumes(fmt: str, stores: dict[str
 
 def test_an_error_stops_every_process_with_one_message(stores: dict[str, Path], reference: dict) -> None:
     store = reference["zarr"].path  # has set "d" already
-    r = run("features", str(store), *ARGS)
+    r = run("features", str(store), *ARGS)  # the same settings: nothing to do, in every process
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("nothing to do: the store has this set, made with these same settings") == 1, r.stdout
+    r = run("features", str(store), "--input-size", str(2 * SIZE), *ARGS[2:])
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {store}: feature set 'd' exists, made with these same settings; pass --overwrite "
-                      f"to replace it"]
+    assert errors == [f"error: {store}: feature set 'd' exists, made with other settings (input_size {SIZE} there, "
+                      f"{2 * SIZE} here); pass --overwrite to replace it"]
 
 
 def test_overwrite_replaces_a_zarr_set_in_place(reference: dict, tmp_path: Path) -> None:

@@ -233,8 +233,9 @@ def test_flip_rerun_keeps_the_set_and_resumes_the_companion(store_copy: Path, ti
     fe = UserExtractor(f"{tiny_file}:make")
     np.testing.assert_allclose(s.features("u-flip", 2).astype(np.float32), fe(mirrored)[0].numpy(),
                                rtol=2e-3, atol=2e-2)
-    with pytest.raises(FeatureError, match="'u' exists, made with these same settings; pass --overwrite"):
-        extract_features(store_copy, backbone=f"{tiny_file}:make", name="u")
+    again = extract_features(store_copy, backbone=f"{tiny_file}:make", name="u")  # the same: nothing to do
+    assert again.kept and again.extracted == 0 and "run    nothing to do: the store has this set" in str(again)
+    np.testing.assert_array_equal(spairstore.open(store_copy).read("features/u", [0, 1]), before)
 
 
 def test_user_module_on_zarr_store(store_copy: Path, tiny_file: Path, tmp_path: Path) -> None:

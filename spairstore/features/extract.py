@@ -262,6 +262,7 @@ class FeatureSummary:
     device: str | None  #: of the first process; None for maps computed elsewhere (add_feature_set)
     processes: int = 1  #: processes that extracted (torchrun)
     flipped: FeatureSummary | None = None  #: the companion set of mirrored images (``flip``)
+    kept: bool = False  #: the set was there, made with these same settings: nothing was extracted
 
     @property
     def nbytes(self) -> int:
@@ -278,9 +279,11 @@ class FeatureSummary:
         rate = f", {self.extracted / self.seconds:.1f} img/s{where}" if self.extracted and self.seconds else ""
         resumed = f" ({n - self.extracted:,} resumed from an earlier run)" if self.extracted < n else ""
         made = " ".join([self.backbone, ", ".join(self.layers)]).strip()
+        run = ("nothing to do: the store has this set, made with these same settings (--overwrite extracts it "
+               "again)" if self.kept else f"{self.extracted:,} {done} in {self.seconds:.1f} s{rate}{resumed}")
         return (f"feature set {self.name!r} in {self.store}: {made}\n"
                 f"  maps   float16 {self.shape[1:]} x {n:,} images = {mib(self.nbytes)}\n"
-                f"  run    {self.extracted:,} {done} in {self.seconds:.1f} s{rate}{resumed}"
+                f"  run    {run}"
                 + (f"\n{self.flipped}" if self.flipped else ""))
 
 
@@ -318,15 +321,16 @@ def extract_features(store_path: str | Path, backbone: str | Callable[[], nn.Mod
     defaults to the registry name, or ``<module>.<factory>`` for a user's factory.
 
     With ``flip``, a companion set ``<name>-flip`` also gets the maps of every store image mirrored left
-    to right (see :class:`~spairstore.features.backbones.Flipped` for its frame); a set ``name`` that
-    exists with the same settings is then kept, so a re-run resumes the companion.
+    to right (see :class:`~spairstore.features.backbones.Flipped` for its frame).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this with the same arguments: each
     extracts its share of the images (on GPU ``LOCAL_RANK`` for ``device`` ``cuda``), and the first
     commits; every process returns the summary of the whole run.
 
-    An existing set ``name`` is replaced, and an unfinished run with other settings discarded, only with
-    ``overwrite``.
+    A set ``name`` that exists with these same settings (backbone, weights, layers, input size) is kept
+    as it is, nothing extracted (the summary says so), so a script or ``--flip`` added later runs again
+    without an error; one made otherwise is replaced, and an unfinished run with other settings
+    discarded, only with ``overwrite``.
     """
     if is_url(store_path):
         raise FeatureError(f"{store_path}: remote stores are read-only; extract into a local copy "
@@ -353,7 +357,7 @@ def extract_features(store_path: str | Path, backbone: str | Callable[[], nn.Mod
                 name = default_set_name(extractor) if isinstance(extractor, UserExtractor) else str(backbone)
                 check_name(name)
             run = _SetRun(store, store_path, world, batch_size, dev, progress)
-            summary = run(extractor, name, overwrite, keep_same=flip)
+            summary = run(extractor, name, overwrite)
             if flip:
                 flip_name = f"{name}-flip"
                 check_name(flip_name)
@@ -397,20 +401,20 @@ class _SetRun:
     device: torch.device
     progress: bool
 
-    def __call__(self, extractor: Extractor, name: str, overwrite: bool, keep_same: bool = False) -> FeatureSummary:
-        """Extract and commit set ``name``; with ``keep_same``, a published set ``name`` with the same
-        settings is kept as it is (nothing extracted)."""
+    def __call__(self, extractor: Extractor, name: str, overwrite: bool) -> FeatureSummary:
+        """Extract and commit set ``name``; a published set ``name`` with the same settings is kept as it
+        is (nothing extracted) unless ``overwrite``."""
         store, store_path, world, batch_size = self.store, self.store_path, self.world, self.batch_size
         attrs = extractor.attrs()
         row_shape = [extractor.channels, extractor.size, extractor.size]
         meta = {"name": name, "store": store.fingerprint, "rows": len(store), "row_shape": row_shape,
                 "attrs": attrs}
         published = store.feature_sets.get(name)
-        if keep_same and not overwrite and published is not None \
+        if not overwrite and published is not None \
                 and all(published.get(k) == attrs.get(k) for k in _RESUME_KEYS):
             return FeatureSummary(store=store_path, name=name, backbone=attrs["backbone"], layers=attrs["layers"],
                                   shape=(len(store), *row_shape), extracted=0, seconds=0.0, device=str(self.device),
-                                  processes=world.size)
+                                  processes=world.size, kept=True)
         staging: Staging | None = None
         target: SetWriter | None = None
 
