@@ -1,6 +1,7 @@
 """Plain-text and Markdown tables for reports: columns as ``(group, name)``, rows as ``(label, values)``."""
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,15 @@ def brief(note: str, limit: int = 240) -> str:
     if cut < 0:
         return note[:limit] + "... (`spairstore info STORE --json` gives the whole note)"
     return f"{note[:cut]}; and {note.count('; ', cut)} more (`spairstore info STORE --json` lists them all)"
+
+
+def setting(value: object) -> str:
+    """A recorded setting as a message shows it: a list joined by commas, a SHA-256 cut to 12 digits."""
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if value is None:
+        return "none"
+    return value[:12] if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else str(value)
 
 
 def cell(v: Cell) -> str:

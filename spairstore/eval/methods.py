@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..core import geometry
 from ..core.device import resolve_device
 from ..core.errors import SpairstoreError, StoreError
+from ..core.tables import setting
 from ..store.reader import Store
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class NearestNeighbour:
             differ = [k for k in keys if k in made_by and k in geom and made_by[k] != geom[k]]
             if differ:
                 def said(a: dict) -> str:
-                    return ", ".join(f"{k} {_said(a[k])}" for k in differ)
+                    return ", ".join(f"{k} {setting(a[k])}" for k in differ)
                 raise SpairstoreError(f"{self.name}: the head was trained on maps of another network than feature "
                                       f"set {self.features!r} of {store.path} (trained on {said(made_by)}; "
                                       f"{self.features!r} has {said(geom)}); evaluate it on a set made with the "
@@ -229,13 +230,6 @@ def _evaluating(module: Any, device: Any) -> Iterator[None]:
         yield
     finally:
         module.train(was)
-
-def _said(value: Any) -> str:
-    """A feature-set attribute as an error message shows it: layers joined, a SHA-256 shortened."""
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)[:12] if len(str(value)) == 64 else str(value)
-
 
 def _flat_cell(points: np.ndarray, geom: dict, size: int) -> np.ndarray:
     """Store pixels (..., 2) -> row-major index of the nearest feature cell."""

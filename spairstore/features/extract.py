@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from ..core.device import resolve_device
 from ..core.errors import FeatureError, SpairstoreError
-from ..core.tables import mib
+from ..core.tables import mib, setting
 from ..store.backends import backend_for, is_url
 from ..store.feature_sets import SetWriter, Sink
 from ..store.reader import Store
@@ -373,14 +373,8 @@ def made_with(published: dict[str, Any], attrs: dict[str, Any]) -> str:
     for cause, effects in _CAUSES:  # name what the user chose, not the map shape that follows from it
         if cause in keys:
             keys = [k for k in keys if k not in effects]
-    differ = [f"{k} {_setting(published.get(k))} there, {_setting(attrs.get(k))} here" for k in keys]
+    differ = [f"{k} {setting(published.get(k))} there, {setting(attrs.get(k))} here" for k in keys]
     return f"made with other settings ({'; '.join(differ)})" if differ else "made with these same settings"
-
-
-def _setting(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return value[:12] if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else str(value)
 
 
 def check_name(name: str) -> None:
