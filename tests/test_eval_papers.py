@@ -364,6 +364,11 @@ def test_compare_identical_is_exactly_zero(synth_store: Path, tmp_path: Path) ->
     assert r.returncode != 0 and "nope.npy: neither a method (identity, nn:FEATURES, head:PATH, MODULE:FACTORY) nor a predictions file" in r.stderr
     r = run_cli("compare", synth_store, "identity", "identity", "--resamples", "20")
     assert r.returncode == 0 and "20 resamples, seed 0, 95 % interval" in r.stdout
+    for option, value, said in (("--resamples", "0", "resamples must be a positive number, got 0"),
+                                ("--min-pairs", "0", "min_pairs must be a positive number, got 0"),
+                                ("--confidence", "100", "confidence must be a percentage between 0 and 100, got 100.0")):
+        r = run_cli("compare", synth_store, "identity", "identity", option, value)
+        assert r.returncode == 1 and r.stderr.strip() == f"error: {said}", r.stderr
 
 
 def test_cli_eval_paper_options(synth_store: Path, tmp_path: Path) -> None:

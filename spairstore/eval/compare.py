@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.errors import SpairstoreError
 from ..core.schema import LEVELS
 from ..core.tables import cell, text_table
 from ..store.reader import Store
@@ -131,11 +132,11 @@ def compare(store: Store, split: str, a: Predictions, b: Predictions, protocol: 
     ``min_pairs`` pairs (None: :data:`MIN_PAIRS`; see the module docstring)."""
     min_pairs = MIN_PAIRS if min_pairs is None else min_pairs
     if resamples < 1:
-        raise ValueError(f"resamples must be a positive number, got {resamples}")
+        raise SpairstoreError(f"resamples must be a positive number, got {resamples}")
     if min_pairs < 1:
-        raise ValueError(f"min_pairs must be a positive number, got {min_pairs}")
+        raise SpairstoreError(f"min_pairs must be a positive number, got {min_pairs}")
     if not 0 < confidence < 100:
-        raise ValueError(f"confidence must be a percentage between 0 and 100, got {confidence}")
+        raise SpairstoreError(f"confidence must be a percentage between 0 and 100, got {confidence}")
     proto = get_protocol(protocol, store.dataset)
     split = table_split(store, split, proto)
     rows = select_pairs(store, split, proto)
