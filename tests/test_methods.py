@@ -102,6 +102,10 @@ def test_nn_batch_size_does_not_matter_and_beats_identity(feature_store: Path) -
     ident = spairstore.evaluate(s, "trn", Identity(), "spair")
     assert nn.method == "nn[onehot]" and ident.method == "identity"
     assert nn.pck(0.05) > 90 > ident.pck(0.05) + 40
+    from conftest import run_cli
+
+    r = run_cli("eval", feature_store, "--split", "trn", "--method", "nn", "--features", "onehot", "--batch-size", "0")
+    assert r.returncode == 1 and r.stderr.strip() == "error: batch size must be at least 1, got 0", r.stderr
 
 
 def test_reports_record_what_the_numbers_were_made_from(feature_store: Path, tmp_path: Path) -> None:

@@ -32,3 +32,9 @@ class StoreError(SpairstoreError):
 class FeatureError(SpairstoreError):
     """Features cannot be extracted as asked: unknown backbone or layer, missing weights, bad option,
     or an unfinished run that does not match the one asked for."""
+
+
+def require_batch_size(batch_size: int, error: type[SpairstoreError] = SpairstoreError) -> None:
+    """Refuse a batch size below 1 as ``error``, before it turns into a bare ``range()`` error far inside."""
+    if batch_size < 1:
+        raise error(f"batch size must be at least 1, got {batch_size}")

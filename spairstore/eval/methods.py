@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..core import geometry
 from ..core.device import resolve_device
-from ..core.errors import SpairstoreError, StoreError
+from ..core.errors import SpairstoreError, StoreError, require_batch_size
 from ..core.tables import setting
 from ..store.reader import Store
 
@@ -84,6 +84,7 @@ class NearestNeighbour:
                  flip: str | None = None, transform: Callable[[Any], Any] | None = None):
         if flip is not None and flip not in FLIP_RULES:
             raise SpairstoreError(f"unknown flip rule {flip!r} (known: {', '.join(FLIP_RULES)})")
+        require_batch_size(batch_size)
         self.features, self.device, self.batch_size, self.progress, self.flip = features, device, batch_size, progress, flip
         self.transform = transform
         label = "" if transform is None else f" -> {getattr(transform, 'name', type(transform).__name__)}"

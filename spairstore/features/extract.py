@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..core.device import resolve_device
-from ..core.errors import FeatureError, SpairstoreError
+from ..core.errors import FeatureError, SpairstoreError, require_batch_size
 from ..core.tables import mib, setting
 from ..store.backends import backend_for, is_url
 from ..store.feature_sets import SetWriter, Sink
@@ -82,8 +82,7 @@ def extract_rows(store: Store, extractor: Extractor, rows: Sequence[int] | np.nd
     the order given, handing each batch to ``sink``. With ``unit_rows``, no batch holds rows of two
     units (``row // unit_rows``). Returns the number of images extracted."""
     rows = np.asarray(rows, dtype=np.int64)
-    if batch_size < 1:
-        raise FeatureError(f"batch size must be at least 1, got {batch_size}")
+    require_batch_size(batch_size, FeatureError)
     bar = tqdm(total=len(rows), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for batch in _batches(rows, batch_size, unit_rows):
@@ -338,8 +337,7 @@ def extract_features(store_path: str | Path, backbone: str | Callable[[], nn.Mod
     store_path = Path(store_path).resolve()
     if name is not None:
         check_name(name)
-    if batch_size < 1:
-        raise FeatureError(f"batch size must be at least 1, got {batch_size}")
+    require_batch_size(batch_size, FeatureError)
     dev = resolve_device(device)
     world = World.from_env(dev.type)
     if dev.type == "cuda" and world.size > 1:
