@@ -640,8 +640,9 @@ def verify(
     report = verify_(store, sources=source, sample=sample, seed=seed, progress=True)
     typer.echo(str(report))
     if not report.ok:
-        raise SpairstoreError(f"{report.path}: {len(report.differences):,} records, tables or files differ "
-                              "(listed above)")
+        n = len(report.differences)
+        raise SpairstoreError(f"{report.path}: " + ("1 record, table or file differs" if n == 1 else
+                                                    f"{n:,} records, tables or files differ") + " (listed above)")
 
 
 def _output(path: Path, suffix: str | None = None) -> Path:

@@ -105,6 +105,20 @@ def test_corrupted_table_and_sources_are_named(store: tuple[Path, Path], tmp_pat
     assert got[gone.relative_to(root).as_posix()] == "missing from the source root"
 
 
+def test_another_folder_as_the_source_is_one_difference(store: tuple[Path, Path], tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    root, path = store
+    s = spairstore.open(path)
+    report = verify(path, sources=tmp_path)
+    assert [str(d) for d in report.differences] == [
+        f"{tmp_path.resolve()}: none of the {s.manifest.rows:,} source files checked is there (e.g. "
+        f"{s.manifest.path[0]}): not the "
+        f"folder the store was packed from, which was {root.resolve()}"]
+    r = run_cli("verify", path, "--source", tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().endswith("1 record, table or file differs (listed above)"), r.stderr
+
+
 def test_sample_checks_a_fraction(store: tuple[Path, Path]) -> None:
     root, path = store
     report = verify(path, sources=root, sample=0.25, seed=1)

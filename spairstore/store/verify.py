@@ -132,6 +132,7 @@ def _check_tables(store: Store, report: VerifyReport) -> None:
 def _check_sources(store: Store, root: Path, picked: np.ndarray, report: VerifyReport, progress: bool) -> None:
     m = store.manifest
     root = root.resolve()
+    before = len(report.differences)
     for i in tqdm(picked, desc="sources", unit="file", disable=not progress, leave=False, dynamic_ncols=True):
         rel = str(m.path[i])
         p = (root / rel).resolve()
@@ -145,6 +146,13 @@ def _check_sources(store: Store, root: Path, picked: np.ndarray, report: VerifyR
         elif sha256_file(p) != str(m.sha256[i]):
             report.differences.append(Difference(rel, "SHA-256 differs from the manifest"))
     report.sources = (len(picked), m.rows)
+    found = report.differences[before:]
+    if len(picked) > 1 and len(found) == len(picked) and all(d.reason == "missing from the source root" for d in found):
+        # not a damaged dataset but another folder: one line instead of one per file
+        packed = store.attrs.get("build_config", {}).get("source_root")
+        report.differences[before:] = [Difference(str(root), (
+            f"none of the {len(picked):,} source files checked is there (e.g. {found[0].what}): not the folder "
+            "the store was packed from" + (f", which was {packed}" if packed else "")))]
 
 
 def verify(path: str | Path, sources: str | Path | None = None, sample: float | None = None,
