@@ -371,8 +371,11 @@ def test_bad_predictions(store: spairstore.Store, tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(PredictionsError, match="bad.npz: cannot read predictions"):
         load_predictions(tmp_path / "bad.npz", store, "test")
-    with pytest.raises(PredictionsError, match="no such predictions file"):
+    with pytest.raises(PredictionsError, match="no such predictions file$"):
         load_predictions(tmp_path / "none.npz", store, "test")
+    with pytest.raises(PredictionsError, match=r"^identity: no such predictions file; a method is not a file: pass "
+                       r"spairstore.Identity\(\) or spairstore.NearestNeighbour\(FEATURES\) \(eval --method"):
+        spairstore.evaluate(store, "test", "identity")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -249,6 +249,7 @@ def test_batch_method_sees_the_fields_it_asks_for_and_checks_its_output(feature_
     t = s.pairs("trn")
     np.testing.assert_allclose(pred, t.trg_kps[rows], atol=1e-4)  # float32 store pixels and back
     assert seen == [((4, 31, 48, 48), torch.float32), ((2, 31, 48, 48), torch.float32)]
+    assert BatchMethod(fn, fields="pixels").fields == ("keypoints", "pixels")  # one name as a string
     with pytest.raises(spairstore.SpairstoreError, match=r"returned shape \(4, 2\) for a batch of 4 pairs"):
         BatchMethod(lambda b: b["trg_kps"][:, 0], name="bad", batch_size=4)(s, "trn", rows)
 

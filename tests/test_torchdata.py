@@ -363,6 +363,12 @@ def test_one_name_per_field_old_spellings_warn(synth_store: Path) -> None:
     assert set(info["fields"]) == {"pixels", "mask", "image_bytes", "mask_bytes"}
 
 
+def test_one_field_may_be_given_as_a_string(synth_store: Path) -> None:
+    one = PairDataset(synth_store, "trn", fields="keypoints")  # not the characters of "keypoints"
+    assert one.fields == ("keypoints",) == ImageDataset(synth_store, fields="keypoints").fields
+    assert_batches_equal(one.fetch([0, 1]), PairDataset(synth_store, "trn", fields=("keypoints",)).fetch([0, 1]))
+
+
 def test_datasets_and_the_loader_say_what_they_are(synth_store: Path) -> None:
     s = spairstore.open(synth_store)
     pairs = PairDataset(synth_store, "trn", fields=("pixels", "keypoints"))

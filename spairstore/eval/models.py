@@ -154,7 +154,8 @@ class BatchMethod:
     def __init__(self, fn: Callable[[Batch], Any], fields: Sequence[str] = ("keypoints",), *, name: str | None = None,
                  device: str | None = "cpu", batch_size: int = 32, normalize: bool = True, progress: bool = False):
         self.fn = fn
-        self.fields = tuple(dict.fromkeys(("keypoints", *(field_name(f) for f in fields))))
+        named = (fields,) if isinstance(fields, str) else fields
+        self.fields = tuple(dict.fromkeys(("keypoints", *(field_name(f) for f in named))))
         self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
         self.device, self.batch_size, self.normalize, self.progress = device, batch_size, normalize, progress
 

@@ -159,7 +159,9 @@ def _numpy(x: Any) -> np.ndarray:
 
 def _read_file(path: Path) -> Any:
     if not path.is_file():
-        raise PredictionsError(f"{path}: no such predictions file")
+        hint = ("; a method is not a file: pass spairstore.Identity() or spairstore.NearestNeighbour(FEATURES) "
+                "(eval --method on the command line)") if not path.suffix else ""
+        raise PredictionsError(f"{path}: no such predictions file{hint}")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":

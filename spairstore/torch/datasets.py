@@ -61,7 +61,7 @@ class _StoreDataset(Dataset):
         self._store: Store | None = s
         self._identity = s.identity  # of the file the tables below come from
         self.alloc = BatchMemory()
-        fields = tuple(field_name(f) for f in fields)
+        fields = tuple(field_name(f) for f in ((fields,) if isinstance(fields, str) else fields))  # "pixels" is one
         unknown = [f for f in fields if f not in FIELDS and not f.startswith("features/")]
         if unknown:
             raise SpairstoreError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
@@ -194,7 +194,8 @@ class PairDataset(_StoreDataset):
         store: path or URL of the store (or an open :class:`~spairstore.Store`; only its path is kept).
         split: ``trn``, ``val``, ``test`` (the store's splits).
         fields: what to read, by name: ``pixels``, ``mask``, ``keypoints``, ``labels``, ``image_bytes``,
-            ``mask_bytes``, ``features/<name>`` (old spellings such as ``features:<name>`` warn and work).
+            ``mask_bytes``, ``features/<name>`` (old spellings such as ``features:<name>`` warn and work);
+            one name may be given as a string.
             Indices, categories, boxes and the per-image geometry (``scale``/``offset``, original
             ``size``) always come with a sample; see :mod:`spairstore.torch.batch` for every key.
         augment: a hook ``augment(view, rng)`` applied to each image of a pair (see
