@@ -34,7 +34,7 @@ def store(request: pytest.FixtureRequest, synth_store: Path, tmp_path: Path) -> 
 GEOMETRY = {"stride": 16, "cell_offset": 0.5, "input_size": 96}
 
 
-@pytest.mark.parametrize("form", ["iterator", "function", "mapping"])
+@pytest.mark.parametrize("form", ["iterator", "function", "mapping", "rows"])
 def test_round_trip(store: Path, form: str) -> None:
     s = spairstore.open(store)
     ref = maps_of(len(s))
@@ -42,8 +42,10 @@ def test_round_trip(store: Path, form: str) -> None:
         maps = ((int(r), ref[r]) for r in np.random.default_rng(1).permutation(len(s)))
     elif form == "function":
         maps = ref.__getitem__
-    else:
+    elif form == "mapping":
         maps = {(s.categories[s.images.category[r]], str(s.images.name[r])): ref[r] for r in range(len(s))}
+    else:  # keyed by image row, as a loop over ImageDataset batches fills it from batch["row"]
+        maps = {np.int64(r): ref[r] for r in np.random.default_rng(2).permutation(len(s))}
     summary = spairstore.add_feature_set(store, "mine", maps, source="my-model", **GEOMETRY)
     assert summary.extracted == len(s) and summary.shape == (len(s), C, CELLS, CELLS)
     assert str(summary).startswith(f"feature set 'mine' in {store}: my-model\n")
@@ -168,7 +170,8 @@ def label(s: spairstore.Store, r: int) -> str:
 
 
 @pytest.mark.parametrize("case", ["int", "shape", "nan", "overflow", "twice", "missing", "range", "not-pairs",
-                                  "unknown-key", "name-key", "missing-key", "geometry", "empty"])
+                                  "unknown-key", "name-key", "same-image-key", "row-key-range", "missing-key",
+                                  "geometry", "empty"])
 def test_bad_maps_are_refused_naming_the_row(synth_store: Path, tmp_path: Path, case: str) -> None:
     store = Path(shutil.copyfile(synth_store, tmp_path / "s.h5"))
     s = spairstore.open(store)
@@ -206,8 +209,14 @@ def test_bad_maps_are_refused_naming_the_row(synth_store: Path, tmp_path: Path, 
         message = r"maps key \('cat', 'nope'\): no such image"
     elif case == "name-key":  # the first key is looked at first, to learn the shape: refused just the same
         maps = {str(s.images.name[r]): ref[r] for r in range(n)}
-        message = (rf"maps key '{s.images.name[0]}': keys must be \(category, name\) pairs of strings "
-                   r"\(an image name alone is not a key: names repeat across categories\)")
+        message = (rf"maps key '{s.images.name[0]}': keys must be \(category, name\) pairs of strings or image "
+                   r"rows \(an image name alone is not a key: names repeat across categories\)")
+    elif case == "same-image-key":
+        maps = {**{key(s, r): ref[r] for r in range(n)}, 3: ref[3]}
+        message = rf"maps keys \({key(s, 3)[0]!r}, {key(s, 3)[1]!r}\) and 3 are the same image, {label(s, 3)}"
+    elif case == "row-key-range":
+        maps = {**{r: ref[r] for r in range(n)}, n: ref[0]}
+        message = f"maps key {n}: image rows are integers 0..{n - 1}"
     elif case == "missing-key":
         maps = {key(s, r): ref[r] for r in range(1, n)}
         message = f"maps hold no array for 1 images, e.g. {label(s, 0)}"

@@ -25,11 +25,11 @@ from ..store.reader import Store
 from .backbones import flip_attrs
 from .extract import FeatureSummary, Staging, check_name, image_label, made_with, set_writer
 
-Maps = Union[Iterable[tuple[int, Any]], Callable[[int], Any], Mapping[tuple[str, str], Any]]  # noqa: UP007 - a runtime alias on 3.10
+Maps = Union[Iterable[tuple[int, Any]], Callable[[int], Any], Mapping[Union[tuple[str, str], int], Any]]  # noqa: UP007 - a runtime alias on 3.10
 """``(image_row, array)`` pairs in any order, a function ``row -> array``, or a mapping
-``(category, name) -> array``; each array (C, H, W) of floats: numpy (float16/32/64), a torch tensor
-of any float dtype on any device (bfloat16 included; detached, no grad needed), or anything
-``np.asarray`` takes. Stored as float16."""
+``(category, name) -> array`` or ``image_row -> array`` (e.g. filled from ImageDataset batches' ``row``);
+each array (C, H, W) of floats: numpy (float16/32/64), a torch tensor of any float dtype on any device
+(bfloat16 included; detached, no grad needed), or anything ``np.asarray`` takes. Stored as float16."""
 
 #: rows handed to the set writer at once (an HDF5 set's unit: what an interrupted run keeps at least)
 _BATCH = 16
@@ -59,10 +59,14 @@ def _checked(store: Store, row: int, value: Any, shape: tuple[int, ...] | None) 
 
 
 def _key_row(store: Store, key: Any) -> int:
-    """The image row of a mapping's ``(category, name)`` key."""
+    """The image row of a mapping's ``(category, name)`` or image-row key."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if not 0 <= key < len(store):
+            raise FeatureError(f"maps key {key!r}: image rows are integers 0..{len(store) - 1}")
+        return int(key)
     if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
         why = " (an image name alone is not a key: names repeat across categories)" if isinstance(key, str) else ""
-        raise FeatureError(f"maps key {key!r}: keys must be (category, name) pairs of strings{why}")
+        raise FeatureError(f"maps key {key!r}: keys must be (category, name) pairs of strings or image rows{why}")
     try:
         return store.image_row(*key)
     except StoreError:
@@ -70,8 +74,14 @@ def _key_row(store: Store, key: Any) -> int:
 
 
 def _rows_of_mapping(store: Store, maps: Mapping[Any, Any]) -> dict[int, Any]:
-    """Image row -> key of a ``(category, name)`` mapping that names every image exactly once."""
-    rows = {_key_row(store, key): key for key in maps}
+    """Image row -> key of a mapping that names every image exactly once."""
+    rows: dict[int, Any] = {}
+    for key in maps:
+        row = _key_row(store, key)
+        if row in rows:
+            raise FeatureError(f"maps keys {rows[row]!r} and {key!r} are the same image, {image_label(store, row)}; "
+                               "give each image once")
+        rows[row] = key
     missing = sorted(set(range(len(store))) - set(rows))
     if missing:
         raise FeatureError(f"maps hold no array for {len(missing)} images, e.g. {image_label(store, missing[0])}; "
