@@ -404,3 +404,23 @@ def test_loader_takes_subsets_and_other_map_style_datasets(synth_store: Path) ->
     want = collate([p[i] for p in parts for i in range(len(p))])
     np.testing.assert_array_equal(torch.cat([b["src_kps"] for b in got]), want["src_kps"])
     np.testing.assert_array_equal(torch.cat([b["pair_id"] for b in got]), want["pair_id"])
+
+
+class _Tuples(torch.utils.data.Dataset):
+    """Someone else's dataset: samples are (tensor, int) tuples."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((3,), float(i)), i
+
+
+def test_loader_batches_any_samples_as_dataloader_does() -> None:
+    for ds in (_Tuples(), Subset(_Tuples(), [9, 2, 5, 0, 7])):
+        want = list(DataLoader(ds, batch_size=4))
+        for workers in (0, 2):
+            got = list(Loader(ds, 4, shuffle=False, num_workers=workers, multiprocessing_context="fork"))
+            assert len(got) == len(want)
+            for (x, i), (wx, wi) in zip(got, want, strict=True):
+                assert torch.equal(x, wx) and torch.equal(i, wi)

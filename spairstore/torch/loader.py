@@ -43,12 +43,17 @@ def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
+def _batched(dataset: Any) -> bool:
+    """Whether ``dataset`` reads whole batches: a spairstore dataset, or a ``Subset`` of one."""
+    return hasattr(dataset, "fetch") or (isinstance(dataset, Subset) and _batched(dataset.dataset))
+
+
 def _fetch(dataset: Any, indices: list[int], alloc: Alloc | None) -> Batch:
     """The batch ``indices`` of ``dataset``: read whole where it (or what a ``Subset`` selects from) is a
     spairstore dataset, else its samples collated."""
     if hasattr(dataset, "fetch"):
         return dataset.fetch(indices, alloc)
-    if isinstance(dataset, Subset):
+    if isinstance(dataset, Subset) and _batched(dataset.dataset):
         return _fetch(dataset.dataset, [int(dataset.indices[i]) for i in indices], alloc)
     return collate([dataset[i] for i in indices])
 
@@ -62,6 +67,19 @@ def _set_epoch(dataset: Any, epoch: int) -> None:
             _set_epoch(d, epoch)
     elif hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
+
+
+def _tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it: a spairstore batch dict, or the lists, tuples
+    and dicts another dataset's samples collate into."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: _tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        items = [_tensors(v, fn) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)  # a namedtuple too
+    return batch
 
 
 class _Source(Dataset):
@@ -80,11 +98,13 @@ class _Source(Dataset):
     def fetch(self, indices: Sequence[int], alloc: Alloc | None = None) -> Batch:
         return _fetch(self.dataset, list(indices), alloc)
 
-    def __getitems__(self, indices: Sequence[int]) -> Samples:
+    def __getitems__(self, indices: Sequence[int]) -> Samples | list[Any]:
         epoch = getattr(indices, "epoch", None)
         if epoch is not None:
             self.set_epoch(epoch)
-        return Samples(self.fetch(indices))
+        if _batched(self.dataset):
+            return Samples(self.fetch(indices))
+        return [self.dataset[i] for i in indices]  # the worker's collate stacks them
 
 
 class EpochBatch(list):
@@ -258,8 +278,7 @@ class Loader:
                                            collate_fn=collate, multiprocessing_context=self.multiprocessing_context,
                                            prefetch_factor=self.prefetch, persistent_workers=True)
             self._plan.batches = [EpochBatch(b, self.epoch) for b in batches]
-            source = ({k: v.pin_memory() if cuda and isinstance(v, torch.Tensor) else v for k, v in b.items()}
-                      for b in self._workers)
+            source = (_tensors(b, torch.Tensor.pin_memory) if cuda else b for b in self._workers)
         try:
             for batch in source:
                 out = self._to_device(batch)
@@ -272,8 +291,8 @@ class Loader:
                 close()
 
     def _to_device(self, batch: Batch) -> Batch:
-        out = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if self.normalize:
+        out = _tensors(batch, lambda t: t.to(self.device, non_blocking=True))
+        if self.normalize and isinstance(out, dict):
             for k in [k for k in out if k.endswith("pixels")]:
                 x = out.pop(k).permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels-last)
                 if self._pool is None:
