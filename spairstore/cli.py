@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from .core.errors import SpairstoreError
+from .core.errors import NotAStore, SpairstoreError
 from .core.tables import brief, mib
 
 if TYPE_CHECKING:
@@ -680,6 +680,12 @@ def main() -> None:
     code (``--backbone``/``--method MODULE:FACTORY``) shows the traceback from its first frame there."""
     try:
         app()
+    except NotAStore as e:  # a dataset folder where a store goes: say what to do with it
+        from .sources import dataset_at
+
+        title = dataset_at(e.path) if e.path is not None else None
+        _error(str(e) + (f"; it is a {title} dataset folder: pack it first (spairstore pack {e.path} STORE.h5)"
+                         if title else ""))
     except SpairstoreError as e:
         _error(str(e))
     except OSError as e:

@@ -14,7 +14,9 @@ from pathlib import Path
 import converters
 from converters.synth import SYNTHESIZERS, SynthSummary, synthesize
 
+from .core.errors import SourceError
 from .core.records import OnError
+from .store.backends import is_store
 from .store.feature_sets import sidecar_dir
 from .store.reader import open as open_store
 from .store.writer import PackSummary, write
@@ -36,6 +38,10 @@ def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None 
     ``build_config`` and notes record the choice). Feature-set files already beside an HDF5
     ``out`` (``<out>.features/``) are left in place; the summary's notes say which the new store keeps
     and which it refuses. See :func:`spairstore.store.writer.write` for the other arguments."""
+    if is_store(src):
+        raise SourceError(src, "is a spairstore store, not a dataset folder: pack reads the dataset folder "
+                               "(SRC, first) and writes the store (OUT, second)")
+
     def read(wrap, policy):  # noqa: ANN001, ANN202 - a SourceReader
         return converters.read(Path(src), dataset, progress=wrap, on_error=policy, follow_links=follow_links,
                                categories=categories)
@@ -43,6 +49,14 @@ def pack(src: str | Path, out: str | Path, size: int = 512, dataset: str | None 
     summary = write(read, out, size=size, overwrite=overwrite, progress=progress, format=format,
                     shard_bytes=shard_bytes, on_error=on_error, resume=resume)
     return dataclasses.replace(summary, notes=summary.notes + _sets_beside(summary.path))
+
+
+def dataset_at(path: str | Path) -> str | None:
+    """The title of the dataset whose layout the folder ``path`` has (e.g. ``SPair-71k``), else None."""
+    try:
+        return converters.CONVERTERS[converters.detect(path)].title
+    except SourceError:
+        return None
 
 
 def _sets_beside(out: Path) -> list[str]:

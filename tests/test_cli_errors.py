@@ -119,7 +119,15 @@ def test_overwrite_replaces_stores_only(synth_root: Path, featured: Path, tmp_pa
 @pytest.mark.parametrize("command", [["info"], ["eval", "--method", "identity"], ["verify"]])
 def test_a_dataset_folder_where_a_store_goes(synth_root: Path, command: list[str]) -> None:
     one_line(run_cli(command[0], synth_root, *command[1:]),
-             f"{synth_root}: not a store (neither an HDF5 file nor a Zarr v3 directory)")
+             f"{synth_root}: not a store (neither an HDF5 file nor a Zarr v3 directory); it is a SPair-71k dataset "
+             f"folder: pack it first (spairstore pack {synth_root} STORE.h5)")
+
+
+def test_pack_with_its_two_paths_swapped(featured: Path, tmp_path: Path) -> None:
+    one_line(run_cli("pack", featured, tmp_path / "new.h5"), f"{featured}: is a spairstore store, not a dataset "
+             "folder: pack reads the dataset folder (SRC, first) and writes the store (OUT, second)")
+    assert not (tmp_path / "new.h5").exists()
+    one_line(run_cli("info", tmp_path), f"{tmp_path}: not a store (neither an HDF5 file nor a Zarr v3 directory)")
 
 
 def test_predictions_pt_of_numpy_arrays(featured: Path, tmp_path: Path) -> None:

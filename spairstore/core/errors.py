@@ -29,6 +29,14 @@ class StoreError(SpairstoreError):
     """A store cannot be opened or read: missing, corrupted, wrong format or version."""
 
 
+class NotAStore(StoreError):
+    """Something other than a store where one was expected (e.g. a dataset folder); ``path`` names it."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = path
+
+
 class FeatureError(SpairstoreError):
     """Features cannot be extracted as asked: unknown backbone or layer, missing weights, bad option,
     or an unfinished run that does not match the one asked for."""

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ...core.errors import FeatureError, SpairstoreError, StoreError
+from ...core.errors import FeatureError, NotAStore, SpairstoreError, StoreError
 from ...core.schema import FORMAT_NAME
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -237,10 +237,15 @@ def backend_for(path: str | Path, format: str | None = None) -> Backend:
             return b
     if by_suffix is None:
         if not is_url(path) and Path(path).exists():  # e.g. a dataset folder given where a store goes
-            raise StoreError(f"{path}: not a store (neither an HDF5 file nor a Zarr v3 directory)")
+            raise NotAStore(f"{path}: not a store (neither an HDF5 file nor a Zarr v3 directory)", path)
         raise StoreError(f"{path}: cannot tell the store format; name it .h5 or .zarr "
                          f"(or pass --format hdf5|zarr)")
     return by_suffix
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether a backend recognises a store at ``path`` (its layout; the contents are not read)."""
+    return any(b.guess_can_open(path) for b in BACKENDS.values())
 
 
 def format_of(path: str | Path, format: str | None = None) -> str:
