@@ -123,6 +123,12 @@ def pack(
     typer.echo(str(summary))
 
 
+def _subset_of(build: dict | None) -> str:
+    """`` (only cat, dog)`` for a store packed with ``--categories``, else nothing."""
+    cats = (build or {}).get("categories")
+    return f" (only {', '.join(cats)}: pack --categories)" if isinstance(cats, list) else ""
+
+
 def _names(listed: str | None) -> list[str] | None:
     """A comma-separated ``--categories`` as a list (None: not given)."""
     return [c.strip() for c in listed.split(",") if c.strip()] if listed else None
@@ -289,8 +295,8 @@ def info(
     out = [
         f"{d['path']}",
         f"  format       {d['format']} {d['format_version']} in {d['backend']} ({d['created_by']})",
-        f"  dataset      {d['dataset']}, {d['images']:,} images at {d['image_size']}x{d['image_size']}"
-        + ("" if d["file_bytes"] is None else f", {mib(d['file_bytes'])} on disk"),
+        f"  dataset      {d['dataset']}{_subset_of(d['build_config'])}, {d['images']:,} images at "
+        f"{d['image_size']}x{d['image_size']}" + ("" if d["file_bytes"] is None else f", {mib(d['file_bytes'])} on disk"),
         f"  source files {d['manifest_files']:,} in the manifest",
         "  splits       " + "; ".join(f"{k}: {v['pairs']:,} pairs, {v['images']:,} images"
                                       for k, v in d["splits"].items()),

@@ -192,6 +192,8 @@ def test_pack_keeps_only_the_categories_asked_for(synth_root: Path, synth_store:
                                                   for i in p.src]
     assert not [m for m in part.manifest.path if "aeroplane" in m] and len(part.manifest.path) < len(full.manifest.path)
     assert "--categories: kept 2 of the 3 categories (cat, dog): 16 images, trn " in r.stdout
+    r = run_cli("info", tmp_path / "c.h5")
+    assert "\n  dataset      spair71k (only cat, dog: pack --categories), 16 images at 96x96" in r.stdout, r.stdout
     r = run_cli("pack", synth_root, tmp_path / "x.h5", "--categories", "cat,wolf")
     assert r.returncode == 1 and r.stderr.strip().endswith(
         "--categories: no category 'wolf' in this SPair-71k root (it has aeroplane, cat, dog)"), r.stderr
