@@ -357,6 +357,14 @@ def test_a_saved_head_runs_on_any_grid_unless_its_code_fixes_one(feature_store: 
     fixed = load_head(save_head(torch.nn.Sequential(torch.nn.Conv2d(31, 4, 1), SoftmaxOverCells(h, w)),
                                 tmp_path / "fixed.pt", features="onehot", geometry=geom))
     assert fixed(torch.randn(2, 31, h, w)).shape == (2, 4, h, w)
+    class ByLength(torch.nn.Module):  # len(x) is a Python int to torch.export: the batch is pinned to 2
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(len(x), x.shape[1], -1).reshape(x.shape)
+
+    with pytest.raises(spairstore.SpairstoreError, match=r"len.pt: the head's code fixes the batch size .* take sizes "
+                       r"from x.shape\[0\] rather than len\(x\)"):
+        save_head(ByLength(), tmp_path / "len.pt", features="onehot", geometry=geom)
+    assert not (tmp_path / "len.pt").exists()
     with pytest.raises(spairstore.SpairstoreError, match=rf"^fixed.pt: the head's graph runs only on maps like those "
                        rf"it was exported with, {h} x {w} cells \(Guard failed: .*\), not 5 x 7: extract the set at "
                        rf"that grid \(input_size {geom['input_size']}\) or save a head that works on any grid$"):

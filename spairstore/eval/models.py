@@ -95,9 +95,16 @@ def save_head(head: torch.nn.Module, path: str | Path, *, features: str, geometr
     c, h, w = int(geometry["channels"]), int(geometry["height"]), int(geometry["width"])
     # a CPU copy is exported: the caller's module keeps its device and mode
     # any grid (another store or input size) unless the head's code fixes one: AUTO keeps what it can dynamic
-    program = torch.export.export(copy.deepcopy(head).cpu().eval(), (torch.zeros(2, c, h, w),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO,
-                                                   3: torch.export.Dim.AUTO},))
+    try:
+        program = torch.export.export(copy.deepcopy(head).cpu().eval(), (torch.zeros(2, c, h, w),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO,
+                                                       3: torch.export.Dim.AUTO},))
+    except RuntimeError as e:
+        if "Constraints violated (batch)" not in str(e):
+            raise
+        raise SpairstoreError(f"{path}: the head's code fixes the batch size (torch.export specialised it to the "
+                              "example's 2), so it could not evaluate batches of other sizes; take sizes from "
+                              "x.shape[0] rather than len(x) or Python numbers") from None
     meta = {"format": HEAD_FORMAT, "features": features, "in_channels": c, "cell_stride": float(cell_stride),
             "geometry": {k: geometry[k] for k in ("input_size", "stride", "cell_offset", "width", "height",
                                                    "channels") if k in geometry},
