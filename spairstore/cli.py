@@ -544,6 +544,8 @@ def compare(
         help="Fewest pairs a group needs for an interval and p-value (default 10); smaller groups get the "
              "difference only (the bootstrap of a few pairs cannot show how much they vary).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Also save A - B with its intervals, overall and per category (and group), as a PNG.")] = None,
     device: Annotated[str | None, typer.Option(help="Device for nn (default: cuda if available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per batch for nn.")] = 32,
 ) -> None:
@@ -553,12 +555,19 @@ def compare(
     from .eval.compare import compare as run_compare
     from .store.reader import open as open_store
 
+    plot = plot and _output(plot, ".png")
     with open_store(store) as s:
         proto = _protocol(s, protocol, alpha, None, None, None, None, None, None, aggregation, subset, keypoints)
         result = run_compare(s, split, _source(a, device, batch_size), _source(b, device, batch_size), proto,
                              resamples=resamples, seed=seed, confidence=confidence, names=(a, b),
                              min_pairs=min_pairs)
     typer.echo(result.render("json" if as_json else "text"))
+    if plot:
+        from .eval.viz import plot_comparison
+
+        plot_comparison(result, plot)
+        if not as_json:
+            typer.echo(f"wrote {plot}")
 
 
 @app.command()

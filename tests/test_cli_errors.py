@@ -54,7 +54,8 @@ def test_cuda_without_cuda(featured: Path, tmp_path: Path, command: list[str]) -
     ["eval", "--method", "nn", "--features", "f", "--plot", "{missing}/plot.png"],
     ["eval", "--method", "nn", "--features", "f", "--save-predictions", "{missing}/p.npz"],
     ["show", "--pair", "{pair}", "-o", "{missing}/p.png"],
-], ids=["eval-output", "eval-plot", "eval-save-predictions", "show-output"])
+    ["compare", "identity", "nn:f", "--plot", "{missing}/c.png"],
+], ids=["eval-output", "eval-plot", "eval-save-predictions", "show-output", "compare-plot"])
 def test_output_into_a_missing_folder(featured: Path, tmp_path: Path, command: list[str]) -> None:
     import spairstore
 

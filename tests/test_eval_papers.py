@@ -321,7 +321,7 @@ def test_compare_bootstrap_matches_loop(synth: spairstore.Store) -> None:
     assert res["resamples"] == 300 and res["seed"] == 4 and set(res["by_factor"]) >= {"viewpoint", "scale"}
 
 
-def test_compare_gives_no_interval_to_a_group_of_a_few_pairs(synth: spairstore.Store) -> None:
+def test_compare_gives_no_interval_to_a_group_of_a_few_pairs(synth: spairstore.Store, tmp_path: Path) -> None:
     from spairstore.eval.compare import MIN_PAIRS, compare
 
     a, b = scattered(synth, "test", 11), scattered(synth, "test", 12)
@@ -337,6 +337,13 @@ def test_compare_gives_no_interval_to_a_group_of_a_few_pairs(synth: spairstore.S
             cell = groups["0.1"]["per_image"]
             assert cell["pairs"] == n and cell["diff"] is not None
             assert (cell["ci"] != [None, None] and cell["p"] is not None) == has_ci, (n, min_pairs, cell)
+    from PIL import Image
+
+    from spairstore.eval.viz import plot_comparison
+
+    plot_comparison(compare(synth, "test", a, b, resamples=200, min_pairs=3), tmp_path / "c.png")
+    with Image.open(tmp_path / "c.png") as im:  # a row per group: overall and the categories
+        assert im.size[0] == 650 and im.size[1] >= 100 * (1.2 + 0.24 * (1 + len(counts))) - 1
     text = compare(synth, "test", a, b, resamples=200, min_pairs=3).to_text()
     assert "95 % interval (none for a group of fewer than 3 pairs)" in text
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.split()[:1] in (["all"], *(
@@ -362,8 +369,9 @@ def test_compare_identical_is_exactly_zero(synth_store: Path, tmp_path: Path) ->
                     assert (c["diff"], c["ci"], c["p"]) == (0.0, [0.0, 0.0], 1.0)
     r = run_cli("compare", synth_store, "identity", tmp_path / "nope.npy")
     assert r.returncode != 0 and "nope.npy: neither a method (identity, nn:FEATURES, head:PATH, MODULE:FACTORY) nor a predictions file" in r.stderr
-    r = run_cli("compare", synth_store, "identity", "identity", "--resamples", "20")
+    r = run_cli("compare", synth_store, "identity", "identity", "--resamples", "20", "--plot", tmp_path / "same")
     assert r.returncode == 0 and "20 resamples, seed 0, 95 % interval" in r.stdout
+    assert r.stdout.rstrip().endswith(f"wrote {tmp_path / 'same.png'}") and (tmp_path / "same.png").stat().st_size
     for option, value, said in (("--resamples", "0", "resamples must be a positive number, got 0"),
                                 ("--min-pairs", "0", "min_pairs must be a positive number, got 0"),
                                 ("--confidence", "100", "confidence must be a percentage between 0 and 100, got 100.0")):

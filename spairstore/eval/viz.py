@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..core.tables import ABBREV
 from ..store.reader import Store
+from .compare import Comparison
 from .evaluation import Report, score
 from .protocols import Protocol, alpha_key
 
@@ -142,6 +143,39 @@ def plot_reports(reports: Report | Sequence[Report], out: str | Path) -> None:
             title=f"per category\nPCK@{alpha_key(p.alphas[0])} {p.aggregation[0].replace('_', ' ')}")
     if len(reports) > 1:
         ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def plot_comparison(comparison: Comparison, out: str | Path) -> None:
+    """A - B at the protocol's first alpha and aggregation, overall, per category and per group (AP-10K:
+    family, subset): a dot per row with its interval, green where the interval lies above 0, red where
+    below, grey where it holds 0; a hollow dot where the group is too small for an interval."""
+    c, a = comparison, alpha_key(comparison.protocol.alphas[0])
+    agg = c.protocol.aggregation[0]
+    rows = [(f"all ({c.pairs:,})", c.cells["overall"]["all"][a][agg])]
+    for section in [k for k in c.cells if k == "by_category" or k.startswith("by_group/")]:
+        prefix = "" if section == "by_category" else section.split("/", 1)[1] + " "
+        rows += [(f"{prefix}{g} ({cells[a][agg]['pairs']:,})", cells[a][agg]) for g, cells in c.cells[section].items()]
+    fig = _figure(6.5, 1.2 + 0.24 * len(rows))
+    ax = fig.subplots()
+    for y, (_, cell) in enumerate(rows):
+        if cell["diff"] is None:
+            continue
+        lo, hi = cell["ci"]
+        if lo is None:
+            ax.plot(cell["diff"], y, "o", mfc="none", color="grey")
+            continue
+        color = "tab:green" if lo > 0 else "tab:red" if hi < 0 else "grey"
+        ax.errorbar(cell["diff"], y, xerr=[[cell["diff"] - lo], [hi - cell["diff"]]], fmt="o", color=color, capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel(f"PCK@{a} {agg.replace('_', ' ')}: A - B (points)")
+    names = [n if len(n) <= 40 else "..." + n[-37:] for n in c.names]
+    ax.set_title(f"A = {names[0]}\nB = {names[1]}\n{c.confidence:g} % paired-bootstrap intervals (none under "
+                 f"{c.min_pairs} pairs: hollow)", fontsize=8)
+    ax.grid(axis="x", lw=0.3)
     fig.tight_layout()
     fig.savefig(out)
 
