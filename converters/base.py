@@ -219,10 +219,10 @@ class Converter(ABC):
     def read(self) -> DatasetRecords:
         """Every image and pair of the root as canonical records, checked as they are read."""
         images = self.finish_images(self._collect("image", self.image_items(), "image annotations"))
-        unknown = [c for c in self.only or () if c not in self.categories]
         if self.only == []:
             raise SourceError(self.root, f"--categories names no category (this {self.title} root has "
                                          f"{', '.join(self.categories)})")
+        unknown = [c for c in self.only or () if c not in self.categories]
         if unknown:
             raise SourceError(self.root, f"--categories: no category {', '.join(map(repr, unknown))} in this "
                                          f"{self.title} root (it has {', '.join(self.categories)})")

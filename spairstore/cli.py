@@ -124,7 +124,7 @@ def pack(
 
 
 def _subset_of(build: dict | None) -> str:
-    """`` (only cat, dog)`` for a store packed with ``--categories``, else nothing."""
+    """`` (only cat, dog: pack --categories)`` for a store packed so, else nothing."""
     cats = (build or {}).get("categories")
     return f" (only {', '.join(cats)}: pack --categories)" if isinstance(cats, list) else ""
 

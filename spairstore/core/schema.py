@@ -540,3 +540,8 @@ def field_name(name: str) -> str:
     if new != name:
         warnings.warn(f"field {name!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
     return new
+
+
+def field_names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """Each of ``names`` in its one spelling (:func:`field_name`); a single string is one name, not its letters."""
+    return tuple(field_name(n) for n in ((names,) if isinstance(names, str) else names))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..core import geometry
 from ..core.device import resolve_device
 from ..core.errors import SpairstoreError
-from ..core.schema import field_name
+from ..core.schema import field_names
 from ..core.user_code import load_factory, raised
 from ..store.reader import Store
 from ..torch.collate import Batch
@@ -161,8 +161,7 @@ class BatchMethod:
     def __init__(self, fn: Callable[[Batch], Any], fields: Sequence[str] = ("keypoints",), *, name: str | None = None,
                  device: str | None = "cpu", batch_size: int = 32, normalize: bool = True, progress: bool = False):
         self.fn = fn
-        named = (fields,) if isinstance(fields, str) else fields
-        self.fields = tuple(dict.fromkeys(("keypoints", *(field_name(f) for f in named))))
+        self.fields = tuple(dict.fromkeys(("keypoints", *field_names(fields))))
         self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
         self.device, self.batch_size, self.normalize, self.progress = device, batch_size, normalize, progress
 

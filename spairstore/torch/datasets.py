@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from ..core import geometry
 from ..core.errors import SpairstoreError
-from ..core.schema import FIELD_ARRAYS, PAIR_LABELS, field_name
+from ..core.schema import FIELD_ARRAYS, PAIR_LABELS, field_names
 from ..store.backends import is_url
 from ..store.reader import Store
 from .augment import Augment, View, needs_keypoint_flip
@@ -61,7 +61,7 @@ class _StoreDataset(Dataset):
         self._store: Store | None = s
         self._identity = s.identity  # of the file the tables below come from
         self.alloc = BatchMemory()
-        fields = tuple(field_name(f) for f in ((fields,) if isinstance(fields, str) else fields))  # "pixels" is one
+        fields = field_names(fields)
         unknown = [f for f in fields if f not in FIELDS and not f.startswith("features/")]
         if unknown:
             raise SpairstoreError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
