@@ -167,7 +167,7 @@ def _prefetched(fetch: Callable[[list[int]], Any], batches: list[list[int]], dep
 
 
 class Loader:
-    """Iterate a spairstore dataset in batches on ``device``; one ``for`` loop is one epoch (of this rank).
+    """Iterate a dataset in batches on ``device``; one ``for`` loop is one epoch (of this rank).
 
     Args:
         dataset: a :class:`~spairstore.PairDataset` or :class:`~spairstore.ImageDataset`, or a
